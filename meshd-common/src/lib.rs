@@ -1,0 +1,113 @@
+//! Types and constants shared by meshd's eBPF programs and its user-space loader.
+//!
+//! Every type here is `#[repr(C)]`, `Copy`, made of fixed-width integers only
+//! (no `bool`, no hidden padding) so that kernel and user space agree on its
+//! layout byte for byte. IPv4 addresses are kept exactly as the kernel hands
+//! them to programs: a `u32` whose in-memory bytes are the address octets
+//! (network order). Ports are kept in host order.
+#![no_std]
+
+/// The port meshd's outbound listener accepts captured connections on.
+pub const OUTBOUND_PORT: u16 = 15001;
+
+/// Capacity of the map of destinations meshd captures (service VIP:port and
+/// meshed pod address:port).
+pub const DESTINATIONS_CAPACITY: u32 = 65_536;
+/// Capacity of the LRU maps that carry an original destination from
+/// `connect` to `accept`.
+pub const ORIG_DST_CAPACITY: u32 = 65_536;
+/// Capacity of the socket hash used for same-node acceleration.
+pub const SOCKETS_CAPACITY: u32 = 65_536;
+
+/// `Settings::flags` bit: put captured app⇄meshd sockets into the socket hash
+/// so the `sk_msg` program moves their bytes without the TCP stack.
+pub const FLAG_SK_MSG: u32 = 1;
+
+/// An IPv4 destination, as a map key. `ip` is in network order (octets in
+/// memory order), `port` in host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Destination {
+    pub ip: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+impl Destination {
+    pub const fn new(ip: u32, port: u16) -> Self {
+        Self { ip, port, _pad: 0 }
+    }
+}
+
+/// What `connect4` recorded about a captured connection: where the
+/// application meant to go and which cgroup it connected from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OrigDst {
+    pub cgroup_id: u64,
+    pub dst: Destination,
+}
+
+/// One end of a TCP connection, seen from that end: its own address and port
+/// first. The peer's key is the same four numbers swapped.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub local_ip: u32,
+    pub remote_ip: u32,
+    pub local_port: u32,
+    pub remote_port: u32,
+}
+
+impl SockKey {
+    /// The key the other end of this connection is stored under.
+    pub const fn peer(&self) -> Self {
+        Self {
+            local_ip: self.remote_ip,
+            remote_ip: self.local_ip,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+        }
+    }
+}
+
+/// Run-time settings meshd writes into the one-entry `SETTINGS` array.
+/// A zeroed entry (meshd not ready yet) captures nothing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// Address pods reach meshd's outbound listener at (network order).
+    pub proxy_ip: u32,
+    /// meshd's outbound listener port (host order); 0 disables capture.
+    pub proxy_port: u32,
+    /// The cgroup meshd runs in; its own sockets are never captured.
+    pub proxy_cgroup_id: u64,
+    /// `FLAG_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Indexes into the per-CPU `COUNTERS` array.
+pub mod counter {
+    /// Connections `connect4`/`connect6` redirected to meshd.
+    pub const CAPTURED: u32 = 0;
+    /// `sk_msg` sends that found no peer socket and went through TCP instead.
+    pub const SK_MSG_FALLBACK: u32 = 1;
+    /// Sockets added to the socket hash.
+    pub const SOCKETS_ADDED: u32 = 2;
+    /// Number of counters.
+    pub const LEN: u32 = 3;
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: each type is `#[repr(C)]`, `Copy`, built only of integers, with
+    // explicit padding fields, so every bit pattern is a valid value.
+    unsafe impl aya::Pod for super::Destination {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::OrigDst {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SockKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Settings {}
+}

@@ -1,0 +1,264 @@
+//! meshd's kernel half: capture of pod connections into the node proxy.
+//!
+//! - `meshd_connect4` / `meshd_connect6` (cgroup/connect4, cgroup/connect6)
+//!   run when a process in the pods' cgroup subtree calls `connect()`. A TCP
+//!   destination meshd put into `DESTINATIONS` is rewritten to meshd's
+//!   outbound listener and the original destination is remembered by socket
+//!   cookie. IPv6 sockets are captured only for IPv4-mapped destinations.
+//! - `meshd_sock_ops` hands that record over, once the connection is
+//!   established, to `ORIG_DST` keyed by the client's (ip, port): the only
+//!   name meshd knows for the connection after `accept()`. It also puts both
+//!   ends of the app⇄meshd hop into `SOCKETS` when same-node acceleration is on.
+//! - `meshd_sk_msg` moves bytes between those two sockets directly.
+#![no_std]
+#![no_main]
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::{
+        BPF_ANY, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, sk_action::SK_PASS,
+    },
+    helpers::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
+    macros::{cgroup_sock_addr, map, sk_msg, sock_ops},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
+    programs::{SkMsgContext, SockAddrContext, SockOpsContext},
+};
+use aya_log_ebpf::debug;
+use meshd_common::{
+    DESTINATIONS_CAPACITY, Destination, FLAG_SK_MSG, ORIG_DST_CAPACITY, OrigDst,
+    SOCKETS_CAPACITY, Settings, SockKey, counter,
+};
+
+/// `connect()` verdicts for cgroup/connect programs.
+const ALLOW: i32 = 1;
+const SOCK_STREAM: u32 = 1;
+/// Third 32-bit word of an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`).
+const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+#[map]
+static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+/// Destinations to capture; the value is informational (1 service, 2 pod).
+#[map]
+static DESTINATIONS: HashMap<Destination, u32> =
+    HashMap::with_max_entries(DESTINATIONS_CAPACITY, 0);
+
+/// Original destination by socket cookie, from connect until established.
+#[map]
+static CONNECTING: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(ORIG_DST_CAPACITY, 0);
+
+/// Original destination by the client's (ip, port); meshd deletes an entry
+/// once it has read it.
+#[map]
+static ORIG_DST: LruHashMap<Destination, OrigDst> =
+    LruHashMap::with_max_entries(ORIG_DST_CAPACITY, 0);
+
+/// Both ends of every accelerated app⇄meshd connection, each under its own key.
+#[map]
+static SOCKETS: SockHash<SockKey> = SockHash::with_max_entries(SOCKETS_CAPACITY, 0);
+
+/// Sockets whose sends once found no peer: they stay on the TCP path for
+/// good, so their bytes can never overtake each other.
+#[map]
+static PASSTHROUGH: LruHashMap<SockKey, u8> = LruHashMap::with_max_entries(SOCKETS_CAPACITY, 0);
+
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::LEN, 0);
+
+// === connect ===
+
+#[cgroup_sock_addr(connect4)]
+pub fn meshd_connect4(ctx: SockAddrContext) -> i32 {
+    try_connect4(&ctx).unwrap_or(ALLOW)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn meshd_connect6(ctx: SockAddrContext) -> i32 {
+    try_connect6(&ctx).unwrap_or(ALLOW)
+}
+
+fn try_connect4(ctx: &SockAddrContext) -> Result<i32, ()> {
+    // SAFETY: the kernel passes a valid `bpf_sock_addr` for the program's lifetime.
+    let addr = unsafe { &mut *ctx.sock_addr };
+    if addr.type_ != SOCK_STREAM {
+        return Ok(ALLOW);
+    }
+    let dst = Destination::new(addr.user_ip4, u16::from_be(addr.user_port as u16));
+    let Some(settings) = capture(ctx, dst) else {
+        return Ok(ALLOW);
+    };
+    addr.user_ip4 = settings.proxy_ip;
+    addr.user_port = u32::from((settings.proxy_port as u16).to_be());
+    Ok(ALLOW)
+}
+
+fn try_connect6(ctx: &SockAddrContext) -> Result<i32, ()> {
+    // SAFETY: the kernel passes a valid `bpf_sock_addr` for the program's lifetime.
+    let addr = unsafe { &mut *ctx.sock_addr };
+    if addr.type_ != SOCK_STREAM {
+        return Ok(ALLOW);
+    }
+    // Word by word: the verifier accepts 4-byte loads of `user_ip6[i]`.
+    let ip6 = addr.user_ip6;
+    if ip6[0] != 0 || ip6[1] != 0 || ip6[2] != V4_MAPPED_WORD {
+        return Ok(ALLOW);
+    }
+    let dst = Destination::new(ip6[3], u16::from_be(addr.user_port as u16));
+    let Some(settings) = capture(ctx, dst) else {
+        return Ok(ALLOW);
+    };
+    addr.user_ip6[3] = settings.proxy_ip;
+    addr.user_port = u32::from((settings.proxy_port as u16).to_be());
+    Ok(ALLOW)
+}
+
+/// Decides whether a connect to `dst` is captured and, if so, records its
+/// original destination. Returns the settings to rewrite the address with.
+#[inline(always)]
+fn capture(ctx: &SockAddrContext, dst: Destination) -> Option<Settings> {
+    let settings = *SETTINGS.get(0)?;
+    if settings.proxy_port == 0 {
+        return None;
+    }
+    // SAFETY: helper without arguments.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    if cgroup_id == settings.proxy_cgroup_id {
+        return None;
+    }
+    // SAFETY: the value is copied out before the map can change it.
+    unsafe { DESTINATIONS.get(&dst) }?;
+    // SAFETY: `ctx` is the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut c_void) };
+    CONNECTING
+        .insert(&cookie, &OrigDst { cgroup_id, dst }, BPF_ANY as u64)
+        .ok()?;
+    count(counter::CAPTURED);
+    debug!(
+        ctx,
+        "captured connect to {:i}:{} from cgroup {}",
+        u32::from_be(dst.ip),
+        dst.port,
+        cgroup_id
+    );
+    Some(settings)
+}
+
+// === sock_ops ===
+
+#[sock_ops]
+pub fn meshd_sock_ops(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_active_established(&ctx),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_passive_established(&ctx),
+        _ => {}
+    }
+    1
+}
+
+/// A pod's captured connection reached meshd: publish its original
+/// destination under the client's address and enrol the socket.
+fn on_active_established(ctx: &SockOpsContext) {
+    // SAFETY: `ctx` is the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
+    // SAFETY: the value is copied out at once.
+    let Some(orig) = (unsafe { CONNECTING.get(&cookie) }).copied() else {
+        return;
+    };
+    let key = sock_ops_key(ctx);
+    let client = Destination::new(key.local_ip, key.local_port as u16);
+    let _ = ORIG_DST.insert(&client, &orig, BPF_ANY as u64);
+    let _ = CONNECTING.remove(&cookie);
+    enrol(ctx, key);
+}
+
+/// meshd accepted a captured connection: enrol meshd's end.
+fn on_passive_established(ctx: &SockOpsContext) {
+    let Some(settings) = SETTINGS.get(0) else {
+        return;
+    };
+    let key = sock_ops_key(ctx);
+    if key.local_port != settings.proxy_port || key.local_ip != settings.proxy_ip {
+        return;
+    }
+    enrol(ctx, key);
+}
+
+#[inline(always)]
+fn enrol(ctx: &SockOpsContext, mut key: SockKey) {
+    let Some(settings) = SETTINGS.get(0) else {
+        return;
+    };
+    if settings.flags & FLAG_SK_MSG == 0 {
+        return;
+    }
+    // A reused 4-tuple starts fresh.
+    let _ = PASSTHROUGH.remove(&key);
+    // SAFETY: `ctx.ops` is the program's own context.
+    if SOCKETS
+        .update(&mut key, unsafe { &mut *ctx.ops }, BPF_ANY as u64)
+        .is_ok()
+    {
+        count(counter::SOCKETS_ADDED);
+    }
+}
+
+#[inline(always)]
+fn sock_ops_key(ctx: &SockOpsContext) -> SockKey {
+    SockKey {
+        local_ip: ctx.local_ip4(),
+        remote_ip: ctx.remote_ip4(),
+        local_port: ctx.local_port(),
+        // The kernel hands the remote port over big-endian, shifted left 16.
+        remote_port: u32::from(u16::from_be((ctx.remote_port() >> 16) as u16)),
+    }
+}
+
+// === sk_msg ===
+
+#[sk_msg]
+pub fn meshd_sk_msg(ctx: SkMsgContext) -> u32 {
+    // SAFETY: the kernel passes a valid `sk_msg_md` for the program's lifetime.
+    let md = unsafe { &*ctx.msg };
+    let key = SockKey {
+        local_ip: md.local_ip4,
+        remote_ip: md.remote_ip4,
+        local_port: md.local_port,
+        // Big-endian, shifted left 16, as in sock_ops.
+        remote_port: u32::from(u16::from_be((md.remote_port >> 16) as u16)),
+    };
+    // SAFETY: only presence is checked.
+    if unsafe { PASSTHROUGH.get(&key) }.is_some() {
+        return SK_PASS;
+    }
+    let mut peer = key.peer();
+    if SOCKETS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS) {
+        return SK_PASS;
+    }
+    // No peer yet (its handshake is still in flight) or any more (it closed):
+    // this socket's bytes take the TCP path from now on. Mixing the two paths
+    // on one socket could reorder bytes at the receiver.
+    let _ = PASSTHROUGH.insert(&key, &1, BPF_ANY as u64);
+    count(counter::SK_MSG_FALLBACK);
+    debug!(&ctx, "sk_msg: no peer socket, falling back to TCP");
+    SK_PASS
+}
+
+#[inline(always)]
+fn count(index: u32) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot; programs on one CPU do not preempt each other.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,361 @@
+//! The eBPF loader: loads meshd's programs, attaches them to the pod and
+//! proxy cgroups, keeps the maps in step with the config, and answers
+//! "where was this accepted connection going?".
+
+use std::{
+    collections::HashSet,
+    fs::File,
+    net::SocketAddrV4,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, SockHash},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SkMsg, SockOps,
+        cgroup_sock_addr::CgroupSockAddrLinkId,
+    },
+};
+use meshd_common::{Destination, FLAG_SK_MSG, OrigDst, Settings, SockKey, counter};
+
+use crate::{
+    config::BpfLogLevel,
+    mesh::{Mesh, destination_key},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("cannot load meshd's eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("eBPF map {name} is missing from the object")]
+    MissingMap { name: &'static str },
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("cannot open cgroup {path}: {source}")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where and how to capture.
+pub struct CaptureSpec<'a> {
+    pub pod_cgroup: &'a Path,
+    pub proxy_cgroup: &'a Path,
+    pub proxy_cgroup_id: u64,
+    pub proxy: SocketAddrV4,
+    pub sk_msg: bool,
+    pub log_level: BpfLogLevel,
+}
+
+/// Loaded, attached programs and the maps meshd talks to. Dropping it
+/// detaches everything.
+pub struct Capture {
+    programs: Mutex<Programs>,
+    settings: Mutex<Array<MapData, Settings>>,
+    destinations: Mutex<HashMap<MapData, Destination, u32>>,
+    orig_dst: Mutex<HashMap<MapData, Destination, OrigDst>>,
+    sockets: SockHash<MapData, SockKey>,
+    counters: PerCpuArray<MapData, u64>,
+    installed: Mutex<HashSet<Destination>>,
+}
+
+/// The loaded object and the links that make capture live.
+struct Programs {
+    ebpf: Ebpf,
+    connect_links: Vec<(&'static str, CgroupSockAddrLinkId)>,
+}
+
+/// Entry counts and kernel-side event counters, for metrics.
+#[derive(Debug, Default)]
+pub struct CaptureStats {
+    pub map_entries: Vec<(&'static str, i64)>,
+    pub events: Vec<(&'static str, i64)>,
+}
+
+const CONNECT4: &str = "meshd_connect4";
+const CONNECT6: &str = "meshd_connect6";
+const SOCK_OPS: &str = "meshd_sock_ops";
+const SK_MSG: &str = "meshd_sk_msg";
+
+fn program_error(name: &'static str) -> impl FnOnce(ProgramError) -> CaptureError {
+    move |source| CaptureError::Program { name, source }
+}
+
+fn map_error(name: &'static str) -> impl FnOnce(MapError) -> CaptureError {
+    move |source| CaptureError::Map { name, source }
+}
+
+fn take_map<T: TryFrom<aya::maps::Map, Error = MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T, CaptureError> {
+    let map = ebpf
+        .take_map(name)
+        .ok_or(CaptureError::MissingMap { name })?;
+    T::try_from(map).map_err(map_error(name))
+}
+
+fn open_cgroup(path: &Path) -> Result<File, CaptureError> {
+    File::open(path).map_err(|source| CaptureError::Cgroup {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+impl Capture {
+    /// Loads and attaches everything, with `mesh`'s destinations installed
+    /// before the connect hooks go live.
+    pub fn start(spec: &CaptureSpec<'_>, mesh: &Mesh) -> Result<Self, CaptureError> {
+        let level = bpf_level(spec.log_level);
+        let mut ebpf = EbpfLoader::new()
+            .override_global(aya_log::LEVEL, &level, true)
+            .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshd")))?;
+        if spec.log_level != BpfLogLevel::Off {
+            start_bpf_logger(&mut ebpf);
+        }
+
+        let mut settings: Array<MapData, Settings> = take_map(&mut ebpf, "SETTINGS")?;
+        let destinations = take_map(&mut ebpf, "DESTINATIONS")?;
+        let orig_dst = take_map(&mut ebpf, "ORIG_DST")?;
+        let sockets: SockHash<MapData, SockKey> = take_map(&mut ebpf, "SOCKETS")?;
+        let counters = take_map(&mut ebpf, "COUNTERS")?;
+
+        let value = Settings {
+            proxy_ip: u32::from_ne_bytes(spec.proxy.ip().octets()),
+            proxy_port: u32::from(spec.proxy.port()),
+            proxy_cgroup_id: spec.proxy_cgroup_id,
+            flags: if spec.sk_msg { FLAG_SK_MSG } else { 0 },
+            _pad: 0,
+        };
+        settings.set(0, value, 0).map_err(map_error("SETTINGS"))?;
+
+        let mut destinations = destinations;
+        let mut installed = HashSet::new();
+        install_destinations(&mut destinations, &mut installed, mesh)?;
+        let mut programs = Programs {
+            ebpf,
+            connect_links: Vec::new(),
+        };
+        programs.attach(spec, &sockets)?;
+        Ok(Self {
+            programs: Mutex::new(programs),
+            settings: Mutex::new(settings),
+            destinations: Mutex::new(destinations),
+            orig_dst: Mutex::new(orig_dst),
+            sockets,
+            counters,
+            installed: Mutex::new(installed),
+        })
+    }
+
+    /// Makes the `DESTINATIONS` map hold exactly `mesh`'s destinations.
+    pub fn sync_destinations(&self, mesh: &Mesh) -> Result<(), CaptureError> {
+        install_destinations(&mut lock(&self.destinations), &mut lock(&self.installed), mesh)
+    }
+
+    /// The original destination of a connection accepted from `client`,
+    /// removed from the map as it is read.
+    pub fn take_orig_dst(&self, client: SocketAddrV4) -> Option<OrigDst> {
+        let key = destination_key(client);
+        let mut map = lock(&self.orig_dst);
+        let orig = map.get(&key, 0).ok()?;
+        let _ = map.remove(&key);
+        Some(orig)
+    }
+
+    /// Stops capturing new connections; established ones keep their
+    /// acceleration until they close.
+    pub fn stop_capture(&self) {
+        let mut settings = lock(&self.settings);
+        if let Ok(mut value) = settings.get(&0, 0) {
+            value.proxy_port = 0;
+            let _ = settings.set(0, value, 0);
+        }
+        drop(settings);
+        lock(&self.programs).detach_connect();
+    }
+    /// Map sizes and kernel counters. Walks the maps: call it at scrape time.
+    pub fn stats(&self) -> CaptureStats {
+        let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        let destinations = count(lock(&self.destinations).keys().count());
+        let orig_dst = count(lock(&self.orig_dst).keys().count());
+        let sockets = count(self.sockets.keys().count());
+        let event = |index: u32| -> i64 {
+            self.counters
+                .get(&index, 0)
+                .map(|per_cpu| per_cpu.iter().map(|v| *v as i64).sum())
+                .unwrap_or(0)
+        };
+        CaptureStats {
+            map_entries: vec![
+                ("destinations", destinations),
+                ("orig_dst", orig_dst),
+                ("sockets", sockets),
+            ],
+            events: vec![
+                ("captured", event(counter::CAPTURED)),
+                ("sk_msg_fallback", event(counter::SK_MSG_FALLBACK)),
+                ("sockets_added", event(counter::SOCKETS_ADDED)),
+            ],
+        }
+    }
+}
+
+// === impl Programs ===
+
+impl Programs {
+    fn attach(
+        &mut self,
+        spec: &CaptureSpec<'_>,
+        sockets: &SockHash<MapData, SockKey>,
+    ) -> Result<(), CaptureError> {
+        let pods = open_cgroup(spec.pod_cgroup)?;
+        let proxy = open_cgroup(spec.proxy_cgroup)?;
+        // On kernels with BPF links (5.7+) aya attaches through a link, which
+        // the kernel always lets coexist with others; link_create refuses
+        // any flags ("Invalid argument"), so the mode must be the default.
+        let mode = CgroupAttachMode::Single;
+
+        let sk_msg: &mut SkMsg = self.program(SK_MSG)?;
+        sk_msg.load().map_err(program_error(SK_MSG))?;
+        sk_msg.attach(sockets.fd()).map_err(program_error(SK_MSG))?;
+
+        // sock_ops sees the pods' ends (active) and meshd's ends (passive).
+        let sock_ops: &mut SockOps = self.program(SOCK_OPS)?;
+        sock_ops.load().map_err(program_error(SOCK_OPS))?;
+        for cgroup in [&pods, &proxy] {
+            sock_ops
+                .attach(cgroup, mode)
+                .map_err(program_error(SOCK_OPS))?;
+        }
+
+        // Connect hooks last: from here on connections are captured.
+        for name in [CONNECT4, CONNECT6] {
+            let program: &mut CgroupSockAddr = self.program(name)?;
+            program.load().map_err(program_error(name))?;
+            let link = program.attach(&pods, mode).map_err(program_error(name))?;
+            self.connect_links.push((name, link));
+        }
+        Ok(())
+    }
+
+    fn detach_connect(&mut self) {
+        for (name, link) in std::mem::take(&mut self.connect_links) {
+            let detached = self
+                .program::<CgroupSockAddr>(name)
+                .and_then(|program| program.detach(link).map_err(program_error(name)));
+            if let Err(err) = detached {
+                tracing::warn!(error = %err, "detaching a connect hook failed");
+            }
+        }
+    }
+
+    fn program<'a, T>(&'a mut self, name: &'static str) -> Result<&'a mut T, CaptureError>
+    where
+        &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+    {
+        let program = self.ebpf.program_mut(name).ok_or(CaptureError::Program {
+            name,
+            source: ProgramError::NotLoaded,
+        })?;
+        program.try_into().map_err(program_error(name))
+    }
+
+}
+
+fn install_destinations(
+    map: &mut HashMap<MapData, Destination, u32>,
+    installed: &mut HashSet<Destination>,
+    mesh: &Mesh,
+) -> Result<(), CaptureError> {
+    let wanted: std::collections::HashMap<Destination, u32> = mesh
+        .destinations()
+        .map(|(dst, kind)| (dst, kind as u32))
+        .collect();
+    for (dst, kind) in &wanted {
+        map.insert(dst, kind, 0).map_err(map_error("DESTINATIONS"))?;
+    }
+    for stale in installed.iter().filter(|d| !wanted.contains_key(d)) {
+        // Already gone is as good as removed.
+        let _ = map.remove(stale);
+    }
+    *installed = wanted.into_keys().collect();
+    Ok(())
+}
+
+/// A poisoned lock only means another thread panicked mid-syscall; the map
+/// itself is still consistent.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn bpf_level(level: BpfLogLevel) -> u8 {
+    use aya_log::Level;
+    match level {
+        BpfLogLevel::Off => 0,
+        BpfLogLevel::Error => Level::Error as u8,
+        BpfLogLevel::Warn => Level::Warn as u8,
+        BpfLogLevel::Info => Level::Info as u8,
+        BpfLogLevel::Debug => Level::Debug as u8,
+        BpfLogLevel::Trace => Level::Trace as u8,
+    }
+}
+
+/// How often the eBPF log ring buffer is drained. The log is a debugging aid,
+/// off by default, so polling is simpler than readiness notification.
+const BPF_LOG_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Forwards the programs' aya-log records into meshd's own log.
+fn start_bpf_logger(ebpf: &mut Ebpf) {
+    let mut logger = match aya_log::EbpfLogger::init_with_logger(ebpf, BpfLog) {
+        Ok(logger) => logger,
+        Err(err) => {
+            tracing::warn!(error = %err, "eBPF log not available");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(BPF_LOG_POLL);
+        loop {
+            tick.tick().await;
+            logger.flush();
+        }
+    });
+}
+
+/// Re-emits eBPF log records as tracing events under the `meshd::bpf` target,
+/// so operators can filter them apart from meshd's own log.
+struct BpfLog;
+
+impl log::Log for BpfLog {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        let message = record.args();
+        match record.level() {
+            log::Level::Error => tracing::error!(target: "meshd::bpf", "{message}"),
+            log::Level::Warn => tracing::warn!(target: "meshd::bpf", "{message}"),
+            log::Level::Info => tracing::info!(target: "meshd::bpf", "{message}"),
+            log::Level::Debug => tracing::debug!(target: "meshd::bpf", "{message}"),
+            log::Level::Trace => tracing::trace!(target: "meshd::bpf", "{message}"),
+        }
+    }
+
+    fn flush(&self) {}
+}

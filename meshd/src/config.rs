@@ -1,0 +1,378 @@
+//! meshd's configuration: the YAML schema, loading one or more files, and
+//! the validated `Config` the rest of meshd reads.
+//!
+//! Files are merged: the mesh-wide file (services, e.g. from a ConfigMap) and
+//! the node file (this node, its workloads, proxy settings) may be separate or
+//! one. `node` must appear exactly once across files and `proxy` at most once;
+//! `services` and `workloads` lists are concatenated. Every error names the
+//! file, the line and the field.
+
+mod locate;
+mod validate;
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+pub use locate::FieldPath;
+pub use validate::{Config, Endpoint, Service, ServicePort, Workload};
+
+/// Largest config file meshd reads; bigger files are refused unread.
+pub const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
+
+// === errors ===
+
+/// A configuration problem, located as precisely as meshd can.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}: file is {size} bytes, more than the {MAX_FILE_BYTES} meshd accepts")]
+    TooLarge { file: PathBuf, size: u64 },
+    #[error("{}", render_invalid(.file, .line, .field, .message))]
+    Invalid {
+        file: PathBuf,
+        line: Option<usize>,
+        field: String,
+        message: String,
+    },
+    #[error("no config file given")]
+    NoFiles,
+}
+
+fn render_invalid(file: &Path, line: &Option<usize>, field: &str, message: &str) -> String {
+    let place = match line {
+        Some(line) => format!("{}:{line}", file.display()),
+        None => file.display().to_string(),
+    };
+    if field.is_empty() {
+        format!("{place}: {message}")
+    } else {
+        format!("{place}: {field}: {message}")
+    }
+}
+
+/// The result of checking a set of files: every problem found, in file order.
+#[derive(Debug)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, error) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+// === schema ===
+
+/// One config file as written. Every section is optional in a single file;
+/// the merged set must hold exactly one `node`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// This node: its name, where pods reach meshd, and the cgroups involved.
+    pub node: Option<NodeSpec>,
+    /// Proxy tuning; every field has a default.
+    pub proxy: Option<ProxySpec>,
+    /// Services of the mesh (the same on every node).
+    #[serde(default)]
+    pub services: Vec<ServiceSpec>,
+    /// Workloads (pods) running on this node.
+    #[serde(default)]
+    pub workloads: Vec<WorkloadSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NodeSpec {
+    /// This node's name, as endpoints' `node` fields refer to it. Required.
+    pub name: String,
+    /// The IPv4 address pods reach meshd at (their gateway or the node IP);
+    /// captured connections are redirected to `captureAddress:outboundPort`.
+    /// Required.
+    pub capture_address: IpAddr,
+    /// The cgroup subtree holding the pods, relative to the cgroup2 mount
+    /// (e.g. `/kubepods.slice`). Capture hooks attach here. Required.
+    pub pod_cgroup: String,
+    /// The cgroup meshd moves itself into, relative to the cgroup2 mount; it
+    /// must lie outside `podCgroup`. Default `/meshd`.
+    #[serde(default = "default_proxy_cgroup")]
+    pub proxy_cgroup: String,
+}
+
+fn default_proxy_cgroup() -> String {
+    "/meshd".to_owned()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct ProxySpec {
+    /// Port of the outbound listener captured connections arrive at. Default 15001.
+    pub outbound_port: u16,
+    /// Where `/metrics` is served. Default `0.0.0.0:15020`.
+    pub metrics_address: SocketAddr,
+    /// Where `/healthz/ready` is served. Default `0.0.0.0:15021`.
+    pub readiness_address: SocketAddr,
+    /// Same-node acceleration: move app⇄meshd bytes with sk_msg instead of
+    /// the TCP stack. Default `false`: an accelerated socket reads through
+    /// the kernel's sockmap path, which can hand a *blocking* reader a
+    /// spurious EAGAIN (see README); non-blocking applications are unaffected.
+    pub sk_msg: bool,
+    /// Limit for connecting to an endpoint. Default `5s`.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How long SIGTERM waits for in-flight connections before closing
+    /// them. Default `30s`.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// Bytes buffered per direction per connection. Default 16384.
+    pub buffer_size: usize,
+    /// Level of the eBPF programs' own log (forwarded into meshd's log):
+    /// `off`, `error`, `warn`, `info`, `debug` or `trace`. Default `off`.
+    pub bpf_log_level: BpfLogLevel,
+}
+
+impl Default for ProxySpec {
+    fn default() -> Self {
+        Self {
+            outbound_port: meshd_common::OUTBOUND_PORT,
+            metrics_address: SocketAddr::from(([0, 0, 0, 0], 15020)),
+            readiness_address: SocketAddr::from(([0, 0, 0, 0], 15021)),
+            sk_msg: false,
+            connect_timeout: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(30),
+            buffer_size: 16 * 1024,
+            bpf_log_level: BpfLogLevel::Off,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BpfLogLevel {
+    #[default]
+    Off,
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServiceSpec {
+    /// Service name (a DNS label). Required.
+    pub name: String,
+    /// Namespace (a DNS label). Default `default`.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// The service's virtual IPv4 address. Required.
+    pub vip: IpAddr,
+    /// Ports the service exposes. At least one.
+    pub ports: Vec<PortSpec>,
+    /// Where the service's pods are.
+    #[serde(default)]
+    pub endpoints: Vec<EndpointSpec>,
+}
+
+fn default_namespace() -> String {
+    "default".to_owned()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PortSpec {
+    /// Port on the VIP. Required.
+    pub port: u16,
+    /// Port on the endpoints. Default: the same as `port`.
+    pub target_port: Option<u16>,
+    /// Application protocol. Only `tcp` (the default) today: bytes are relayed
+    /// as they are.
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Http,
+    Http2,
+    Grpc,
+    Auto,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Http => "http",
+            Self::Http2 => "http2",
+            Self::Grpc => "grpc",
+            Self::Auto => "auto",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct EndpointSpec {
+    /// The pod's IPv4 address. Required.
+    pub address: IpAddr,
+    /// The node the pod runs on. Default: unknown (treated as remote).
+    pub node: Option<String>,
+    /// The workload (pod) name, for metrics. Default: unknown.
+    pub workload: Option<String>,
+    /// Labels, e.g. `version: v2`.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WorkloadSpec {
+    /// Workload (pod) name. Required.
+    pub name: String,
+    /// Namespace. Default `default`.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// Service account; the identity's last segment. Default `default`.
+    #[serde(default = "default_service_account")]
+    pub service_account: String,
+    /// The pod's cgroup, relative to the cgroup2 mount; must lie inside
+    /// `node.podCgroup`. Identifies the source of captured connections.
+    pub cgroup: Option<String>,
+    /// The pod's IPv4 addresses; identify the source when no cgroup matches.
+    #[serde(default)]
+    pub addresses: Vec<IpAddr>,
+    /// Labels such as `app` and `version`, reported in metrics.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+fn default_service_account() -> String {
+    "default".to_owned()
+}
+
+// === loading ===
+
+/// A file's text, kept so errors found later can be located in it.
+#[derive(Debug)]
+pub struct Source {
+    pub path: PathBuf,
+    pub text: String,
+}
+
+impl Source {
+    pub fn read(path: &Path) -> Result<Self, ConfigError> {
+        let read = |source| ConfigError::Read {
+            file: path.to_owned(),
+            source,
+        };
+        let size = std::fs::metadata(path).map_err(read)?.len();
+        if size > MAX_FILE_BYTES {
+            return Err(ConfigError::TooLarge {
+                file: path.to_owned(),
+                size,
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(read)?;
+        Ok(Self {
+            path: path.to_owned(),
+            text,
+        })
+    }
+
+    /// An error at `field` of this file.
+    pub fn error(&self, field: &FieldPath, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.path.clone(),
+            line: locate::line_of(&self.text, field),
+            field: field.to_string(),
+            message: message.into(),
+        }
+    }
+
+    fn parse(&self) -> Result<ConfigFile, ConfigError> {
+        if self.text.trim().is_empty() {
+            return Ok(ConfigFile::default());
+        }
+        serde_yaml::from_str(&self.text).map_err(|err| {
+            let line = err.location().map(|l| l.line());
+            // serde_yaml prefixes the message with the field path when it has one.
+            let text = err.to_string();
+            let text = match text.rfind(" at line ") {
+                Some(at) => text[..at].to_owned(),
+                None => text,
+            };
+            let (field, message) = match text.split_once(": ") {
+                Some((field, message)) if !field.contains(' ') => {
+                    (field.to_owned(), message.to_owned())
+                }
+                _ => (String::new(), text),
+            };
+            ConfigError::Invalid {
+                file: self.path.clone(),
+                line,
+                field,
+                message,
+            }
+        })
+    }
+}
+
+/// Reads, parses and validates `paths` together. All problems are returned,
+/// not just the first.
+pub fn load(paths: &[PathBuf]) -> Result<Config, ConfigErrors> {
+    if paths.is_empty() {
+        return Err(ConfigErrors(vec![ConfigError::NoFiles]));
+    }
+    let mut errors = Vec::new();
+    let mut sources = Vec::new();
+    let mut files = Vec::new();
+    for path in paths {
+        match Source::read(path).and_then(|source| {
+            let file = source.parse()?;
+            Ok((source, file))
+        }) {
+            Ok((source, file)) => {
+                sources.push(source);
+                files.push(file);
+            }
+            Err(error) => errors.push(error),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors));
+    }
+    validate::validate(&sources, files)
+}
+
+/// Parses YAML text as one file named `name`; for tests and `meshd check`.
+pub fn load_str(name: &str, text: &str) -> Result<Config, ConfigErrors> {
+    let source = Source {
+        path: PathBuf::from(name),
+        text: text.to_owned(),
+    };
+    let file = source.parse().map_err(|e| ConfigErrors(vec![e]))?;
+    validate::validate(&[source], vec![file])
+}

@@ -1,0 +1,587 @@
+//! Validation: turns parsed files into one checked `Config`, or every
+//! problem found, each located by file, line and field. Pure: no I/O.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::{IpAddr, Ipv4Addr},
+    sync::Arc,
+};
+
+use super::{
+    ConfigError, ConfigErrors, ConfigFile, FieldPath, NodeSpec, Protocol, ProxySpec, Source,
+};
+
+/// A validated configuration: what meshd runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub node: Node,
+    pub proxy: ProxySpec,
+    pub services: Vec<Service>,
+    pub workloads: Vec<Workload>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub name: Arc<str>,
+    pub capture_address: Ipv4Addr,
+    pub pod_cgroup: String,
+    pub proxy_cgroup: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Service {
+    pub name: Arc<str>,
+    pub namespace: Arc<str>,
+    /// `name.namespace.svc.cluster.local`, as Istio's `destination_service`.
+    pub hostname: Arc<str>,
+    pub vip: Ipv4Addr,
+    pub ports: Vec<ServicePort>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServicePort {
+    pub port: u16,
+    pub target_port: u16,
+}
+
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub address: Ipv4Addr,
+    pub node: Option<Arc<str>>,
+    pub workload: Arc<str>,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Workload {
+    pub name: Arc<str>,
+    pub namespace: Arc<str>,
+    pub service_account: Arc<str>,
+    pub cgroup: Option<String>,
+    pub addresses: Vec<Ipv4Addr>,
+    pub app: Arc<str>,
+    pub version: Arc<str>,
+}
+
+const UNKNOWN: &str = "unknown";
+
+/// Collects errors against the file they belong to.
+struct Checker<'a> {
+    sources: &'a [Source],
+    errors: Vec<ConfigError>,
+}
+
+impl Checker<'_> {
+    fn fail(&mut self, file: usize, field: &FieldPath, message: impl Into<String>) {
+        let error = self.sources[file].error(field, message);
+        self.errors.push(error);
+    }
+
+    fn ipv4(&mut self, file: usize, field: &FieldPath, ip: IpAddr) -> Ipv4Addr {
+        match ip {
+            IpAddr::V4(v4) => v4,
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => v4,
+                None => {
+                    self.fail(
+                        file,
+                        field,
+                        format!(
+                            "{v6} is IPv6; meshd captures IPv4 only (dual-stack sockets \
+                             reaching IPv4 addresses are captured), use an IPv4 address"
+                        ),
+                    );
+                    Ipv4Addr::UNSPECIFIED
+                }
+            },
+        }
+    }
+
+    fn dns_label(&mut self, file: usize, field: &FieldPath, value: &str) {
+        let ok = !value.is_empty()
+            && value.len() <= 63
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !value.starts_with('-')
+            && !value.ends_with('-');
+        if !ok {
+            self.fail(
+                file,
+                field,
+                format!(
+                    "{value:?} is not a DNS label (1-63 lowercase letters, digits or '-', \
+                     not starting or ending with '-')"
+                ),
+            );
+        }
+    }
+
+    fn cgroup_path(&mut self, file: usize, field: &FieldPath, value: &str) {
+        let ok = value.starts_with('/')
+            && !value.split('/').any(|part| part == ".." || part == ".")
+            && !value.contains('\0');
+        if !ok {
+            self.fail(
+                file,
+                field,
+                format!(
+                    "{value:?} is not a cgroup path: write it absolute from the cgroup2 mount, \
+                     e.g. /kubepods.slice, without '.' or '..'"
+                ),
+            );
+        }
+    }
+}
+
+/// Whether cgroup path `inner` is `outer` or lies below it.
+fn cgroup_within(inner: &str, outer: &str) -> bool {
+    let outer = outer.trim_end_matches('/');
+    inner == outer || outer.is_empty() || inner.starts_with(&format!("{outer}/"))
+}
+
+pub(super) fn validate(sources: &[Source], files: Vec<ConfigFile>) -> Result<Config, ConfigErrors> {
+    let mut check = Checker {
+        sources,
+        errors: Vec::new(),
+    };
+    let root = FieldPath::default();
+
+    // One node section, at most one proxy section.
+    let mut node: Option<(usize, NodeSpec)> = None;
+    let mut proxy: Option<(usize, ProxySpec)> = None;
+    let mut services = Vec::new();
+    let mut workloads = Vec::new();
+    for (file, parsed) in files.into_iter().enumerate() {
+        if let Some(spec) = parsed.node {
+            match &node {
+                Some((first, _)) => {
+                    let first = sources[*first].path.display().to_string();
+                    check.fail(
+                        file,
+                        &root.clone().key("node"),
+                        format!("node is already defined in {first}"),
+                    );
+                }
+                None => node = Some((file, spec)),
+            }
+        }
+        if let Some(spec) = parsed.proxy {
+            match &proxy {
+                Some((first, _)) => {
+                    let first = sources[*first].path.display().to_string();
+                    check.fail(
+                        file,
+                        &root.clone().key("proxy"),
+                        format!("proxy is already defined in {first}"),
+                    );
+                }
+                None => proxy = Some((file, spec)),
+            }
+        }
+        services.extend(parsed.services.into_iter().enumerate().map(|(i, s)| (file, i, s)));
+        workloads.extend(parsed.workloads.into_iter().enumerate().map(|(i, w)| (file, i, w)));
+    }
+
+    let node = match node {
+        Some((file, spec)) => Some(check_node(&mut check, file, spec)),
+        None => {
+            let last = sources.len() - 1;
+            check.fail(last, &root.clone().key("node"), "no file defines the node section");
+            None
+        }
+    };
+    let (proxy_file, proxy) = proxy.unwrap_or((0, ProxySpec::default()));
+    check_proxy(&mut check, proxy_file, &proxy);
+
+    let workloads: Vec<(usize, FieldPath, Workload)> = workloads
+        .into_iter()
+        .map(|(file, index, spec)| {
+            let at = root.clone().key("workloads").index(index);
+            check_workload(&mut check, file, &at, spec, node.as_ref())
+        })
+        .collect();
+    let services: Vec<(usize, FieldPath, Service)> = services
+        .into_iter()
+        .map(|(file, index, spec)| {
+            let at = root.clone().key("services").index(index);
+            check_service(&mut check, file, &at, spec)
+        })
+        .collect();
+    check_uniqueness(&mut check, &services, &workloads);
+
+    match (node, check.errors.is_empty()) {
+        (Some(node), true) => Ok(Config {
+            node,
+            proxy,
+            services: services.into_iter().map(|(_, _, s)| s).collect(),
+            workloads: workloads.into_iter().map(|(_, _, w)| w).collect(),
+        }),
+        _ => Err(ConfigErrors(check.errors)),
+    }
+}
+
+fn check_node(check: &mut Checker<'_>, file: usize, spec: NodeSpec) -> Node {
+    let at = FieldPath::default().key("node");
+    if spec.name.is_empty() {
+        check.fail(file, &at.clone().key("name"), "must not be empty");
+    }
+    let capture_address = check.ipv4(file, &at.clone().key("captureAddress"), spec.capture_address);
+    if capture_address.is_unspecified() || capture_address.is_broadcast() {
+        check.fail(
+            file,
+            &at.clone().key("captureAddress"),
+            "must be an address of this node that pods can reach",
+        );
+    }
+    check.cgroup_path(file, &at.clone().key("podCgroup"), &spec.pod_cgroup);
+    check.cgroup_path(file, &at.clone().key("proxyCgroup"), &spec.proxy_cgroup);
+    if spec.pod_cgroup == "/" {
+        check.fail(
+            file,
+            &at.clone().key("podCgroup"),
+            "the root cgroup would capture the whole host; name the subtree that holds the pods",
+        );
+    }
+    if cgroup_within(&spec.proxy_cgroup, &spec.pod_cgroup) {
+        check.fail(
+            file,
+            &at.clone().key("proxyCgroup"),
+            format!(
+                "{} lies inside podCgroup {}: meshd must not capture itself",
+                spec.proxy_cgroup, spec.pod_cgroup
+            ),
+        );
+    }
+    Node {
+        name: spec.name.into(),
+        capture_address,
+        pod_cgroup: spec.pod_cgroup,
+        proxy_cgroup: spec.proxy_cgroup,
+    }
+}
+
+fn check_proxy(check: &mut Checker<'_>, file: usize, spec: &ProxySpec) {
+    let at = FieldPath::default().key("proxy");
+    if spec.outbound_port == 0 {
+        check.fail(file, &at.clone().key("outboundPort"), "must not be 0");
+    }
+    if !(1024..=1024 * 1024).contains(&spec.buffer_size) {
+        check.fail(
+            file,
+            &at.clone().key("bufferSize"),
+            format!("{} is outside 1024..=1048576 bytes", spec.buffer_size),
+        );
+    }
+    if spec.connect_timeout.is_zero() {
+        check.fail(file, &at.clone().key("connectTimeout"), "must be more than 0");
+    }
+    let ports = [
+        ("outboundPort", spec.outbound_port),
+        ("metricsAddress", spec.metrics_address.port()),
+        ("readinessAddress", spec.readiness_address.port()),
+    ];
+    for (i, (name, port)) in ports.iter().enumerate() {
+        if let Some((other, _)) = ports[..i].iter().find(|(_, p)| p == port) {
+            check.fail(
+                file,
+                &at.clone().key(name),
+                format!("port {port} is already used by {other}"),
+            );
+        }
+    }
+}
+
+fn check_workload(
+    check: &mut Checker<'_>,
+    file: usize,
+    at: &FieldPath,
+    spec: super::WorkloadSpec,
+    node: Option<&Node>,
+) -> (usize, FieldPath, Workload) {
+    check.dns_label(file, &at.clone().key("namespace"), &spec.namespace);
+    if spec.name.is_empty() {
+        check.fail(file, &at.clone().key("name"), "must not be empty");
+    }
+    if let Some(cgroup) = &spec.cgroup {
+        let field = at.clone().key("cgroup");
+        check.cgroup_path(file, &field, cgroup);
+        if let Some(node) = node {
+            if !cgroup_within(cgroup, &node.pod_cgroup) {
+                check.fail(
+                    file,
+                    &field,
+                    format!(
+                        "{cgroup} is outside node.podCgroup {}: its connections would not be captured",
+                        node.pod_cgroup
+                    ),
+                );
+            }
+        }
+    }
+    if spec.cgroup.is_none() && spec.addresses.is_empty() {
+        check.fail(
+            file,
+            at,
+            "needs a cgroup or at least one address, or meshd cannot recognise its connections",
+        );
+    }
+    let addresses = spec
+        .addresses
+        .iter()
+        .enumerate()
+        .map(|(i, ip)| check.ipv4(file, &at.clone().key("addresses").index(i), *ip))
+        .collect();
+    let label = |key: &str| -> Arc<str> {
+        spec.labels.get(key).map_or(UNKNOWN, String::as_str).into()
+    };
+    let workload = Workload {
+        app: label("app"),
+        version: label("version"),
+        name: spec.name.as_str().into(),
+        namespace: spec.namespace.as_str().into(),
+        service_account: spec.service_account.as_str().into(),
+        cgroup: spec.cgroup,
+        addresses,
+    };
+    (file, at.clone(), workload)
+}
+
+fn check_service(
+    check: &mut Checker<'_>,
+    file: usize,
+    at: &FieldPath,
+    spec: super::ServiceSpec,
+) -> (usize, FieldPath, Service) {
+    check.dns_label(file, &at.clone().key("name"), &spec.name);
+    check.dns_label(file, &at.clone().key("namespace"), &spec.namespace);
+    let vip = check.ipv4(file, &at.clone().key("vip"), spec.vip);
+    if vip.is_unspecified() || vip.is_loopback() || vip.is_broadcast() || vip.is_multicast() {
+        check.fail(file, &at.clone().key("vip"), format!("{vip} cannot be a service address"));
+    }
+    if spec.ports.is_empty() {
+        check.fail(file, &at.clone().key("ports"), "a service needs at least one port");
+    }
+    let mut ports = Vec::with_capacity(spec.ports.len());
+    for (i, port) in spec.ports.iter().enumerate() {
+        let field = at.clone().key("ports").index(i);
+        if port.port == 0 {
+            check.fail(file, &field.clone().key("port"), "must not be 0");
+        }
+        if port.target_port == Some(0) {
+            check.fail(file, &field.clone().key("targetPort"), "must not be 0");
+        }
+        if port.protocol != Protocol::Tcp {
+            check.fail(
+                file,
+                &field.clone().key("protocol"),
+                format!(
+                    "protocol {} is not supported yet: this meshd relays TCP only; use tcp",
+                    port.protocol.as_str()
+                ),
+            );
+        }
+        if ports.iter().any(|p: &ServicePort| p.port == port.port) {
+            check.fail(
+                file,
+                &field.clone().key("port"),
+                format!("port {} is listed twice", port.port),
+            );
+        }
+        ports.push(ServicePort {
+            port: port.port,
+            target_port: port.target_port.unwrap_or(port.port),
+        });
+    }
+    let mut endpoints: Vec<Endpoint> = Vec::with_capacity(spec.endpoints.len());
+    for (i, endpoint) in spec.endpoints.into_iter().enumerate() {
+        let field = at.clone().key("endpoints").index(i).key("address");
+        let address = check.ipv4(file, &field, endpoint.address);
+        if endpoints.iter().any(|e| e.address == address) {
+            check.fail(file, &field, format!("endpoint {address} is listed twice"));
+        }
+        endpoints.push(Endpoint {
+            address,
+            node: endpoint.node.map(Arc::from),
+            workload: endpoint.workload.as_deref().unwrap_or(UNKNOWN).into(),
+            labels: endpoint.labels,
+        });
+    }
+    let service = Service {
+        hostname: format!("{}.{}.svc.cluster.local", spec.name, spec.namespace).into(),
+        name: spec.name.into(),
+        namespace: spec.namespace.into(),
+        vip,
+        ports,
+        endpoints,
+    };
+    (file, at.clone(), service)
+}
+
+/// Names and addresses that must be unique across all files.
+fn check_uniqueness(
+    check: &mut Checker<'_>,
+    services: &[(usize, FieldPath, Service)],
+    workloads: &[(usize, FieldPath, Workload)],
+) {
+    let mut names = HashSet::new();
+    let mut vips: HashMap<Ipv4Addr, &str> = HashMap::new();
+    for (file, at, service) in services {
+        if !names.insert((service.namespace.clone(), service.name.clone())) {
+            check.fail(
+                *file,
+                &at.clone().key("name"),
+                format!("service {}/{} is defined twice", service.namespace, service.name),
+            );
+        }
+        if let Some(other) = vips.insert(service.vip, &service.name) {
+            check.fail(
+                *file,
+                &at.clone().key("vip"),
+                format!("{} is already the VIP of service {other}", service.vip),
+            );
+        }
+    }
+    let mut workload_names = HashSet::new();
+    let mut owners: HashMap<Ipv4Addr, &str> = HashMap::new();
+    for (file, at, workload) in workloads {
+        if !workload_names.insert((workload.namespace.clone(), workload.name.clone())) {
+            check.fail(
+                *file,
+                &at.clone().key("name"),
+                format!("workload {}/{} is defined twice", workload.namespace, workload.name),
+            );
+        }
+        for (i, address) in workload.addresses.iter().enumerate() {
+            let field = at.clone().key("addresses").index(i);
+            if let Some(other) = owners.insert(*address, &workload.name) {
+                check.fail(*file, &field, format!("{address} already belongs to workload {other}"));
+            }
+            if let Some(service) = vips.get(address) {
+                check.fail(*file, &field, format!("{address} is the VIP of service {service}"));
+            }
+        }
+    }
+    for (file, at, service) in services {
+        for (i, endpoint) in service.endpoints.iter().enumerate() {
+            if let Some(other) = vips.get(&endpoint.address) {
+                check.fail(
+                    *file,
+                    &at.clone().key("endpoints").index(i).key("address"),
+                    format!("{} is the VIP of service {other}", endpoint.address),
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::load_str;
+
+    const NODE: &str = "\
+node:
+  name: node-a
+  captureAddress: 10.77.0.1
+  podCgroup: /pods
+  proxyCgroup: /meshd
+";
+
+    fn errors(yaml: &str) -> String {
+        match load_str("mesh.yaml", yaml) {
+            Ok(_) => panic!("expected an error for:\n{yaml}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn minimal_config_is_valid() {
+        let config = load_str("mesh.yaml", NODE).expect("valid");
+        assert_eq!(&*config.node.name, "node-a");
+        assert_eq!(config.proxy.outbound_port, 15001);
+        assert!(!config.proxy.sk_msg);
+    }
+
+    #[test]
+    fn full_service_is_typed() {
+        let yaml = format!(
+            "{NODE}services:
+  - name: reviews
+    vip: 10.96.0.20
+    ports: [{{ port: 80, targetPort: 9080 }}]
+    endpoints:
+      - {{ address: 10.77.0.7, node: node-a, workload: reviews-v1 }}
+"
+        );
+        let config = load_str("mesh.yaml", &yaml).expect("valid");
+        let service = &config.services[0];
+        assert_eq!(&*service.hostname, "reviews.default.svc.cluster.local");
+        assert_eq!(service.ports[0].target_port, 9080);
+        assert_eq!(&*service.endpoints[0].workload, "reviews-v1");
+    }
+
+    #[test]
+    fn rejections_name_file_line_and_field() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "services:\n  - name: a\n    vip: 10.96.0.1\n    ports: [{ port: 80, protocol: http }]\n",
+                "mesh.yaml:9: services[0].ports[0].protocol: protocol http is not supported yet",
+            ),
+            (
+                "services:\n  - name: a\n    vip: fd00::1\n    ports: [{ port: 80 }]\n",
+                "mesh.yaml:8: services[0].vip: fd00::1 is IPv6",
+            ),
+            (
+                "services:\n  - name: a\n    vip: 10.96.0.1\n    ports: []\n",
+                "mesh.yaml:9: services[0].ports: a service needs at least one port",
+            ),
+            (
+                "services:\n  - name: Bad_Name\n    vip: 10.96.0.1\n    ports: [{ port: 1 }]\n",
+                "mesh.yaml:7: services[0].name: \"Bad_Name\" is not a DNS label",
+            ),
+            (
+                "services:\n  - { name: a, vip: 10.96.0.1, ports: [{ port: 1 }] }\n  - { name: b, vip: 10.96.0.1, ports: [{ port: 1 }] }\n",
+                "mesh.yaml:8: services[1].vip: 10.96.0.1 is already the VIP of service a",
+            ),
+            (
+                "workloads:\n  - { name: w, cgroup: /elsewhere/w }\n",
+                "mesh.yaml:7: workloads[0].cgroup: /elsewhere/w is outside node.podCgroup /pods",
+            ),
+            (
+                "workloads:\n  - { name: w }\n",
+                "mesh.yaml:7: workloads[0]: needs a cgroup or at least one address",
+            ),
+            (
+                "services:\n  - name: a\n    vip: 10.96.0.1\n    ports: [{ port: 99999 }]\n",
+                "mesh.yaml:9: services[0].ports[0].port: invalid value: integer `99999`",
+            ),
+            (
+                "services:\n  - name: a\n    vip: 10.96.0.1\n    prots: []\n",
+                "mesh.yaml:9: services[0]: unknown field `prots`",
+            ),
+        ];
+        for (tail, want) in cases {
+            let got = errors(&format!("{NODE}{tail}"));
+            assert!(got.starts_with(want), "for\n{tail}\nwant prefix: {want}\ngot: {got}");
+        }
+    }
+
+    #[test]
+    fn missing_node_and_self_capture_are_refused() {
+        assert!(errors("services: []\n").contains("no file defines the node section"));
+        let inside = NODE.replace("proxyCgroup: /meshd", "proxyCgroup: /pods/meshd");
+        assert!(errors(&inside).contains("meshd must not capture itself"));
+        let root = NODE.replace("podCgroup: /pods", "podCgroup: /");
+        assert!(errors(&root).contains("the root cgroup would capture the whole host"));
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let yaml = format!(
+            "{NODE}services:\n  - {{ name: a, vip: 0.0.0.0, ports: [] }}\n  - {{ name: a, vip: 10.96.0.2, ports: [{{ port: 0 }}] }}\n"
+        );
+        let got = errors(&yaml);
+        assert_eq!(got.lines().count(), 4, "{got}");
+    }
+}

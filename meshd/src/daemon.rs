@@ -1,0 +1,182 @@
+//! `meshd run`: start-up in an order that never half-starts, serving, and a
+//! graceful stop.
+//!
+//! Start-up: config → host checks → join meshd's cgroup → bind every
+//! listener → load and attach eBPF (capture goes live last) → ready.
+//! SIGTERM/SIGINT: stop capturing new connections, close the listener,
+//! drain in-flight connections up to `proxy.drainTimeout`, detach, exit 0.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddrV4,
+    path::PathBuf,
+    sync::{Arc, atomic::Ordering},
+};
+
+use arc_swap::ArcSwap;
+use prometheus_client::registry::Registry;
+use tokio::{signal::unix::SignalKind, sync::watch};
+use tracing::{info, warn};
+
+use crate::{
+    capture::{Capture, CaptureError, CaptureSpec},
+    config::{BpfLogLevel, Config, ConfigErrors},
+    host::{self, HostError},
+    mesh::Mesh,
+    metrics::Metrics,
+    proxy::{Outbound, OutboundError, ProxyInputs},
+    status::{BindError, StatusInputs, StatusListener},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigErrors),
+    #[error(transparent)]
+    Host(#[from] HostError),
+    #[error(transparent)]
+    Outbound(#[from] OutboundError),
+    #[error(transparent)]
+    Status(#[from] BindError),
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// Command-line settings that override the config.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub bpf_log_level: Option<BpfLogLevel>,
+}
+
+/// Host checks and joining meshd's own cgroup. Runs before the async
+/// runtime starts so that every thread is created inside the cgroup.
+pub struct Prepared {
+    config: Arc<Config>,
+    cgroup_root: PathBuf,
+    proxy_cgroup_id: u64,
+}
+
+pub fn prepare(paths: &[PathBuf], overrides: &Overrides) -> Result<Prepared, StartError> {
+    let mut config = crate::config::load(paths)?;
+    if let Some(level) = overrides.bpf_log_level {
+        config.proxy.bpf_log_level = level;
+    }
+    let cgroup_root = host::preflight()?;
+    let proxy_dir = host::cgroup_dir(&cgroup_root, &config.node.proxy_cgroup);
+    let proxy_cgroup_id = host::join_cgroup(&proxy_dir)?;
+    Ok(Prepared {
+        config: Arc::new(config),
+        cgroup_root,
+        proxy_cgroup_id,
+    })
+}
+
+/// Workload cgroup ids that exist now; a pod whose cgroup is missing is
+/// recognised by address instead.
+fn workload_cgroup_ids(prepared: &Prepared) -> HashMap<String, u64> {
+    let mut ids = HashMap::new();
+    for workload in &prepared.config.workloads {
+        let Some(path) = &workload.cgroup else {
+            continue;
+        };
+        match host::cgroup_id(&host::cgroup_dir(&prepared.cgroup_root, path)) {
+            Ok(id) => {
+                ids.insert(path.clone(), id);
+            }
+            Err(err) => warn!(workload = %workload.name, error = %err, "identifying this workload by address only"),
+        }
+    }
+    ids
+}
+
+pub async fn run(prepared: Prepared) -> Result<(), StartError> {
+    let config = prepared.config.clone();
+    let proxy = &config.proxy;
+    let mesh = Mesh::new(config.clone(), &workload_cgroup_ids(&prepared));
+
+    // Bind everything before anything is served or captured.
+    let outbound_addr = SocketAddrV4::new(config.node.capture_address, proxy.outbound_port);
+    let outbound = Outbound::bind(outbound_addr).await?;
+    let metrics_listener = StatusListener::bind(proxy.metrics_address, "metrics").await?;
+    let ready_listener = StatusListener::bind(proxy.readiness_address, "readiness").await?;
+    let mut terminate =
+        tokio::signal::unix::signal(SignalKind::terminate()).map_err(StartError::Signals)?;
+    let mut interrupt =
+        tokio::signal::unix::signal(SignalKind::interrupt()).map_err(StartError::Signals)?;
+
+    let mut registry = Registry::default();
+    let metrics = Arc::new(Metrics::new(&mut registry));
+    metrics.sk_msg_enabled.set(i64::from(proxy.sk_msg));
+    let status = Arc::new(StatusInputs {
+        registry,
+        metrics: metrics.clone(),
+        capture: std::sync::OnceLock::new(),
+        ready: Default::default(),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let status_tasks = [
+        tokio::spawn(metrics_listener.run(status.clone(), stop_rx.clone())),
+        tokio::spawn(ready_listener.run(status.clone(), stop_rx.clone())),
+    ];
+
+    let pod_cgroup = host::cgroup_dir(&prepared.cgroup_root, &config.node.pod_cgroup);
+    let proxy_cgroup = host::cgroup_dir(&prepared.cgroup_root, &config.node.proxy_cgroup);
+    let capture = Capture::start(
+        &CaptureSpec {
+            pod_cgroup: &pod_cgroup,
+            proxy_cgroup: &proxy_cgroup,
+            proxy_cgroup_id: prepared.proxy_cgroup_id,
+            proxy: outbound.address(),
+            sk_msg: proxy.sk_msg,
+            log_level: proxy.bpf_log_level,
+        },
+        &mesh,
+    )?;
+    let capture = Arc::new(capture);
+    let _ = status.capture.set(capture.clone());
+
+    let inputs = Arc::new(ProxyInputs {
+        mesh: ArcSwap::from_pointee(mesh),
+        capture: capture.clone(),
+        metrics: metrics.clone(),
+        connect_timeout: proxy.connect_timeout,
+        buffer_size: proxy.buffer_size,
+    });
+    let drain = proxy.drain_timeout;
+    let mut outbound_task = tokio::spawn(outbound.run(inputs.clone(), stop_rx.clone(), drain));
+
+    status.ready.store(true, Ordering::Release);
+    metrics.ready.set(1);
+    info!(
+        node = %config.node.name,
+        outbound = %outbound_addr,
+        pods = %pod_cgroup.display(),
+        services = config.services.len(),
+        sk_msg = proxy.sk_msg,
+        "meshd ready"
+    );
+
+    tokio::select! {
+        _ = terminate.recv() => info!("SIGTERM: stopping"),
+        _ = interrupt.recv() => info!("SIGINT: stopping"),
+        _ = &mut outbound_task => warn!("outbound listener ended unexpectedly"),
+    }
+    status.ready.store(false, Ordering::Release);
+    metrics.ready.set(0);
+
+    // New connections stop being captured before the listener closes, so
+    // none is redirected to a closed port.
+    capture.stop_capture();
+    drop(inputs);
+    let _ = stop_tx.send(true);
+    let _ = outbound_task.await;
+    for task in status_tasks {
+        let _ = task.await;
+    }
+    drop(status);
+    drop(capture);
+    info!("stopped");
+    Ok(())
+}

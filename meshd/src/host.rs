@@ -1,0 +1,202 @@
+//! What meshd needs from the host before it can capture anything:
+//! privileges, a cgroup2 mount, kernel BTF; and moving meshd into its cgroup.
+
+use std::{
+    fs,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_BPF: u32 = 39;
+/// Where the kernel publishes its own BTF.
+pub const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error(
+        "meshd lacks {0}: it needs root, or the capabilities CAP_BPF and CAP_NET_ADMIN, to load \
+         its eBPF programs and attach them to cgroups"
+    )]
+    MissingPrivileges(String),
+    #[error(
+        "no cgroup2 filesystem is mounted (nothing of type cgroup2 in /proc/mounts): meshd \
+         attaches its capture programs to cgroup v2, so mount it, e.g. \
+         `mount -t cgroup2 none /sys/fs/cgroup`"
+    )]
+    NoCgroup2,
+    #[error(
+        "the kernel has no BTF ({KERNEL_BTF} is missing): meshd needs a kernel built with \
+         CONFIG_DEBUG_INFO_BTF=y (Linux 5.10 or newer)"
+    )]
+    NoBtf,
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cgroup {path} does not exist: {source}")]
+    NoCgroup {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot move meshd into cgroup {path}: {source}")]
+    JoinCgroup {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Checks, in order, privileges, the cgroup2 mount and BTF, and returns the
+/// cgroup2 mount point.
+pub fn preflight() -> Result<PathBuf, HostError> {
+    check_privileges()?;
+    let mount = cgroup2_mount()?;
+    if !Path::new(KERNEL_BTF).exists() {
+        return Err(HostError::NoBtf);
+    }
+    Ok(mount)
+}
+
+fn check_privileges() -> Result<(), HostError> {
+    let path = Path::new("/proc/self/status");
+    let status = fs::read_to_string(path).map_err(|source| HostError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let effective = effective_capabilities(&status).unwrap_or(0);
+    let missing = missing_capabilities(effective);
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(HostError::MissingPrivileges(missing.join(" and ")))
+    }
+}
+
+/// The `CapEff` bit set from `/proc/self/status`.
+fn effective_capabilities(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("CapEff:"))?;
+    u64::from_str_radix(line["CapEff:".len()..].trim(), 16).ok()
+}
+
+fn missing_capabilities(effective: u64) -> Vec<&'static str> {
+    let has = |cap: u32| effective & (1 << cap) != 0;
+    let mut missing = Vec::new();
+    // CAP_SYS_ADMIN stands in for CAP_BPF on kernels that predate it.
+    if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_BPF");
+    }
+    if !has(CAP_NET_ADMIN) {
+        missing.push("CAP_NET_ADMIN");
+    }
+    missing
+}
+
+/// The first cgroup2 mount point listed in `/proc/mounts`.
+pub fn cgroup2_mount() -> Result<PathBuf, HostError> {
+    let path = Path::new("/proc/mounts");
+    let mounts = fs::read_to_string(path).map_err(|source| HostError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    find_cgroup2(&mounts).ok_or(HostError::NoCgroup2)
+}
+
+fn find_cgroup2(mounts: &str) -> Option<PathBuf> {
+    mounts.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (_, dir, kind) = (fields.next()?, fields.next()?, fields.next()?);
+        (kind == "cgroup2").then(|| PathBuf::from(unescape_mount(dir)))
+    })
+}
+
+/// `/proc/mounts` writes space, tab, newline and backslash as `\ooo`.
+fn unescape_mount(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4).and_then(|d| {
+            let text = std::str::from_utf8(d).ok()?;
+            u8::from_str_radix(text, 8).ok()
+        });
+        match (bytes[i], octal) {
+            (b'\\', Some(byte)) => {
+                out.push(byte);
+                i += 4;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The directory of cgroup `path` (written from the mount root) under `mount`.
+pub fn cgroup_dir(mount: &Path, path: &str) -> PathBuf {
+    mount.join(path.trim_start_matches('/'))
+}
+
+/// The id the kernel reports for a cgroup (`bpf_get_current_cgroup_id`):
+/// the inode number of its directory.
+pub fn cgroup_id(dir: &Path) -> Result<u64, HostError> {
+    fs::metadata(dir)
+        .map(|m| m.ino())
+        .map_err(|source| HostError::NoCgroup {
+            path: dir.to_owned(),
+            source,
+        })
+}
+
+/// Creates cgroup `dir` if needed and moves this whole process into it.
+/// Returns the cgroup's id.
+pub fn join_cgroup(dir: &Path) -> Result<u64, HostError> {
+    let join = |source| HostError::JoinCgroup {
+        path: dir.to_owned(),
+        source,
+    };
+    fs::create_dir_all(dir).map_err(join)?;
+    fs::write(dir.join("cgroup.procs"), std::process::id().to_string()).map_err(join)?;
+    cgroup_id(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_cgroup2_mount_among_v1_mounts() {
+        let mounts = "\
+tmpfs /sys/fs/cgroup tmpfs rw 0 0
+cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0
+cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0
+";
+        assert_eq!(find_cgroup2(mounts), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(find_cgroup2("proc /proc proc rw 0 0\n"), None);
+        assert_eq!(
+            find_cgroup2("none /mnt/with\\040space cgroup2 rw 0 0\n"),
+            Some(PathBuf::from("/mnt/with space"))
+        );
+    }
+
+    #[test]
+    fn names_missing_capabilities() {
+        let status = "Name:\tmeshd\nCapEff:\t0000000000003000\n";
+        let effective = effective_capabilities(status).expect("CapEff");
+        assert_eq!(missing_capabilities(effective), vec!["CAP_BPF"]);
+        assert_eq!(missing_capabilities(0), vec!["CAP_BPF", "CAP_NET_ADMIN"]);
+        assert!(missing_capabilities(u64::MAX).is_empty());
+    }
+
+    #[test]
+    fn cgroup_dirs_join_below_the_mount() {
+        let dir = cgroup_dir(Path::new("/sys/fs/cgroup"), "/kubepods/pod1");
+        assert_eq!(dir, PathBuf::from("/sys/fs/cgroup/kubepods/pod1"));
+    }
+}

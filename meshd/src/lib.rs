@@ -1,0 +1,12 @@
+//! meshd: a sidecarless service-mesh data plane. eBPF programs steer pod
+//! sockets into this one node proxy.
+#![forbid(unsafe_code)]
+
+pub mod capture;
+pub mod config;
+pub mod daemon;
+pub mod host;
+pub mod mesh;
+pub mod metrics;
+pub mod proxy;
+pub mod status;

@@ -1,0 +1,242 @@
+//! The routing snapshot built from a validated config: which destinations
+//! are captured, where a captured connection goes, and who made it.
+//! Pure: lookups and decisions only, no I/O.
+
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
+
+use meshd_common::Destination;
+
+use crate::config::{Config, Endpoint, Service, Workload};
+
+/// Value stored in the `DESTINATIONS` BPF map, for whoever inspects it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum DestinationKind {
+    ServiceVip = 1,
+    Pod = 2,
+}
+
+/// What a captured destination refers to.
+#[derive(Clone, Copy, Debug)]
+enum Entry {
+    /// A service VIP:port; `port` indexes `Service::ports`.
+    Vip { service: usize, port: usize },
+    /// A meshed pod address:targetPort, reached directly.
+    Pod { service: usize, endpoint: usize },
+}
+
+/// Where one captured connection is relayed to.
+#[derive(Debug)]
+pub struct Target<'a> {
+    pub service: &'a Service,
+    pub endpoint: &'a Endpoint,
+    pub upstream: SocketAddrV4,
+}
+
+/// Why no target was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unresolved {
+    UnknownDestination,
+    NoEndpoints,
+}
+
+pub struct Mesh {
+    pub config: Arc<Config>,
+    entries: HashMap<SocketAddrV4, Entry>,
+    /// Round-robin position per service.
+    next: Vec<AtomicUsize>,
+    by_cgroup: HashMap<u64, usize>,
+    by_address: HashMap<Ipv4Addr, usize>,
+}
+
+impl Mesh {
+    /// Builds the snapshot. `cgroup_ids` maps workload cgroup paths to the
+    /// ids the kernel reports for them (found by the caller).
+    pub fn new(config: Arc<Config>, cgroup_ids: &HashMap<String, u64>) -> Self {
+        let mut entries = HashMap::new();
+        for (s, service) in config.services.iter().enumerate() {
+            for (p, port) in service.ports.iter().enumerate() {
+                for (e, endpoint) in service.endpoints.iter().enumerate() {
+                    let pod = SocketAddrV4::new(endpoint.address, port.target_port);
+                    entries
+                        .entry(pod)
+                        .or_insert(Entry::Pod { service: s, endpoint: e });
+                }
+                let vip = SocketAddrV4::new(service.vip, port.port);
+                entries.insert(vip, Entry::Vip { service: s, port: p });
+            }
+        }
+        let mut by_cgroup = HashMap::new();
+        let mut by_address = HashMap::new();
+        for (w, workload) in config.workloads.iter().enumerate() {
+            if let Some(id) = workload.cgroup.as_ref().and_then(|c| cgroup_ids.get(c)) {
+                by_cgroup.insert(*id, w);
+            }
+            for address in &workload.addresses {
+                by_address.insert(*address, w);
+            }
+        }
+        let next = config.services.iter().map(|_| AtomicUsize::new(0)).collect();
+        Self {
+            config,
+            entries,
+            next,
+            by_cgroup,
+            by_address,
+        }
+    }
+
+    /// Every destination the kernel should capture.
+    pub fn destinations(&self) -> impl Iterator<Item = (Destination, DestinationKind)> + '_ {
+        self.entries.iter().map(|(addr, entry)| {
+            let kind = match entry {
+                Entry::Vip { .. } => DestinationKind::ServiceVip,
+                Entry::Pod { .. } => DestinationKind::Pod,
+            };
+            (destination_key(*addr), kind)
+        })
+    }
+
+    /// Picks the endpoint for a connection to `dst` (round robin over a
+    /// service's endpoints; a pod address goes to that pod).
+    pub fn resolve(&self, dst: SocketAddrV4) -> Result<Target<'_>, Unresolved> {
+        match *self.entries.get(&dst).ok_or(Unresolved::UnknownDestination)? {
+            Entry::Vip { service, port } => {
+                let svc = &self.config.services[service];
+                let count = svc.endpoints.len();
+                if count == 0 {
+                    return Err(Unresolved::NoEndpoints);
+                }
+                let turn = self.next[service].fetch_add(1, Ordering::Relaxed) % count;
+                let endpoint = &svc.endpoints[turn];
+                Ok(Target {
+                    service: svc,
+                    endpoint,
+                    upstream: SocketAddrV4::new(endpoint.address, svc.ports[port].target_port),
+                })
+            }
+            Entry::Pod { service, endpoint } => {
+                let svc = &self.config.services[service];
+                Ok(Target {
+                    service: svc,
+                    endpoint: &svc.endpoints[endpoint],
+                    upstream: dst,
+                })
+            }
+        }
+    }
+
+    /// The workload a connection came from: by the cgroup `connect` ran in,
+    /// else by the client's address.
+    pub fn source(&self, cgroup_id: u64, client: Ipv4Addr) -> Option<&Workload> {
+        self.by_cgroup
+            .get(&cgroup_id)
+            .or_else(|| self.by_address.get(&client))
+            .map(|w| &self.config.workloads[*w])
+    }
+}
+
+/// The BPF map key for `addr`.
+pub fn destination_key(addr: SocketAddrV4) -> Destination {
+    Destination::new(u32::from_ne_bytes(addr.ip().octets()), addr.port())
+}
+
+/// The address a BPF map key stands for.
+pub fn destination_addr(key: Destination) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::from(key.ip.to_ne_bytes()), key.port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::load_str;
+
+    const YAML: &str = "\
+node: { name: a, captureAddress: 10.77.0.1, podCgroup: /pods }
+services:
+  - name: reviews
+    vip: 10.96.0.20
+    ports: [{ port: 80, targetPort: 9080 }, { port: 443 }]
+    endpoints: [{ address: 10.77.0.7 }, { address: 10.77.0.8 }]
+  - name: empty
+    vip: 10.96.0.21
+    ports: [{ port: 80 }]
+workloads:
+  - { name: pp, cgroup: /pods/pp, addresses: [10.77.0.2] }
+  - { name: other, addresses: [10.77.0.3] }
+";
+
+    fn mesh() -> Mesh {
+        let config = Arc::new(load_str("t.yaml", YAML).expect("valid"));
+        let ids = HashMap::from([("/pods/pp".to_owned(), 42)]);
+        Mesh::new(config, &ids)
+    }
+
+    fn addr(s: &str) -> SocketAddrV4 {
+        s.parse().expect("address")
+    }
+
+    #[test]
+    fn resolves_vips_round_robin_and_pods_directly() {
+        let mesh = mesh();
+        let cases = [
+            ("10.96.0.20:80", Ok("10.77.0.7:9080")),
+            ("10.96.0.20:80", Ok("10.77.0.8:9080")),
+            ("10.96.0.20:80", Ok("10.77.0.7:9080")),
+            ("10.96.0.20:443", Ok("10.77.0.8:443")),
+            ("10.77.0.8:9080", Ok("10.77.0.8:9080")),
+            ("10.96.0.20:81", Err(Unresolved::UnknownDestination)),
+            ("10.96.0.99:80", Err(Unresolved::UnknownDestination)),
+            ("10.96.0.21:80", Err(Unresolved::NoEndpoints)),
+        ];
+        for (dst, want) in cases {
+            let got = mesh.resolve(addr(dst)).map(|t| t.upstream);
+            assert_eq!(got, want.map(addr), "{dst}");
+        }
+    }
+
+    #[test]
+    fn captures_vips_and_pod_target_ports() {
+        let mesh = mesh();
+        let mut got: Vec<_> = mesh.destinations().map(|(d, _)| destination_addr(d)).collect();
+        got.sort();
+        let mut want: Vec<_> = [
+            "10.96.0.20:80",
+            "10.96.0.20:443",
+            "10.96.0.21:80",
+            "10.77.0.7:9080",
+            "10.77.0.8:9080",
+            "10.77.0.7:443",
+            "10.77.0.8:443",
+        ]
+        .into_iter()
+        .map(addr)
+        .collect();
+        want.sort();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn identifies_source_by_cgroup_then_address() {
+        let mesh = mesh();
+        let ip = |s: &str| s.parse::<Ipv4Addr>().expect("ip");
+        assert_eq!(mesh.source(42, ip("10.77.0.99")).map(|w| &*w.name), Some("pp"));
+        assert_eq!(mesh.source(7, ip("10.77.0.3")).map(|w| &*w.name), Some("other"));
+        assert!(mesh.source(7, ip("10.77.0.99")).is_none());
+    }
+
+    #[test]
+    fn map_keys_round_trip() {
+        let a = addr("10.96.0.20:80");
+        let key = destination_key(a);
+        assert_eq!(key.ip.to_ne_bytes(), [10, 96, 0, 20]);
+        assert_eq!(destination_addr(key), a);
+    }
+}

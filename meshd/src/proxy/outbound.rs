@@ -1,0 +1,229 @@
+//! The outbound listener: accepts connections the connect hooks captured,
+//! finds where each was going, and relays it to an endpoint.
+
+use std::{
+    net::{SocketAddr, SocketAddrV4},
+    sync::{Arc, atomic::AtomicU64, atomic::Ordering},
+    time::Duration,
+};
+
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::watch,
+    task::JoinSet,
+};
+use tracing::{Instrument as _, debug, info, info_span, warn};
+
+use super::{ProxyInputs, relay::relay};
+use crate::{
+    mesh::{Target, Unresolved, destination_addr},
+    metrics::{Metrics, ReasonLabels, ServiceLabels, TcpLabels, UnresolvedReason},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutboundError {
+    #[error(
+        "cannot listen on {address} for captured connections: {source} \
+         (is node.captureAddress an address of this node, and the port free?)"
+    )]
+    Bind {
+        address: SocketAddrV4,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub struct Outbound {
+    listener: TcpListener,
+    address: SocketAddrV4,
+}
+
+/// Pause after an accept error (such as running out of descriptors) so the
+/// loop does not spin while the condition lasts.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+const UNKNOWN: &str = "unknown";
+
+impl Outbound {
+    pub async fn bind(address: SocketAddrV4) -> Result<Self, OutboundError> {
+        let listener = TcpListener::bind(address)
+            .await
+            .map_err(|source| OutboundError::Bind { address, source })?;
+        Ok(Self { listener, address })
+    }
+
+    pub fn address(&self) -> SocketAddrV4 {
+        self.address
+    }
+
+    /// Accepts until `stop` turns true, then waits up to `drain` for the
+    /// connections in flight before cutting the rest.
+    pub async fn run(
+        self,
+        inputs: Arc<ProxyInputs>,
+        mut stop: watch::Receiver<bool>,
+        drain: Duration,
+    ) {
+        let ids = AtomicU64::new(0);
+        let mut connections = JoinSet::new();
+        loop {
+            tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let id = ids.fetch_add(1, Ordering::Relaxed);
+                        let span = info_span!("outbound", id, client = %peer);
+                        connections.spawn(handle(inputs.clone(), stream, peer).instrument(span));
+                    }
+                    Err(err) => {
+                        inputs.metrics.accept_errors.inc();
+                        warn!(error = %err, "accepting a captured connection failed");
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    }
+                },
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                _ = crate::proxy::stopped(&mut stop) => break,
+            }
+        }
+        drop(self.listener);
+        let in_flight = connections.len();
+        info!(in_flight, ?drain, "outbound listener closed; draining");
+        let drained = tokio::time::timeout(drain, async {
+            while connections.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            warn!(cut = connections.len(), "drain timeout reached; closing the rest");
+            connections.shutdown().await;
+        }
+    }
+}
+
+/// Ends the connection at once with a reset, so the client sees a failure
+/// instead of an empty answer.
+fn refuse(stream: TcpStream) {
+    let _ = stream.set_zero_linger();
+    drop(stream);
+}
+
+fn unresolved(metrics: &Metrics, reason: UnresolvedReason) {
+    metrics.unresolved.get_or_create(&ReasonLabels { reason }).inc();
+}
+
+async fn handle(inputs: Arc<ProxyInputs>, client: TcpStream, peer: SocketAddr) {
+    let metrics = &inputs.metrics;
+    let orig = match peer {
+        SocketAddr::V4(peer) => inputs.capture.take_orig_dst(peer).map(|o| (peer, o)),
+        SocketAddr::V6(_) => None,
+    };
+    let Some((peer, orig)) = orig else {
+        unresolved(metrics, UnresolvedReason::no_original_destination);
+        warn!("no original destination recorded for this client; closing");
+        return refuse(client);
+    };
+    let dst = destination_addr(orig.dst);
+    let mesh = inputs.mesh.load();
+    let target = match mesh.resolve(dst) {
+        Ok(target) => target,
+        Err(reason) => {
+            let reason = match reason {
+                Unresolved::UnknownDestination => UnresolvedReason::unknown_destination,
+                Unresolved::NoEndpoints => UnresolvedReason::no_endpoints,
+            };
+            unresolved(metrics, reason);
+            warn!(%dst, ?reason, "cannot resolve destination; closing");
+            return refuse(client);
+        }
+    };
+    let source = mesh.source(orig.cgroup_id, *peer.ip());
+    let mut labels = tcp_labels(source, &target);
+    let upstream_addr = target.upstream;
+    let service = target.service.hostname.clone();
+    debug!(%dst, upstream = %upstream_addr, "relaying");
+    // The snapshot is not needed past this point; let a reload free it.
+    drop(mesh);
+
+    let connect = tokio::time::timeout(inputs.connect_timeout, TcpStream::connect(upstream_addr));
+    let mut upstream = match connect.await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(err)) => {
+            warn!(upstream = %upstream_addr, error = %err, "connecting to the endpoint failed");
+            labels.response_flags = "UF";
+            return upstream_failed(metrics, &labels, service, client);
+        }
+        Err(_) => {
+            warn!(upstream = %upstream_addr, timeout = ?inputs.connect_timeout, "connecting to the endpoint timed out");
+            labels.response_flags = "UF";
+            return upstream_failed(metrics, &labels, service, client);
+        }
+    };
+    let _guard = ConnectionGuard::open(metrics, &labels);
+    let mut client = client;
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    let received = metrics.tcp_received_bytes.get_or_create(&labels).clone();
+    let sent = metrics.tcp_sent_bytes.get_or_create(&labels).clone();
+    match relay(&mut client, &mut upstream, inputs.buffer_size, &received, &sent).await {
+        Ok(()) => debug!("closed"),
+        Err(err) => debug!(error = %err, "closed with an error"),
+    }
+}
+
+/// Counts a connection that never reached its endpoint (Istio's `UF` flag)
+/// and resets the client.
+fn upstream_failed(metrics: &Metrics, labels: &TcpLabels, service: Arc<str>, client: TcpStream) {
+    metrics.tcp_opened.get_or_create(labels).inc();
+    metrics.tcp_closed.get_or_create(labels).inc();
+    metrics
+        .upstream_connect_failures
+        .get_or_create(&ServiceLabels {
+            destination_service: service,
+        })
+        .inc();
+    refuse(client);
+}
+
+fn tcp_labels(source: Option<&crate::config::Workload>, target: &Target<'_>) -> TcpLabels {
+    let unknown: Arc<str> = Arc::from(UNKNOWN);
+    let (workload, namespace, app, version) = match source {
+        Some(w) => (w.name.clone(), w.namespace.clone(), w.app.clone(), w.version.clone()),
+        None => (unknown.clone(), unknown.clone(), unknown.clone(), unknown.clone()),
+    };
+    TcpLabels {
+        reporter: "source",
+        source_workload: workload,
+        source_workload_namespace: namespace,
+        source_principal: unknown.clone(),
+        source_app: app,
+        source_version: version,
+        destination_workload: target.endpoint.workload.clone(),
+        destination_workload_namespace: target.service.namespace.clone(),
+        destination_principal: unknown,
+        destination_service: target.service.hostname.clone(),
+        destination_service_name: target.service.name.clone(),
+        destination_service_namespace: target.service.namespace.clone(),
+        request_protocol: "tcp",
+        response_flags: "-",
+        connection_security_policy: "unknown",
+    }
+}
+
+/// Counts a connection opened now and closed when dropped, whichever way
+/// the handler ends.
+struct ConnectionGuard<'a> {
+    metrics: &'a Metrics,
+    labels: &'a TcpLabels,
+}
+
+impl<'a> ConnectionGuard<'a> {
+    fn open(metrics: &'a Metrics, labels: &'a TcpLabels) -> Self {
+        metrics.tcp_opened.get_or_create(labels).inc();
+        metrics.active_connections.inc();
+        Self { metrics, labels }
+    }
+}
+
+impl Drop for ConnectionGuard<'_> {
+    fn drop(&mut self) {
+        self.metrics.tcp_closed.get_or_create(self.labels).inc();
+        self.metrics.active_connections.dec();
+    }
+}

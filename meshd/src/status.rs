@@ -1,0 +1,145 @@
+//! The status listeners: `/metrics` on :15020 for Prometheus and
+//! `/healthz/ready` on :15021 for the kubelet.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, header, service::service_fn};
+use hyper_util::rt::TokioIo;
+use prometheus_client::registry::Registry;
+use tokio::{net::TcpListener, sync::watch};
+use tracing::{debug, warn};
+
+use crate::{capture::Capture, metrics::Metrics};
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {address} for {what}: {source}")]
+pub struct BindError {
+    pub address: SocketAddr,
+    pub what: &'static str,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// What the status endpoints report on.
+pub struct StatusInputs {
+    pub registry: Registry,
+    pub metrics: Arc<Metrics>,
+    pub capture: std::sync::OnceLock<Arc<Capture>>,
+    pub ready: AtomicBool,
+}
+
+impl StatusInputs {
+    /// Fills the gauges that are read from the kernel, then renders.
+    fn render_metrics(&self) -> String {
+        if let Some(capture) = self.capture.get() {
+            let stats = capture.stats();
+            for (map, entries) in stats.map_entries {
+                self.metrics
+                    .bpf_map_entries
+                    .get_or_create(&crate::metrics::MapLabels { map })
+                    .set(entries);
+            }
+            for (event, total) in stats.events {
+                self.metrics
+                    .bpf_events
+                    .get_or_create(&crate::metrics::CounterLabels { event })
+                    .set(total);
+            }
+        }
+        crate::metrics::render(&self.registry)
+    }
+}
+
+/// A bound status listener.
+pub struct StatusListener {
+    listener: TcpListener,
+    what: &'static str,
+}
+
+impl StatusListener {
+    pub async fn bind(address: SocketAddr, what: &'static str) -> Result<Self, BindError> {
+        let listener = TcpListener::bind(address)
+            .await
+            .map_err(|source| BindError {
+                address,
+                what,
+                source,
+            })?;
+        Ok(Self { listener, what })
+    }
+
+    /// Serves until `stop` turns true.
+    pub async fn run(self, inputs: Arc<StatusInputs>, mut stop: watch::Receiver<bool>) {
+        loop {
+            let (stream, _) = tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(err) => {
+                        warn!(listener = self.what, error = %err, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = crate::proxy::stopped(&mut stop) => return,
+            };
+            let inputs = inputs.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |request| {
+                    let inputs = inputs.clone();
+                    async move { Ok::<_, Infallible>(route(&inputs, &request)) }
+                });
+                let served = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+                if let Err(err) = served {
+                    debug!(error = %err, "status connection ended with an error");
+                }
+            });
+        }
+    }
+}
+
+fn route(inputs: &StatusInputs, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if request.method() != Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
+    }
+    match request.uri().path() {
+        "/metrics" => {
+            let body = inputs.render_metrics();
+            let mut response = text(StatusCode::OK, body);
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            response
+        }
+        "/healthz/ready" => {
+            if inputs.ready.load(Ordering::Acquire) {
+                text(StatusCode::OK, "ready\n".into())
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into())
+            }
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+}

@@ -1,0 +1,361 @@
+//! Real TCP clients and servers for meshd's black-box tests, demo and bench:
+//! deterministic data, SHA-256 digests, and a line of output per outcome.
+//!
+//! Servers: `hello` (a minimal HTTP/1.1 responder that names itself and the
+//! peer it saw), `echo`, `sink` (answers the digest of what it read) and
+//! `source` (sends N deterministic bytes). Clients: `upload`, `download`,
+//! `echo`, `many` (concurrent echo round trips) and `hold`.
+
+use std::{
+    io::{self, BufRead, BufReader, Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use sha2::{Digest, Sha256};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve on ADDR until killed.
+    Serve {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long, value_parser = ["hello", "echo", "sink", "source"])]
+        mode: String,
+        /// Name `hello` answers with.
+        #[arg(long, default_value = "server")]
+        name: String,
+        /// Bytes `source` sends per connection.
+        #[arg(long, default_value_t = 0)]
+        bytes: u64,
+        /// `source` sends at most this many bytes per second (0: unlimited).
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+    },
+    /// Send N bytes to a sink and check the digest it answers.
+    Upload {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        bytes: u64,
+    },
+    /// Read from a source and check the digest of N bytes.
+    Download {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        bytes: u64,
+    },
+    /// Send N bytes to an echo server while reading them back.
+    Echo {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        bytes: u64,
+    },
+    /// Open COUNT connections at once to an echo server, one round trip each.
+    Many {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Connect, send bytes for ever (slowly), never read.
+    Hold {
+        #[arg(long)]
+        connect: SocketAddr,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Serve {
+            listen,
+            mode,
+            name,
+            bytes,
+            rate,
+        } => serve(listen, &mode, &name, bytes, rate),
+        Command::Upload { connect, bytes } => upload(connect, bytes),
+        Command::Download { connect, bytes } => download(connect, bytes),
+        Command::Echo { connect, bytes } => echo(connect, bytes),
+        Command::Many {
+            connect,
+            count,
+            timeout,
+        } => many(connect, count, Duration::from_secs(timeout)),
+        Command::Hold { connect } => hold(connect),
+    }
+}
+
+// === data ===
+
+/// The same pseudo-random bytes on both ends (xorshift64*).
+struct Pattern(u64);
+
+impl Pattern {
+    fn new() -> Self {
+        Self(0x9E37_79B9_7F4A_7C15)
+    }
+
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            let word = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
+            chunk.copy_from_slice(&word[..chunk.len()]);
+        }
+    }
+}
+
+/// Writes `bytes` of the pattern, feeding `digest`, optionally rate-limited.
+fn send_pattern(w: &mut impl Write, bytes: u64, rate: u64, digest: &mut Sha256) -> io::Result<()> {
+    let mut pattern = Pattern::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut left = bytes;
+    let start = Instant::now();
+    let mut sent = 0u64;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        pattern.fill(&mut buf[..n]);
+        w.write_all(&buf[..n])?;
+        digest.update(&buf[..n]);
+        left -= n as u64;
+        sent += n as u64;
+        if rate > 0 {
+            let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                thread::sleep(wait);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A blocking reader that retries `EAGAIN`.
+///
+/// A socket in a sockmap (meshd's same-node acceleration) reads through the
+/// kernel's `tcp_bpf_recvmsg`, which returns `EAGAIN` to a *blocking* reader
+/// woken without data, e.g. by the state change after its own FIN is
+/// acknowledged. Non-blocking applications retry such reads anyway; this
+/// client does the same so it can exercise acceleration. README documents
+/// the caveat for blocking applications.
+struct Retrying<R>(R);
+
+impl<R: Read> Read for Retrying<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.0.read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return other,
+            }
+        }
+    }
+}
+
+/// Reads to EOF, returning the byte count and digest.
+fn read_all(r: &mut impl Read) -> io::Result<(u64, String)> {
+    let mut r = Retrying(r);
+    let mut digest = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            return Ok((total, hex(digest)));
+        }
+        digest.update(&buf[..n]);
+        total += n as u64;
+    }
+}
+
+fn hex(digest: Sha256) -> String {
+    digest.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn pattern_digest(bytes: u64) -> String {
+    let mut digest = Sha256::new();
+    let _ = send_pattern(&mut io::sink(), bytes, 0, &mut digest);
+    hex(digest)
+}
+
+// === servers ===
+
+fn serve(listen: SocketAddr, mode: &str, name: &str, bytes: u64, rate: u64) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(listen).with_context(|| format!("bind {listen}"))?;
+    println!("listening {listen} {mode}");
+    io::stdout().flush()?;
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let mode = mode.to_owned();
+        let name = name.to_owned();
+        thread::spawn(move || {
+            let result = match mode.as_str() {
+                "hello" => serve_hello(stream, &name),
+                "echo" => serve_echo(stream),
+                "sink" => serve_sink(stream),
+                _ => serve_source(stream, bytes, rate),
+            };
+            if let Err(err) = result {
+                eprintln!("connection: {err}");
+            }
+        });
+    }
+    Ok(())
+}
+
+fn serve_hello(stream: TcpStream, name: &str) -> io::Result<()> {
+    let peer = stream.peer_addr()?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut line = String::new();
+    // Read the request head; the body, if any, is ignored.
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 || line == "\r\n" || line == "\n" {
+            break;
+        }
+    }
+    let body = format!("hello from {name} to {peer}\n");
+    let mut stream = stream;
+    write!(
+        stream,
+        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    stream.shutdown(Shutdown::Write)
+}
+
+fn serve_echo(mut stream: TcpStream) -> io::Result<()> {
+    let mut reader = stream.try_clone()?;
+    io::copy(&mut reader, &mut stream)?;
+    stream.shutdown(Shutdown::Write)
+}
+
+fn serve_sink(mut stream: TcpStream) -> io::Result<()> {
+    let (total, digest) = read_all(&mut stream)?;
+    writeln!(stream, "{total} {digest}")?;
+    stream.shutdown(Shutdown::Write)
+}
+
+fn serve_source(mut stream: TcpStream, bytes: u64, rate: u64) -> io::Result<()> {
+    send_pattern(&mut stream, bytes, rate, &mut Sha256::new())?;
+    stream.shutdown(Shutdown::Write)
+}
+
+// === clients ===
+
+fn upload(connect: SocketAddr, bytes: u64) -> anyhow::Result<()> {
+    let mut stream = TcpStream::connect(connect).with_context(|| format!("connect {connect}"))?;
+    let mut digest = Sha256::new();
+    send_pattern(&mut stream, bytes, 0, &mut digest)?;
+    stream.shutdown(Shutdown::Write)?;
+    let mut answer = String::new();
+    Retrying(&mut stream).read_to_string(&mut answer)?;
+    let want = format!("{bytes} {}", hex(digest));
+    if answer.trim() != want {
+        bail!("sink answered {:?}, expected {want:?}", answer.trim());
+    }
+    println!("ok upload {want}");
+    Ok(())
+}
+
+fn download(connect: SocketAddr, bytes: u64) -> anyhow::Result<()> {
+    let mut stream = TcpStream::connect(connect).with_context(|| format!("connect {connect}"))?;
+    let got = read_all(&mut stream)?;
+    let want = (bytes, pattern_digest(bytes));
+    if got != want {
+        bail!("received {} bytes with digest {}, expected {} bytes with {}", got.0, got.1, want.0, want.1);
+    }
+    println!("ok download {} {}", got.0, got.1);
+    Ok(())
+}
+
+fn echo(connect: SocketAddr, bytes: u64) -> anyhow::Result<()> {
+    let stream = TcpStream::connect(connect).with_context(|| format!("connect {connect}"))?;
+    let mut writer = stream.try_clone()?;
+    let sender = thread::spawn(move || -> io::Result<String> {
+        let mut digest = Sha256::new();
+        send_pattern(&mut writer, bytes, 0, &mut digest)?;
+        writer.shutdown(Shutdown::Write)?;
+        Ok(hex(digest))
+    });
+    let mut reader = stream;
+    let got = read_all(&mut reader)?;
+    let sent = sender.join().map_err(|_| anyhow::anyhow!("sender panicked"))??;
+    if got != (bytes, sent.clone()) {
+        bail!("echo returned {} bytes with digest {}, sent {bytes} with {sent}", got.0, got.1);
+    }
+    println!("ok echo {bytes} {sent}");
+    Ok(())
+}
+
+fn many(connect: SocketAddr, count: usize, timeout: Duration) -> anyhow::Result<()> {
+    let ok = Arc::new(AtomicUsize::new(0));
+    let connected = Arc::new(std::sync::Barrier::new(count));
+    let workers: Vec<_> = (0..count)
+        .map(|i| {
+            let ok = ok.clone();
+            let connected = connected.clone();
+            thread::Builder::new()
+                .stack_size(64 * 1024)
+                .spawn(move || -> io::Result<()> {
+                    let stream = TcpStream::connect_timeout(&connect, timeout);
+                    // All connections are open at the same moment (a failed
+                    // one still joins, so nobody waits for ever).
+                    connected.wait();
+                    let mut stream = stream?;
+                    let message = format!("ping {i}\n");
+                    stream.write_all(message.as_bytes())?;
+                    stream.shutdown(Shutdown::Write)?;
+                    let mut answer = String::new();
+                    Retrying(&mut stream).read_to_string(&mut answer)?;
+                    if answer == message {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(())
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    let mut errors = Vec::new();
+    for worker in workers {
+        match worker.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => errors.push(err.to_string()),
+            Err(_) => errors.push("worker panicked".into()),
+        }
+    }
+    let ok = ok.load(Ordering::Relaxed);
+    println!("ok {ok} of {count}");
+    if ok != count {
+        bail!("{} of {count} round trips failed: {:?}", count - ok, &errors[..errors.len().min(5)]);
+    }
+    Ok(())
+}
+
+fn hold(connect: SocketAddr) -> anyhow::Result<()> {
+    let mut stream = TcpStream::connect(connect).with_context(|| format!("connect {connect}"))?;
+    println!("connected");
+    io::stdout().flush()?;
+    let buf = [0x55u8; 1024];
+    loop {
+        stream.write_all(&buf)?;
+        thread::sleep(Duration::from_millis(20));
+    }
+}
