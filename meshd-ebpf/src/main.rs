@@ -17,8 +17,8 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::{
-        BPF_ANY, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, sk_action::SK_PASS,
+        sk_action::SK_PASS, BPF_ANY, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
     },
     helpers::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map, sk_msg, sock_ops},
@@ -27,8 +27,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use meshd_common::{
-    DESTINATIONS_CAPACITY, Destination, FLAG_SK_MSG, ORIG_DST_CAPACITY, OrigDst,
-    SOCKETS_CAPACITY, Settings, SockKey, counter,
+    counter, Destination, OrigDst, Settings, SockKey, DESTINATIONS_CAPACITY, FLAG_SK_MSG,
+    ORIG_DST_CAPACITY, SOCKETS_CAPACITY,
 };
 
 /// `connect()` verdicts for cgroup/connect programs.

@@ -11,18 +11,18 @@ use std::{
 };
 
 use aya::{
-    Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, SockHash},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, ProgramError, SkMsg, SockOps,
-        cgroup_sock_addr::CgroupSockAddrLinkId,
+        cgroup_sock_addr::CgroupSockAddrLinkId, CgroupAttachMode, CgroupSockAddr, ProgramError,
+        SkMsg, SockOps,
     },
+    Ebpf, EbpfLoader,
 };
-use meshd_common::{Destination, FLAG_SK_MSG, OrigDst, Settings, SockKey, counter};
+use meshd_common::{counter, Destination, OrigDst, Settings, SockKey, FLAG_SK_MSG};
 
 use crate::{
     config::BpfLogLevel,
-    mesh::{Mesh, destination_key},
+    mesh::{destination_key, Mesh},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -123,7 +123,10 @@ impl Capture {
         let level = bpf_level(spec.log_level);
         let mut ebpf = EbpfLoader::new()
             .override_global(aya_log::LEVEL, &level, true)
-            .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshd")))?;
+            .load(aya::include_bytes_aligned!(concat!(
+                env!("OUT_DIR"),
+                "/meshd-ebpf"
+            )))?;
         if spec.log_level != BpfLogLevel::Off {
             start_bpf_logger(&mut ebpf);
         }
@@ -164,7 +167,11 @@ impl Capture {
 
     /// Makes the `DESTINATIONS` map hold exactly `mesh`'s destinations.
     pub fn sync_destinations(&self, mesh: &Mesh) -> Result<(), CaptureError> {
-        install_destinations(&mut lock(&self.destinations), &mut lock(&self.installed), mesh)
+        install_destinations(
+            &mut lock(&self.destinations),
+            &mut lock(&self.installed),
+            mesh,
+        )
     }
 
     /// The original destination of a connection accepted from `client`,
@@ -274,7 +281,6 @@ impl Programs {
         })?;
         program.try_into().map_err(program_error(name))
     }
-
 }
 
 fn install_destinations(
@@ -287,7 +293,8 @@ fn install_destinations(
         .map(|(dst, kind)| (dst, kind as u32))
         .collect();
     for (dst, kind) in &wanted {
-        map.insert(dst, kind, 0).map_err(map_error("DESTINATIONS"))?;
+        map.insert(dst, kind, 0)
+            .map_err(map_error("DESTINATIONS"))?;
     }
     for stale in installed.iter().filter(|d| !wanted.contains_key(d)) {
         // Already gone is as good as removed.
@@ -300,7 +307,9 @@ fn install_destinations(
 /// A poisoned lock only means another thread panicked mid-syscall; the map
 /// itself is still consistent.
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn bpf_level(level: BpfLogLevel) -> u8 {

@@ -10,7 +10,7 @@ use std::{
     collections::HashMap,
     net::SocketAddrV4,
     path::PathBuf,
-    sync::{Arc, atomic::Ordering},
+    sync::{atomic::Ordering, Arc},
 };
 
 use arc_swap::ArcSwap;
@@ -85,7 +85,9 @@ fn workload_cgroup_ids(prepared: &Prepared) -> HashMap<String, u64> {
             Ok(id) => {
                 ids.insert(path.clone(), id);
             }
-            Err(err) => warn!(workload = %workload.name, error = %err, "identifying this workload by address only"),
+            Err(err) => {
+                warn!(workload = %workload.name, error = %err, "identifying this workload by address only")
+            }
         }
     }
     ids

@@ -177,7 +177,10 @@ tmpfs /sys/fs/cgroup tmpfs rw 0 0
 cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0
 cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0
 ";
-        assert_eq!(find_cgroup2(mounts), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(
+            find_cgroup2(mounts),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
         assert_eq!(find_cgroup2("proc /proc proc rw 0 0\n"), None);
         assert_eq!(
             find_cgroup2("none /mnt/with\\040space cgroup2 rw 0 0\n"),

@@ -7,7 +7,7 @@ use meshd::{
     config::{self, BpfLogLevel},
     daemon::{self, Overrides, StartError},
 };
-use tracing_subscriber::{EnvFilter, fmt};
+use tracing_subscriber::{fmt, EnvFilter};
 
 /// Exit status for a configuration that does not validate.
 const EXIT_CONFIG: u8 = 2;

@@ -6,8 +6,8 @@ use std::{
     collections::HashMap,
     net::{Ipv4Addr, SocketAddrV4},
     sync::{
-        Arc,
         atomic::{AtomicUsize, Ordering},
+        Arc,
     },
 };
 
@@ -65,12 +65,19 @@ impl Mesh {
             for (p, port) in service.ports.iter().enumerate() {
                 for (e, endpoint) in service.endpoints.iter().enumerate() {
                     let pod = SocketAddrV4::new(endpoint.address, port.target_port);
-                    entries
-                        .entry(pod)
-                        .or_insert(Entry::Pod { service: s, endpoint: e });
+                    entries.entry(pod).or_insert(Entry::Pod {
+                        service: s,
+                        endpoint: e,
+                    });
                 }
                 let vip = SocketAddrV4::new(service.vip, port.port);
-                entries.insert(vip, Entry::Vip { service: s, port: p });
+                entries.insert(
+                    vip,
+                    Entry::Vip {
+                        service: s,
+                        port: p,
+                    },
+                );
             }
         }
         let mut by_cgroup = HashMap::new();
@@ -83,7 +90,11 @@ impl Mesh {
                 by_address.insert(*address, w);
             }
         }
-        let next = config.services.iter().map(|_| AtomicUsize::new(0)).collect();
+        let next = config
+            .services
+            .iter()
+            .map(|_| AtomicUsize::new(0))
+            .collect();
         Self {
             config,
             entries,
@@ -107,7 +118,11 @@ impl Mesh {
     /// Picks the endpoint for a connection to `dst` (round robin over a
     /// service's endpoints; a pod address goes to that pod).
     pub fn resolve(&self, dst: SocketAddrV4) -> Result<Target<'_>, Unresolved> {
-        match *self.entries.get(&dst).ok_or(Unresolved::UnknownDestination)? {
+        match *self
+            .entries
+            .get(&dst)
+            .ok_or(Unresolved::UnknownDestination)?
+        {
             Entry::Vip { service, port } => {
                 let svc = &self.config.services[service];
                 let count = svc.endpoints.len();
@@ -205,7 +220,10 @@ workloads:
     #[test]
     fn captures_vips_and_pod_target_ports() {
         let mesh = mesh();
-        let mut got: Vec<_> = mesh.destinations().map(|(d, _)| destination_addr(d)).collect();
+        let mut got: Vec<_> = mesh
+            .destinations()
+            .map(|(d, _)| destination_addr(d))
+            .collect();
         got.sort();
         let mut want: Vec<_> = [
             "10.96.0.20:80",
@@ -227,8 +245,14 @@ workloads:
     fn identifies_source_by_cgroup_then_address() {
         let mesh = mesh();
         let ip = |s: &str| s.parse::<Ipv4Addr>().expect("ip");
-        assert_eq!(mesh.source(42, ip("10.77.0.99")).map(|w| &*w.name), Some("pp"));
-        assert_eq!(mesh.source(7, ip("10.77.0.3")).map(|w| &*w.name), Some("other"));
+        assert_eq!(
+            mesh.source(42, ip("10.77.0.99")).map(|w| &*w.name),
+            Some("pp")
+        );
+        assert_eq!(
+            mesh.source(7, ip("10.77.0.3")).map(|w| &*w.name),
+            Some("other")
+        );
         assert!(mesh.source(7, ip("10.77.0.99")).is_none());
     }
 

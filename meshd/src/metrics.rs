@@ -203,7 +203,13 @@ mod tests {
         });
         let text = render(&registry);
         assert!(text.contains("istio_tcp_connections_opened_total{reporter=\"source\",source_workload=\"productpage-v1\""), "{text}");
-        assert!(text.contains("meshd_unresolved_destinations_total{reason=\"unknown_destination\"} 0"), "{text}");
-        assert!(text.contains("# TYPE meshd_active_connections gauge"), "{text}");
+        assert!(
+            text.contains("meshd_unresolved_destinations_total{reason=\"unknown_destination\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE meshd_active_connections gauge"),
+            "{text}"
+        );
     }
 }

@@ -163,7 +163,9 @@ pub fn ip(args: &[&str]) {
 /// A minimal HTTP/1.0 GET; `None` when nothing answers.
 pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
     write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
@@ -236,6 +238,16 @@ pub fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// The profile directory (`target/<profile>`) the running executable is in.
+pub fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
 /// A built binary of this workspace, next to the running executable
 /// (`target/<profile>/NAME`). `MESHD_BIN` overrides meshd's path.
 pub fn workspace_binary(name: &str) -> PathBuf {
@@ -244,12 +256,7 @@ pub fn workspace_binary(name: &str) -> PathBuf {
             return PathBuf::from(path);
         }
     }
-    let exe = std::env::current_exe().expect("current_exe");
-    let mut dir = exe.parent().expect("exe dir").to_path_buf();
-    if dir.ends_with("deps") {
-        dir.pop();
-    }
-    let path = dir.join(name);
+    let path = profile_dir().join(name);
     assert!(
         path.exists(),
         "{} is missing: build the workspace first (`cargo build`, which `cargo xtask test` does)",

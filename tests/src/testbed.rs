@@ -49,7 +49,11 @@ pub struct Testbed {
 impl Testbed {
     pub fn new(pod_names: &[&str]) -> Self {
         sys::require_privileges();
-        let tag = format!("{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        let tag = format!(
+            "{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
         let mount = sys::cgroup2_mount();
         let root_path = format!("/meshd-test-{tag}");
         let root = Cgroup::create(mount.join(&root_path[1..]));
@@ -97,12 +101,23 @@ impl Testbed {
     /// Connects `pod` to the bridge with a veth pair.
     fn wire(&self, pod: &Pod, node_end: &str) {
         sys::ip(&[
-            "link", "add", "eth0", "netns", &pod.netns.name, "type", "veth", "peer", "name",
-            node_end, "netns", &self.node.name,
+            "link",
+            "add",
+            "eth0",
+            "netns",
+            &pod.netns.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            node_end,
+            "netns",
+            &self.node.name,
         ]);
         self.node.ip(&["link", "set", node_end, "master", "br0"]);
         self.node.ip(&["link", "set", node_end, "up"]);
-        pod.netns.ip(&["addr", "add", &format!("{}/24", pod.ip), "dev", "eth0"]);
+        pod.netns
+            .ip(&["addr", "add", &format!("{}/24", pod.ip), "dev", "eth0"]);
         pod.netns.ip(&["link", "set", "eth0", "up"]);
     }
 
@@ -147,7 +162,10 @@ impl Testbed {
             .spawn()
             .expect("spawn in pod");
         let pid = child.id();
-        self.processes.lock().unwrap_or_else(|p| p.into_inner()).push(child);
+        self.processes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(child);
         pid
     }
 
@@ -168,8 +186,9 @@ impl Testbed {
     /// Waits until `addr` accepts connections inside `pod`'s namespace.
     pub fn wait_listening(&self, pod: &Pod, addr: SocketAddr) {
         let ok = sys::eventually(Duration::from_secs(10), || {
-            pod.netns
-                .run(move || std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())
+            pod.netns.run(move || {
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+            })
         });
         assert!(ok, "nothing listens on {addr} in {}", pod.name);
     }
@@ -202,7 +221,10 @@ impl Meshd {
     /// test's root cgroup (meshd moves itself into its own).
     pub fn spawn(testbed: &Testbed, configs: &[PathBuf], extra: &[&str]) -> Self {
         let meshd = sys::workspace_binary("meshd");
-        let log = testbed.dir.join(format!("meshd-{}.log", NEXT.fetch_add(1, Ordering::Relaxed)));
+        let log = testbed.dir.join(format!(
+            "meshd-{}.log",
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
         let mut args = vec!["run".to_owned()];
         for config in configs {
             args.push("--config".into());
@@ -224,13 +246,19 @@ impl Meshd {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     fn get(&self, port: u16, path: &str) -> Option<(u16, String)> {
         let path = path.to_owned();
-        sys::in_netns(&self.node, move || sys::http_get(SocketAddr::from((NODE_IP, port)), &path))
+        sys::in_netns(&self.node, move || {
+            sys::http_get(SocketAddr::from((NODE_IP, port)), &path)
+        })
     }
 
     pub fn wait_ready(&self) {
@@ -245,7 +273,11 @@ impl Meshd {
             child_exited = !self.running();
             child_exited
         });
-        assert!(ready && !child_exited, "meshd did not become ready; its log:\n{}", self.log());
+        assert!(
+            ready && !child_exited,
+            "meshd did not become ready; its log:\n{}",
+            self.log()
+        );
     }
 
     fn running(&self) -> bool {
@@ -260,7 +292,10 @@ impl Meshd {
     pub fn metrics(&self) -> String {
         match self.get(15020, "/metrics") {
             Some((200, body)) => body,
-            other => panic!("GET /metrics answered {other:?}; meshd log:\n{}", self.log()),
+            other => panic!(
+                "GET /metrics answered {other:?}; meshd log:\n{}",
+                self.log()
+            ),
         }
     }
 
@@ -271,9 +306,14 @@ impl Meshd {
 
     /// Sends SIGTERM and waits up to `timeout` for the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
-        nix::sys::signal::kill(pid(&self.child), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-        sys::wait_exit(&mut self.child, timeout)
-            .unwrap_or_else(|| panic!("meshd did not exit within {timeout:?}; log:\n{}", self.log()))
+        nix::sys::signal::kill(pid(&self.child), nix::sys::signal::Signal::SIGTERM)
+            .expect("SIGTERM");
+        sys::wait_exit(&mut self.child, timeout).unwrap_or_else(|| {
+            panic!(
+                "meshd did not exit within {timeout:?}; log:\n{}",
+                self.log()
+            )
+        })
     }
 
     /// Waits for meshd to exit by itself (e.g. on a start-up error).

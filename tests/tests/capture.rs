@@ -79,13 +79,26 @@ fn curl(bed: &Testbed, pod: &Pod, url: &str) -> (i32, String) {
 #[test]
 fn pod_reaches_service_vip_through_meshd() {
     let bed = testbed();
-    serve(&bed, bed.pod("server"), 8080, &["--mode", "hello", "--name", "server"]);
+    serve(
+        &bed,
+        bed.pod("server"),
+        8080,
+        &["--mode", "hello", "--name", "server"],
+    );
     let meshd = bed.start_meshd(&config(&bed, ""));
 
     let (code, body) = curl(&bed, bed.pod("client"), &format!("http://{VIP}/"));
-    assert_eq!(code, 0, "curl through meshd failed; meshd log:\n{}", meshd.log());
+    assert_eq!(
+        code,
+        0,
+        "curl through meshd failed; meshd log:\n{}",
+        meshd.log()
+    );
     // The server saw meshd (the node address) as its peer: the connection was relayed.
-    assert!(body.starts_with("hello from server to 10.77.0.1:"), "{body}");
+    assert!(
+        body.starts_with("hello from server to 10.77.0.1:"),
+        "{body}"
+    );
 
     let labels = [
         ("reporter", "source"),
@@ -94,13 +107,19 @@ fn pod_reaches_service_vip_through_meshd() {
         ("destination_service", "server.default.svc.cluster.local"),
         ("destination_workload", "server"),
     ];
-    assert_eq!(meshd.metric("istio_tcp_connections_opened_total", &labels), 1.0);
+    assert_eq!(
+        meshd.metric("istio_tcp_connections_opened_total", &labels),
+        1.0
+    );
     assert!(eventually(Duration::from_secs(5), || {
         meshd.metric("istio_tcp_connections_closed_total", &labels) == 1.0
     }));
     assert!(meshd.metric("istio_tcp_received_bytes_total", &labels) > 0.0);
     assert!(meshd.metric("istio_tcp_sent_bytes_total", &labels) >= body.len() as f64);
-    assert_eq!(meshd.metric("meshd_bpf_events", &[("event", "captured")]), 1.0);
+    assert_eq!(
+        meshd.metric("meshd_bpf_events", &[("event", "captured")]),
+        1.0
+    );
 }
 
 #[test]
@@ -112,31 +131,62 @@ fn uncaptured_connections_pass_untouched() {
     let meshd = bed.start_meshd(&config(&bed, ""));
 
     // A destination not in the map, from a captured pod: reached directly.
-    let (code, body) = curl(&bed, bed.pod("client"), &format!("http://{SERVER_IP}:9090/"));
+    let (code, body) = curl(
+        &bed,
+        bed.pod("client"),
+        &format!("http://{SERVER_IP}:9090/"),
+    );
     assert_eq!(code, 0, "direct connection failed");
-    assert!(body.starts_with("hello from other to 10.77.0.10:"), "{body}");
+    assert!(
+        body.starts_with("hello from other to 10.77.0.10:"),
+        "{body}"
+    );
 
     // A process outside the pods' cgroup subtree: a meshed pod address is
     // reached directly, and a VIP is not captured at all (and has no route).
     let (code, body) = curl(&bed, &bed.outside, &format!("http://{SERVER_IP}:8080/"));
     assert_eq!(code, 0, "outside host could not reach the pod");
-    assert!(body.starts_with("hello from server to 10.77.0.250:"), "{body}");
+    assert!(
+        body.starts_with("hello from server to 10.77.0.250:"),
+        "{body}"
+    );
     let (code, _) = curl(&bed, &bed.outside, &format!("http://{VIP}/"));
-    assert_eq!(code, 7, "a VIP from outside the subtree must not be captured");
+    assert_eq!(
+        code, 7,
+        "a VIP from outside the subtree must not be captured"
+    );
 
-    assert_eq!(meshd.metric("meshd_bpf_events", &[("event", "captured")]), 0.0);
+    assert_eq!(
+        meshd.metric("meshd_bpf_events", &[("event", "captured")]),
+        0.0
+    );
     assert_eq!(meshd.metric("istio_tcp_connections_opened_total", &[]), 0.0);
 }
 
 #[test]
 fn a_meshed_pod_address_is_captured_too() {
     let bed = testbed();
-    serve(&bed, bed.pod("server"), 8080, &["--mode", "hello", "--name", "server"]);
+    serve(
+        &bed,
+        bed.pod("server"),
+        8080,
+        &["--mode", "hello", "--name", "server"],
+    );
     let meshd = bed.start_meshd(&config(&bed, ""));
-    let (code, body) = curl(&bed, bed.pod("client"), &format!("http://{SERVER_IP}:8080/"));
+    let (code, body) = curl(
+        &bed,
+        bed.pod("client"),
+        &format!("http://{SERVER_IP}:8080/"),
+    );
     assert_eq!(code, 0);
-    assert!(body.starts_with("hello from server to 10.77.0.1:"), "{body}");
-    assert_eq!(meshd.metric("meshd_bpf_events", &[("event", "captured")]), 1.0);
+    assert!(
+        body.starts_with("hello from server to 10.77.0.1:"),
+        "{body}"
+    );
+    assert_eq!(
+        meshd.metric("meshd_bpf_events", &[("event", "captured")]),
+        1.0
+    );
 }
 
 #[test]
@@ -147,11 +197,20 @@ fn ipv4_mapped_destinations_on_ipv6_sockets_are_captured() {
     let out = client(
         &bed,
         bed.pod("client"),
-        &["upload", "--connect", &format!("[::ffff:{VIP}]:80"), "--bytes", "1048576"],
+        &[
+            "upload",
+            "--connect",
+            &format!("[::ffff:{VIP}]:80"),
+            "--bytes",
+            "1048576",
+        ],
         Duration::from_secs(30),
     );
     assert!(out.starts_with("ok upload"), "{out}");
-    assert_eq!(meshd.metric("meshd_bpf_events", &[("event", "captured")]), 1.0);
+    assert_eq!(
+        meshd.metric("meshd_bpf_events", &[("event", "captured")]),
+        1.0
+    );
 }
 
 /// Echo, upload and download of `bytes` each through meshd, digests compared.
@@ -168,16 +227,35 @@ fn transfers_arrive_intact(sk_msg: bool) {
     let meshd = bed.start_meshd(&config(&bed, &extra));
     let pod = bed.pod("client");
     let timeout = Duration::from_secs(120);
-    let echo = client(&bed, pod, &["echo", "--connect", &format!("{VIP}:80"), "--bytes", &size], timeout);
+    let echo = client(
+        &bed,
+        pod,
+        &["echo", "--connect", &format!("{VIP}:80"), "--bytes", &size],
+        timeout,
+    );
     assert!(echo.starts_with("ok echo"), "{echo}");
-    let up = client(&bed, pod, &["upload", "--connect", "10.96.0.21:80", "--bytes", &size], timeout);
+    let up = client(
+        &bed,
+        pod,
+        &["upload", "--connect", "10.96.0.21:80", "--bytes", &size],
+        timeout,
+    );
     assert!(up.starts_with("ok upload"), "{up}");
-    let down = client(&bed, pod, &["download", "--connect", "10.96.0.22:80", "--bytes", &size], timeout);
+    let down = client(
+        &bed,
+        pod,
+        &["download", "--connect", "10.96.0.22:80", "--bytes", &size],
+        timeout,
+    );
     assert!(down.starts_with("ok download"), "{down}");
 
     let metrics = meshd.metrics();
-    let value = |name, labels: &[(&str, &str)]| meshd_tests::testbed::metric_sum(&metrics, name, labels);
-    assert_eq!(value("meshd_sk_msg_enabled", &[]), if sk_msg { 1.0 } else { 0.0 });
+    let value =
+        |name, labels: &[(&str, &str)]| meshd_tests::testbed::metric_sum(&metrics, name, labels);
+    assert_eq!(
+        value("meshd_sk_msg_enabled", &[]),
+        if sk_msg { 1.0 } else { 0.0 }
+    );
     let enrolled = value("meshd_bpf_events", &[("event", "sockets_added")]);
     if sk_msg {
         // Both ends of each of the three app⇄meshd connections.
@@ -212,7 +290,10 @@ fn five_hundred_concurrent_connections_complete(sk_msg: bool) {
         Duration::from_secs(90),
     );
     assert!(out.contains("ok 500 of 500"), "{out}");
-    assert_eq!(meshd.metric("istio_tcp_connections_opened_total", &[]), 500.0);
+    assert_eq!(
+        meshd.metric("istio_tcp_connections_opened_total", &[]),
+        500.0
+    );
     assert!(eventually(Duration::from_secs(10), || {
         meshd.metric("meshd_active_connections", &[]) == 0.0
     }));
@@ -233,9 +314,17 @@ fn a_killed_client_frees_meshds_side() {
     let bed = testbed();
     serve(&bed, bed.pod("server"), 8080, &["--mode", "sink"]);
     let meshd = bed.start_meshd(&config(&bed, ""));
-    let mut holder = spawn_in(&bed, bed.pod("client"), &testkit(), &["hold", "--connect", &format!("{VIP}:80")]);
+    let mut holder = spawn_in(
+        &bed,
+        bed.pod("client"),
+        &testkit(),
+        &["hold", "--connect", &format!("{VIP}:80")],
+    );
     let active = || meshd.metric("meshd_active_connections", &[]);
-    assert!(eventually(Duration::from_secs(10), || active() == 1.0), "the held connection never became active");
+    assert!(
+        eventually(Duration::from_secs(10), || active() == 1.0),
+        "the held connection never became active"
+    );
     holder.kill().expect("kill client");
     let _ = holder.wait();
     assert!(
@@ -255,10 +344,19 @@ fn unresolvable_connections_are_closed_at_once_and_counted() {
     // Captured, but the service has no endpoints: reset, not left hanging.
     let started = Instant::now();
     let (code, _) = curl(&bed, bed.pod("client"), "http://10.96.0.30/");
-    assert!(code == 56 || code == 52 || code == 7, "curl exit {code}: expected a reset");
-    assert!(started.elapsed() < Duration::from_secs(4), "the connection was left hanging");
+    assert!(
+        code == 56 || code == 52 || code == 7,
+        "curl exit {code}: expected a reset"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the connection was left hanging"
+    );
     assert_eq!(
-        meshd.metric("meshd_unresolved_destinations_total", &[("reason", "no_endpoints")]),
+        meshd.metric(
+            "meshd_unresolved_destinations_total",
+            &[("reason", "no_endpoints")]
+        ),
         1.0
     );
 
@@ -266,9 +364,16 @@ fn unresolvable_connections_are_closed_at_once_and_counted() {
     let (code, _) = curl(&bed, &bed.outside, "http://10.77.0.1:15001/");
     assert_ne!(code, 0);
     assert!(eventually(Duration::from_secs(5), || {
-        meshd.metric("meshd_unresolved_destinations_total", &[("reason", "no_original_destination")]) == 1.0
+        meshd.metric(
+            "meshd_unresolved_destinations_total",
+            &[("reason", "no_original_destination")],
+        ) == 1.0
     }));
-    assert!(meshd.log().contains("no original destination"), "{}", meshd.log());
+    assert!(
+        meshd.log().contains("no original destination"),
+        "{}",
+        meshd.log()
+    );
 }
 
 #[test]
@@ -276,19 +381,34 @@ fn sigterm_lets_in_flight_connections_finish_then_exits_zero() {
     let bed = testbed();
     let size = (4 * MIB).to_string();
     let rate = (2 * MIB).to_string();
-    serve(&bed, bed.pod("server"), 8080, &["--mode", "source", "--bytes", &size, "--rate", &rate]);
+    serve(
+        &bed,
+        bed.pod("server"),
+        8080,
+        &["--mode", "source", "--bytes", &size, "--rate", &rate],
+    );
     let mut meshd = bed.start_meshd(&config(&bed, ""));
     let download = spawn_in(
         &bed,
         bed.pod("client"),
         &testkit(),
-        &["download", "--connect", &format!("{VIP}:80"), "--bytes", &size],
+        &[
+            "download",
+            "--connect",
+            &format!("{VIP}:80"),
+            "--bytes",
+            &size,
+        ],
     );
     assert!(eventually(Duration::from_secs(5), || {
         meshd.metric("meshd_active_connections", &[]) == 1.0
     }));
     let status = meshd.terminate(Duration::from_secs(30));
-    assert!(status.success(), "meshd exited with {status}; log:\n{}", meshd.log());
+    assert!(
+        status.success(),
+        "meshd exited with {status}; log:\n{}",
+        meshd.log()
+    );
     let output = wait_with_timeout(download, Duration::from_secs(30), "download");
     assert!(
         output.status.success(),
@@ -303,13 +423,24 @@ fn sigterm_lets_in_flight_connections_finish_then_exits_zero() {
 fn sigterm_cuts_connections_still_open_after_the_drain_timeout() {
     let bed = testbed();
     let size = (64 * MIB).to_string();
-    serve(&bed, bed.pod("server"), 8080, &["--mode", "source", "--bytes", &size, "--rate", "1048576"]);
+    serve(
+        &bed,
+        bed.pod("server"),
+        8080,
+        &["--mode", "source", "--bytes", &size, "--rate", "1048576"],
+    );
     let mut meshd = bed.start_meshd(&config(&bed, "proxy:\n  drainTimeout: 1s\n"));
     let download = spawn_in(
         &bed,
         bed.pod("client"),
         &testkit(),
-        &["download", "--connect", &format!("{VIP}:80"), "--bytes", &size],
+        &[
+            "download",
+            "--connect",
+            &format!("{VIP}:80"),
+            "--bytes",
+            &size,
+        ],
     );
     assert!(eventually(Duration::from_secs(5), || {
         meshd.metric("meshd_active_connections", &[]) == 1.0
@@ -317,6 +448,13 @@ fn sigterm_cuts_connections_still_open_after_the_drain_timeout() {
     let status = meshd.terminate(Duration::from_secs(10));
     assert!(status.success(), "meshd exited with {status}");
     let output = wait_with_timeout(download, Duration::from_secs(10), "download");
-    assert!(!output.status.success(), "a 64 s download cannot have finished");
-    assert!(meshd.log().contains("drain timeout reached"), "{}", meshd.log());
+    assert!(
+        !output.status.success(),
+        "a 64 s download cannot have finished"
+    );
+    assert!(
+        meshd.log().contains("drain timeout reached"),
+        "{}",
+        meshd.log()
+    );
 }

@@ -151,26 +151,57 @@ services:
         let cases: &[(&[Segment], usize)] = &[
             (&[Key("node"), Key("name")], 2),
             (&[Key("services"), Index(0), Key("name")], 4),
-            (&[Key("services"), Index(0), Key("ports"), Index(0), Key("port")], 5),
+            (
+                &[
+                    Key("services"),
+                    Index(0),
+                    Key("ports"),
+                    Index(0),
+                    Key("port"),
+                ],
+                5,
+            ),
             (&[Key("services"), Index(1)], 6),
-            (&[Key("services"), Index(1), Key("ports"), Index(1), Key("targetPort")], 10),
+            (
+                &[
+                    Key("services"),
+                    Index(1),
+                    Key("ports"),
+                    Index(1),
+                    Key("targetPort"),
+                ],
+                10,
+            ),
             (&[Key("services"), Index(1), Key("ports"), Index(1)], 9),
         ];
         for (segments, line) in cases {
-            assert_eq!(line_of(DOC, &path(segments)), Some(*line), "{}", path(segments));
+            assert_eq!(
+                line_of(DOC, &path(segments)),
+                Some(*line),
+                "{}",
+                path(segments)
+            );
         }
     }
 
     #[test]
     fn missing_field_points_at_its_parent() {
         use Segment::*;
-        assert_eq!(line_of(DOC, &path(&[Key("services"), Index(1), Key("vip")])), Some(6));
+        assert_eq!(
+            line_of(DOC, &path(&[Key("services"), Index(1), Key("vip")])),
+            Some(6)
+        );
         assert_eq!(line_of(DOC, &path(&[Key("services"), Index(7)])), Some(4));
     }
 
     #[test]
     fn displays_like_a_field_reference() {
-        let p = FieldPath::default().key("services").index(2).key("ports").index(0).key("port");
+        let p = FieldPath::default()
+            .key("services")
+            .index(2)
+            .key("ports")
+            .index(0)
+            .key("port");
         assert_eq!(p.to_string(), "services[2].ports[0].port");
     }
 }

@@ -180,15 +180,31 @@ pub(super) fn validate(sources: &[Source], files: Vec<ConfigFile>) -> Result<Con
                 None => proxy = Some((file, spec)),
             }
         }
-        services.extend(parsed.services.into_iter().enumerate().map(|(i, s)| (file, i, s)));
-        workloads.extend(parsed.workloads.into_iter().enumerate().map(|(i, w)| (file, i, w)));
+        services.extend(
+            parsed
+                .services
+                .into_iter()
+                .enumerate()
+                .map(|(i, s)| (file, i, s)),
+        );
+        workloads.extend(
+            parsed
+                .workloads
+                .into_iter()
+                .enumerate()
+                .map(|(i, w)| (file, i, w)),
+        );
     }
 
     let node = match node {
         Some((file, spec)) => Some(check_node(&mut check, file, spec)),
         None => {
             let last = sources.len() - 1;
-            check.fail(last, &root.clone().key("node"), "no file defines the node section");
+            check.fail(
+                last,
+                &root.clone().key("node"),
+                "no file defines the node section",
+            );
             None
         }
     };
@@ -227,7 +243,11 @@ fn check_node(check: &mut Checker<'_>, file: usize, spec: NodeSpec) -> Node {
     if spec.name.is_empty() {
         check.fail(file, &at.clone().key("name"), "must not be empty");
     }
-    let capture_address = check.ipv4(file, &at.clone().key("captureAddress"), spec.capture_address);
+    let capture_address = check.ipv4(
+        file,
+        &at.clone().key("captureAddress"),
+        spec.capture_address,
+    );
     if capture_address.is_unspecified() || capture_address.is_broadcast() {
         check.fail(
             file,
@@ -275,7 +295,11 @@ fn check_proxy(check: &mut Checker<'_>, file: usize, spec: &ProxySpec) {
         );
     }
     if spec.connect_timeout.is_zero() {
-        check.fail(file, &at.clone().key("connectTimeout"), "must be more than 0");
+        check.fail(
+            file,
+            &at.clone().key("connectTimeout"),
+            "must be more than 0",
+        );
     }
     let ports = [
         ("outboundPort", spec.outbound_port),
@@ -333,9 +357,8 @@ fn check_workload(
         .enumerate()
         .map(|(i, ip)| check.ipv4(file, &at.clone().key("addresses").index(i), *ip))
         .collect();
-    let label = |key: &str| -> Arc<str> {
-        spec.labels.get(key).map_or(UNKNOWN, String::as_str).into()
-    };
+    let label =
+        |key: &str| -> Arc<str> { spec.labels.get(key).map_or(UNKNOWN, String::as_str).into() };
     let workload = Workload {
         app: label("app"),
         version: label("version"),
@@ -358,10 +381,18 @@ fn check_service(
     check.dns_label(file, &at.clone().key("namespace"), &spec.namespace);
     let vip = check.ipv4(file, &at.clone().key("vip"), spec.vip);
     if vip.is_unspecified() || vip.is_loopback() || vip.is_broadcast() || vip.is_multicast() {
-        check.fail(file, &at.clone().key("vip"), format!("{vip} cannot be a service address"));
+        check.fail(
+            file,
+            &at.clone().key("vip"),
+            format!("{vip} cannot be a service address"),
+        );
     }
     if spec.ports.is_empty() {
-        check.fail(file, &at.clone().key("ports"), "a service needs at least one port");
+        check.fail(
+            file,
+            &at.clone().key("ports"),
+            "a service needs at least one port",
+        );
     }
     let mut ports = Vec::with_capacity(spec.ports.len());
     for (i, port) in spec.ports.iter().enumerate() {
@@ -432,7 +463,10 @@ fn check_uniqueness(
             check.fail(
                 *file,
                 &at.clone().key("name"),
-                format!("service {}/{} is defined twice", service.namespace, service.name),
+                format!(
+                    "service {}/{} is defined twice",
+                    service.namespace, service.name
+                ),
             );
         }
         if let Some(other) = vips.insert(service.vip, &service.name) {
@@ -450,16 +484,27 @@ fn check_uniqueness(
             check.fail(
                 *file,
                 &at.clone().key("name"),
-                format!("workload {}/{} is defined twice", workload.namespace, workload.name),
+                format!(
+                    "workload {}/{} is defined twice",
+                    workload.namespace, workload.name
+                ),
             );
         }
         for (i, address) in workload.addresses.iter().enumerate() {
             let field = at.clone().key("addresses").index(i);
             if let Some(other) = owners.insert(*address, &workload.name) {
-                check.fail(*file, &field, format!("{address} already belongs to workload {other}"));
+                check.fail(
+                    *file,
+                    &field,
+                    format!("{address} already belongs to workload {other}"),
+                );
             }
             if let Some(service) = vips.get(address) {
-                check.fail(*file, &field, format!("{address} is the VIP of service {service}"));
+                check.fail(
+                    *file,
+                    &field,
+                    format!("{address} is the VIP of service {service}"),
+                );
             }
         }
     }
@@ -563,7 +608,10 @@ node:
         ];
         for (tail, want) in cases {
             let got = errors(&format!("{NODE}{tail}"));
-            assert!(got.starts_with(want), "for\n{tail}\nwant prefix: {want}\ngot: {got}");
+            assert!(
+                got.starts_with(want),
+                "for\n{tail}\nwant prefix: {want}\ngot: {got}"
+            );
         }
     }
 

@@ -3,7 +3,7 @@
 
 use std::{
     net::{SocketAddr, SocketAddrV4},
-    sync::{Arc, atomic::AtomicU64, atomic::Ordering},
+    sync::{atomic::AtomicU64, atomic::Ordering, Arc},
     time::Duration,
 };
 
@@ -12,11 +12,11 @@ use tokio::{
     sync::watch,
     task::JoinSet,
 };
-use tracing::{Instrument as _, debug, info, info_span, warn};
+use tracing::{debug, info, info_span, warn, Instrument as _};
 
-use super::{ProxyInputs, relay::relay};
+use super::{relay::relay, ProxyInputs};
 use crate::{
-    mesh::{Target, Unresolved, destination_addr},
+    mesh::{destination_addr, Target, Unresolved},
     metrics::{Metrics, ReasonLabels, ServiceLabels, TcpLabels, UnresolvedReason},
 };
 
@@ -91,7 +91,10 @@ impl Outbound {
         })
         .await;
         if drained.is_err() {
-            warn!(cut = connections.len(), "drain timeout reached; closing the rest");
+            warn!(
+                cut = connections.len(),
+                "drain timeout reached; closing the rest"
+            );
             connections.shutdown().await;
         }
     }
@@ -105,7 +108,10 @@ fn refuse(stream: TcpStream) {
 }
 
 fn unresolved(metrics: &Metrics, reason: UnresolvedReason) {
-    metrics.unresolved.get_or_create(&ReasonLabels { reason }).inc();
+    metrics
+        .unresolved
+        .get_or_create(&ReasonLabels { reason })
+        .inc();
 }
 
 async fn handle(inputs: Arc<ProxyInputs>, client: TcpStream, peer: SocketAddr) {
@@ -161,7 +167,15 @@ async fn handle(inputs: Arc<ProxyInputs>, client: TcpStream, peer: SocketAddr) {
     let _ = upstream.set_nodelay(true);
     let received = metrics.tcp_received_bytes.get_or_create(&labels).clone();
     let sent = metrics.tcp_sent_bytes.get_or_create(&labels).clone();
-    match relay(&mut client, &mut upstream, inputs.buffer_size, &received, &sent).await {
+    match relay(
+        &mut client,
+        &mut upstream,
+        inputs.buffer_size,
+        &received,
+        &sent,
+    )
+    .await
+    {
         Ok(()) => debug!("closed"),
         Err(err) => debug!(error = %err, "closed with an error"),
     }
@@ -184,8 +198,18 @@ fn upstream_failed(metrics: &Metrics, labels: &TcpLabels, service: Arc<str>, cli
 fn tcp_labels(source: Option<&crate::config::Workload>, target: &Target<'_>) -> TcpLabels {
     let unknown: Arc<str> = Arc::from(UNKNOWN);
     let (workload, namespace, app, version) = match source {
-        Some(w) => (w.name.clone(), w.namespace.clone(), w.app.clone(), w.version.clone()),
-        None => (unknown.clone(), unknown.clone(), unknown.clone(), unknown.clone()),
+        Some(w) => (
+            w.name.clone(),
+            w.namespace.clone(),
+            w.app.clone(),
+            w.version.clone(),
+        ),
+        None => (
+            unknown.clone(),
+            unknown.clone(),
+            unknown.clone(),
+            unknown.clone(),
+        ),
     };
     TcpLabels {
         reporter: "source",

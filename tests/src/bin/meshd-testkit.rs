@@ -10,14 +10,14 @@ use std::{
     io::{self, BufRead, BufReader, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     sync::{
-        Arc,
         atomic::{AtomicUsize, Ordering},
+        Arc,
     },
     thread,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 use sha2::{Digest, Sha256};
 
@@ -81,6 +81,21 @@ enum Command {
         #[arg(long)]
         connect: SocketAddr,
     },
+    /// Request/response latency at a fixed rate over one connection to an
+    /// echo server; prints percentiles in microseconds.
+    Rr {
+        #[arg(long)]
+        connect: SocketAddr,
+        /// Requests per second.
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Request (and response) size in bytes.
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -101,6 +116,12 @@ fn main() -> anyhow::Result<()> {
             timeout,
         } => many(connect, count, Duration::from_secs(timeout)),
         Command::Hold { connect } => hold(connect),
+        Command::Rr {
+            connect,
+            rate,
+            seconds,
+            size,
+        } => rr(connect, rate, seconds, size),
     }
 }
 
@@ -187,7 +208,11 @@ fn read_all(r: &mut impl Read) -> io::Result<(u64, String)> {
 }
 
 fn hex(digest: Sha256) -> String {
-    digest.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    digest
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn pattern_digest(bytes: u64) -> String {
@@ -281,7 +306,13 @@ fn download(connect: SocketAddr, bytes: u64) -> anyhow::Result<()> {
     let got = read_all(&mut stream)?;
     let want = (bytes, pattern_digest(bytes));
     if got != want {
-        bail!("received {} bytes with digest {}, expected {} bytes with {}", got.0, got.1, want.0, want.1);
+        bail!(
+            "received {} bytes with digest {}, expected {} bytes with {}",
+            got.0,
+            got.1,
+            want.0,
+            want.1
+        );
     }
     println!("ok download {} {}", got.0, got.1);
     Ok(())
@@ -298,9 +329,15 @@ fn echo(connect: SocketAddr, bytes: u64) -> anyhow::Result<()> {
     });
     let mut reader = stream;
     let got = read_all(&mut reader)?;
-    let sent = sender.join().map_err(|_| anyhow::anyhow!("sender panicked"))??;
+    let sent = sender
+        .join()
+        .map_err(|_| anyhow::anyhow!("sender panicked"))??;
     if got != (bytes, sent.clone()) {
-        bail!("echo returned {} bytes with digest {}, sent {bytes} with {sent}", got.0, got.1);
+        bail!(
+            "echo returned {} bytes with digest {}, sent {bytes} with {sent}",
+            got.0,
+            got.1
+        );
     }
     println!("ok echo {bytes} {sent}");
     Ok(())
@@ -344,7 +381,11 @@ fn many(connect: SocketAddr, count: usize, timeout: Duration) -> anyhow::Result<
     let ok = ok.load(Ordering::Relaxed);
     println!("ok {ok} of {count}");
     if ok != count {
-        bail!("{} of {count} round trips failed: {:?}", count - ok, &errors[..errors.len().min(5)]);
+        bail!(
+            "{} of {count} round trips failed: {:?}",
+            count - ok,
+            &errors[..errors.len().min(5)]
+        );
     }
     Ok(())
 }
@@ -358,4 +399,39 @@ fn hold(connect: SocketAddr) -> anyhow::Result<()> {
         stream.write_all(&buf)?;
         thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Open-loop: request i is due at start + i/rate, and its latency counts
+/// from when it was due, so a stall is not hidden by sending later
+/// (no coordinated omission).
+fn rr(connect: SocketAddr, rate: u64, seconds: u64, size: usize) -> anyhow::Result<()> {
+    let mut stream = TcpStream::connect(connect).with_context(|| format!("connect {connect}"))?;
+    stream.set_nodelay(true)?;
+    let total = rate * seconds;
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let request = vec![0x42u8; size];
+    let mut response = vec![0u8; size];
+    let mut latencies = Vec::with_capacity(total as usize);
+    let start = Instant::now();
+    for i in 0..total {
+        let due = start + interval * i as u32;
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            thread::sleep(wait);
+        }
+        stream.write_all(&request)?;
+        Retrying(&mut stream).read_exact(&mut response)?;
+        latencies.push(due.elapsed());
+    }
+    latencies.sort();
+    let at = |q: f64| {
+        latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)].as_micros()
+    };
+    println!(
+        "rr requests={total} p50_us={} p90_us={} p99_us={} max_us={}",
+        at(0.50),
+        at(0.90),
+        at(0.99),
+        at(1.0)
+    );
+    Ok(())
 }

@@ -1,0 +1,180 @@
+//! `meshd run` refuses to start with one clear sentence when its config is
+//! malformed or the host lacks what it needs, and its eBPF log can be raised.
+
+use std::{
+    path::Path,
+    process::{Command, Output, Stdio},
+    time::Duration,
+};
+
+use meshd_tests::{
+    sys::{self, wait_with_timeout},
+    testbed::Testbed,
+};
+
+fn run(command: &mut Command) -> Output {
+    let child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    wait_with_timeout(child, Duration::from_secs(30), "meshd")
+}
+
+/// meshd's stderr, asserting that it is exactly one `meshd: …` line.
+fn one_sentence(output: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    let lines: Vec<_> = stderr
+        .lines()
+        .filter(|l| l.starts_with("meshd: "))
+        .collect();
+    assert_eq!(lines.len(), 1, "expected one error line, got:\n{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    lines[0].to_owned()
+}
+
+fn valid_config(bed: &Testbed) -> std::path::PathBuf {
+    bed.write("valid.yaml", &bed.config(""))
+}
+
+#[test]
+fn a_malformed_config_names_file_line_and_field() {
+    let bed = Testbed::new(&[]);
+    let text = format!(
+        "{}services:\n  - name: web\n    vip: 10.96.0.300\n    ports: [{{ port: 80 }}]\n",
+        bed.config("")
+    );
+    let line = text
+        .lines()
+        .position(|l| l.contains("10.96.0.300"))
+        .expect("line")
+        + 1;
+    let path = bed.write("bad.yaml", &text);
+    let meshd = sys::workspace_binary("meshd");
+    for verb in ["run", "check"] {
+        let output = run(Command::new(&meshd).args([verb, "--config"]).arg(&path));
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "meshd {verb} must exit 2 on a bad config"
+        );
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let want = format!(
+            "{}:{line}: services[0].vip: invalid IP address syntax",
+            path.display()
+        );
+        assert!(
+            stderr.contains(&want),
+            "meshd {verb}: want {want:?} in:\n{stderr}"
+        );
+    }
+    // The same file corrected passes `meshd check`.
+    let fixed = bed.write("fixed.yaml", &text.replace("10.96.0.300", "10.96.0.30"));
+    let output = run(Command::new(&meshd).args(["check", "--config"]).arg(&fixed));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn missing_privileges_are_one_clear_sentence() {
+    let bed = Testbed::new(&[]);
+    let config = valid_config(&bed);
+    let meshd = sys::workspace_binary("meshd");
+    let output = run(Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
+        .arg(&meshd)
+        .args(["run", "--config"])
+        .arg(&config));
+    assert_eq!(output.status.code(), Some(1));
+    let line = one_sentence(&output);
+    assert!(
+        line.contains("meshd lacks CAP_BPF and CAP_NET_ADMIN"),
+        "{line}"
+    );
+}
+
+/// Runs meshd in a private mount namespace after `setup` (shell) ran there.
+fn in_private_mounts(config: &Path, setup: &str) -> Output {
+    let meshd = sys::workspace_binary("meshd");
+    run(Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(format!(r#"{setup} && exec "$0" run --config "$1""#))
+        .arg(&meshd)
+        .arg(config))
+}
+
+#[test]
+fn a_missing_cgroup2_mount_is_one_clear_sentence() {
+    let bed = Testbed::new(&[]);
+    let config = valid_config(&bed);
+    let mount = sys::cgroup2_mount();
+    let output = in_private_mounts(&config, &format!("umount -l {}", mount.display()));
+    assert_eq!(output.status.code(), Some(1));
+    let line = one_sentence(&output);
+    assert!(line.contains("no cgroup2 filesystem is mounted"), "{line}");
+}
+
+#[test]
+fn missing_btf_is_one_clear_sentence() {
+    let bed = Testbed::new(&[]);
+    let config = valid_config(&bed);
+    let output = in_private_mounts(&config, "mount -t tmpfs none /sys/kernel/btf");
+    assert_eq!(output.status.code(), Some(1));
+    let line = one_sentence(&output);
+    assert!(line.contains("the kernel has no BTF"), "{line}");
+}
+
+#[test]
+fn the_ebpf_log_is_quiet_by_default_and_raised_by_a_flag() {
+    let bed = Testbed::new(&["client"]);
+    let services = "services:\n  - { name: web, vip: 10.96.0.40, ports: [{ port: 80 }], endpoints: [{ address: 10.77.0.99 }] }\n";
+    let config = bed.write("log.yaml", &bed.config(services));
+    for (flag, expect) in [(None, false), (Some("debug"), true)] {
+        let mut extra = Vec::new();
+        if let Some(level) = flag {
+            extra.extend(["--bpf-log", level]);
+        }
+        let meshd = meshd_tests::testbed::Meshd::spawn(&bed, std::slice::from_ref(&config), &extra);
+        meshd.wait_ready();
+        // Captured, then refused upstream: enough to make connect4 log.
+        let curl = bed
+            .command(
+                bed.pod("client"),
+                Path::new("curl"),
+                &["-sS", "-m", "3", "http://10.96.0.40/"],
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("curl");
+        let _ = wait_with_timeout(curl, Duration::from_secs(10), "curl");
+        let logged = sys::eventually(Duration::from_secs(3), || {
+            meshd.log().contains("captured connect to 10.96.0.40:80")
+        });
+        assert_eq!(logged, expect, "--bpf-log {flag:?}; log:\n{}", meshd.log());
+    }
+}
+
+#[test]
+fn the_example_configs_pass_meshd_check() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config");
+    let output = run(Command::new(sys::workspace_binary("meshd"))
+        .args(["check", "--config"])
+        .arg(dir.join("mesh.yaml"))
+        .arg("--config")
+        .arg(dir.join("node.yaml")));
+    assert!(
+        output.status.success(),
+        "deploy/config does not validate: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

@@ -1,0 +1,124 @@
+//! Installs what is missing on a fresh machine: nightly's rust-src (the eBPF
+//! programs build `core` from source), bpf-linker, and Debian packages.
+
+use std::process::Command;
+
+use anyhow::{bail, Context as _};
+
+/// bpf-linker 0.10.x links with rustc's own LLVM; 0.11+ needs a system LLVM
+/// newer than Debian 12 ships.
+const BPF_LINKER: &str = "0.10.3";
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Needs {
+    Test,
+    Demo,
+    Bench,
+}
+
+impl Needs {
+    /// Debian packages, as (package, a command it provides).
+    fn packages(self) -> Vec<(&'static str, &'static str)> {
+        let mut packages = vec![
+            ("iproute2", "ip"),
+            ("curl", "curl"),
+            ("util-linux", "nsenter"),
+        ];
+        if self == Self::Bench {
+            packages.push(("iperf3", "iperf3"));
+        }
+        packages
+    }
+}
+
+pub fn install(needs: Needs) -> anyhow::Result<()> {
+    rust_src()?;
+    bpf_linker()?;
+    packages(&needs.packages())
+}
+
+fn output(command: &mut Command) -> Option<String> {
+    let out = command.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn rust_src() -> anyhow::Result<()> {
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))
+        .context("rustup is required to build meshd's eBPF programs")?;
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        eprintln!("xtask: installing the nightly toolchain");
+        crate::run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
+    }
+    let components = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]))
+    .unwrap_or_default();
+    if !components.lines().any(|l| l.starts_with("rust-src")) {
+        eprintln!("xtask: adding rust-src to nightly");
+        crate::run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+    Ok(())
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    let version = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    if version.contains(BPF_LINKER) {
+        return Ok(());
+    }
+    eprintln!("xtask: installing bpf-linker {BPF_LINKER} (about two minutes)");
+    crate::run(Command::new("cargo").args([
+        "install",
+        &format!("bpf-linker@{BPF_LINKER}"),
+        "--locked",
+        "--force",
+    ]))
+}
+
+fn packages(wanted: &[(&str, &str)]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(_, command)| {
+            output(Command::new("sh").args(["-c", &format!("command -v {command}")])).is_none()
+        })
+        .map(|(package, _)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if output(Command::new("id").arg("-u"))
+        .as_deref()
+        .map(str::trim)
+        != Some("0")
+    {
+        bail!(
+            "missing packages {missing:?}; install them as root (apt-get install {})",
+            missing.join(" ")
+        );
+    }
+    eprintln!("xtask: installing {}", missing.join(" "));
+    crate::run(Command::new("apt-get").args(["update", "-qq"]))?;
+    crate::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
