@@ -458,3 +458,36 @@ fn sigterm_cuts_connections_still_open_after_the_drain_timeout() {
         meshd.log()
     );
 }
+
+#[test]
+fn an_unreachable_endpoint_times_out_resets_the_client_and_is_counted() {
+    let bed = testbed();
+    // 10.77.0.99 is on the bridge's subnet but no host answers for it.
+    let extra = "  - name: gone\n    vip: 10.96.0.31\n    ports: [{ port: 80 }]\n    endpoints: [{ address: 10.77.0.99, workload: gone }]\nproxy:\n  connectTimeout: 500ms\n";
+    let meshd = bed.start_meshd(&config(&bed, extra));
+    let started = Instant::now();
+    let (code, _) = curl(&bed, bed.pod("client"), "http://10.96.0.31/");
+    assert!(
+        code == 56 || code == 52,
+        "curl exit {code}: expected a reset"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the connect timeout was not applied"
+    );
+    let service = [("destination_service", "gone.default.svc.cluster.local")];
+    assert_eq!(
+        meshd.metric("meshd_upstream_connect_failures_total", &service),
+        1.0
+    );
+    let failed = [service[0], ("response_flags", "UF")];
+    assert_eq!(
+        meshd.metric("istio_tcp_connections_opened_total", &failed),
+        1.0
+    );
+    assert_eq!(
+        meshd.metric("istio_tcp_connections_closed_total", &failed),
+        1.0
+    );
+    assert_eq!(meshd.metric("meshd_active_connections", &[]), 0.0);
+}
