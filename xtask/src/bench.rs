@@ -47,7 +47,7 @@ pub fn run(seconds: u64) -> anyhow::Result<()> {
         bed.spawn(
             server,
             std::path::Path::new("iperf3"),
-            &["-s", "-p", port, "-B", SERVER],
+            &["-s", "-p", port, "-B", SERVER, "--logfile", "/dev/null"],
         );
         bed.wait_listening(server, format!("{SERVER}:{port}").parse()?);
     }
