@@ -8,7 +8,7 @@
 //! file, the line and the field.
 
 mod locate;
-mod validate;
+pub mod validate;
 
 use std::{
     collections::BTreeMap,
@@ -87,6 +87,14 @@ impl std::error::Error for ConfigErrors {}
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
+    /// Mesh-wide settings: trust domain and mTLS mode.
+    pub mesh: Option<MeshSpec>,
+    /// Every node of the mesh and where its meshd accepts tunnels.
+    #[serde(default)]
+    pub nodes: Vec<NodeAddressSpec>,
+    /// Authorization policies, evaluated where the destination runs.
+    #[serde(default)]
+    pub policies: Vec<PolicySpec>,
     /// This node: its name, where pods reach meshd, and the cgroups involved.
     pub node: Option<NodeSpec>,
     /// Proxy tuning; every field has a default.
@@ -115,6 +123,122 @@ pub struct NodeSpec {
     /// must lie outside `podCgroup`. Default `/meshd`.
     #[serde(default = "default_proxy_cgroup")]
     pub proxy_cgroup: String,
+    /// Where this node's workload certificates come from. Default: none
+    /// (no tunnels; cross-node endpoints are unreachable).
+    pub identity: Option<IdentitySpec>,
+}
+
+/// Certificates for the workloads of this node: from files, or minted by
+/// meshd's built-in issuer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct IdentitySpec {
+    /// A directory with one `<namespace>/<serviceAccount>/` directory per
+    /// identity, each holding `tls.crt`, `tls.key` and `ca.crt` (the
+    /// cert-manager / SPIFFE helper layout). Changes are picked up live.
+    pub certificates: Option<PathBuf>,
+    /// A CA directory (`ca.crt`, `ca.key`, as `meshd ca init` writes) from
+    /// which meshd mints short-lived certificates for this node's workloads.
+    pub issuer: Option<PathBuf>,
+    /// Lifetime of minted certificates; each is renewed at half-life.
+    /// Default `24h`.
+    #[serde(default = "default_certificate_ttl", with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Extra trusted roots (PEM) added to the trust bundle, e.g. the next CA
+    /// during a rotation.
+    pub trust_bundle: Option<PathBuf>,
+}
+
+fn default_certificate_ttl() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MeshSpec {
+    /// SPIFFE trust domain of every identity. Default `cluster.local`.
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    /// `strict`: meshed pods accept only traffic relayed by meshd (mTLS
+    /// across nodes); plaintext from outside the mesh is dropped in the
+    /// kernel. `permissive`: plaintext is accepted and counted. Default
+    /// `permissive`.
+    #[serde(default)]
+    pub mode: MeshMode,
+}
+
+impl Default for MeshSpec {
+    fn default() -> Self {
+        Self {
+            trust_domain: default_trust_domain(),
+            mode: MeshMode::default(),
+        }
+    }
+}
+
+fn default_trust_domain() -> String {
+    "cluster.local".to_owned()
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MeshMode {
+    Strict,
+    #[default]
+    Permissive,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NodeAddressSpec {
+    /// Node name, as endpoints' `node` refer to it.
+    pub name: String,
+    /// The IPv4 address its meshd accepts tunnels on (port `proxy.inboundPort`).
+    pub address: IpAddr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PolicySpec {
+    /// Policy name, for logs.
+    pub name: String,
+    /// The service whose endpoints the policy protects (`namespace/name`).
+    pub target: PolicyTarget,
+    /// `allow` or `deny`.
+    pub action: PolicyAction,
+    /// Sources the policy matches; empty matches every source.
+    #[serde(default)]
+    pub from: Vec<PolicySource>,
+    /// Destination ports (target ports) it matches; empty matches all.
+    #[serde(default)]
+    pub ports: Vec<u16>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PolicyTarget {
+    /// `namespace/name` of a service.
+    pub service: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyAction {
+    Allow,
+    Deny,
+}
+
+/// One source clause: every field given must match.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PolicySource {
+    /// SPIFFE IDs without the scheme, `<trust-domain>/ns/<ns>/sa/<sa>`;
+    /// `*` matches any authenticated source.
+    #[serde(default)]
+    pub principals: Vec<String>,
+    /// Source namespaces.
+    #[serde(default)]
+    pub namespaces: Vec<String>,
 }
 
 fn default_proxy_cgroup() -> String {
@@ -126,6 +250,8 @@ fn default_proxy_cgroup() -> String {
 pub struct ProxySpec {
     /// Port of the outbound listener captured connections arrive at. Default 15001.
     pub outbound_port: u16,
+    /// Port of the listener for mTLS tunnels from other nodes. Default 15008.
+    pub inbound_port: u16,
     /// Where `/metrics` is served. Default `0.0.0.0:15020`.
     pub metrics_address: SocketAddr,
     /// Where `/healthz/ready` is served. Default `0.0.0.0:15021`.
@@ -153,6 +279,7 @@ impl Default for ProxySpec {
     fn default() -> Self {
         Self {
             outbound_port: meshd_common::OUTBOUND_PORT,
+            inbound_port: 15008,
             metrics_address: SocketAddr::from(([0, 0, 0, 0], 15020)),
             readiness_address: SocketAddr::from(([0, 0, 0, 0], 15021)),
             sk_msg: false,
@@ -242,6 +369,11 @@ pub struct EndpointSpec {
     pub node: Option<String>,
     /// The workload (pod) name, for metrics. Default: unknown.
     pub workload: Option<String>,
+    /// The pod's service account: its identity is
+    /// `spiffe://<trustDomain>/ns/<service namespace>/sa/<serviceAccount>`,
+    /// which a tunnel to it must present. Default `default`.
+    #[serde(default = "default_service_account")]
+    pub service_account: String,
     /// Labels, e.g. `version: v2`.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,

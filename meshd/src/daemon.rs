@@ -22,10 +22,19 @@ use crate::{
     capture::{Capture, CaptureError, CaptureSpec},
     config::{BpfLogLevel, Config, ConfigErrors},
     host::{self, HostError},
+    identity::{
+        ca::{Authority, CaError},
+        store::{self, CertStore},
+        tls,
+    },
     mesh::Mesh,
     metrics::Metrics,
     proxy::{Outbound, OutboundError, ProxyInputs},
     status::{BindError, StatusInputs, StatusListener},
+    tunnel::{
+        inbound::{BindError as InboundBindError, Inbound},
+        pool::Pool,
+    },
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -40,8 +49,45 @@ pub enum StartError {
     Status(#[from] BindError),
     #[error(transparent)]
     Capture(#[from] CaptureError),
+    #[error(transparent)]
+    Inbound(#[from] InboundBindError),
+    #[error("node.identity.issuer: {0}")]
+    Issuer(#[from] CaError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+}
+
+/// The certificate store `node.identity` asks for, loaded once.
+fn cert_store(config: &Config) -> Result<Option<Arc<CertStore>>, StartError> {
+    let Some(identity) = &config.node.identity else {
+        return Ok(None);
+    };
+    let source = match (&identity.certificates, &identity.issuer) {
+        (Some(dir), _) => store::Source::Files { dir: dir.clone() },
+        (None, Some(ca)) => {
+            let mut identities: Vec<_> = config
+                .workloads
+                .iter()
+                .map(|w| w.identity.clone())
+                .collect();
+            identities.sort();
+            identities.dedup();
+            store::Source::Issuer {
+                ca: Box::new(Authority::load(ca)?),
+                identities,
+                ttl: identity.ttl,
+            }
+        }
+        (None, None) => return Ok(None),
+    };
+    let store = CertStore::new(
+        source,
+        identity.trust_bundle.clone(),
+        &config.mesh.trust_domain,
+        tls::provider(),
+    );
+    store.refresh();
+    Ok(Some(Arc::new(store)))
 }
 
 /// Command-line settings that override the config.
@@ -103,6 +149,16 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     let outbound = Outbound::bind(outbound_addr).await?;
     let metrics_listener = StatusListener::bind(proxy.metrics_address, "metrics").await?;
     let ready_listener = StatusListener::bind(proxy.readiness_address, "readiness").await?;
+    let store = cert_store(&config)?;
+    let inbound = match &store {
+        Some(_) => {
+            let ip = mesh
+                .own_tunnel_address()
+                .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
+            Some(Inbound::bind(SocketAddrV4::new(ip, proxy.inbound_port).into()).await?)
+        }
+        None => None,
+    };
     let mut terminate =
         tokio::signal::unix::signal(SignalKind::terminate()).map_err(StartError::Signals)?;
     let mut interrupt =
@@ -115,6 +171,7 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         registry,
         metrics: metrics.clone(),
         capture: std::sync::OnceLock::new(),
+        store: store.clone(),
         ready: Default::default(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -145,9 +202,20 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         metrics: metrics.clone(),
         connect_timeout: proxy.connect_timeout,
         buffer_size: proxy.buffer_size,
+        pool: store
+            .clone()
+            .map(|store| Pool::new(store, metrics.clone(), proxy.inbound_port)),
+        store: store.clone(),
     });
     let drain = proxy.drain_timeout;
     let mut outbound_task = tokio::spawn(outbound.run(inputs.clone(), stop_rx.clone(), drain));
+    let inbound_task = inbound.map(|inbound| {
+        info!(address = %inbound.address(), "accepting tunnels");
+        tokio::spawn(inbound.run(inputs.clone(), stop_rx.clone(), drain))
+    });
+    if let Some(store) = store.clone() {
+        tokio::spawn(refresh_certificates(store, stop_rx.clone()));
+    }
 
     status.ready.store(true, Ordering::Release);
     metrics.ready.set(1);
@@ -174,6 +242,9 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     drop(inputs);
     let _ = stop_tx.send(true);
     let _ = outbound_task.await;
+    if let Some(task) = inbound_task {
+        let _ = task.await;
+    }
     for task in status_tasks {
         let _ = task.await;
     }
@@ -181,4 +252,17 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     drop(capture);
     info!("stopped");
     Ok(())
+}
+
+/// Re-reads changed certificate files and renews issued certificates.
+async fn refresh_certificates(store: Arc<CertStore>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(store::REFRESH_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = crate::proxy::stopped(&mut stop) => return,
+        }
+        let store = store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.refresh()).await;
+    }
 }

@@ -1,11 +1,12 @@
 //! The `meshd` command line.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use meshd::{
     config::{self, BpfLogLevel},
     daemon::{self, Overrides, StartError},
+    identity::{ca::Authority, Identity},
 };
 use tracing_subscriber::{fmt, EnvFilter};
 
@@ -37,6 +38,46 @@ enum Command {
     Check {
         #[arg(long = "config", short = 'c', required = true)]
         config: Vec<PathBuf>,
+    },
+    /// A certificate authority for workload identities.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create a root CA: writes ca.crt and ca.key (mode 0600) into --out.
+    Init {
+        #[arg(long)]
+        out: PathBuf,
+        /// The root's common name.
+        #[arg(long, default_value = "meshd root CA")]
+        name: String,
+        /// How long the root is valid.
+        #[arg(long, default_value = "3650d", value_parser = humantime::parse_duration)]
+        validity: Duration,
+    },
+    /// Issue a workload certificate: writes tls.crt, tls.key and ca.crt into --out.
+    Issue {
+        /// The CA directory (ca.crt, ca.key).
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        namespace: String,
+        #[arg(long)]
+        service_account: String,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Validity of the certificate.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Start the validity this long ago (a test can issue an expired one).
+        #[arg(long, default_value = "1m", value_parser = humantime::parse_duration)]
+        backdate: Duration,
     },
 }
 
@@ -75,6 +116,13 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
+        Command::Ca { command } => match ca(command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("meshd ca: {}", render_chain(&err));
+                ExitCode::FAILURE
+            }
+        },
         Command::Run {
             config,
             bpf_log,
@@ -96,6 +144,38 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn ca(command: CaCommand) -> anyhow::Result<()> {
+    match command {
+        CaCommand::Init {
+            out,
+            name,
+            validity,
+        } => {
+            Authority::init(&out, &name, validity)?;
+            println!(
+                "wrote {}/ca.crt and {}/ca.key",
+                out.display(),
+                out.display()
+            );
+        }
+        CaCommand::Issue {
+            ca,
+            namespace,
+            service_account,
+            trust_domain,
+            out,
+            ttl,
+            backdate,
+        } => {
+            let identity = Identity::new(&trust_domain, &namespace, &service_account);
+            let not_before = std::time::SystemTime::now() - backdate;
+            Authority::load(&ca)?.issue_to(&identity, &out, not_before, ttl)?;
+            println!("wrote {} for {identity}", out.display());
+        }
+    }
+    Ok(())
 }
 
 fn run(config: &[PathBuf], overrides: &Overrides) -> anyhow::Result<()> {

@@ -38,6 +38,17 @@ pub struct Target<'a> {
     pub service: &'a Service,
     pub endpoint: &'a Endpoint,
     pub upstream: SocketAddrV4,
+    pub path: Path,
+}
+
+/// How a connection reaches its endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// The endpoint runs on this node (or its node is unknown): connect
+    /// directly, after the destination's policy.
+    Local,
+    /// Through the mTLS tunnel of the endpoint's node meshd.
+    Tunnel { node: Ipv4Addr },
 }
 
 /// Why no target was found.
@@ -45,6 +56,8 @@ pub struct Target<'a> {
 pub enum Unresolved {
     UnknownDestination,
     NoEndpoints,
+    /// The endpoint's node is not in the config's `nodes`.
+    UnknownNode,
 }
 
 pub struct Mesh {
@@ -54,6 +67,8 @@ pub struct Mesh {
     next: Vec<AtomicUsize>,
     by_cgroup: HashMap<u64, usize>,
     by_address: HashMap<Ipv4Addr, usize>,
+    /// Services each endpoint address belongs to, for policy.
+    services_by_address: HashMap<Ipv4Addr, Vec<usize>>,
 }
 
 impl Mesh {
@@ -90,6 +105,15 @@ impl Mesh {
                 by_address.insert(*address, w);
             }
         }
+        let mut services_by_address: HashMap<Ipv4Addr, Vec<usize>> = HashMap::new();
+        for (s, service) in config.services.iter().enumerate() {
+            for endpoint in &service.endpoints {
+                services_by_address
+                    .entry(endpoint.address)
+                    .or_default()
+                    .push(s);
+            }
+        }
         let next = config
             .services
             .iter()
@@ -101,6 +125,7 @@ impl Mesh {
             next,
             by_cgroup,
             by_address,
+            services_by_address,
         }
     }
 
@@ -135,17 +160,51 @@ impl Mesh {
                     service: svc,
                     endpoint,
                     upstream: SocketAddrV4::new(endpoint.address, svc.ports[port].target_port),
+                    path: self.path(endpoint)?,
                 })
             }
             Entry::Pod { service, endpoint } => {
                 let svc = &self.config.services[service];
+                let endpoint = &svc.endpoints[endpoint];
                 Ok(Target {
                     service: svc,
-                    endpoint: &svc.endpoints[endpoint],
+                    endpoint,
                     upstream: dst,
+                    path: self.path(endpoint)?,
                 })
             }
         }
+    }
+
+    fn path(&self, endpoint: &Endpoint) -> Result<Path, Unresolved> {
+        match &endpoint.node {
+            Some(node) if *node != self.config.node.name => self
+                .config
+                .nodes
+                .get(node)
+                .map(|node| Path::Tunnel { node: *node })
+                .ok_or(Unresolved::UnknownNode),
+            _ => Ok(Path::Local),
+        }
+    }
+
+    /// The services an endpoint address belongs to.
+    pub fn services_of(&self, address: Ipv4Addr) -> &[usize] {
+        self.services_by_address
+            .get(&address)
+            .map_or(&[], Vec::as_slice)
+    }
+
+    /// The workload of this node that owns `address`.
+    pub fn local_workload(&self, address: Ipv4Addr) -> Option<&Workload> {
+        self.by_address
+            .get(&address)
+            .map(|w| &self.config.workloads[*w])
+    }
+
+    /// This node's tunnel address, if the config lists it.
+    pub fn own_tunnel_address(&self) -> Option<Ipv4Addr> {
+        self.config.nodes.get(&self.config.node.name).copied()
     }
 
     /// The workload a connection came from: by the cgroup `connect` ran in,

@@ -42,6 +42,8 @@ pub enum UnresolvedReason {
     unknown_destination,
     /// The service has no endpoints.
     no_endpoints,
+    /// The endpoint's node is not in the config's node list.
+    unknown_node,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -52,6 +54,24 @@ pub struct ReasonLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServiceLabels {
     pub destination_service: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    /// `inbound` (this meshd accepting a tunnel) or `outbound`.
+    pub direction: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IdentityLabels {
+    pub identity: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DenyLabels {
+    pub source_principal: Arc<str>,
+    pub destination_principal: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -79,6 +99,11 @@ pub struct Metrics {
     pub bpf_events: Family<CounterLabels, Gauge>,
     pub sk_msg_enabled: Gauge,
     pub ready: Gauge,
+    pub tls_handshake_failures: Family<HandshakeLabels, Counter>,
+    pub certificate_expiry: Family<IdentityLabels, Gauge>,
+    pub authorization_denied: Family<DenyLabels, Counter>,
+    /// Pooled mTLS connections to other nodes.
+    pub tunnel_connections: Gauge,
 }
 
 impl Metrics {
@@ -96,6 +121,10 @@ impl Metrics {
             bpf_events: Family::default(),
             sk_msg_enabled: Gauge::default(),
             ready: Gauge::default(),
+            tls_handshake_failures: Family::default(),
+            certificate_expiry: Family::default(),
+            authorization_denied: Family::default(),
+            tunnel_connections: Gauge::default(),
         };
         let istio = registry.sub_registry_with_prefix("istio");
         istio.register(
@@ -159,6 +188,26 @@ impl Metrics {
             "1 once programs are attached and listeners bound",
             metrics.ready.clone(),
         );
+        meshd.register(
+            "tls_handshake_failures",
+            "Tunnel TLS handshakes that failed, by direction and reason",
+            metrics.tls_handshake_failures.clone(),
+        );
+        meshd.register(
+            "certificate_expiry_seconds",
+            "Seconds until each workload certificate meshd holds expires",
+            metrics.certificate_expiry.clone(),
+        );
+        meshd.register(
+            "authorization_denied",
+            "Connections refused by authorization policy at their destination",
+            metrics.authorization_denied.clone(),
+        );
+        meshd.register(
+            "tunnel_connections",
+            "Pooled mTLS connections to other nodes' meshd",
+            metrics.tunnel_connections.clone(),
+        );
         metrics
     }
 }
@@ -198,7 +247,7 @@ mod tests {
             connection_security_policy: "unknown",
         };
         metrics.tcp_opened.get_or_create(&labels).inc();
-        metrics.unresolved.get_or_create(&ReasonLabels {
+        let _ = metrics.unresolved.get_or_create(&ReasonLabels {
             reason: UnresolvedReason::unknown_destination,
         });
         let text = render(&registry);

@@ -1,7 +1,7 @@
 //! The node proxy: listeners and the per-connection work behind them.
 
-mod outbound;
-mod relay;
+pub mod outbound;
+pub mod relay;
 
 use std::{sync::Arc, time::Duration};
 
@@ -9,7 +9,13 @@ use arc_swap::ArcSwap;
 
 pub use outbound::{Outbound, OutboundError};
 
-use crate::{capture::Capture, mesh::Mesh, metrics::Metrics};
+use crate::{
+    capture::Capture,
+    identity::store::CertStore,
+    mesh::Mesh,
+    metrics::{Metrics, TcpLabels},
+    tunnel::pool::Pool,
+};
 
 /// Everything a connection handler reads, shared by all of them.
 pub struct ProxyInputs {
@@ -18,9 +24,35 @@ pub struct ProxyInputs {
     pub metrics: Arc<Metrics>,
     pub connect_timeout: Duration,
     pub buffer_size: usize,
+    /// Tunnels to other nodes; `None` without `node.identity`.
+    pub pool: Option<Pool>,
+    /// This node's workload certificates; `None` without `node.identity`.
+    pub store: Option<Arc<CertStore>>,
 }
 
 /// Resolves once `stop` turns true (or its sender is gone).
 pub async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = stop.wait_for(|stop| *stop).await;
+}
+
+/// Counts a connection opened now and closed when dropped, whichever way
+/// the handler ends.
+pub struct ConnectionGuard<'a> {
+    metrics: &'a Metrics,
+    labels: &'a TcpLabels,
+}
+
+impl<'a> ConnectionGuard<'a> {
+    pub fn open(metrics: &'a Metrics, labels: &'a TcpLabels) -> Self {
+        metrics.tcp_opened.get_or_create(labels).inc();
+        metrics.active_connections.inc();
+        Self { metrics, labels }
+    }
+}
+
+impl Drop for ConnectionGuard<'_> {
+    fn drop(&mut self) {
+        self.metrics.tcp_closed.get_or_create(self.labels).inc();
+        self.metrics.active_connections.dec();
+    }
 }

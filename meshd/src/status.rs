@@ -34,6 +34,7 @@ pub struct StatusInputs {
     pub registry: Registry,
     pub metrics: Arc<Metrics>,
     pub capture: std::sync::OnceLock<Arc<Capture>>,
+    pub store: Option<Arc<crate::identity::store::CertStore>>,
     pub ready: AtomicBool,
 }
 
@@ -53,6 +54,21 @@ impl StatusInputs {
                     .bpf_events
                     .get_or_create(&crate::metrics::CounterLabels { event })
                     .set(total);
+            }
+        }
+        if let Some(store) = &self.store {
+            let now = std::time::SystemTime::now();
+            for (identity, cert) in &store.current().by_identity {
+                let left = match cert.not_after.duration_since(now) {
+                    Ok(left) => left.as_secs() as i64,
+                    Err(past) => -(past.duration().as_secs() as i64),
+                };
+                self.metrics
+                    .certificate_expiry
+                    .get_or_create(&crate::metrics::IdentityLabels {
+                        identity: identity.uri().clone(),
+                    })
+                    .set(left);
             }
         }
         crate::metrics::render(&self.registry)

@@ -1,53 +1,101 @@
-//! A node on one machine: a node network namespace with a bridge, pods each
-//! in their own network namespace and cgroup (veth to the bridge), an
-//! "outside" host on the same bridge but outside the pods' cgroup subtree,
-//! and meshd running in the node namespace.
+//! Nodes on one machine. Each node is a network namespace with a bridge;
+//! its pods each have their own network namespace and cgroup (veth to the
+//! bridge); nodes are joined by a backbone bridge in a namespace of its own.
+//! Node 0 also has an "outside" host on its bridge, outside the pods' cgroup
+//! subtree. meshd runs in a node's namespace.
 //!
-//! Addresses: node 10.77.0.1/24 on `br0`; pod i at 10.77.0.(10+i); the
-//! outside host at 10.77.0.250. No namespace has a default route, so a
-//! service VIP (10.96.x.x) is unreachable unless meshd captures it.
+//! Addresses: node i is 10.(77+i).0.1/24 on its bridge and 192.168.77.(1+i)
+//! on the backbone; pod j of node i is 10.(77+i).0.(10+j); the outside host
+//! is 10.77.0.250. Nodes route each other's pod subnets; no namespace has a
+//! default route, so a service VIP (10.96.x.x) is unreachable unless meshd
+//! captures it, and nothing can leave the machine.
 
 use std::{
     fs,
     net::{Ipv4Addr, SocketAddr},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
-    sync::atomic::{AtomicUsize, Ordering},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Mutex,
+    },
     time::Duration,
 };
 
 use crate::sys::{self, Cgroup, Netns};
 
+/// Node 0's bridge address (where its pods reach meshd).
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 250);
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
-/// A host on the bridge: a pod, or the outside host.
+/// A host on a node's bridge: a pod, or the outside host.
 pub struct Pod {
     pub name: String,
     pub ip: Ipv4Addr,
+    /// Index of the node it runs on.
+    pub node: usize,
     pub netns: Netns,
     pub cgroup: Cgroup,
     /// The cgroup path as meshd's config writes it (from the mount root).
+    pub cgroup_path: String,
+    pub namespace: String,
+    pub service_account: String,
+}
+
+pub struct Node {
+    pub name: String,
+    pub netns: Netns,
+    /// Bridge address: pods' gateway and meshd's capture address.
+    pub ip: Ipv4Addr,
+    /// Backbone address: where its meshd accepts tunnels.
+    pub backbone_ip: Ipv4Addr,
+    /// `/<root>/<node>`: `pods/` and `proxy/` live below.
     pub cgroup_path: String,
 }
 
 pub struct Testbed {
     pub tag: String,
     pub dir: PathBuf,
-    pub node: Netns,
+    pub nodes: Vec<Node>,
     pub pods: Vec<Pod>,
     pub outside: Pod,
-    /// `/<root>`: the test's cgroup; `/<root>/pods` holds the pods.
-    pub root_path: String,
-    processes: std::sync::Mutex<Vec<Child>>,
+    /// Kept for its guard: deleted with the testbed.
+    _backbone: Option<Netns>,
+    processes: Mutex<Vec<Child>>,
     // Dropped last, after every process in it is gone.
     root: Cgroup,
 }
 
+/// A pod to create: name, namespace, service account.
+#[derive(Clone, Copy)]
+pub struct PodSpec<'a> {
+    pub name: &'a str,
+    pub namespace: &'a str,
+    pub service_account: &'a str,
+}
+
+impl<'a> PodSpec<'a> {
+    /// A pod in `default` whose service account is its name.
+    pub fn named(name: &'a str) -> Self {
+        Self {
+            name,
+            namespace: "default",
+            service_account: name,
+        }
+    }
+}
+
 impl Testbed {
-    pub fn new(pod_names: &[&str]) -> Self {
+    /// One node with `pods`.
+    pub fn new(pods: &[&str]) -> Self {
+        let specs: Vec<_> = pods.iter().map(|p| PodSpec::named(p)).collect();
+        Self::nodes(&[("node-a", &specs)])
+    }
+
+    /// Several nodes, each `(name, pods)`.
+    pub fn nodes(layout: &[(&str, &[PodSpec<'_>])]) -> Self {
         sys::require_privileges();
         let tag = format!(
             "{}-{}",
@@ -57,68 +105,113 @@ impl Testbed {
         let mount = sys::cgroup2_mount();
         let root_path = format!("/meshd-test-{tag}");
         let root = Cgroup::create(mount.join(&root_path[1..]));
-        let _proxy = fs::create_dir_all(root.dir.join("proxy"));
         let dir = std::env::temp_dir().join(format!("meshd-test-{tag}"));
         fs::create_dir_all(&dir).expect("create test dir");
 
-        let node = Netns::create(&format!("mt{tag}-node"));
-        node.ip(&["link", "add", "br0", "type", "bridge"]);
-        node.ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", "br0"]);
-        node.ip(&["link", "set", "br0", "up"]);
-
-        let mut testbed = Self {
-            dir,
-            node,
-            pods: Vec::new(),
-            outside: Pod {
-                name: String::new(),
-                ip: OUTSIDE_IP,
-                netns: Netns::create(&format!("mt{tag}-outside")),
-                cgroup: Cgroup::create(root.dir.join("outside")),
-                cgroup_path: format!("{root_path}/outside"),
-            },
-            root_path,
-            processes: Default::default(),
-            root,
-            tag,
-        };
-        testbed.outside.name = "outside".into();
-        testbed.wire(&testbed.outside, "vpo");
-        for (i, name) in pod_names.iter().enumerate() {
-            let pod = Pod {
+        let backbone = (layout.len() > 1).then(|| {
+            let backbone = Netns::create(&format!("mt{tag}-wire"));
+            backbone.ip(&["link", "add", "br0", "type", "bridge"]);
+            backbone.ip(&["link", "set", "br0", "up"]);
+            backbone
+        });
+        let mut nodes = Vec::new();
+        for (i, (name, _)) in layout.iter().enumerate() {
+            let node = Node {
                 name: (*name).to_owned(),
-                ip: Ipv4Addr::new(10, 77, 0, 10 + i as u8),
-                netns: Netns::create(&format!("mt{}-{name}", testbed.tag)),
-                cgroup: Cgroup::create(testbed.root.dir.join("pods").join(name)),
-                cgroup_path: format!("{}/pods/{name}", testbed.root_path),
+                netns: Netns::create(&format!("mt{tag}-n{i}")),
+                ip: Ipv4Addr::new(10, 77 + i as u8, 0, 1),
+                backbone_ip: Ipv4Addr::new(192, 168, 77, 1 + i as u8),
+                cgroup_path: format!("{root_path}/{name}"),
             };
-            testbed.wire(&pod, &format!("vp{i}"));
-            testbed.pods.push(pod);
+            fs::create_dir_all(root.dir.join(name).join("proxy")).expect("proxy cgroup");
+            node.netns.ip(&["link", "add", "br0", "type", "bridge"]);
+            node.netns
+                .ip(&["addr", "add", &format!("{}/24", node.ip), "dev", "br0"]);
+            node.netns.ip(&["link", "set", "br0", "up"]);
+            if let Some(backbone) = &backbone {
+                let end = format!("bb{i}");
+                sys::ip(&[
+                    "link",
+                    "add",
+                    "eth1",
+                    "netns",
+                    &node.netns.name,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    &end,
+                    "netns",
+                    &backbone.name,
+                ]);
+                backbone.ip(&["link", "set", &end, "master", "br0"]);
+                backbone.ip(&["link", "set", &end, "up"]);
+                node.netns.ip(&[
+                    "addr",
+                    "add",
+                    &format!("{}/24", node.backbone_ip),
+                    "dev",
+                    "eth1",
+                ]);
+                node.netns.ip(&["link", "set", "eth1", "up"]);
+                sysctl(&node.netns, "net.ipv4.ip_forward=1");
+            }
+            nodes.push(node);
         }
-        testbed
-    }
+        // Each node routes the other nodes' pod subnets over the backbone.
+        for (i, node) in nodes.iter().enumerate() {
+            for (j, other) in nodes.iter().enumerate() {
+                if i != j {
+                    let subnet = format!("10.{}.0.0/24", 77 + j);
+                    node.netns.ip(&[
+                        "route",
+                        "add",
+                        &subnet,
+                        "via",
+                        &other.backbone_ip.to_string(),
+                    ]);
+                }
+            }
+        }
 
-    /// Connects `pod` to the bridge with a veth pair.
-    fn wire(&self, pod: &Pod, node_end: &str) {
-        sys::ip(&[
-            "link",
-            "add",
-            "eth0",
-            "netns",
-            &pod.netns.name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            node_end,
-            "netns",
-            &self.node.name,
-        ]);
-        self.node.ip(&["link", "set", node_end, "master", "br0"]);
-        self.node.ip(&["link", "set", node_end, "up"]);
-        pod.netns
-            .ip(&["addr", "add", &format!("{}/24", pod.ip), "dev", "eth0"]);
-        pod.netns.ip(&["link", "set", "eth0", "up"]);
+        let outside = Pod {
+            name: "outside".into(),
+            ip: OUTSIDE_IP,
+            node: 0,
+            netns: Netns::create(&format!("mt{tag}-outside")),
+            cgroup: Cgroup::create(root.dir.join("outside")),
+            cgroup_path: format!("{root_path}/outside"),
+            namespace: "default".into(),
+            service_account: "outside".into(),
+        };
+        wire(&nodes, &outside, "vpo");
+        let mut pods = Vec::new();
+        for (i, (node_name, specs)) in layout.iter().enumerate() {
+            for (j, spec) in specs.iter().enumerate() {
+                let pod = Pod {
+                    name: spec.name.to_owned(),
+                    ip: Ipv4Addr::new(10, 77 + i as u8, 0, 10 + j as u8),
+                    node: i,
+                    netns: Netns::create(&format!("mt{tag}-{}", spec.name)),
+                    cgroup: Cgroup::create(root.dir.join(node_name).join("pods").join(spec.name)),
+                    cgroup_path: format!("{root_path}/{node_name}/pods/{}", spec.name),
+                    namespace: spec.namespace.to_owned(),
+                    service_account: spec.service_account.to_owned(),
+                };
+                wire(&nodes, &pod, &format!("vp{j}"));
+                pods.push(pod);
+            }
+        }
+        Self {
+            tag,
+            dir,
+            nodes,
+            pods,
+            outside,
+            _backbone: backbone,
+            processes: Mutex::default(),
+            root,
+        }
     }
 
     pub fn pod(&self, name: &str) -> &Pod {
@@ -128,23 +221,54 @@ impl Testbed {
             .unwrap_or_else(|| panic!("no pod {name}"))
     }
 
-    /// The config's `node` section and one workload per pod; `rest` adds
-    /// `proxy` and `services`.
-    pub fn config(&self, rest: &str) -> String {
+    /// Node 0's network namespace.
+    pub fn node(&self) -> &Netns {
+        &self.nodes[0].netns
+    }
+
+    /// Node `node`'s config: its `node` section, its pods as workloads, the
+    /// `nodes` list when there are several; `rest` adds the rest.
+    pub fn config_for(&self, node: usize, rest: &str) -> String {
+        let this = &self.nodes[node];
         let mut yaml = format!(
-            "node:\n  name: node-a\n  captureAddress: {NODE_IP}\n  podCgroup: {root}/pods\n  proxyCgroup: {root}/proxy\nworkloads:\n",
-            root = self.root_path
+            "node:\n  name: {}\n  captureAddress: {}\n  podCgroup: {cg}/pods\n  proxyCgroup: {cg}/proxy\n",
+            this.name,
+            this.ip,
+            cg = this.cgroup_path
         );
-        for pod in &self.pods {
-            yaml.push_str(&format!(
-                "  - {{ name: {name}, namespace: default, cgroup: {cg}, addresses: [{ip}], labels: {{ app: {name} }} }}\n",
+        if self.nodes.len() > 1 {
+            yaml.push_str("nodes:\n");
+            for node in &self.nodes {
+                yaml.push_str(&format!(
+                    "  - {{ name: {}, address: {} }}\n",
+                    node.name, node.backbone_ip
+                ));
+            }
+        }
+        let mut workloads = String::new();
+        for pod in self.pods.iter().filter(|p| p.node == node) {
+            workloads.push_str(&format!(
+                "  - {{ name: {name}, namespace: {ns}, serviceAccount: {sa}, cgroup: {cg}, addresses: [{ip}], labels: {{ app: {name} }} }}\n",
                 name = pod.name,
+                ns = pod.namespace,
+                sa = pod.service_account,
                 cg = pod.cgroup_path,
                 ip = pod.ip
             ));
         }
+        if workloads.is_empty() {
+            yaml.push_str("workloads: []\n");
+        } else {
+            yaml.push_str("workloads:\n");
+            yaml.push_str(&workloads);
+        }
         yaml.push_str(rest);
         yaml
+    }
+
+    /// Node 0's config (see [`Self::config_for`]).
+    pub fn config(&self, rest: &str) -> String {
+        self.config_for(0, rest)
     }
 
     /// Writes `text` to a file in the test's directory.
@@ -155,7 +279,7 @@ impl Testbed {
     }
 
     /// Starts `program args` in `pod` and keeps it until the testbed ends.
-    pub fn spawn(&self, pod: &Pod, program: &std::path::Path, args: &[&str]) -> u32 {
+    pub fn spawn(&self, pod: &Pod, program: &Path, args: &[&str]) -> u32 {
         let child = sys::command_in(&pod.cgroup, &pod.netns, program, args)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -170,15 +294,19 @@ impl Testbed {
     }
 
     /// A command that runs in `pod`; the caller spawns and waits.
-    pub fn command(&self, pod: &Pod, program: &std::path::Path, args: &[&str]) -> Command {
+    pub fn command(&self, pod: &Pod, program: &Path, args: &[&str]) -> Command {
         sys::command_in(&pod.cgroup, &pod.netns, program, args)
     }
 
-    /// Starts meshd in the node namespace with `config` (YAML text) and
-    /// waits until it reports ready.
+    /// Starts meshd on node 0 with `config` (YAML text), waits until ready.
     pub fn start_meshd(&self, config: &str) -> Meshd {
-        let path = self.write("meshd.yaml", config);
-        let meshd = Meshd::spawn(self, &[path], &[]);
+        self.start_meshd_on(0, config)
+    }
+
+    /// Starts meshd on node `node` with `config`, waits until ready.
+    pub fn start_meshd_on(&self, node: usize, config: &str) -> Meshd {
+        let path = self.write(&format!("meshd-{}.yaml", self.nodes[node].name), config);
+        let meshd = Meshd::spawn_on(self, node, &[path], &[]);
         meshd.wait_ready();
         meshd
     }
@@ -192,6 +320,44 @@ impl Testbed {
         });
         assert!(ok, "nothing listens on {addr} in {}", pod.name);
     }
+}
+
+/// Connects `pod` to its node's bridge with a veth pair, and routes the
+/// other nodes' pod subnets through the node.
+fn wire(nodes: &[Node], pod: &Pod, node_end: &str) {
+    let node = &nodes[pod.node];
+    sys::ip(&[
+        "link",
+        "add",
+        "eth0",
+        "netns",
+        &pod.netns.name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        node_end,
+        "netns",
+        &node.netns.name,
+    ]);
+    node.netns.ip(&["link", "set", node_end, "master", "br0"]);
+    node.netns.ip(&["link", "set", node_end, "up"]);
+    pod.netns
+        .ip(&["addr", "add", &format!("{}/24", pod.ip), "dev", "eth0"]);
+    pod.netns.ip(&["link", "set", "eth0", "up"]);
+    for (j, _) in nodes.iter().enumerate().filter(|(j, _)| *j != pod.node) {
+        let subnet = format!("10.{}.0.0/24", 77 + j);
+        pod.netns
+            .ip(&["route", "add", &subnet, "via", &node.ip.to_string()]);
+    }
+}
+
+fn sysctl(netns: &Netns, setting: &str) {
+    let status = Command::new("ip")
+        .args(["netns", "exec", &netns.name, "sysctl", "-qw", setting])
+        .status()
+        .expect("run sysctl");
+    assert!(status.success(), "sysctl {setting} in {}", netns.name);
 }
 
 impl Drop for Testbed {
@@ -214,15 +380,22 @@ pub struct Meshd {
     child: Child,
     log: PathBuf,
     node: PathBuf,
+    ip: Ipv4Addr,
 }
 
 impl Meshd {
-    /// Spawns `meshd run` in the testbed's node namespace, starting from the
-    /// test's root cgroup (meshd moves itself into its own).
+    /// Spawns `meshd run` in node 0's namespace.
     pub fn spawn(testbed: &Testbed, configs: &[PathBuf], extra: &[&str]) -> Self {
+        Self::spawn_on(testbed, 0, configs, extra)
+    }
+
+    /// Spawns `meshd run` in node `node`'s namespace, starting from the
+    /// test's root cgroup (meshd moves itself into its own).
+    pub fn spawn_on(testbed: &Testbed, node: usize, configs: &[PathBuf], extra: &[&str]) -> Self {
         let meshd = sys::workspace_binary("meshd");
         let log = testbed.dir.join(format!(
-            "meshd-{}.log",
+            "meshd-{}-{}.log",
+            testbed.nodes[node].name,
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
         let mut args = vec!["run".to_owned()];
@@ -233,7 +406,7 @@ impl Meshd {
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let log_file = fs::File::create(&log).expect("create meshd log");
-        let child = sys::command_in(&testbed.root, &testbed.node, &meshd, &args)
+        let child = sys::command_in(&testbed.root, &testbed.nodes[node].netns, &meshd, &args)
             .env("MESHD_LOG", "info,meshd=debug")
             .stdout(log_file.try_clone().expect("clone log"))
             .stderr(log_file)
@@ -242,7 +415,8 @@ impl Meshd {
         Self {
             child,
             log,
-            node: testbed.node.path(),
+            node: testbed.nodes[node].netns.path(),
+            ip: testbed.nodes[node].ip,
         }
     }
 
@@ -256,17 +430,13 @@ impl Meshd {
 
     fn get(&self, port: u16, path: &str) -> Option<(u16, String)> {
         let path = path.to_owned();
-        sys::in_netns(&self.node, move || {
-            sys::http_get(SocketAddr::from((NODE_IP, port)), &path)
-        })
+        let addr = SocketAddr::from((self.ip, port));
+        sys::in_netns(&self.node, move || sys::http_get(addr, &path))
     }
 
     pub fn wait_ready(&self) {
         let mut child_exited = false;
         let ready = sys::eventually(Duration::from_secs(30), || {
-            if fs::metadata(&self.node).is_err() {
-                return false;
-            }
             if let Some((200, _)) = self.get(15021, "/healthz/ready") {
                 return true;
             }

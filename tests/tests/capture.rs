@@ -283,13 +283,33 @@ fn five_hundred_concurrent_connections_complete(sk_msg: bool) {
     let bed = testbed();
     serve(&bed, bed.pod("server"), 8080, &["--mode", "echo"]);
     let meshd = bed.start_meshd(&config(&bed, &format!("proxy:\n  skMsg: {sk_msg}\n")));
-    let out = client(
+    let many = spawn_in(
         &bed,
         bed.pod("client"),
+        &testkit(),
         &["many", "--connect", &format!("{VIP}:80"), "--count", "500"],
-        Duration::from_secs(90),
     );
-    assert!(out.contains("ok 500 of 500"), "{out}");
+    let output = wait_with_timeout(many, Duration::from_secs(90), "testkit many");
+    let out = String::from_utf8_lossy(&output.stdout);
+    if !out.contains("ok 500 of 500") {
+        let metrics = meshd.metrics();
+        let meshd_lines: Vec<_> = metrics
+            .lines()
+            .filter(|l| l.starts_with("meshd_"))
+            .collect();
+        panic!(
+            "{out}{}\nmeshd metrics:\n{}\nmeshd log:\n{}",
+            String::from_utf8_lossy(&output.stderr),
+            meshd_lines.join("\n"),
+            meshd
+                .log()
+                .lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                .take(20)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
     assert_eq!(
         meshd.metric("istio_tcp_connections_opened_total", &[]),
         500.0

@@ -8,16 +8,22 @@ use std::{
 };
 
 use super::{
-    ConfigError, ConfigErrors, ConfigFile, FieldPath, NodeSpec, Protocol, ProxySpec, Source,
+    ConfigError, ConfigErrors, ConfigFile, FieldPath, IdentitySpec, MeshMode, MeshSpec, NodeSpec,
+    PolicyAction, PolicySpec, Protocol, ProxySpec, Source,
 };
+use crate::identity::Identity;
 
 /// A validated configuration: what meshd runs with.
 #[derive(Debug, Clone)]
 pub struct Config {
+    pub mesh: MeshSpec,
     pub node: Node,
     pub proxy: ProxySpec,
     pub services: Vec<Service>,
     pub workloads: Vec<Workload>,
+    /// Tunnel address of every node, by name.
+    pub nodes: HashMap<Arc<str>, Ipv4Addr>,
+    pub policies: Vec<Policy>,
 }
 
 #[derive(Debug, Clone)]
@@ -26,6 +32,26 @@ pub struct Node {
     pub capture_address: Ipv4Addr,
     pub pod_cgroup: String,
     pub proxy_cgroup: String,
+    pub identity: Option<IdentitySpec>,
+}
+
+/// A validated authorization policy.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub name: Arc<str>,
+    /// Index into `Config::services`.
+    pub service: usize,
+    pub action: PolicyAction,
+    pub from: Vec<PolicySource>,
+    pub ports: Vec<u16>,
+}
+
+/// A source clause; every non-empty list must match.
+#[derive(Debug, Clone, Default)]
+pub struct PolicySource {
+    /// Principals (`<td>/ns/<ns>/sa/<sa>`); `*` matches any.
+    pub principals: Vec<String>,
+    pub namespaces: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -50,6 +76,8 @@ pub struct Endpoint {
     pub address: Ipv4Addr,
     pub node: Option<Arc<str>>,
     pub workload: Arc<str>,
+    /// The identity a tunnel to this endpoint must prove.
+    pub identity: Identity,
     pub labels: BTreeMap<String, String>,
 }
 
@@ -62,6 +90,7 @@ pub struct Workload {
     pub addresses: Vec<Ipv4Addr>,
     pub app: Arc<str>,
     pub version: Arc<str>,
+    pub identity: Identity,
 }
 
 const UNKNOWN: &str = "unknown";
@@ -151,9 +180,39 @@ pub(super) fn validate(sources: &[Source], files: Vec<ConfigFile>) -> Result<Con
     // One node section, at most one proxy section.
     let mut node: Option<(usize, NodeSpec)> = None;
     let mut proxy: Option<(usize, ProxySpec)> = None;
+    let mut mesh: Option<(usize, MeshSpec)> = None;
     let mut services = Vec::new();
     let mut workloads = Vec::new();
+    let mut node_addresses = Vec::new();
+    let mut policies = Vec::new();
     for (file, parsed) in files.into_iter().enumerate() {
+        if let Some(spec) = parsed.mesh {
+            match &mesh {
+                Some((first, _)) => {
+                    let first = sources[*first].path.display().to_string();
+                    check.fail(
+                        file,
+                        &root.clone().key("mesh"),
+                        format!("mesh is already defined in {first}"),
+                    );
+                }
+                None => mesh = Some((file, spec)),
+            }
+        }
+        node_addresses.extend(
+            parsed
+                .nodes
+                .into_iter()
+                .enumerate()
+                .map(|(i, n)| (file, i, n)),
+        );
+        policies.extend(
+            parsed
+                .policies
+                .into_iter()
+                .enumerate()
+                .map(|(i, p)| (file, i, p)),
+        );
         if let Some(spec) = parsed.node {
             match &node {
                 Some((first, _)) => {
@@ -210,27 +269,55 @@ pub(super) fn validate(sources: &[Source], files: Vec<ConfigFile>) -> Result<Con
     };
     let (proxy_file, proxy) = proxy.unwrap_or((0, ProxySpec::default()));
     check_proxy(&mut check, proxy_file, &proxy);
+    let (mesh_file, mesh) = mesh.unwrap_or((0, MeshSpec::default()));
+    check_mesh(&mut check, mesh_file, &mesh);
+    let td = mesh.trust_domain.as_str();
+    let nodes = check_nodes(&mut check, node_addresses);
 
     let workloads: Vec<(usize, FieldPath, Workload)> = workloads
         .into_iter()
         .map(|(file, index, spec)| {
             let at = root.clone().key("workloads").index(index);
-            check_workload(&mut check, file, &at, spec, node.as_ref())
+            check_workload(&mut check, file, &at, spec, node.as_ref(), td)
         })
         .collect();
     let services: Vec<(usize, FieldPath, Service)> = services
         .into_iter()
         .map(|(file, index, spec)| {
             let at = root.clone().key("services").index(index);
-            check_service(&mut check, file, &at, spec)
+            check_service(&mut check, file, &at, spec, td)
         })
         .collect();
     check_uniqueness(&mut check, &services, &workloads);
+    let policies = policies
+        .into_iter()
+        .filter_map(|(file, index, spec)| {
+            let at = root.clone().key("policies").index(index);
+            check_policy(&mut check, file, &at, spec, &services)
+        })
+        .collect();
+    if let Some(node) = &node {
+        let uses_tunnels = services
+            .iter()
+            .flat_map(|(_, _, s)| &s.endpoints)
+            .any(|e| e.node.as_ref().is_some_and(|n| *n != node.name));
+        if uses_tunnels && node.identity.is_none() && mesh.mode == MeshMode::Strict {
+            let file = sources.len() - 1;
+            check.fail(
+                file,
+                &root.clone().key("node").key("identity"),
+                "strict mode with endpoints on other nodes needs node.identity (certificates or issuer)",
+            );
+        }
+    }
 
     match (node, check.errors.is_empty()) {
         (Some(node), true) => Ok(Config {
+            mesh,
             node,
             proxy,
+            nodes,
+            policies,
             services: services.into_iter().map(|(_, _, s)| s).collect(),
             workloads: workloads.into_iter().map(|(_, _, w)| w).collect(),
         }),
@@ -274,12 +361,120 @@ fn check_node(check: &mut Checker<'_>, file: usize, spec: NodeSpec) -> Node {
             ),
         );
     }
+    if let Some(identity) = &spec.identity {
+        let field = at.clone().key("identity");
+        match (&identity.certificates, &identity.issuer) {
+            (Some(_), Some(_)) => check.fail(file, &field, "give certificates or issuer, not both"),
+            (None, None) => check.fail(
+                file,
+                &field,
+                "needs certificates (a directory) or issuer (a CA directory)",
+            ),
+            _ => {}
+        }
+        if identity.ttl < std::time::Duration::from_secs(60) {
+            check.fail(file, &field.clone().key("ttl"), "must be at least 1m");
+        }
+    }
     Node {
         name: spec.name.into(),
         capture_address,
         pod_cgroup: spec.pod_cgroup,
         proxy_cgroup: spec.proxy_cgroup,
+        identity: spec.identity,
     }
+}
+
+fn check_mesh(check: &mut Checker<'_>, file: usize, spec: &MeshSpec) {
+    let td = &spec.trust_domain;
+    let ok = !td.is_empty()
+        && td.len() <= 255
+        && td
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b));
+    if !ok {
+        check.fail(
+            file,
+            &FieldPath::default().key("mesh").key("trustDomain"),
+            format!(
+                "{td:?} is not a SPIFFE trust domain (lowercase letters, digits, '-', '.', '_')"
+            ),
+        );
+    }
+}
+
+fn check_nodes(
+    check: &mut Checker<'_>,
+    specs: Vec<(usize, usize, super::NodeAddressSpec)>,
+) -> HashMap<Arc<str>, Ipv4Addr> {
+    let mut nodes = HashMap::new();
+    for (file, index, spec) in specs {
+        let at = FieldPath::default().key("nodes").index(index);
+        let address = check.ipv4(file, &at.clone().key("address"), spec.address);
+        if nodes
+            .insert(Arc::from(spec.name.as_str()), address)
+            .is_some()
+        {
+            check.fail(
+                file,
+                &at.key("name"),
+                format!("node {} is listed twice", spec.name),
+            );
+        }
+    }
+    nodes
+}
+
+fn check_policy(
+    check: &mut Checker<'_>,
+    file: usize,
+    at: &FieldPath,
+    spec: PolicySpec,
+    services: &[(usize, FieldPath, Service)],
+) -> Option<Policy> {
+    let target = at.clone().key("target").key("service");
+    let Some((namespace, name)) = spec.target.service.split_once('/') else {
+        check.fail(
+            file,
+            &target,
+            format!("{:?} must be namespace/name", spec.target.service),
+        );
+        return None;
+    };
+    let Some(service) = services
+        .iter()
+        .position(|(_, _, s)| &*s.namespace == namespace && &*s.name == name)
+    else {
+        check.fail(file, &target, format!("no service {namespace}/{name}"));
+        return None;
+    };
+    for (i, source) in spec.from.iter().enumerate() {
+        for (j, principal) in source.principals.iter().enumerate() {
+            let valid =
+                principal == "*" || Identity::parse(&format!("spiffe://{principal}")).is_ok();
+            if !valid {
+                check.fail(
+                    file,
+                    &at.clone().key("from").index(i).key("principals").index(j),
+                    format!("{principal:?} is not <trust-domain>/ns/<namespace>/sa/<service-account> or *"),
+                );
+            }
+        }
+    }
+    Some(Policy {
+        name: spec.name.into(),
+        service,
+        action: spec.action,
+        from: spec
+            .from
+            .into_iter()
+            .map(|f| PolicySource {
+                principals: f.principals,
+                namespaces: f.namespaces,
+            })
+            .collect(),
+        ports: spec.ports,
+    })
 }
 
 fn check_proxy(check: &mut Checker<'_>, file: usize, spec: &ProxySpec) {
@@ -323,6 +518,7 @@ fn check_workload(
     at: &FieldPath,
     spec: super::WorkloadSpec,
     node: Option<&Node>,
+    trust_domain: &str,
 ) -> (usize, FieldPath, Workload) {
     check.dns_label(file, &at.clone().key("namespace"), &spec.namespace);
     if spec.name.is_empty() {
@@ -360,6 +556,7 @@ fn check_workload(
     let label =
         |key: &str| -> Arc<str> { spec.labels.get(key).map_or(UNKNOWN, String::as_str).into() };
     let workload = Workload {
+        identity: Identity::new(trust_domain, &spec.namespace, &spec.service_account),
         app: label("app"),
         version: label("version"),
         name: spec.name.as_str().into(),
@@ -376,6 +573,7 @@ fn check_service(
     file: usize,
     at: &FieldPath,
     spec: super::ServiceSpec,
+    trust_domain: &str,
 ) -> (usize, FieldPath, Service) {
     check.dns_label(file, &at.clone().key("name"), &spec.name);
     check.dns_label(file, &at.clone().key("namespace"), &spec.namespace);
@@ -436,6 +634,7 @@ fn check_service(
             address,
             node: endpoint.node.map(Arc::from),
             workload: endpoint.workload.as_deref().unwrap_or(UNKNOWN).into(),
+            identity: Identity::new(trust_domain, &spec.namespace, &endpoint.service_account),
             labels: endpoint.labels,
         });
     }

@@ -14,10 +14,15 @@ use tokio::{
 };
 use tracing::{debug, info, info_span, warn, Instrument as _};
 
-use super::{relay::relay, ProxyInputs};
+use super::{
+    relay::{relay, Resettable},
+    ConnectionGuard, ProxyInputs,
+};
 use crate::{
-    mesh::{destination_addr, Target, Unresolved},
-    metrics::{Metrics, ReasonLabels, ServiceLabels, TcpLabels, UnresolvedReason},
+    mesh::{destination_addr, Path, Target, Unresolved},
+    metrics::{DenyLabels, Metrics, ReasonLabels, ServiceLabels, TcpLabels, UnresolvedReason},
+    policy::{self, Decision},
+    tunnel::{pool::Key, Baggage},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +138,7 @@ async fn handle(inputs: Arc<ProxyInputs>, client: TcpStream, peer: SocketAddr) {
             let reason = match reason {
                 Unresolved::UnknownDestination => UnresolvedReason::unknown_destination,
                 Unresolved::NoEndpoints => UnresolvedReason::no_endpoints,
+                Unresolved::UnknownNode => UnresolvedReason::unknown_node,
             };
             unresolved(metrics, reason);
             warn!(%dst, ?reason, "cannot resolve destination; closing");
@@ -143,39 +149,106 @@ async fn handle(inputs: Arc<ProxyInputs>, client: TcpStream, peer: SocketAddr) {
     let mut labels = tcp_labels(source, &target);
     let upstream_addr = target.upstream;
     let service = target.service.hostname.clone();
-    debug!(%dst, upstream = %upstream_addr, "relaying");
-    // The snapshot is not needed past this point; let a reload free it.
-    drop(mesh);
+    debug!(%dst, upstream = %upstream_addr, path = ?target.path, "relaying");
 
-    let connect = tokio::time::timeout(inputs.connect_timeout, TcpStream::connect(upstream_addr));
-    let mut upstream = match connect.await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(err)) => {
-            warn!(upstream = %upstream_addr, error = %err, "connecting to the endpoint failed");
-            labels.response_flags = "UF";
-            return upstream_failed(metrics, &labels, service, client);
-        }
-        Err(_) => {
-            warn!(upstream = %upstream_addr, timeout = ?inputs.connect_timeout, "connecting to the endpoint timed out");
-            labels.response_flags = "UF";
-            return upstream_failed(metrics, &labels, service, client);
-        }
-    };
-    let _guard = ConnectionGuard::open(metrics, &labels);
     let mut client = client;
     let _ = client.set_nodelay(true);
-    let _ = upstream.set_nodelay(true);
-    let received = metrics.tcp_received_bytes.get_or_create(&labels).clone();
-    let sent = metrics.tcp_sent_bytes.get_or_create(&labels).clone();
-    match relay(
-        &mut client,
-        &mut upstream,
-        inputs.buffer_size,
-        &received,
-        &sent,
-    )
-    .await
-    {
+    match target.path {
+        Path::Local => {
+            // Same node: no tunnel, but the destination's policy still applies.
+            let decision = policy::authorize(
+                &mesh.config.policies,
+                &policy::Request {
+                    source: source.map(|w| &w.identity),
+                    services: mesh.services_of(*upstream_addr.ip()),
+                    port: upstream_addr.port(),
+                },
+            );
+            if let Decision::Deny { reason } = decision {
+                let source_principal =
+                    source.map_or_else(|| Arc::from(UNKNOWN), |w| w.identity.uri().clone());
+                warn!(source = %source_principal, destination = %target.endpoint.identity, %reason, "authorization denied");
+                metrics
+                    .authorization_denied
+                    .get_or_create(&DenyLabels {
+                        source_principal,
+                        destination_principal: target.endpoint.identity.uri().clone(),
+                    })
+                    .inc();
+                return refuse(client);
+            }
+            // The snapshot is not needed past this point; let a reload free it.
+            drop(mesh);
+            let connect =
+                tokio::time::timeout(inputs.connect_timeout, TcpStream::connect(upstream_addr));
+            let mut upstream = match connect.await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(err)) => {
+                    warn!(upstream = %upstream_addr, error = %err, "connecting to the endpoint failed");
+                    labels.response_flags = "UF";
+                    return upstream_failed(metrics, &labels, service, client);
+                }
+                Err(_) => {
+                    warn!(upstream = %upstream_addr, timeout = ?inputs.connect_timeout, "connecting to the endpoint timed out");
+                    labels.response_flags = "UF";
+                    return upstream_failed(metrics, &labels, service, client);
+                }
+            };
+            let _ = upstream.set_nodelay(true);
+            relay_counted(&inputs, &labels, &mut client, &mut upstream).await;
+        }
+        Path::Tunnel { node } => {
+            let (Some(source), Some(pool)) = (source, inputs.pool.as_ref()) else {
+                warn!(
+                    upstream = %upstream_addr,
+                    "no identity to tunnel with (unknown source workload, or no node.identity configured)"
+                );
+                labels.response_flags = "UF";
+                return upstream_failed(metrics, &labels, service, client);
+            };
+            let key = Key {
+                source: source.identity.clone(),
+                node,
+                destination: target.endpoint.identity.clone(),
+            };
+            let baggage = Baggage {
+                workload: Some(source.name.clone()),
+                app: Some(source.app.clone()),
+                version: Some(source.version.clone()),
+                service: Some((
+                    target.service.namespace.clone(),
+                    target.service.name.clone(),
+                )),
+            }
+            .encode();
+            labels.connection_security_policy = "mutual_tls";
+            drop(mesh);
+            let mut stream = match pool.open(&key, upstream_addr, &baggage).await {
+                Ok(stream) => stream,
+                Err(err) => {
+                    warn!(upstream = %upstream_addr, error = %err, "tunnel failed");
+                    labels.response_flags = "UF";
+                    return upstream_failed(metrics, &labels, service, client);
+                }
+            };
+            relay_counted(&inputs, &labels, &mut client, &mut stream).await;
+        }
+    }
+}
+
+async fn relay_counted<U>(
+    inputs: &ProxyInputs,
+    labels: &TcpLabels,
+    client: &mut TcpStream,
+    upstream: &mut U,
+) where
+    U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Resettable,
+{
+    let metrics = &inputs.metrics;
+    let _guard = ConnectionGuard::open(metrics, labels);
+    let received = metrics.tcp_received_bytes.get_or_create(labels).clone();
+    let sent = metrics.tcp_sent_bytes.get_or_create(labels).clone();
+    match relay(client, upstream, inputs.buffer_size, &received, &sent).await {
         Ok(()) => debug!("closed"),
         Err(err) => debug!(error = %err, "closed with an error"),
     }
@@ -197,14 +270,16 @@ fn upstream_failed(metrics: &Metrics, labels: &TcpLabels, service: Arc<str>, cli
 
 fn tcp_labels(source: Option<&crate::config::Workload>, target: &Target<'_>) -> TcpLabels {
     let unknown: Arc<str> = Arc::from(UNKNOWN);
-    let (workload, namespace, app, version) = match source {
+    let (workload, namespace, app, version, principal) = match source {
         Some(w) => (
             w.name.clone(),
             w.namespace.clone(),
             w.app.clone(),
             w.version.clone(),
+            w.identity.uri().clone(),
         ),
         None => (
+            unknown.clone(),
             unknown.clone(),
             unknown.clone(),
             unknown.clone(),
@@ -215,39 +290,18 @@ fn tcp_labels(source: Option<&crate::config::Workload>, target: &Target<'_>) -> 
         reporter: "source",
         source_workload: workload,
         source_workload_namespace: namespace,
-        source_principal: unknown.clone(),
+        source_principal: principal,
         source_app: app,
         source_version: version,
         destination_workload: target.endpoint.workload.clone(),
         destination_workload_namespace: target.service.namespace.clone(),
-        destination_principal: unknown,
+        destination_principal: target.endpoint.identity.uri().clone(),
         destination_service: target.service.hostname.clone(),
         destination_service_name: target.service.name.clone(),
         destination_service_namespace: target.service.namespace.clone(),
         request_protocol: "tcp",
         response_flags: "-",
-        connection_security_policy: "unknown",
-    }
-}
-
-/// Counts a connection opened now and closed when dropped, whichever way
-/// the handler ends.
-struct ConnectionGuard<'a> {
-    metrics: &'a Metrics,
-    labels: &'a TcpLabels,
-}
-
-impl<'a> ConnectionGuard<'a> {
-    fn open(metrics: &'a Metrics, labels: &'a TcpLabels) -> Self {
-        metrics.tcp_opened.get_or_create(labels).inc();
-        metrics.active_connections.inc();
-        Self { metrics, labels }
-    }
-}
-
-impl Drop for ConnectionGuard<'_> {
-    fn drop(&mut self) {
-        self.metrics.tcp_closed.get_or_create(self.labels).inc();
-        self.metrics.active_connections.dec();
+        // Same-node traffic never leaves the node and is not encrypted.
+        connection_security_policy: "none",
     }
 }

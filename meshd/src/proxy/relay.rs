@@ -14,12 +14,12 @@ use tokio::{
 };
 
 /// A stream that adds every byte read from it to a counter.
-struct Counted<'a> {
-    inner: &'a mut TcpStream,
+struct Counted<'a, S> {
+    inner: &'a mut S,
     read: &'a Counter,
 }
 
-impl AsyncRead for Counted<'_> {
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -35,7 +35,7 @@ impl AsyncRead for Counted<'_> {
     }
 }
 
-impl AsyncWrite for Counted<'_> {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -53,17 +53,33 @@ impl AsyncWrite for Counted<'_> {
     }
 }
 
+/// Something a relay can reset when the other side failed.
+pub trait Resettable {
+    /// Makes the next close a reset (a no-op where there is no socket).
+    fn reset_on_close(&self);
+}
+
+impl Resettable for TcpStream {
+    fn reset_on_close(&self) {
+        let _ = self.set_zero_linger();
+    }
+}
+
 /// Relays until both directions have ended. When one side finishes sending,
 /// the other side's write half is shut down (half-close) and the opposite
-/// direction carries on. On an error both connections are reset, so each
-/// peer learns the other is gone.
-pub async fn relay(
-    client: &mut TcpStream,
-    upstream: &mut TcpStream,
+/// direction carries on. On an error both ends are reset where they can be,
+/// so each peer learns the other is gone.
+pub async fn relay<C, U>(
+    client: &mut C,
+    upstream: &mut U,
     buffer_size: usize,
     received: &Counter,
     sent: &Counter,
-) -> io::Result<()> {
+) -> io::Result<()>
+where
+    C: AsyncRead + AsyncWrite + Unpin + Resettable,
+    U: AsyncRead + AsyncWrite + Unpin + Resettable,
+{
     let mut from_client = Counted {
         inner: client,
         read: received,
@@ -80,8 +96,8 @@ pub async fn relay(
     )
     .await;
     if result.is_err() {
-        let _ = from_client.inner.set_zero_linger();
-        let _ = from_upstream.inner.set_zero_linger();
+        from_client.inner.reset_on_close();
+        from_upstream.inner.reset_on_close();
     }
     result.map(|_| ())
 }

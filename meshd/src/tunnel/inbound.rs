@@ -1,0 +1,327 @@
+//! The destination side (:15008): accepts mutual TLS 1.3 from other nodes'
+//! meshd, reads the peer's SPIFFE ID from its certificate, and serves
+//! HTTP/2 CONNECT streams to this node's pods after authorization.
+
+use std::{
+    convert::Infallible,
+    net::{SocketAddr, SocketAddrV4},
+    sync::{atomic::AtomicU64, atomic::Ordering, Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::{body::Incoming, service::service_fn, Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::ServerConfig;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::watch,
+    task::JoinSet,
+};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, info_span, warn, Instrument as _};
+
+use super::{Baggage, BAGGAGE, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, STREAM_WINDOW};
+use crate::{
+    identity::{tls, Identity},
+    metrics::{DenyLabels, HandshakeLabels, TcpLabels},
+    policy::{self, Decision},
+    proxy::{relay::relay, ProxyInputs},
+};
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {address} for tunnels: {source}")]
+pub struct BindError {
+    pub address: SocketAddr,
+    #[source]
+    pub source: std::io::Error,
+}
+
+pub struct Inbound {
+    listener: TcpListener,
+    address: SocketAddr,
+    /// The TLS config for the certificate generation it was built from.
+    config: Mutex<Option<(u64, Arc<ServerConfig>)>>,
+}
+
+/// First byte of a TLS handshake record.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+impl Inbound {
+    pub async fn bind(address: SocketAddr) -> Result<Self, BindError> {
+        let listener = TcpListener::bind(address)
+            .await
+            .map_err(|source| BindError { address, source })?;
+        Ok(Self {
+            listener,
+            address,
+            config: Mutex::new(None),
+        })
+    }
+
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    pub async fn run(
+        self,
+        inputs: Arc<ProxyInputs>,
+        mut stop: watch::Receiver<bool>,
+        drain: Duration,
+    ) {
+        let this = Arc::new(self);
+        let ids = AtomicU64::new(0);
+        let mut connections = JoinSet::new();
+        loop {
+            tokio::select! {
+                accepted = this.listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let id = ids.fetch_add(1, Ordering::Relaxed);
+                        let span = info_span!("inbound", id, peer = %peer);
+                        connections.spawn(this.clone().serve(inputs.clone(), stream).instrument(span));
+                    }
+                    Err(err) => {
+                        inputs.metrics.accept_errors.inc();
+                        warn!(error = %err, "accepting a tunnel connection failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                _ = crate::proxy::stopped(&mut stop) => break,
+            }
+        }
+        info!(
+            in_flight = connections.len(),
+            "tunnel listener closed; draining"
+        );
+        if tokio::time::timeout(drain, async {
+            while connections.join_next().await.is_some() {}
+        })
+        .await
+        .is_err()
+        {
+            connections.shutdown().await;
+        }
+    }
+
+    /// The server config for the current certificates, rebuilt when they change.
+    fn server_config(&self, inputs: &ProxyInputs) -> Result<Arc<ServerConfig>, tls::TlsError> {
+        let store = inputs.store.as_ref().ok_or(tls::TlsError::NoRoots)?;
+        let certs = store.current();
+        let mut cached = self.config.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((generation, config)) = cached.as_ref() {
+            if *generation == certs.generation {
+                return Ok(config.clone());
+            }
+        }
+        let generation = certs.generation;
+        let config = tls::server_config(certs, store.provider())?;
+        *cached = Some((generation, config.clone()));
+        Ok(config)
+    }
+
+    async fn serve(self: Arc<Self>, inputs: Arc<ProxyInputs>, stream: TcpStream) {
+        let metrics = &inputs.metrics;
+        let failed = |reason: &'static str| {
+            metrics
+                .tls_handshake_failures
+                .get_or_create(&HandshakeLabels {
+                    direction: "inbound",
+                    reason,
+                })
+                .inc();
+        };
+        // Name what is plainly not TLS before rustls reads it.
+        let mut first = [0u8; 1];
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
+            Ok(Ok(1)) if first[0] == TLS_HANDSHAKE => {}
+            Ok(Ok(1)) => {
+                let reason = if first[0].is_ascii_alphabetic() {
+                    "plaintext"
+                } else {
+                    "not_tls"
+                };
+                warn!(
+                    reason,
+                    "refusing a connection that does not start a TLS handshake"
+                );
+                return failed(reason);
+            }
+            Ok(_) => return failed("eof"),
+            Err(_) => return failed("timeout"),
+        }
+        let config = match self.server_config(&inputs) {
+            Ok(config) => config,
+            Err(err) => {
+                warn!(error = %err, "cannot accept tunnels");
+                return failed("no_certificates");
+            }
+        };
+        let tls =
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(config).accept(stream))
+                .await
+            {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(err)) => {
+                    let reason = tls::failure_reason(&err);
+                    warn!(reason, error = %err, "tunnel handshake failed");
+                    return failed(reason);
+                }
+                Err(_) => return failed("timeout"),
+            };
+        let trust_domain = inputs.mesh.load().config.mesh.trust_domain.clone();
+        let peer = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .ok_or_else(|| "no client certificate".to_owned())
+            .and_then(|certs| tls::peer_identity(certs, &trust_domain));
+        let source = match peer {
+            Ok(source) => source,
+            Err(reason) => {
+                warn!(%reason, "refusing a peer without a valid SPIFFE ID");
+                return failed("bad_identity");
+            }
+        };
+        debug!(%source, "tunnel accepted");
+        let service = service_fn(move |request| {
+            let inputs = inputs.clone();
+            let source = source.clone();
+            async move { Ok::<_, Infallible>(stream_request(inputs, source, request).await) }
+        });
+        let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .serve_connection(TokioIo::new(tls), service)
+            .await;
+        if let Err(err) = served {
+            debug!(error = %err, "tunnel connection ended with an error");
+        }
+    }
+}
+
+fn status(code: StatusCode) -> Response<Empty<Bytes>> {
+    let mut response = Response::new(Empty::new());
+    *response.status_mut() = code;
+    response
+}
+
+/// One CONNECT stream: authorize, connect to the pod, relay.
+async fn stream_request(
+    inputs: Arc<ProxyInputs>,
+    source: Identity,
+    request: Request<Incoming>,
+) -> Response<Empty<Bytes>> {
+    if request.method() != Method::CONNECT {
+        return status(StatusCode::METHOD_NOT_ALLOWED);
+    }
+    let Some(target) = request
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddrV4>().ok())
+    else {
+        return status(StatusCode::BAD_REQUEST);
+    };
+    let baggage = request
+        .headers()
+        .get(BAGGAGE)
+        .and_then(|v| v.to_str().ok())
+        .map(Baggage::decode)
+        .unwrap_or_default();
+    let mesh = inputs.mesh.load();
+    let Some(workload) = mesh.local_workload(*target.ip()) else {
+        warn!(%source, %target, "tunnel stream to an address that is no workload of this node");
+        return status(StatusCode::NOT_FOUND);
+    };
+    let services = mesh.services_of(*target.ip());
+    let decision = policy::authorize(
+        &mesh.config.policies,
+        &policy::Request {
+            source: Some(&source),
+            services,
+            port: target.port(),
+        },
+    );
+    if let Decision::Deny { reason } = decision {
+        warn!(%source, destination = %workload.identity, %target, %reason, "authorization denied");
+        inputs
+            .metrics
+            .authorization_denied
+            .get_or_create(&DenyLabels {
+                source_principal: source.uri().clone(),
+                destination_principal: workload.identity.uri().clone(),
+            })
+            .inc();
+        return status(StatusCode::FORBIDDEN);
+    }
+    // The service the source addressed, if this endpoint really backs it.
+    let service = baggage
+        .service
+        .as_ref()
+        .and_then(|(ns, name)| {
+            services
+                .iter()
+                .map(|s| &mesh.config.services[*s])
+                .find(|s| s.namespace == *ns && s.name == *name)
+        })
+        .or_else(|| services.first().map(|s| &mesh.config.services[*s]));
+    let unknown: Arc<str> = Arc::from("unknown");
+    let labels = TcpLabels {
+        reporter: "destination",
+        source_workload: baggage.workload.clone().unwrap_or_else(|| unknown.clone()),
+        source_workload_namespace: source.namespace().into(),
+        source_principal: source.uri().clone(),
+        source_app: baggage.app.clone().unwrap_or_else(|| unknown.clone()),
+        source_version: baggage.version.clone().unwrap_or_else(|| unknown.clone()),
+        destination_workload: workload.name.clone(),
+        destination_workload_namespace: workload.namespace.clone(),
+        destination_principal: workload.identity.uri().clone(),
+        destination_service: service.map_or_else(|| unknown.clone(), |s| s.hostname.clone()),
+        destination_service_name: service.map_or_else(|| unknown.clone(), |s| s.name.clone()),
+        destination_service_namespace: service
+            .map_or_else(|| unknown.clone(), |s| s.namespace.clone()),
+        request_protocol: "tcp",
+        response_flags: "-",
+        connection_security_policy: "mutual_tls",
+    };
+    drop(mesh);
+
+    let connect = tokio::time::timeout(inputs.connect_timeout, TcpStream::connect(target)).await;
+    let mut pod = match connect {
+        Ok(Ok(pod)) => pod,
+        Ok(Err(err)) => {
+            warn!(%target, error = %err, "connecting to the pod failed");
+            return status(StatusCode::SERVICE_UNAVAILABLE);
+        }
+        Err(_) => {
+            warn!(%target, "connecting to the pod timed out");
+            return status(StatusCode::GATEWAY_TIMEOUT);
+        }
+    };
+    let _ = pod.set_nodelay(true);
+    tokio::spawn(
+        async move {
+            let metrics = &inputs.metrics;
+            let upgraded = match hyper::upgrade::on(request).await {
+                Ok(upgraded) => upgraded,
+                Err(err) => {
+                    debug!(error = %err, "stream upgrade failed");
+                    return;
+                }
+            };
+            let mut stream = TokioIo::new(upgraded);
+            let _guard = crate::proxy::ConnectionGuard::open(metrics, &labels);
+            let received = metrics.tcp_received_bytes.get_or_create(&labels).clone();
+            let sent = metrics.tcp_sent_bytes.get_or_create(&labels).clone();
+            if let Err(err) =
+                relay(&mut stream, &mut pod, inputs.buffer_size, &received, &sent).await
+            {
+                debug!(error = %err, "stream closed with an error");
+            }
+        }
+        .in_current_span(),
+    );
+    status(StatusCode::OK)
+}
