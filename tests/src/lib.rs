@@ -3,5 +3,6 @@
 //! meshd.
 #![forbid(unsafe_code)]
 
+pub mod clients;
 pub mod sys;
 pub mod testbed;

@@ -229,9 +229,15 @@ impl Testbed {
     /// Node `node`'s config: its `node` section, its pods as workloads, the
     /// `nodes` list when there are several; `rest` adds the rest.
     pub fn config_for(&self, node: usize, rest: &str) -> String {
+        self.config_with(node, "", rest)
+    }
+
+    /// As [`Self::config_for`], with `node_extra` (lines indented by two
+    /// spaces) added to the `node` section.
+    pub fn config_with(&self, node: usize, node_extra: &str, rest: &str) -> String {
         let this = &self.nodes[node];
         let mut yaml = format!(
-            "node:\n  name: {}\n  captureAddress: {}\n  podCgroup: {cg}/pods\n  proxyCgroup: {cg}/proxy\n",
+            "node:\n  name: {}\n  captureAddress: {}\n  podCgroup: {cg}/pods\n  proxyCgroup: {cg}/proxy\n{node_extra}",
             this.name,
             this.ip,
             cg = this.cgroup_path

@@ -3,24 +3,17 @@
 //! meshd-testkit) and real servers. Needs root and cgroup v2; fails, never
 //! skips, without them.
 
-use std::{
-    path::{Path, PathBuf},
-    process::{Child, Stdio},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use meshd_tests::{
+    clients::{client, curl, serve, spawn_in, testkit},
     sys::{eventually, wait_with_timeout},
-    testbed::{Pod, Testbed},
+    testbed::Testbed,
 };
 
 const VIP: &str = "10.96.0.20";
 const MIB: u64 = 1024 * 1024;
 const SERVER_IP: &str = "10.77.0.11";
-
-fn testkit() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_meshd-testkit"))
-}
 
 /// Pods `client` (10.77.0.10) and `server` (10.77.0.11).
 fn testbed() -> Testbed {
@@ -33,47 +26,6 @@ fn config(bed: &Testbed, extra: &str) -> String {
     bed.config(&format!(
         "services:\n  - name: server\n    vip: {VIP}\n    ports: [{{ port: 80, targetPort: 8080 }}]\n    endpoints: [{{ address: {SERVER_IP}, workload: server }}]\n{extra}"
     ))
-}
-
-/// Starts a testkit server in `pod` on `port` and waits until it listens.
-fn serve(bed: &Testbed, pod: &Pod, port: u16, args: &[&str]) {
-    let listen = format!("{}:{port}", pod.ip);
-    let mut all = vec!["serve", "--listen", listen.as_str()];
-    all.extend_from_slice(args);
-    bed.spawn(pod, &testkit(), &all);
-    bed.wait_listening(pod, listen.parse().expect("address"));
-}
-
-fn spawn_in(bed: &Testbed, pod: &Pod, program: &Path, args: &[&str]) -> Child {
-    bed.command(pod, program, args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn in pod")
-}
-
-/// Runs testkit `args` in `pod`, expecting success; returns its stdout.
-fn client(bed: &Testbed, pod: &Pod, args: &[&str], timeout: Duration) -> String {
-    let child = spawn_in(bed, pod, &testkit(), args);
-    let output = wait_with_timeout(child, timeout, &format!("testkit {}", args.join(" ")));
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "testkit {} failed: {stdout}\n{}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
-}
-
-/// `curl URL` in `pod`: (exit code, body).
-fn curl(bed: &Testbed, pod: &Pod, url: &str) -> (i32, String) {
-    let child = spawn_in(bed, pod, Path::new("curl"), &["-sS", "-m", "5", url]);
-    let output = wait_with_timeout(child, Duration::from_secs(10), "curl");
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-    )
 }
 
 #[test]

@@ -1,0 +1,413 @@
+//! Zero trust between nodes: two meshd nodes, pods with SPIFFE identities
+//! from a CA made by `meshd ca`, HTTP/2 CONNECT over mutual TLS 1.3, and
+//! authorization at the destination. Real TLS clients (openssl, curl) try
+//! what attackers and misconfigurations would.
+
+use std::{
+    io::Write as _,
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    time::Duration,
+};
+
+use meshd_tests::{
+    clients::{curl, serve},
+    sys::{self, eventually, wait_with_timeout},
+    testbed::{Meshd, PodSpec, Testbed},
+};
+
+const TUNNEL_B: &str = "192.168.77.2:15008";
+
+fn meshd_bin(args: &[&str]) {
+    let output = Command::new(sys::workspace_binary("meshd"))
+        .args(args)
+        .output()
+        .expect("run meshd");
+    assert!(
+        output.status.success(),
+        "meshd {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A CA in `dir/name`.
+fn ca(bed: &Testbed, name: &str) -> PathBuf {
+    let dir = bed.dir.join(name);
+    meshd_bin(&["ca", "init", "--out", &dir.display().to_string()]);
+    dir
+}
+
+/// Issues `namespace/sa` from `ca` into `out`, with extra `meshd ca issue` flags.
+fn issue(ca: &Path, out: &Path, namespace: &str, sa: &str, extra: &[&str]) {
+    let mut args = vec![
+        "ca".to_owned(),
+        "issue".into(),
+        "--ca".into(),
+        ca.display().to_string(),
+        "--namespace".into(),
+        namespace.into(),
+        "--service-account".into(),
+        sa.into(),
+        "--out".into(),
+        out.display().to_string(),
+    ];
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    meshd_bin(&args);
+}
+
+/// Two nodes with their pods, a CA, and a certificate for every pod in its
+/// node's `certs-<node>/<ns>/<sa>` directory.
+struct Mesh {
+    bed: Testbed,
+    ca: PathBuf,
+}
+
+impl Mesh {
+    fn new(node_a: &[PodSpec<'_>], node_b: &[PodSpec<'_>]) -> Self {
+        let bed = Testbed::nodes(&[("node-a", node_a), ("node-b", node_b)]);
+        let ca = ca(&bed, "ca");
+        for pod in &bed.pods {
+            let out = Self::certs(&bed, pod.node)
+                .join(&pod.namespace)
+                .join(&pod.service_account);
+            issue(&ca, &out, &pod.namespace, &pod.service_account, &[]);
+        }
+        Self { bed, ca }
+    }
+
+    fn certs(bed: &Testbed, node: usize) -> PathBuf {
+        bed.dir.join(format!("certs-{}", bed.nodes[node].name))
+    }
+
+    /// Node `node`'s config with file-based identities and `rest`.
+    fn config(&self, node: usize, rest: &str) -> String {
+        let certs = Self::certs(&self.bed, node);
+        self.bed.config_with(
+            node,
+            &format!("  identity:\n    certificates: {}\n", certs.display()),
+            &format!("mesh:\n  trustDomain: cluster.local\n{rest}"),
+        )
+    }
+
+    fn start(&self, rest: &str) -> (Meshd, Meshd) {
+        let a = self.bed.start_meshd_on(0, &self.config(0, rest));
+        let b = self.bed.start_meshd_on(1, &self.config(1, rest));
+        (a, b)
+    }
+}
+
+/// A service `name` on `vip`:80 whose one endpoint is `address`:8080 on node-b.
+fn service(name: &str, vip: &str, address: &str, sa: &str) -> String {
+    format!(
+        "  - name: {name}\n    vip: {vip}\n    ports: [{{ port: 80, targetPort: 8080 }}]\n    endpoints: [{{ address: {address}, node: node-b, workload: {name}, serviceAccount: {sa} }}]\n"
+    )
+}
+
+fn spiffe(sa: &str) -> String {
+    format!("spiffe://cluster.local/ns/default/sa/{sa}")
+}
+
+#[test]
+fn a_cross_node_request_goes_through_mutual_tls_with_principals_on_both_sides() {
+    let mesh = Mesh::new(&[PodSpec::named("client")], &[PodSpec::named("server")]);
+    let bed = &mesh.bed;
+    serve(
+        bed,
+        bed.pod("server"),
+        8080,
+        &["--mode", "hello", "--name", "server"],
+    );
+    let services = format!(
+        "services:\n{}",
+        service("server", "10.96.0.20", "10.78.0.10", "server")
+    );
+    let (a, b) = mesh.start(&services);
+
+    for _ in 0..3 {
+        let (code, body) = curl(bed, bed.pod("client"), "http://10.96.0.20/");
+        assert_eq!(
+            code,
+            0,
+            "cross-node curl failed\nnode-a:\n{}\nnode-b:\n{}",
+            a.log(),
+            b.log()
+        );
+        // node-b's meshd connected to the pod from its own bridge address.
+        assert!(
+            body.starts_with("hello from server to 10.78.0.1:"),
+            "{body}"
+        );
+    }
+    let principals = [
+        ("source_principal", spiffe("client")),
+        ("destination_principal", spiffe("server")),
+        ("connection_security_policy", "mutual_tls".to_owned()),
+        ("source_workload", "client".to_owned()),
+        ("destination_workload", "server".to_owned()),
+        (
+            "destination_service",
+            "server.default.svc.cluster.local".to_owned(),
+        ),
+    ];
+    let labels = |reporter: &'static str| {
+        let mut l: Vec<(&str, &str)> = principals.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        l.push(("reporter", reporter));
+        l
+    };
+    assert_eq!(
+        a.metric("istio_tcp_connections_opened_total", &labels("source")),
+        3.0
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            b.metric("istio_tcp_connections_closed_total", &labels("destination")) == 3.0
+        }),
+        "node-b metrics:\n{}",
+        b.metrics()
+    );
+    assert!(b.metric("istio_tcp_sent_bytes_total", &labels("destination")) > 0.0);
+    // Three streams, one pooled connection.
+    assert_eq!(a.metric("meshd_tunnel_connections", &[]), 1.0);
+    let expiry = b.metric(
+        "meshd_certificate_expiry_seconds",
+        &[("identity", &spiffe("server"))],
+    );
+    assert!(
+        expiry > 23.0 * 3600.0 && expiry <= 24.0 * 3600.0,
+        "{expiry}"
+    );
+}
+
+/// Runs `program args` in node-a's network namespace.
+fn on_node_a(bed: &Testbed, program: &str, args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = Command::new("nsenter")
+        .arg(format!("--net={}", bed.nodes[0].netns.path().display()))
+        .arg("--")
+        .arg(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let _ = child.stdin.take().expect("stdin").write_all(stdin);
+    wait_with_timeout(child, Duration::from_secs(20), program)
+}
+
+/// `openssl s_client` to node-b's tunnel port presenting `cert_dir`'s certificate.
+fn s_client(bed: &Testbed, cert_dir: Option<&Path>, ca: &Path, extra: &[&str]) -> String {
+    let ca_file = ca.join("ca.crt").display().to_string();
+    let mut args = vec![
+        "s_client".to_owned(),
+        "-connect".into(),
+        TUNNEL_B.into(),
+        "-servername".into(),
+        "server.default.cluster.local".into(),
+        "-CAfile".into(),
+        ca_file,
+        "-alpn".into(),
+        "h2".into(),
+    ];
+    if let Some(dir) = cert_dir {
+        args.extend(["-cert".into(), dir.join("tls.crt").display().to_string()]);
+        args.extend(["-key".into(), dir.join("tls.key").display().to_string()]);
+    }
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let output = on_node_a(bed, "openssl", &args, b"");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+#[test]
+fn the_tunnel_port_speaks_only_tls_1_3_and_demands_a_client_certificate() {
+    let mesh = Mesh::new(&[PodSpec::named("client")], &[PodSpec::named("server")]);
+    let bed = &mesh.bed;
+    let services = format!(
+        "services:\n{}",
+        service("server", "10.96.0.20", "10.78.0.10", "server")
+    );
+    let (_a, b) = mesh.start(&services);
+    let out = s_client(bed, None, &mesh.ca, &[]);
+    assert!(out.contains("TLSv1.3"), "{out}");
+    assert!(
+        out.contains("Acceptable client certificate CA names"),
+        "no CertificateRequest:\n{out}"
+    );
+    assert!(out.contains("Verify return code: 0 (ok)"), "{out}");
+    // Without a certificate the handshake is refused.
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            b.metric(
+                "meshd_tls_handshake_failures_total",
+                &[("reason", "no_client_certificate")],
+            ) == 1.0
+        }),
+        "{}",
+        b.metrics()
+    );
+}
+
+#[test]
+fn bad_peers_are_refused_each_with_its_own_counted_reason() {
+    let mesh = Mesh::new(&[PodSpec::named("client")], &[PodSpec::named("server")]);
+    let bed = &mesh.bed;
+    let services = format!(
+        "services:\n{}",
+        service("server", "10.96.0.20", "10.78.0.10", "server")
+    );
+    let (_a, b) = mesh.start(&services);
+    let failures = |reason: &str| {
+        b.metric(
+            "meshd_tls_handshake_failures_total",
+            &[("direction", "inbound"), ("reason", reason)],
+        )
+    };
+
+    let expired = bed.dir.join("expired");
+    issue(
+        &mesh.ca,
+        &expired,
+        "default",
+        "client",
+        &["--ttl", "1h", "--backdate", "2h"],
+    );
+    let other_ca = ca(bed, "other-ca");
+    let foreign = bed.dir.join("foreign");
+    issue(&other_ca, &foreign, "default", "client", &[]);
+    let wrong_san = bed.dir.join("wrong-san");
+    issue(
+        &mesh.ca,
+        &wrong_san,
+        "default",
+        "client",
+        &["--trust-domain", "evil.example"],
+    );
+
+    let cases: [(&str, &Path, &str); 3] = [
+        ("an expired certificate", &expired, "expired"),
+        ("a certificate from another CA", &foreign, "untrusted"),
+        ("a SAN outside the trust domain", &wrong_san, "bad_identity"),
+    ];
+    for (what, dir, reason) in cases {
+        let out = s_client(bed, Some(dir), &mesh.ca, &[]);
+        assert!(
+            eventually(Duration::from_secs(5), || failures(reason) == 1.0),
+            "{what}: no {reason} failure counted\n{out}\n{}",
+            b.metrics()
+        );
+    }
+
+    // Plaintext HTTP.
+    let output = on_node_a(
+        bed,
+        "curl",
+        &["-sS", "-m", "3", &format!("http://{TUNNEL_B}/")],
+        b"",
+    );
+    assert!(!output.status.success());
+    assert!(eventually(Duration::from_secs(5), || failures("plaintext") == 1.0));
+
+    // A TLS 1.2-only client.
+    let out = s_client(bed, Some(&expired), &mesh.ca, &["-tls1_2"]);
+    assert!(
+        !out.contains("TLSv1.2, Cipher is"),
+        "a TLS 1.2 session was established:\n{out}"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || failures("protocol_version")
+            == 1.0),
+        "{}",
+        b.metrics()
+    );
+
+    // Random bytes.
+    let node_a = bed.nodes[0].netns.path();
+    sys::in_netns(&node_a, || {
+        let addr: SocketAddr = TUNNEL_B.parse().expect("address");
+        let mut stream = TcpStream::connect(addr).expect("connect");
+        let garbage: Vec<u8> = (0..256u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 | 0x80)
+            .collect();
+        let _ = stream.write_all(&garbage);
+    });
+    assert!(
+        eventually(Duration::from_secs(5), || failures("not_tls") == 1.0),
+        "{}",
+        b.metrics()
+    );
+
+    // Nothing else was counted along the way.
+    let total = b.metric("meshd_tls_handshake_failures_total", &[]);
+    assert_eq!(total, 6.0, "{}", b.metrics());
+}
+
+#[test]
+fn authorization_allows_denies_and_deny_wins_with_real_traffic() {
+    let spec = |name| PodSpec::named(name);
+    let mesh = Mesh::new(&[spec("a"), spec("d")], &[spec("b"), spec("c")]);
+    let bed = &mesh.bed;
+    serve(bed, bed.pod("b"), 8080, &["--mode", "hello", "--name", "b"]);
+    serve(bed, bed.pod("c"), 8080, &["--mode", "hello", "--name", "c"]);
+    let rest = format!(
+        "services:\n{}{}policies:
+  - name: b-from-a
+    target: {{ service: default/svc-b }}
+    action: allow
+    from: [{{ principals: [cluster.local/ns/default/sa/a] }}]
+  - name: c-from-a
+    target: {{ service: default/svc-c }}
+    action: allow
+    from: [{{ principals: [cluster.local/ns/default/sa/a] }}]
+  - name: no-c-for-a
+    target: {{ service: default/svc-c }}
+    action: deny
+    from: [{{ principals: [cluster.local/ns/default/sa/a] }}]
+",
+        service("svc-b", "10.96.0.21", "10.78.0.10", "b"),
+        service("svc-c", "10.96.0.22", "10.78.0.11", "c"),
+    );
+    let (a_node, b_node) = mesh.start(&rest);
+    let cases = [
+        ("a", "10.96.0.21", true),
+        ("d", "10.96.0.21", false),
+        ("a", "10.96.0.22", false),
+        ("d", "10.96.0.22", false),
+    ];
+    for (source, vip, allowed) in cases {
+        let (code, body) = curl(bed, bed.pod(source), &format!("http://{vip}/"));
+        assert_eq!(
+            code == 0,
+            allowed,
+            "{source} → {vip}: curl {code} {body}\nnode-a:\n{}\nnode-b:\n{}",
+            a_node.log(),
+            b_node.log()
+        );
+    }
+    let denied = |source: &str, destination: &str| {
+        b_node.metric(
+            "meshd_authorization_denied_total",
+            &[
+                ("source_principal", &spiffe(source)),
+                ("destination_principal", &spiffe(destination)),
+            ],
+        )
+    };
+    assert_eq!(denied("d", "b"), 1.0);
+    assert_eq!(denied("a", "c"), 1.0);
+    assert_eq!(denied("d", "c"), 1.0);
+    assert_eq!(denied("a", "b"), 0.0);
+    let log = b_node.log();
+    assert!(
+        log.contains("authorization denied")
+            && log.contains(&spiffe("d"))
+            && log.contains(&spiffe("c")),
+        "{log}"
+    );
+}
