@@ -22,6 +22,11 @@ pub const SOCKETS_CAPACITY: u32 = 65_536;
 /// `Settings::flags` bit: put captured app⇄meshd sockets into the socket hash
 /// so the `sk_msg` program moves their bytes without the TCP stack.
 pub const FLAG_SK_MSG: u32 = 1;
+/// `Settings::flags` bit: strict mode. Pods in the subtree accept new TCP
+/// connections only from `TRUSTED` sources (meshd's own addresses).
+pub const FLAG_STRICT: u32 = 2;
+/// Capacity of the map of trusted source addresses.
+pub const TRUSTED_CAPACITY: u32 = 64;
 
 /// An IPv4 destination, as a map key. `ip` is in network order (octets in
 /// memory order), `port` in host order.
@@ -95,8 +100,13 @@ pub mod counter {
     pub const SK_MSG_FALLBACK: u32 = 1;
     /// Sockets added to the socket hash.
     pub const SOCKETS_ADDED: u32 = 2;
+    /// New inbound TCP connections to a pod dropped by strict mode.
+    pub const STRICT_DROPPED: u32 = 3;
+    /// New inbound TCP connections to a pod that did not come through meshd,
+    /// let in because the mesh is permissive.
+    pub const PLAINTEXT_ACCEPTED: u32 = 4;
     /// Number of counters.
-    pub const LEN: u32 = 3;
+    pub const LEN: u32 = 5;
 }
 
 #[cfg(feature = "user")]

@@ -10,6 +10,9 @@
 //!   name meshd knows for the connection after `accept()`. It also puts both
 //!   ends of the app⇄meshd hop into `SOCKETS` when same-node acceleration is on.
 //! - `meshd_sk_msg` moves bytes between those two sockets directly.
+//! - `meshd_ingress` (cgroup_skb/ingress) enforces the mesh mode on the
+//!   pods: a new TCP connection that does not come from meshd is dropped in
+//!   strict mode and counted as plaintext in permissive mode.
 #![no_std]
 #![no_main]
 
@@ -21,14 +24,14 @@ use aya_ebpf::{
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
     },
     helpers::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map, sk_msg, sock_ops},
+    macros::{cgroup_skb, cgroup_sock_addr, map, sk_msg, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
-    programs::{SkMsgContext, SockAddrContext, SockOpsContext},
+    programs::{SkBuffContext, SkMsgContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
 use meshd_common::{
     counter, Destination, OrigDst, Settings, SockKey, DESTINATIONS_CAPACITY, FLAG_SK_MSG,
-    ORIG_DST_CAPACITY, SOCKETS_CAPACITY,
+    FLAG_STRICT, ORIG_DST_CAPACITY, SOCKETS_CAPACITY, TRUSTED_CAPACITY,
 };
 
 /// `connect()` verdicts for cgroup/connect programs.
@@ -66,6 +69,11 @@ static PASSTHROUGH: LruHashMap<SockKey, u8> = LruHashMap::with_max_entries(SOCKE
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::LEN, 0);
+
+/// Source addresses allowed to open connections to pods in strict mode:
+/// the addresses meshd connects to pods from.
+#[map]
+static TRUSTED: HashMap<u32, u8> = HashMap::with_max_entries(TRUSTED_CAPACITY, 0);
 
 // === connect ===
 
@@ -243,6 +251,62 @@ pub fn meshd_sk_msg(ctx: SkMsgContext) -> u32 {
     count(counter::SK_MSG_FALLBACK);
     debug!(&ctx, "sk_msg: no peer socket, falling back to TCP");
     SK_PASS
+}
+
+// === cgroup_skb/ingress ===
+
+const PASS: i32 = 1;
+const DROP: i32 = 0;
+const IPPROTO_TCP: u8 = 6;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+#[cgroup_skb]
+pub fn meshd_ingress(ctx: SkBuffContext) -> i32 {
+    try_ingress(&ctx).unwrap_or(PASS)
+}
+
+/// Looks only at TCP SYNs (new connections) over IPv4; everything else,
+/// including every packet of established connections, passes.
+fn try_ingress(ctx: &SkBuffContext) -> Result<i32, i64> {
+    let Some(settings) = SETTINGS.get(0) else {
+        return Ok(PASS);
+    };
+    // cgroup_skb sees packets from the IP header on.
+    let version_ihl: u8 = ctx.load(0)?;
+    if version_ihl >> 4 != 4 {
+        return Ok(PASS);
+    }
+    let protocol: u8 = ctx.load(9)?;
+    if protocol != IPPROTO_TCP {
+        return Ok(PASS);
+    }
+    let header = usize::from(version_ihl & 0x0f) * 4;
+    let flags: u8 = ctx.load(header + 13)?;
+    if flags & TCP_SYN == 0 || flags & TCP_ACK != 0 {
+        return Ok(PASS);
+    }
+    let source: u32 = ctx.load(12)?;
+    let destination: u32 = ctx.load(16)?;
+    // Loopback and a pod talking to itself are the pod's own business.
+    if source.to_ne_bytes()[0] == 127 || source == destination {
+        return Ok(PASS);
+    }
+    // SAFETY: only presence is checked.
+    if unsafe { TRUSTED.get(&source) }.is_some() {
+        return Ok(PASS);
+    }
+    if settings.flags & FLAG_STRICT != 0 {
+        count(counter::STRICT_DROPPED);
+        debug!(
+            ctx,
+            "strict: dropped a connection from {:i}",
+            u32::from_be(source)
+        );
+        return Ok(DROP);
+    }
+    count(counter::PLAINTEXT_ACCEPTED);
+    Ok(PASS)
 }
 
 #[inline(always)]

@@ -13,12 +13,12 @@ use std::{
 use aya::{
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, SockHash},
     programs::{
-        cgroup_sock_addr::CgroupSockAddrLinkId, CgroupAttachMode, CgroupSockAddr, ProgramError,
-        SkMsg, SockOps,
+        cgroup_sock_addr::CgroupSockAddrLinkId, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType,
+        CgroupSockAddr, ProgramError, SkMsg, SockOps,
     },
     Ebpf, EbpfLoader,
 };
-use meshd_common::{counter, Destination, OrigDst, Settings, SockKey, FLAG_SK_MSG};
+use meshd_common::{counter, Destination, OrigDst, Settings, SockKey, FLAG_SK_MSG, FLAG_STRICT};
 
 use crate::{
     config::BpfLogLevel,
@@ -58,6 +58,10 @@ pub struct CaptureSpec<'a> {
     pub proxy_cgroup_id: u64,
     pub proxy: SocketAddrV4,
     pub sk_msg: bool,
+    /// Strict mode: pods accept new connections only from `trusted`.
+    pub strict: bool,
+    /// Addresses meshd connects to pods from.
+    pub trusted: Vec<std::net::Ipv4Addr>,
     pub log_level: BpfLogLevel,
 }
 
@@ -90,6 +94,7 @@ const CONNECT4: &str = "meshd_connect4";
 const CONNECT6: &str = "meshd_connect6";
 const SOCK_OPS: &str = "meshd_sock_ops";
 const SK_MSG: &str = "meshd_sk_msg";
+const INGRESS: &str = "meshd_ingress";
 
 fn program_error(name: &'static str) -> impl FnOnce(ProgramError) -> CaptureError {
     move |source| CaptureError::Program { name, source }
@@ -141,10 +146,17 @@ impl Capture {
             proxy_ip: u32::from_ne_bytes(spec.proxy.ip().octets()),
             proxy_port: u32::from(spec.proxy.port()),
             proxy_cgroup_id: spec.proxy_cgroup_id,
-            flags: if spec.sk_msg { FLAG_SK_MSG } else { 0 },
+            flags: if spec.sk_msg { FLAG_SK_MSG } else { 0 }
+                | if spec.strict { FLAG_STRICT } else { 0 },
             _pad: 0,
         };
         settings.set(0, value, 0).map_err(map_error("SETTINGS"))?;
+        let mut trusted: HashMap<MapData, u32, u8> = take_map(&mut ebpf, "TRUSTED")?;
+        for address in &spec.trusted {
+            trusted
+                .insert(u32::from_ne_bytes(address.octets()), 1, 0)
+                .map_err(map_error("TRUSTED"))?;
+        }
 
         let mut destinations = destinations;
         let mut installed = HashSet::new();
@@ -217,6 +229,8 @@ impl Capture {
                 ("captured", event(counter::CAPTURED)),
                 ("sk_msg_fallback", event(counter::SK_MSG_FALLBACK)),
                 ("sockets_added", event(counter::SOCKETS_ADDED)),
+                ("strict_dropped", event(counter::STRICT_DROPPED)),
+                ("plaintext_accepted", event(counter::PLAINTEXT_ACCEPTED)),
             ],
         }
     }
@@ -249,6 +263,13 @@ impl Programs {
                 .attach(cgroup, mode)
                 .map_err(program_error(SOCK_OPS))?;
         }
+
+        // Mesh-mode enforcement on what reaches the pods.
+        let ingress: &mut CgroupSkb = self.program(INGRESS)?;
+        ingress.load().map_err(program_error(INGRESS))?;
+        ingress
+            .attach(&pods, CgroupSkbAttachType::Ingress, mode)
+            .map_err(program_error(INGRESS))?;
 
         // Connect hooks last: from here on connections are captured.
         for name in [CONNECT4, CONNECT6] {

@@ -189,6 +189,11 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
             proxy_cgroup_id: prepared.proxy_cgroup_id,
             proxy: outbound.address(),
             sk_msg: proxy.sk_msg,
+            strict: config.mesh.mode == crate::config::MeshMode::Strict,
+            trusted: [Some(config.node.capture_address), mesh.own_tunnel_address()]
+                .into_iter()
+                .flatten()
+                .collect(),
             log_level: proxy.bpf_log_level,
         },
         &mesh,

@@ -411,3 +411,52 @@ fn authorization_allows_denies_and_deny_wins_with_real_traffic() {
         "{log}"
     );
 }
+
+/// Strict: a plain client on the node's network that bypasses meshd cannot
+/// reach a meshed pod, while meshed traffic still can. Permissive: the
+/// bypass works and is counted as plaintext.
+fn bypass_attempt(mode: &str) -> (i32, Meshd, Testbed) {
+    let bed = Testbed::new(&["client", "server"]);
+    serve(
+        &bed,
+        bed.pod("server"),
+        8080,
+        &["--mode", "hello", "--name", "server"],
+    );
+    let rest = format!(
+        "mesh:\n  mode: {mode}\nservices:\n  - {{ name: server, vip: 10.96.0.20, ports: [{{ port: 80, targetPort: 8080 }}], endpoints: [{{ address: 10.77.0.11 }}] }}\n"
+    );
+    let meshd = bed.start_meshd(&bed.config(&rest));
+    let (code, body) = curl(&bed, bed.pod("client"), "http://10.96.0.20/");
+    assert_eq!(code, 0, "meshed traffic must pass in {mode} mode: {body}");
+    let (bypass, _) = curl(&bed, &bed.outside, "http://10.77.0.11:8080/");
+    (bypass, meshd, bed)
+}
+
+#[test]
+fn strict_mode_refuses_a_plaintext_bypass_in_the_kernel() {
+    let (code, meshd, _bed) = bypass_attempt("strict");
+    assert_eq!(
+        code, 28,
+        "the bypass must time out (its SYNs are dropped), curl exit {code}"
+    );
+    assert!(meshd.metric("meshd_bpf_events", &[("event", "strict_dropped")]) >= 1.0);
+    assert_eq!(
+        meshd.metric("meshd_bpf_events", &[("event", "plaintext_accepted")]),
+        0.0
+    );
+}
+
+#[test]
+fn permissive_mode_accepts_a_plaintext_bypass_and_counts_it() {
+    let (code, meshd, _bed) = bypass_attempt("permissive");
+    assert_eq!(code, 0, "the bypass must succeed in permissive mode");
+    assert_eq!(
+        meshd.metric("meshd_bpf_events", &[("event", "plaintext_accepted")]),
+        1.0
+    );
+    assert_eq!(
+        meshd.metric("meshd_bpf_events", &[("event", "strict_dropped")]),
+        0.0
+    );
+}
