@@ -59,35 +59,60 @@ fn issue(ca: &Path, out: &Path, namespace: &str, sa: &str, extra: &[&str]) {
 }
 
 /// Two nodes with their pods, a CA, and a certificate for every pod in its
-/// node's `certs-<node>/<ns>/<sa>` directory.
+/// node's `certs-<node>/<ns>/<sa>` directory. Like Kubernetes' secret
+/// volumes, each `<sa>` is a symlink to a versioned directory, swapped
+/// atomically on rotation.
 struct Mesh {
     bed: Testbed,
     ca: PathBuf,
+    /// Extra `node.identity` lines (`NODE` stands for the node's index).
+    identity: String,
+    version: std::cell::Cell<u32>,
 }
 
 impl Mesh {
     fn new(node_a: &[PodSpec<'_>], node_b: &[PodSpec<'_>]) -> Self {
         let bed = Testbed::nodes(&[("node-a", node_a), ("node-b", node_b)]);
         let ca = ca(&bed, "ca");
-        for pod in &bed.pods {
-            let out = Self::certs(&bed, pod.node)
-                .join(&pod.namespace)
-                .join(&pod.service_account);
-            issue(&ca, &out, &pod.namespace, &pod.service_account, &[]);
-        }
-        Self { bed, ca }
+        let mesh = Self {
+            bed,
+            ca,
+            identity: String::new(),
+            version: std::cell::Cell::new(0),
+        };
+        mesh.rotate(&mesh.ca, &[]);
+        mesh
     }
 
     fn certs(bed: &Testbed, node: usize) -> PathBuf {
         bed.dir.join(format!("certs-{}", bed.nodes[node].name))
     }
 
+    /// Issues every pod a new certificate from `ca` and swaps it in.
+    fn rotate(&self, ca: &Path, extra: &[&str]) {
+        let version = self.version.get() + 1;
+        self.version.set(version);
+        for pod in &self.bed.pods {
+            let namespace = Self::certs(&self.bed, pod.node).join(&pod.namespace);
+            let versioned = namespace.join(format!(".{}-v{version}", pod.service_account));
+            issue(ca, &versioned, &pod.namespace, &pod.service_account, extra);
+            let staged = namespace.join(format!(".staged-{}", pod.service_account));
+            let _ = std::fs::remove_file(&staged);
+            std::os::unix::fs::symlink(&versioned, &staged).expect("symlink");
+            std::fs::rename(&staged, namespace.join(&pod.service_account)).expect("swap symlink");
+        }
+    }
+
     /// Node `node`'s config with file-based identities and `rest`.
     fn config(&self, node: usize, rest: &str) -> String {
         let certs = Self::certs(&self.bed, node);
+        let extra = self.identity.replace("NODE", &node.to_string());
         self.bed.config_with(
             node,
-            &format!("  identity:\n    certificates: {}\n", certs.display()),
+            &format!(
+                "  identity:\n    certificates: {}\n{extra}",
+                certs.display()
+            ),
             &format!("mesh:\n  trustDomain: cluster.local\n{rest}"),
         )
     }
@@ -459,4 +484,182 @@ fn permissive_mode_accepts_a_plaintext_bypass_and_counts_it() {
         meshd.metric("meshd_bpf_events", &[("event", "strict_dropped")]),
         0.0
     );
+}
+
+// === rotation ===
+
+const LOAD_RATE: &str = "50";
+
+/// An echo server on node-b behind VIP 10.96.0.20, and the services YAML.
+fn echo_service(mesh: &Mesh) -> String {
+    serve(&mesh.bed, mesh.bed.pod("server"), 8080, &["--mode", "echo"]);
+    format!(
+        "services:\n{}",
+        service("server", "10.96.0.20", "10.78.0.10", "server")
+    )
+}
+
+/// Starts `seconds` of new-connection-per-request load from `client`.
+fn start_load(bed: &Testbed, seconds: u64) -> std::process::Child {
+    meshd_tests::clients::spawn_in(
+        bed,
+        bed.pod("client"),
+        &meshd_tests::clients::testkit(),
+        &[
+            "load",
+            "--connect",
+            "10.96.0.20:80",
+            "--rate",
+            LOAD_RATE,
+            "--seconds",
+            &seconds.to_string(),
+        ],
+    )
+}
+
+/// Waits for the load and asserts that every request succeeded.
+fn finish_load(load: std::process::Child, seconds: u64, a: &Meshd, b: &Meshd) -> u64 {
+    let output = wait_with_timeout(load, Duration::from_secs(seconds + 60), "load");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "requests failed under rotation: {stdout}{}\nnode-a:\n{}\nnode-b:\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        a.log(),
+        b.log()
+    );
+    let want = seconds * LOAD_RATE.parse::<u64>().expect("rate");
+    assert!(stdout.contains(&format!("ok {want} of {want}")), "{stdout}");
+    want
+}
+
+fn expiry(meshd: &Meshd, sa: &str) -> f64 {
+    meshd.metric(
+        "meshd_certificate_expiry_seconds",
+        &[("identity", &spiffe(sa))],
+    )
+}
+
+/// Connections the node-b meshd accepted.
+fn tunnels_accepted(b: &Meshd) -> usize {
+    b.log().matches("tunnel accepted").count()
+}
+
+#[test]
+fn certificate_rotation_under_load_fails_no_request() {
+    let mesh = Mesh::new(&[PodSpec::named("client")], &[PodSpec::named("server")]);
+    let services = echo_service(&mesh);
+    let (a, b) = mesh.start(&services);
+    let load = start_load(&mesh.bed, 6);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(expiry(&b, "server") > 23.0 * 3600.0);
+    let before = tunnels_accepted(&b);
+
+    mesh.rotate(&mesh.ca, &["--ttl", "12h"]);
+    assert!(
+        eventually(Duration::from_secs(5), || expiry(&a, "client")
+            < 12.5 * 3600.0
+            && expiry(&b, "server") < 12.5 * 3600.0),
+        "the rotated certificates were not picked up"
+    );
+    finish_load(load, 6, &a, &b);
+    // New handshakes happened with the new certificates.
+    assert!(
+        tunnels_accepted(&b) > before,
+        "no tunnel was re-established after the rotation"
+    );
+}
+
+#[test]
+fn ca_rotation_under_load_fails_no_request() {
+    let mut mesh = Mesh::new(&[PodSpec::named("client")], &[PodSpec::named("server")]);
+    // Each node reads an extra trust bundle, empty for now.
+    let bundle = |node: usize| mesh.bed.dir.join(format!("bundle-{node}.pem"));
+    for node in 0..2 {
+        std::fs::write(bundle(node), "").expect("bundle");
+    }
+    mesh.identity = format!(
+        "    trustBundle: {}\n",
+        mesh.bed.dir.join("bundle-NODE.pem").display()
+    );
+    let services = echo_service(&mesh);
+    let (a, b) = mesh.start(&services);
+    let old_ca = mesh.ca.clone();
+    let new_ca = ca(&mesh.bed, "ca-2");
+    let pem = |dir: &Path| std::fs::read_to_string(dir.join("ca.crt")).expect("ca.crt");
+    // Longer than the refresh interval, so both nodes have seen a step
+    // before the next begins.
+    let settle = || std::thread::sleep(Duration::from_millis(2500));
+
+    let load = start_load(&mesh.bed, 10);
+    std::thread::sleep(Duration::from_millis(1000));
+    // 1. Trust both roots everywhere.
+    for node in 0..2 {
+        std::fs::write(bundle(node), format!("{}{}", pem(&old_ca), pem(&new_ca))).expect("bundle");
+    }
+    settle();
+    // 2. Re-issue every workload from the new root.
+    mesh.rotate(&new_ca, &[]);
+    settle();
+    // 3. Trust only the new root.
+    for node in 0..2 {
+        std::fs::write(bundle(node), pem(&new_ca)).expect("bundle");
+    }
+    finish_load(load, 10, &a, &b);
+
+    // The old root is no longer trusted: its certificates are refused.
+    let old_client = mesh.bed.dir.join("old-client");
+    issue(&old_ca, &old_client, "default", "client", &[]);
+    let out = s_client(&mesh.bed, Some(&old_client), &new_ca, &[]);
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            b.metric(
+                "meshd_tls_handshake_failures_total",
+                &[("reason", "untrusted")],
+            ) == 1.0
+        }),
+        "a certificate from the retired CA was not refused:\n{out}\n{}",
+        b.metrics()
+    );
+}
+
+#[test]
+fn the_built_in_issuer_mints_and_renews_at_half_life_under_load() {
+    let bed = Testbed::nodes(&[
+        ("node-a", &[PodSpec::named("client")]),
+        ("node-b", &[PodSpec::named("server")]),
+    ]);
+    let ca_dir = ca(&bed, "ca");
+    serve(&bed, bed.pod("server"), 8080, &["--mode", "echo"]);
+    let services = format!(
+        "services:\n{}",
+        service("server", "10.96.0.20", "10.78.0.10", "server")
+    );
+    let config = |node| {
+        bed.config_with(
+            node,
+            &format!(
+                "  identity:\n    issuer: {}\n    ttl: 10s\n",
+                ca_dir.display()
+            ),
+            &services,
+        )
+    };
+    let a = bed.start_meshd_on(0, &config(0));
+    let b = bed.start_meshd_on(1, &config(1));
+    let load = start_load(&bed, 14);
+    finish_load(load, 14, &a, &b);
+    // Renewed at half-life: more than two certificates each in 14 s, and
+    // the current one never has more than its 10 s to live.
+    let loaded = |meshd: &Meshd, sa: &str| {
+        meshd
+            .log()
+            .lines()
+            .filter(|l| l.contains("certificate loaded") && l.contains(&spiffe(sa)))
+            .count()
+    };
+    assert!(loaded(&a, "client") >= 3, "{}", a.log());
+    assert!(loaded(&b, "server") >= 3, "{}", b.log());
+    let left = expiry(&b, "server");
+    assert!(left > 0.0 && left <= 10.0, "{left}");
 }

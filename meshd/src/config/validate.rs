@@ -372,8 +372,8 @@ fn check_node(check: &mut Checker<'_>, file: usize, spec: NodeSpec) -> Node {
             ),
             _ => {}
         }
-        if identity.ttl < std::time::Duration::from_secs(60) {
-            check.fail(file, &field.clone().key("ttl"), "must be at least 1m");
+        if identity.ttl < std::time::Duration::from_secs(10) {
+            check.fail(file, &field.clone().key("ttl"), "must be at least 10s");
         }
     }
     Node {

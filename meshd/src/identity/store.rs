@@ -278,13 +278,13 @@ impl CertStore {
         for identity in identities {
             let renewed = if due(identity) {
                 // Back-date a little for peers whose clocks run behind.
-                let not_before = now - Duration::from_secs(60);
-                ca.mint(identity, not_before, ttl)
+                let backdate = (ttl / 10).min(Duration::from_secs(60));
+                ca.mint(identity, now - backdate, ttl + backdate)
                     .map_err(StoreError::from)
                     .and_then(|(cert, key)| self.certified(cert.as_bytes(), key.as_bytes()))
                     .map(|key| WorkloadCert {
                         key: Arc::new(key),
-                        not_after: not_before + ttl,
+                        not_after: now + ttl,
                         issued: now,
                     })
             } else {

@@ -65,7 +65,8 @@ pub enum TunnelError {
     },
 }
 
-type Slot = Arc<tokio::sync::Mutex<Option<SendRequest<Empty<Bytes>>>>>;
+/// A pooled connection and the certificate generation it was made with.
+type Slot = Arc<tokio::sync::Mutex<Option<(u64, SendRequest<Empty<Bytes>>)>>>;
 
 pub struct Pool {
     slots: Mutex<HashMap<Key, Slot>>,
@@ -124,19 +125,25 @@ impl Pool {
         Ok(TokioIo::new(upgraded))
     }
 
-    /// The pooled connection for `key`, (re)connecting when there is none or
-    /// it has closed. Concurrent callers for one key share one handshake.
+    /// The pooled connection for `key`, (re)connecting when there is none,
+    /// it has closed, or certificates or trust changed since it was made (new
+    /// streams then use the new ones; old streams finish on the old
+    /// connection). Concurrent callers for one key share one handshake.
     async fn sender(&self, key: &Key) -> Result<SendRequest<Empty<Bytes>>, TunnelError> {
         let slot = {
             let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
             slots.entry(key.clone()).or_default().clone()
         };
         let mut slot = slot.lock().await;
-        if let Some(sender) = slot.as_ref().filter(|s| !s.is_closed()) {
+        let generation = self.store.current().generation;
+        if let Some((_, sender)) = slot
+            .as_ref()
+            .filter(|(made, sender)| *made == generation && !sender.is_closed())
+        {
             return Ok(sender.clone());
         }
         let sender = self.connect(key).await?;
-        *slot = Some(sender.clone());
+        *slot = Some((generation, sender.clone()));
         Ok(sender)
     }
 

@@ -81,6 +81,16 @@ enum Command {
         #[arg(long)]
         connect: SocketAddr,
     },
+    /// A new connection per request to an echo server, at a fixed rate, for
+    /// a while; prints successes and exits non-zero if any request failed.
+    Load {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 50)]
+        rate: u64,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
     /// Request/response latency at a fixed rate over one connection to an
     /// echo server; prints percentiles in microseconds.
     Rr {
@@ -116,6 +126,11 @@ fn main() -> anyhow::Result<()> {
             timeout,
         } => many(connect, count, Duration::from_secs(timeout)),
         Command::Hold { connect } => hold(connect),
+        Command::Load {
+            connect,
+            rate,
+            seconds,
+        } => load(connect, rate, seconds),
         Command::Rr {
             connect,
             rate,
@@ -238,8 +253,18 @@ fn serve(listen: SocketAddr, mode: &str, name: &str, bytes: u64, rate: u64) -> a
                 "sink" => serve_sink(stream),
                 _ => serve_source(stream, bytes, rate),
             };
-            if let Err(err) = result {
-                eprintln!("connection: {err}");
+            // A peer that hangs up early (a readiness probe, a killed
+            // client) is no news.
+            match result {
+                Err(err)
+                    if !matches!(
+                        err.kind(),
+                        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+                    ) =>
+                {
+                    eprintln!("connection: {err}");
+                }
+                _ => {}
             }
         });
     }
@@ -433,5 +458,43 @@ fn rr(connect: SocketAddr, rate: u64, seconds: u64, size: usize) -> anyhow::Resu
         at(0.99),
         at(1.0)
     );
+    Ok(())
+}
+
+/// One echo round trip on a new connection.
+fn round_trip(connect: SocketAddr, i: u64) -> io::Result<()> {
+    let mut stream = TcpStream::connect_timeout(&connect, Duration::from_secs(5))?;
+    let message = format!("request {i}\n");
+    stream.write_all(message.as_bytes())?;
+    stream.shutdown(Shutdown::Write)?;
+    let mut answer = String::new();
+    Retrying(&mut stream).read_to_string(&mut answer)?;
+    if answer != message {
+        return Err(io::Error::other(format!("echo returned {answer:?}")));
+    }
+    Ok(())
+}
+
+fn load(connect: SocketAddr, rate: u64, seconds: u64) -> anyhow::Result<()> {
+    let total = rate * seconds;
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let start = Instant::now();
+    let mut failures = Vec::new();
+    for i in 0..total {
+        if let Some(wait) = (start + interval * i as u32).checked_duration_since(Instant::now()) {
+            thread::sleep(wait);
+        }
+        if let Err(err) = round_trip(connect, i) {
+            failures.push(format!("request {i} at {:?}: {err}", start.elapsed()));
+        }
+    }
+    println!("ok {} of {total}", total - failures.len() as u64);
+    if !failures.is_empty() {
+        bail!(
+            "{} requests failed: {:?}",
+            failures.len(),
+            &failures[..failures.len().min(5)]
+        );
+    }
     Ok(())
 }
