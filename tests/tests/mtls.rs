@@ -663,3 +663,58 @@ fn the_built_in_issuer_mints_and_renews_at_half_life_under_load() {
     let left = expiry(&b, "server");
     assert!(left > 0.0 && left <= 10.0, "{left}");
 }
+
+#[test]
+fn the_source_refuses_a_destination_proving_another_identity() {
+    let mesh = Mesh::new(&[PodSpec::named("client")], &[PodSpec::named("server")]);
+    let bed = &mesh.bed;
+    let services = format!(
+        "services:\n{}",
+        service("server", "10.96.0.20", "10.78.0.10", "server")
+    );
+    let a = bed.start_meshd_on(0, &mesh.config(0, &services));
+    // Node-b's tunnel port is taken by an impostor holding a valid
+    // certificate from the mesh CA, for the wrong identity.
+    let impostor = bed.dir.join("impostor");
+    issue(&mesh.ca, &impostor, "default", "impostor", &[]);
+    let server = Command::new("nsenter")
+        .arg(format!("--net={}", bed.nodes[1].netns.path().display()))
+        .args([
+            "--", "openssl", "s_server", "-quiet", "-accept", TUNNEL_B, "-tls1_3", "-alpn", "h2",
+        ])
+        .args(["-cert", &impostor.join("tls.crt").display().to_string()])
+        .args(["-key", &impostor.join("tls.key").display().to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("openssl s_server");
+    let _server = KillOnDrop(server);
+    let listening = eventually(Duration::from_secs(5), || {
+        sys::in_netns(&bed.nodes[0].netns.path(), || {
+            TcpStream::connect_timeout(
+                &TUNNEL_B.parse().expect("address"),
+                Duration::from_millis(200),
+            )
+            .is_ok()
+        })
+    });
+    assert!(listening, "openssl s_server did not start");
+    let (code, _) = curl(bed, bed.pod("client"), "http://10.96.0.20/");
+    assert_ne!(code, 0, "the connection must not go through an impostor");
+    let mismatches = a.metric(
+        "meshd_tls_handshake_failures_total",
+        &[("direction", "outbound"), ("reason", "identity_mismatch")],
+    );
+    assert!(mismatches >= 1.0, "{}\n{}", a.metrics(), a.log());
+    assert!(a.log().contains(&spiffe("impostor")), "{}", a.log());
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
