@@ -299,6 +299,20 @@ impl Testbed {
         pid
     }
 
+    /// Starts `program args` in node `node`'s network namespace (in the
+    /// test's cgroup, so it is cleaned up), kept until the testbed ends.
+    pub fn spawn_on_node(&self, node: usize, program: &Path, args: &[&str]) {
+        let child = sys::command_in(&self.root, &self.nodes[node].netns, program, args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn on node");
+        self.processes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(child);
+    }
+
     /// A command that runs in `pod`; the caller spawns and waits.
     pub fn command(&self, pod: &Pod, program: &Path, args: &[&str]) -> Command {
         sys::command_in(&pod.cgroup, &pod.netns, program, args)

@@ -1,17 +1,29 @@
 //! `cargo xtask bench`: bulk throughput (iperf3) and request/response
-//! latency at a fixed rate (meshd-testkit rr), direct vs through meshd with
-//! sk_msg off and on, all in one run, as ratios to direct; plus meshd's
-//! memory idle and at peak and its CPU time per GiB relayed.
+//! latency at a fixed rate (meshd-testkit rr), each path against a direct
+//! connection measured in the same run:
+//!
+//! - same node: direct vs meshd with sk_msg off and on;
+//! - across nodes: direct (routed) vs meshd's mTLS tunnel vs an HAProxy
+//!   mutual-TLS pair (what a user would otherwise build).
+//!
+//! Plus meshd's CPU time per GiB relayed and its memory idle and under load.
 
-use std::{path::PathBuf, process::Stdio, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use anyhow::{ensure, Context as _};
 use meshd_tests::{
     sys::{self, wait_with_timeout},
-    testbed::{Meshd, Testbed},
+    testbed::{Meshd, PodSpec, Testbed},
 };
 
-const SERVER: &str = "10.77.0.11";
 const RR_RATE: u64 = 1000;
 const RR_SECONDS: u64 = 5;
 /// Latency runs per path; the median run is reported, so one stall of this
@@ -25,7 +37,13 @@ struct Row {
     p99_us: f64,
     cpu_s_per_gib: Option<f64>,
     rss_idle_mib: Option<f64>,
-    rss_peak_mib: Option<f64>,
+    rss_load_mib: Option<f64>,
+}
+
+/// Where a path's client connects: the iperf3 server and the echo server.
+struct Targets<'a> {
+    iperf: (&'a str, &'a str),
+    echo: &'a str,
 }
 
 pub fn run(seconds: u64) -> anyhow::Result<()> {
@@ -39,138 +57,272 @@ pub fn run(seconds: u64) -> anyhow::Result<()> {
         .context("target dir")?
         .join("release");
     std::env::set_var("MESHD_BIN", release.join("meshd"));
-    let testkit = release.join("meshd-testkit");
+    let bench = Bench {
+        testkit: release.join("meshd-testkit"),
+        meshd: release.join("meshd"),
+        seconds,
+    };
+    let same_node = bench.same_node()?;
+    let cross_node = bench.cross_node()?;
+    println!(
+        "\nThroughput: iperf3, one stream, {seconds} s. Latency: one connection, 64-byte echo, \
+         {RR_RATE} req/s for {RR_SECONDS} s, open loop, median of {RR_ROUNDS} runs."
+    );
+    println!("\n### Same node, pod → pod\n");
+    print_table(&same_node);
+    println!("\n### Across nodes, pod → pod (meshd rows: CPU and memory summed over both nodes' meshd)\n");
+    print_table(&cross_node);
+    Ok(())
+}
 
-    let bed = Testbed::new(&["client", "server"]);
-    let server = bed.pod("server");
-    for port in ["5201", "5202"] {
-        bed.spawn(
-            server,
-            std::path::Path::new("iperf3"),
-            &["-s", "-p", port, "-B", SERVER, "--logfile", "/dev/null"],
-        );
-        bed.wait_listening(server, format!("{SERVER}:{port}").parse()?);
+struct Bench {
+    testkit: PathBuf,
+    meshd: PathBuf,
+    seconds: u64,
+}
+
+impl Bench {
+    /// iperf3 servers on 5201 (behind a VIP) and 5202 (direct), echo
+    /// servers on 7000 (behind a VIP) and 7001 (direct), in `server`.
+    fn servers(&self, bed: &Testbed) -> anyhow::Result<()> {
+        let server = bed.pod("server");
+        let ip = server.ip.to_string();
+        for port in ["5201", "5202"] {
+            bed.spawn(
+                server,
+                Path::new("iperf3"),
+                &["-s", "-p", port, "-B", &ip, "--logfile", "/dev/null"],
+            );
+            bed.wait_listening(server, format!("{ip}:{port}").parse()?);
+        }
+        for port in ["7000", "7001"] {
+            let listen = format!("{ip}:{port}");
+            bed.spawn(
+                server,
+                &self.testkit,
+                &["serve", "--listen", &listen, "--mode", "echo"],
+            );
+            bed.wait_listening(server, listen.parse()?);
+        }
+        Ok(())
     }
-    for port in ["7000", "7001"] {
-        let listen = format!("{SERVER}:{port}");
-        bed.spawn(
-            server,
-            &testkit,
-            &["serve", "--listen", &listen, "--mode", "echo"],
-        );
-        bed.wait_listening(server, listen.parse()?);
+
+    fn services(server_ip: &str, node: &str) -> String {
+        format!(
+            "services:\n  - {{ name: iperf, vip: 10.96.0.20, ports: [{{ port: 5201 }}], endpoints: [{{ address: {server_ip}{node}, serviceAccount: server }}] }}\n  - {{ name: echo, vip: 10.96.0.21, ports: [{{ port: 7000 }}], endpoints: [{{ address: {server_ip}{node}, serviceAccount: server }}] }}\n"
+        )
     }
 
-    let mut rows = Vec::new();
-    eprintln!("bench: direct");
-    let (p50_us, p99_us) = rr(&bed, &testkit, &format!("{SERVER}:7001"))?;
-    let (gbps, _) = iperf(&bed, SERVER, "5202", seconds)?;
-    rows.push(Row {
-        path: "direct",
-        gbps,
-        p50_us,
-        p99_us,
-        cpu_s_per_gib: None,
-        rss_idle_mib: None,
-        rss_peak_mib: None,
-    });
-
-    for (path, sk_msg) in [("meshd, sk_msg off", false), ("meshd, sk_msg on", true)] {
+    /// Latency first (on a quiet path), then throughput.
+    fn measure(
+        &self,
+        bed: &Testbed,
+        path: &'static str,
+        targets: &Targets<'_>,
+        meshds: &[&Meshd],
+    ) -> anyhow::Result<Row> {
         eprintln!("bench: {path}");
-        let services = format!(
-            "proxy:\n  skMsg: {sk_msg}\nservices:\n  - {{ name: iperf, vip: 10.96.0.20, ports: [{{ port: 5201 }}], endpoints: [{{ address: {SERVER} }}] }}\n  - {{ name: echo, vip: 10.96.0.21, ports: [{{ port: 7000 }}], endpoints: [{{ address: {SERVER} }}] }}\n"
-        );
-        let mut meshd = bed.start_meshd(&bed.config(&services));
-        std::thread::sleep(Duration::from_millis(500));
-        let rss_idle = rss_kib(meshd.pid()).context("meshd RSS")? / 1024.0;
-        let sampler = RssSampler::start(meshd.pid());
-        let (p50_us, p99_us) = rr(&bed, &testkit, "10.96.0.21:7000")?;
-        let cpu_before = cpu_seconds(&meshd)?;
-        let (gbps, bytes) = iperf(&bed, "10.96.0.20", "5201", seconds)?;
-        let cpu = cpu_seconds(&meshd)? - cpu_before;
-        let rss_peak = sampler.stop() / 1024.0;
-        ensure!(
-            meshd.terminate(Duration::from_secs(40)).success(),
-            "meshd failed:\n{}",
-            meshd.log()
-        );
-        rows.push(Row {
+        let pids: Vec<u32> = meshds.iter().map(|m| m.pid()).collect();
+        let rss_idle = pids.iter().map(|p| rss_kib(*p).unwrap_or(0.0)).sum::<f64>() / 1024.0;
+        let sampler = RssSampler::start(pids.clone());
+        let (p50_us, p99_us) = self.rr(bed, targets.echo)?;
+        let cpu_before: f64 = pids.iter().map(|p| cpu_seconds(*p).unwrap_or(0.0)).sum();
+        let (gbps, bytes) = self.iperf(bed, targets.iperf.0, targets.iperf.1)?;
+        let cpu = pids
+            .iter()
+            .map(|p| cpu_seconds(*p).unwrap_or(0.0))
+            .sum::<f64>()
+            - cpu_before;
+        let rss_load = sampler.stop() / 1024.0;
+        let measured = !meshds.is_empty();
+        Ok(Row {
             path,
             gbps,
             p50_us,
             p99_us,
-            cpu_s_per_gib: Some(cpu / (bytes / (1u64 << 30) as f64)),
-            rss_idle_mib: Some(rss_idle),
-            rss_peak_mib: Some(rss_peak),
-        });
+            cpu_s_per_gib: measured.then(|| cpu / (bytes / (1u64 << 30) as f64)),
+            rss_idle_mib: measured.then_some(rss_idle),
+            rss_load_mib: measured.then_some(rss_load),
+        })
     }
-    print_table(&rows, seconds);
-    Ok(())
-}
 
-fn print_table(rows: &[Row], seconds: u64) {
-    let direct = &rows[0];
-    let opt =
-        |v: Option<f64>, digits: usize| v.map_or("–".to_owned(), |v| format!("{v:.digits$}"));
-    println!("\nSame node, pod → pod. Throughput: iperf3, one stream, {seconds} s. Latency: one connection, 64-byte echo, {RR_RATE} req/s for {RR_SECONDS} s, open loop, median of {RR_ROUNDS} runs.\n");
-    println!("| path | throughput Gbit/s | × direct | p50 µs | p99 µs | p99 × direct | p99 added µs | meshd CPU s/GiB | meshd RSS idle MiB | meshd RSS under load MiB |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
-    for row in rows {
-        println!(
-            "| {} | {:.2} | {:.2} | {:.0} | {:.0} | {:.2} | {:.0} | {} | {} | {} |",
-            row.path,
-            row.gbps,
-            row.gbps / direct.gbps,
-            row.p50_us,
-            row.p99_us,
-            row.p99_us / direct.p99_us,
-            row.p99_us - direct.p99_us,
-            opt(row.cpu_s_per_gib, 2),
-            opt(row.rss_idle_mib, 1),
-            opt(row.rss_peak_mib, 1),
+    fn same_node(&self) -> anyhow::Result<Vec<Row>> {
+        let bed = Testbed::new(&["client", "server"]);
+        self.servers(&bed)?;
+        let server = "10.77.0.11";
+        let direct = Targets {
+            iperf: (server, "5202"),
+            echo: "10.77.0.11:7001",
+        };
+        let meshed = Targets {
+            iperf: ("10.96.0.20", "5201"),
+            echo: "10.96.0.21:7000",
+        };
+        let mut rows = vec![self.measure(&bed, "direct", &direct, &[])?];
+        for (path, sk_msg) in [("meshd, sk_msg off", false), ("meshd, sk_msg on", true)] {
+            let config = bed.config(&format!(
+                "proxy:\n  skMsg: {sk_msg}\n{}",
+                Self::services(server, "")
+            ));
+            let mut meshd = bed.start_meshd(&config);
+            std::thread::sleep(Duration::from_millis(500));
+            rows.push(self.measure(&bed, path, &meshed, &[&meshd])?);
+            ensure!(
+                meshd.terminate(Duration::from_secs(40)).success(),
+                "meshd failed:\n{}",
+                meshd.log()
+            );
+        }
+        Ok(rows)
+    }
+
+    fn cross_node(&self) -> anyhow::Result<Vec<Row>> {
+        let bed = Testbed::nodes(&[
+            ("node-a", &[PodSpec::named("client")]),
+            ("node-b", &[PodSpec::named("server")]),
+        ]);
+        self.servers(&bed)?;
+        let server = "10.78.0.10";
+        let mut rows = Vec::new();
+        let direct = Targets {
+            iperf: (server, "5202"),
+            echo: "10.78.0.10:7001",
+        };
+        rows.push(self.measure(&bed, "direct", &direct, &[])?);
+
+        let ca = bed.dir.join("ca");
+        quiet(
+            Command::new(&self.meshd)
+                .args(["ca", "init", "--out"])
+                .arg(&ca),
+        )?;
+        let identity = format!("  identity:\n    issuer: {}\n", ca.display());
+        let services = Self::services(server, ", node: node-b");
+        let a = bed.start_meshd_on(0, &bed.config_with(0, &identity, &services));
+        let b = bed.start_meshd_on(1, &bed.config_with(1, &identity, &services));
+        std::thread::sleep(Duration::from_millis(500));
+        let meshed = Targets {
+            iperf: ("10.96.0.20", "5201"),
+            echo: "10.96.0.21:7000",
+        };
+        rows.push(self.measure(&bed, "meshd mTLS tunnel", &meshed, &[&a, &b])?);
+        drop((a, b));
+
+        self.haproxy_pair(&bed, &ca)?;
+        let haproxy = Targets {
+            iperf: ("10.77.0.1", "6000"),
+            echo: "10.77.0.1:6001",
+        };
+        rows.push(self.measure(&bed, "HAProxy mTLS pair", &haproxy, &[])?);
+        Ok(rows)
+    }
+
+    /// HAProxy on node-a originates TLS 1.3 with a client certificate to
+    /// HAProxy on node-b, which demands and verifies it and forwards to the
+    /// server pod: the same hop count and crypto as meshd's tunnel.
+    fn haproxy_pair(&self, bed: &Testbed, ca: &Path) -> anyhow::Result<()> {
+        let pem = |namespace: &str, sa: &str| -> anyhow::Result<PathBuf> {
+            let dir = bed.dir.join(format!("haproxy-{sa}"));
+            quiet(
+                Command::new(&self.meshd)
+                    .args(["ca", "issue", "--ca"])
+                    .arg(ca)
+                    .args(["--namespace", namespace, "--service-account", sa, "--out"])
+                    .arg(&dir),
+            )?;
+            let combined = dir.join("combined.pem");
+            let text = std::fs::read_to_string(dir.join("tls.crt"))?
+                + &std::fs::read_to_string(dir.join("tls.key"))?;
+            std::fs::write(&combined, text)?;
+            Ok(combined)
+        };
+        let client_pem = pem("default", "client")?;
+        let server_pem = pem("default", "server")?;
+        let ca_file = ca.join("ca.crt");
+        let global = "global\n  maxconn 4096\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n";
+        // Both hops verify the chain against the mesh CA. HAProxy checks a
+        // server's DNS name only when given one; SPIFFE certificates carry
+        // a URI instead, so no name check is configured.
+        let origin = |name: &str, port: u16, hop: u16| {
+            format!(
+                "frontend {name}\n  bind 10.77.0.1:{port}\n  default_backend {name}\nbackend {name}\n  server b 192.168.77.2:{hop} ssl crt {} ca-file {} verify required ssl-min-ver TLSv1.3\n",
+                client_pem.display(),
+                ca_file.display()
+            )
+        };
+        let terminate = |name: &str, hop: u16, target: &str| {
+            format!(
+                "frontend {name}\n  bind 192.168.77.2:{hop} ssl crt {} ca-file {} verify required ssl-min-ver TLSv1.3\n  default_backend {name}\nbackend {name}\n  server pod {target}\n",
+                server_pem.display(),
+                ca_file.display()
+            )
+        };
+        let source = format!(
+            "{global}{}{}",
+            origin("iperf", 6000, 6443),
+            origin("echo", 6001, 6444)
         );
+        let destination = format!(
+            "{global}{}{}",
+            terminate("iperf", 6443, "10.78.0.10:5202"),
+            terminate("echo", 6444, "10.78.0.10:7001")
+        );
+        let source_cfg = bed.write("haproxy-a.cfg", &source);
+        let destination_cfg = bed.write("haproxy-b.cfg", &destination);
+        bed.spawn_on_node(
+            1,
+            Path::new("haproxy"),
+            &["-db", "-f", &destination_cfg.display().to_string()],
+        );
+        bed.spawn_on_node(
+            0,
+            Path::new("haproxy"),
+            &["-db", "-f", &source_cfg.display().to_string()],
+        );
+        let up = sys::eventually(Duration::from_secs(10), || {
+            sys::in_netns(&bed.nodes[0].netns.path(), || {
+                std::net::TcpStream::connect_timeout(
+                    &"10.77.0.1:6001".parse().expect("addr"),
+                    Duration::from_millis(200),
+                )
+                .is_ok()
+            })
+        });
+        ensure!(up, "HAProxy did not start");
+        Ok(())
     }
-}
 
-/// iperf3 from the client pod: (Gbit/s received, bytes received).
-fn iperf(bed: &Testbed, host: &str, port: &str, seconds: u64) -> anyhow::Result<(f64, f64)> {
-    let out = output(
-        bed,
-        &PathBuf::from("iperf3"),
-        &["-c", host, "-p", port, "-t", &seconds.to_string(), "-J"],
-        seconds + 30,
-    )?;
-    let json: serde_json::Value = serde_json::from_str(&out).context("iperf3 JSON")?;
-    let received = &json["end"]["sum_received"];
-    let bps = received["bits_per_second"]
-        .as_f64()
-        .context("iperf3 bits_per_second")?;
-    let bytes = received["bytes"].as_f64().context("iperf3 bytes")?;
-    Ok((bps / 1e9, bytes))
-}
+    /// iperf3 from the client pod: (Gbit/s received, bytes received).
+    fn iperf(&self, bed: &Testbed, host: &str, port: &str) -> anyhow::Result<(f64, f64)> {
+        let seconds = self.seconds.to_string();
+        let out = output(
+            bed,
+            Path::new("iperf3"),
+            &["-c", host, "-p", port, "-t", &seconds, "-J"],
+            self.seconds + 30,
+        )?;
+        let json: serde_json::Value = serde_json::from_str(&out).context("iperf3 JSON")?;
+        let received = &json["end"]["sum_received"];
+        let bps = received["bits_per_second"]
+            .as_f64()
+            .context("iperf3 bits_per_second")?;
+        let bytes = received["bytes"].as_f64().context("iperf3 bytes")?;
+        Ok((bps / 1e9, bytes))
+    }
 
-/// testkit rr from the client pod, RR_ROUNDS times: (p50, p99) in
-/// microseconds of the run with the median p99.
-fn rr(bed: &Testbed, testkit: &PathBuf, target: &str) -> anyhow::Result<(f64, f64)> {
-    // A discarded warm-up run: first connections pay for cold caches.
-    rr_once(bed, testkit, target, 1)?;
-    let mut runs = (0..RR_ROUNDS)
-        .map(|_| rr_once(bed, testkit, target, RR_SECONDS))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    runs.sort_by(|a, b| a.1.total_cmp(&b.1));
-    Ok(runs[RR_ROUNDS / 2])
-}
+    /// testkit rr from the client pod, after a discarded warm-up, RR_ROUNDS
+    /// times: (p50, p99) in microseconds of the run with the median p99.
+    fn rr(&self, bed: &Testbed, target: &str) -> anyhow::Result<(f64, f64)> {
+        self.rr_once(bed, target, 1)?;
+        let mut runs = (0..RR_ROUNDS)
+            .map(|_| self.rr_once(bed, target, RR_SECONDS))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        runs.sort_by(|a, b| a.1.total_cmp(&b.1));
+        Ok(runs[RR_ROUNDS / 2])
+    }
 
-fn rr_once(
-    bed: &Testbed,
-    testkit: &PathBuf,
-    target: &str,
-    seconds: u64,
-) -> anyhow::Result<(f64, f64)> {
-    let out = output(
-        bed,
-        testkit,
-        &[
+    fn rr_once(&self, bed: &Testbed, target: &str, seconds: u64) -> anyhow::Result<(f64, f64)> {
+        let args = [
             "rr",
             "--connect",
             target,
@@ -178,19 +330,55 @@ fn rr_once(
             &RR_RATE.to_string(),
             "--seconds",
             &seconds.to_string(),
-        ],
-        seconds + 30,
-    )?;
-    let field = |name: &str| -> anyhow::Result<f64> {
-        out.split_whitespace()
-            .find_map(|kv| kv.strip_prefix(name))
-            .and_then(|v| v.parse().ok())
-            .with_context(|| format!("no {name} in {out:?}"))
-    };
-    Ok((field("p50_us=")?, field("p99_us=")?))
+        ];
+        let out = output(bed, &self.testkit, &args, seconds + 30)?;
+        let field = |name: &str| -> anyhow::Result<f64> {
+            out.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(name))
+                .and_then(|v| v.parse().ok())
+                .with_context(|| format!("no {name} in {out:?}"))
+        };
+        Ok((field("p50_us=")?, field("p99_us=")?))
+    }
 }
 
-fn output(bed: &Testbed, program: &PathBuf, args: &[&str], timeout: u64) -> anyhow::Result<String> {
+fn print_table(rows: &[Row]) {
+    let direct = &rows[0];
+    let opt =
+        |v: Option<f64>, digits: usize| v.map_or("–".to_owned(), |v| format!("{v:.digits$}"));
+    println!(
+        "| path | throughput Gbit/s | × direct | p50 µs | p99 µs | p50 added µs | p99 × direct | meshd CPU s/GiB | meshd RSS idle MiB | meshd RSS under load MiB |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for row in rows {
+        println!(
+            "| {} | {:.2} | {:.2} | {:.0} | {:.0} | {:.0} | {:.2} | {} | {} | {} |",
+            row.path,
+            row.gbps,
+            row.gbps / direct.gbps,
+            row.p50_us,
+            row.p99_us,
+            row.p50_us - direct.p50_us,
+            row.p99_us / direct.p99_us,
+            opt(row.cpu_s_per_gib, 2),
+            opt(row.rss_idle_mib, 1),
+            opt(row.rss_load_mib, 1),
+        );
+    }
+}
+
+/// Runs a command, its output kept unless it fails.
+fn quiet(command: &mut Command) -> anyhow::Result<()> {
+    let out = command.output()?;
+    ensure!(
+        out.status.success(),
+        "{command:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+fn output(bed: &Testbed, program: &Path, args: &[&str], timeout: u64) -> anyhow::Result<String> {
     let child = bed
         .command(bed.pod("client"), program, args)
         .stdout(Stdio::piped())
@@ -220,21 +408,21 @@ fn rss_kib(pid: u32) -> Option<f64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
-/// Samples a process's RSS every 50 ms while load runs. (VmHWM would also
-/// count the transient peak of parsing the kernel's BTF at start-up.)
+/// Samples processes' summed RSS every 50 ms while load runs. (VmHWM would
+/// also count the transient peak of parsing the kernel's BTF at start-up.)
 struct RssSampler {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: Arc<AtomicBool>,
     thread: std::thread::JoinHandle<f64>,
 }
 
 impl RssSampler {
-    fn start(pid: u32) -> Self {
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    fn start(pids: Vec<u32>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
             let mut max = 0f64;
-            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-                max = max.max(rss_kib(pid).unwrap_or(0.0));
+            while !flag.load(Ordering::Relaxed) {
+                max = max.max(pids.iter().map(|p| rss_kib(*p).unwrap_or(0.0)).sum());
                 std::thread::sleep(Duration::from_millis(50));
             }
             max
@@ -243,14 +431,14 @@ impl RssSampler {
     }
 
     fn stop(self) -> f64 {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.stop.store(true, Ordering::Relaxed);
         self.thread.join().unwrap_or(0.0)
     }
 }
 
-/// meshd's user + system CPU time so far.
-fn cpu_seconds(meshd: &Meshd) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{}/stat", meshd.pid()))?;
+/// A process's user + system CPU time so far.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let fields: Vec<&str> = stat
         .rsplit_once(')')
         .context("stat")?

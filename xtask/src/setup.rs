@@ -24,8 +24,11 @@ impl Needs {
             ("curl", "curl"),
             ("util-linux", "nsenter"),
         ];
+        // The mTLS tests drive openssl as a real TLS client and server.
+        packages.push(("openssl", "openssl"));
         if self == Self::Bench {
             packages.push(("iperf3", "iperf3"));
+            packages.push(("haproxy", "haproxy"));
         }
         packages
     }
