@@ -11,6 +11,9 @@ use std::{sync::Arc, time::Duration};
 /// fast link without waiting for window updates.
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// Largest HTTP/2 DATA frame either side accepts: fewer, larger frames
+/// for bulk streams.
+pub const MAX_FRAME: u32 = 256 * 1024;
 /// Limit for TCP connect plus TLS handshake on either side.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 PINGs keep idle pooled connections alive and detect dead peers.

@@ -46,7 +46,7 @@ struct Targets<'a> {
     echo: &'a str,
 }
 
-pub fn run(seconds: u64) -> anyhow::Result<()> {
+pub fn run(seconds: u64, only: Option<&str>) -> anyhow::Result<()> {
     ensure!(
         std::fs::read_to_string("/proc/self/status")?.contains("Uid:\t0\t"),
         "the bench creates cgroups, network namespaces and eBPF programs: run it as root"
@@ -62,16 +62,23 @@ pub fn run(seconds: u64) -> anyhow::Result<()> {
         meshd: release.join("meshd"),
         seconds,
     };
-    let same_node = bench.same_node()?;
-    let cross_node = bench.cross_node()?;
+    let wanted = |name: &str| only.is_none_or(|o| o == name);
+    let same_node = wanted("same-node").then(|| bench.same_node()).transpose()?;
+    let cross_node = wanted("cross-node")
+        .then(|| bench.cross_node())
+        .transpose()?;
     println!(
         "\nThroughput: iperf3, one stream, {seconds} s. Latency: one connection, 64-byte echo, \
          {RR_RATE} req/s for {RR_SECONDS} s, open loop, median of {RR_ROUNDS} runs."
     );
-    println!("\n### Same node, pod → pod\n");
-    print_table(&same_node);
-    println!("\n### Across nodes, pod → pod (meshd rows: CPU and memory summed over both nodes' meshd)\n");
-    print_table(&cross_node);
+    if let Some(rows) = same_node {
+        println!("\n### Same node, pod → pod\n");
+        print_table(&rows);
+    }
+    if let Some(rows) = cross_node {
+        println!("\n### Across nodes, pod → pod (meshd rows: CPU and memory summed over both nodes' meshd)\n");
+        print_table(&rows);
+    }
     Ok(())
 }
 

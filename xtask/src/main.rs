@@ -39,6 +39,9 @@ enum Task {
         /// Seconds per throughput run.
         #[arg(long, default_value_t = 5)]
         seconds: u64,
+        /// Run one scenario only: `same-node` or `cross-node`.
+        #[arg(long)]
+        only: Option<String>,
     },
 }
 
@@ -58,10 +61,10 @@ fn main() -> anyhow::Result<()> {
             build(false)?;
             demo::run()
         }
-        Task::Bench { seconds } => {
+        Task::Bench { seconds, only } => {
             setup::install(setup::Needs::Bench)?;
             build(true)?;
-            bench::run(seconds)
+            bench::run(seconds, only.as_deref())
         }
     }
 }

@@ -22,7 +22,7 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, info_span, warn, Instrument as _};
 
-use super::{Baggage, BAGGAGE, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, STREAM_WINDOW};
+use super::{Baggage, BAGGAGE, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, STREAM_WINDOW};
 use crate::{
     identity::{tls, Identity},
     metrics::{DenyLabels, HandshakeLabels, TcpLabels},
@@ -123,6 +123,9 @@ impl Inbound {
 
     async fn serve(self: Arc<Self>, inputs: Arc<ProxyInputs>, stream: TcpStream) {
         let metrics = &inputs.metrics;
+        // HTTP/2 frames small writes (window updates, short replies): never
+        // hold them back for Nagle.
+        let _ = stream.set_nodelay(true);
         let failed = |reason: &'static str| {
             metrics
                 .tls_handshake_failures
@@ -194,6 +197,7 @@ impl Inbound {
             .timer(TokioTimer::new())
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
             .serve_connection(TokioIo::new(tls), service)
             .await;
         if let Err(err) = served {

@@ -25,7 +25,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, warn};
 
-use super::{BAGGAGE, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, KEEPALIVE, STREAM_WINDOW};
+use super::{BAGGAGE, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, KEEPALIVE, MAX_FRAME, STREAM_WINDOW};
 use crate::{
     identity::{store::CertStore, tls, Identity},
     metrics::{HandshakeLabels, Metrics},
@@ -180,6 +180,7 @@ impl Pool {
             .timer(TokioTimer::new())
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
             .keep_alive_interval(KEEPALIVE)
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true)
