@@ -1,12 +1,13 @@
-//! `cargo xtask demo`: three pods and a service on one node, real traffic
-//! captured by meshd, what happened, and a clean machine afterwards.
+//! `cargo xtask demo`: two nodes, pods with SPIFFE identities, real traffic
+//! captured by meshd — same node, and across nodes through the mTLS tunnel —
+//! what happened, and a clean machine afterwards.
 
 use std::{path::Path, process::Stdio, time::Duration};
 
 use anyhow::{bail, ensure, Context as _};
 use meshd_tests::{
     sys::{self, wait_with_timeout},
-    testbed::Testbed,
+    testbed::{Meshd, PodSpec, Testbed},
 };
 
 const MIB: u64 = 1024 * 1024;
@@ -18,31 +19,71 @@ pub fn run() -> anyhow::Result<()> {
     );
     let tag;
     {
-        let bed = Testbed::new(&["productpage", "reviews-v1", "reviews-v2"]);
+        let pod = |name, sa| PodSpec {
+            name,
+            namespace: "default",
+            service_account: sa,
+        };
+        let bed = Testbed::nodes(&[
+            (
+                "node-a",
+                &[pod("productpage", "productpage"), pod("ratings", "ratings")],
+            ),
+            (
+                "node-b",
+                &[pod("reviews-v1", "reviews"), pod("reviews-v2", "reviews")],
+            ),
+        ]);
         tag = bed.tag.clone();
         show(&bed)?;
     }
     let leftovers = leftovers(&tag);
     ensure!(leftovers.is_empty(), "left behind: {leftovers:?}");
-    println!("\n== cleaned up: pods, namespaces, cgroups and meshd are gone");
+    println!("\n== cleaned up: pods, nodes, namespaces, cgroups and both meshd are gone");
     Ok(())
 }
 
+const SERVICES: &str = "\
+services:
+  - name: reviews
+    vip: 10.96.0.20
+    ports: [{ port: 80, targetPort: 9080 }]
+    endpoints:
+      - { address: 10.78.0.10, node: node-b, workload: reviews-v1, serviceAccount: reviews }
+      - { address: 10.78.0.11, node: node-b, workload: reviews-v2, serviceAccount: reviews }
+  - name: ratings
+    vip: 10.96.0.21
+    ports: [{ port: 80, targetPort: 9080 }]
+    endpoints:
+      - { address: 10.77.0.11, node: node-a, workload: ratings, serviceAccount: ratings }
+  - name: bulk
+    vip: 10.96.0.22
+    ports: [{ port: 7000 }]
+    endpoints:
+      - { address: 10.78.0.10, node: node-b, workload: reviews-v1, serviceAccount: reviews }
+policies:
+  - name: reviews-from-productpage
+    target: { service: default/reviews }
+    action: allow
+    from: [{ principals: [cluster.local/ns/default/sa/productpage] }]
+";
+
 fn show(bed: &Testbed) -> anyhow::Result<()> {
     let testkit = sys::workspace_binary("meshd-testkit");
-    println!("== a node (network namespace) with three pods, each in its own netns and cgroup:");
+    let meshd_bin = sys::workspace_binary("meshd");
+    println!("== two nodes (network namespaces joined by a backbone), pods each in their own netns and cgroup:");
     for pod in &bed.pods {
         println!(
-            "   {:<12} {:<12} cgroup {}",
+            "   {:<7} {:<12} {:<11} spiffe://cluster.local/ns/{}/sa/{}",
+            bed.nodes[pod.node].name,
             pod.name,
             pod.ip.to_string(),
-            pod.cgroup_path
+            pod.namespace,
+            pod.service_account
         );
     }
-    for (pod, name) in [
-        (bed.pod("reviews-v1"), "reviews-v1"),
-        (bed.pod("reviews-v2"), "reviews-v2"),
-    ] {
+    for name in ["reviews-v1", "reviews-v2", "ratings"] {
+        let pod = bed.pod(name);
         let listen = format!("{}:9080", pod.ip);
         bed.spawn(
             pod,
@@ -61,36 +102,30 @@ fn show(bed: &Testbed) -> anyhow::Result<()> {
     );
     bed.wait_listening(bed.pod("reviews-v1"), echo.parse()?);
 
-    let services = "\
-proxy:
-  skMsg: true
-services:
-  - name: reviews
-    namespace: default
-    vip: 10.96.0.20
-    ports: [{ port: 80, targetPort: 9080 }]
-    endpoints:
-      - { address: 10.77.0.11, workload: reviews-v1 }
-      - { address: 10.77.0.12, workload: reviews-v2 }
-  - name: bulk
-    vip: 10.96.0.21
-    ports: [{ port: 7000 }]
-    endpoints: [{ address: 10.77.0.11, workload: reviews-v1 }]
-";
-    let config = bed.config(services);
+    let ca = bed.dir.join("ca");
+    let status = std::process::Command::new(&meshd_bin)
+        .args(["ca", "init", "--out"])
+        .arg(&ca)
+        .stdout(Stdio::null())
+        .status()?;
+    ensure!(status.success(), "meshd ca init failed");
     println!(
-        "\n== meshd config ({}):\n{}",
-        bed.dir.join("meshd.yaml").display(),
-        indent(&config)
+        "\n== meshd ca init --out {}: both nodes' meshd mint 24 h workload certificates from it",
+        ca.display()
     );
-    let mut meshd = bed.start_meshd(&config);
+    let identity = format!("  identity:\n    issuer: {}\n", ca.display());
+    let a_config = bed.config_with(0, &identity, SERVICES);
+    println!("\n== node-a's config:\n{}", indent(&a_config));
+    let a = bed.start_meshd_on(0, &a_config);
+    let b = bed.start_meshd_on(1, &bed.config_with(1, &identity, SERVICES));
     println!(
-        "== meshd is ready (pid {}); its cgroup programs capture the pods' connects",
-        meshd.pid()
+        "== meshd ready on node-a (pid {}) and node-b (pid {})",
+        a.pid(),
+        b.pid()
     );
 
-    println!("\n== productpage: curl http://10.96.0.20/ six times (a VIP routable nowhere but through meshd)");
-    for _ in 0..6 {
+    println!("\n== productpage → http://10.96.0.20/ (reviews, on node-b): captured, then HTTP/2 CONNECT over mutual TLS 1.3");
+    for _ in 0..4 {
         let body = in_pod(
             bed,
             "productpage",
@@ -99,47 +134,54 @@ services:
         )?;
         println!("   {}", body.trim());
     }
-    println!("   (each server saw 10.77.0.1 — meshd — as its peer: the connection was relayed)");
+    println!("   (10.78.0.1 is node-b's meshd: it authorized productpage's identity, then connected to the pod)");
+
+    println!("\n== productpage → http://10.96.0.21/ (ratings, same node): no tunnel, destination policy still applied");
+    let body = in_pod(
+        bed,
+        "productpage",
+        Path::new("curl"),
+        &["-sS", "-m", "5", "http://10.96.0.21/"],
+    )?;
+    println!("   {}", body.trim());
 
     println!(
-        "\n== productpage: 16 MiB echoed through meshd (sk_msg acceleration on), digests compared"
+        "\n== ratings → reviews: the allow policy admits only productpage, so node-b refuses it"
     );
+    let code = exit_code(bed, "ratings", &["-sS", "-m", "3", "http://10.96.0.20/"]);
+    println!("   curl exit code {code} (the stream was refused, the client reset)");
+
+    println!("\n== productpage: 16 MiB echoed across nodes through the tunnel, digests compared");
+    let size = (16 * MIB).to_string();
     let out = in_pod(
         bed,
         "productpage",
         &testkit,
-        &[
-            "echo",
-            "--connect",
-            "10.96.0.21:7000",
-            "--bytes",
-            &(16 * MIB).to_string(),
-        ],
+        &["echo", "--connect", "10.96.0.22:7000", "--bytes", &size],
     )?;
     println!("   {}", out.trim());
 
-    println!("\n== productpage: a VIP meshd does not know is left alone (no route, not captured)");
-    let code = exit_code(
-        bed,
-        "productpage",
-        &["-sS", "-m", "2", "http://10.96.0.99/"],
-    );
-    println!("   curl http://10.96.0.99/ exit code {code} (7: could not connect)");
+    println!("\n== /metrics excerpt, node-a (reporter=source)");
+    print_excerpt(&a);
+    println!("\n== /metrics excerpt, node-b (reporter=destination)");
+    print_excerpt(&b);
 
-    println!("\n== /metrics excerpt (:15020)");
+    println!("\n== SIGTERM: each meshd stops capturing, drains, detaches and exits");
+    for (name, mut meshd) in [("node-a", a), ("node-b", b)] {
+        let status = meshd.terminate(Duration::from_secs(40));
+        println!("   {name}: meshd exited: {status}");
+        if !status.success() {
+            bail!("meshd failed; log:\n{}", meshd.log());
+        }
+    }
+    Ok(())
+}
+
+fn print_excerpt(meshd: &Meshd) {
     let metrics = meshd.metrics();
     for line in metrics.lines().filter(|l| excerpt(l)) {
         println!("   {}", shorten(line));
     }
-
-    println!("\n== SIGTERM: meshd stops capturing, drains, detaches and exits");
-    let status = meshd.terminate(Duration::from_secs(40));
-    println!("   meshd exited: {status}");
-    if !status.success() {
-        bail!("meshd failed; log:\n{}", meshd.log());
-    }
-    drop(meshd);
-    Ok(())
 }
 
 fn in_pod(bed: &Testbed, pod: &str, program: &Path, args: &[&str]) -> anyhow::Result<String> {
@@ -178,17 +220,16 @@ fn excerpt(line: &str) -> bool {
     let interesting = [
         "istio_tcp_connections_opened_total{",
         "istio_tcp_sent_bytes_total{",
-        "istio_tcp_received_bytes_total{",
         "meshd_active_connections ",
-        "meshd_bpf_events{",
-        "meshd_bpf_map_entries{",
-        "meshd_sk_msg_enabled ",
-        "meshd_unresolved_destinations_total",
+        "meshd_tunnel_connections ",
+        "meshd_authorization_denied_total{",
+        "meshd_certificate_expiry_seconds{",
+        "meshd_bpf_events{event=\"captured\"}",
     ];
     interesting.iter().any(|p| line.starts_with(p))
 }
 
-/// Drops the labels that are "unknown" so an excerpt line fits a screen.
+/// Keeps the labels that tell the story so an excerpt line fits a screen.
 fn shorten(line: &str) -> String {
     let Some((series, value)) = line.rsplit_once(' ') else {
         return line.to_owned();
@@ -196,22 +237,24 @@ fn shorten(line: &str) -> String {
     let Some((name, labels)) = series.split_once('{') else {
         return line.to_owned();
     };
+    let keep = [
+        "reporter",
+        "source_workload",
+        "source_principal",
+        "destination_workload",
+        "destination_principal",
+        "destination_service",
+        "connection_security_policy",
+        "response_flags",
+        "identity",
+        "event",
+    ];
     let kept: Vec<&str> = labels
         .trim_end_matches('}')
-        .split("\",")
-        .filter(|l| {
-            !l.contains("\"unknown")
-                && !l.starts_with("destination_service_n")
-                && !l.starts_with("source_app")
-        })
+        .split(',')
+        .filter(|l| keep.iter().any(|k| l.starts_with(&format!("{k}="))))
         .collect();
-    let labels = kept.join("\",");
-    let labels = if labels.ends_with('"') {
-        labels
-    } else {
-        format!("{labels}\"")
-    };
-    format!("{name}{{{labels}}} {value}")
+    format!("{name}{{{}}} {value}", kept.join(","))
 }
 
 fn indent(text: &str) -> String {
