@@ -427,7 +427,10 @@ impl Meshd {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let log_file = fs::File::create(&log).expect("create meshd log");
         let child = sys::command_in(&testbed.root, &testbed.nodes[node].netns, &meshd, &args)
-            .env("MESHD_LOG", "info,meshd=debug")
+            .env(
+                "MESHD_LOG",
+                std::env::var("MESHD_TEST_LOG").unwrap_or_else(|_| "info,meshd=debug".into()),
+            )
             .stdout(log_file.try_clone().expect("clone log"))
             .stderr(log_file)
             .spawn()

@@ -57,6 +57,8 @@ pub fn run(seconds: u64, only: Option<&str>) -> anyhow::Result<()> {
         .context("target dir")?
         .join("release");
     std::env::set_var("MESHD_BIN", release.join("meshd"));
+    // Per-connection debug lines would be measured too.
+    std::env::set_var("MESHD_TEST_LOG", "info");
     let bench = Bench {
         testkit: release.join("meshd-testkit"),
         meshd: release.join("meshd"),
