@@ -718,3 +718,45 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+#[test]
+fn same_node_traffic_skips_the_tunnel_but_not_the_destination_policy() {
+    let bed = Testbed::new(&["client", "other", "server"]);
+    serve(
+        &bed,
+        bed.pod("server"),
+        8080,
+        &["--mode", "hello", "--name", "server"],
+    );
+    let rest = "services:
+  - { name: server, vip: 10.96.0.20, ports: [{ port: 80, targetPort: 8080 }], endpoints: [{ address: 10.77.0.12, node: node-a, serviceAccount: server }] }
+policies:
+  - name: server-from-client
+    target: { service: default/server }
+    action: allow
+    from: [{ principals: [cluster.local/ns/default/sa/client] }]
+";
+    let meshd = bed.start_meshd(&bed.config(rest));
+    let (code, body) = curl(&bed, bed.pod("client"), "http://10.96.0.20/");
+    assert_eq!(code, 0, "{body}\n{}", meshd.log());
+    let (code, _) = curl(&bed, bed.pod("other"), "http://10.96.0.20/");
+    assert_ne!(code, 0, "other is not allowed");
+    let denied = [
+        ("source_principal", spiffe("other")),
+        ("destination_principal", spiffe("server")),
+    ];
+    let denied: Vec<(&str, &str)> = denied.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    assert_eq!(
+        meshd.metric("meshd_authorization_denied_total", &denied),
+        1.0
+    );
+    let allowed = [
+        ("source_workload", "client"),
+        ("connection_security_policy", "none"),
+    ];
+    assert_eq!(
+        meshd.metric("istio_tcp_connections_opened_total", &allowed),
+        1.0
+    );
+    assert_eq!(meshd.metric("meshd_tunnel_connections", &[]), 0.0);
+}
