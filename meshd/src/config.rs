@@ -318,6 +318,70 @@ pub struct ServiceSpec {
     /// Where the service's pods are.
     #[serde(default)]
     pub endpoints: Vec<EndpointSpec>,
+    /// How requests (HTTP) or connections (TCP) are spread over endpoints:
+    /// `p2c-ewma` (default), `round-robin`, `least-request`, `random`.
+    #[serde(default)]
+    pub load_balancer: crate::balance::Policy,
+    /// Limit for a whole HTTP request (until the response headers). Default:
+    /// none.
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    /// HTTP routes, tried in order; the first whose `match` holds takes the
+    /// request. Without routes every endpoint serves every request.
+    #[serde(default)]
+    pub routes: Vec<RouteSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RouteSpec {
+    /// A name for metrics and logs. Default `route-<index>`.
+    pub name: Option<String>,
+    /// Conditions; every one given must hold. Default: matches everything.
+    #[serde(default, rename = "match")]
+    pub matches: MatchSpec,
+    /// Weighted backends (subsets of the service's endpoints). At least one.
+    pub to: Vec<BackendSpec>,
+    /// Overrides the service's `timeout` for this route.
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MatchSpec {
+    /// `{ exact: /p }`, `{ prefix: /p }` or `{ regex: "^/p/[0-9]+$" }`.
+    pub path: Option<PathSpec>,
+    /// An HTTP method, e.g. `GET`.
+    pub method: Option<String>,
+    /// Header name → exact value.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+/// Exactly one of the three.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PathSpec {
+    pub exact: Option<String>,
+    pub prefix: Option<String>,
+    pub regex: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct BackendSpec {
+    /// Endpoint labels that select this backend's endpoints, e.g.
+    /// `{ version: v2 }`. Default: every endpoint.
+    #[serde(default)]
+    pub subset: BTreeMap<String, String>,
+    /// Relative share of the route's requests. Default 1.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
 }
 
 fn default_namespace() -> String {
@@ -331,8 +395,9 @@ pub struct PortSpec {
     pub port: u16,
     /// Port on the endpoints. Default: the same as `port`.
     pub target_port: Option<u16>,
-    /// Application protocol. Only `tcp` (the default) today: bytes are relayed
-    /// as they are.
+    /// Application protocol: `tcp` (default; bytes relayed as they are),
+    /// `http` (HTTP/1.1), `http2`, `grpc` (HTTP/2), or `auto` (sniffed from
+    /// the first bytes: HTTP/1.1, HTTP/2, else TCP).
     #[serde(default)]
     pub protocol: Protocol,
 }

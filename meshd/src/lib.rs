@@ -2,6 +2,7 @@
 //! sockets into this one node proxy.
 #![forbid(unsafe_code)]
 
+pub mod balance;
 pub mod capture;
 pub mod config;
 pub mod daemon;
@@ -11,5 +12,6 @@ pub mod mesh;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod routing;
 pub mod status;
 pub mod tunnel;

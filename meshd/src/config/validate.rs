@@ -63,10 +63,15 @@ pub struct Service {
     pub vip: Ipv4Addr,
     pub ports: Vec<ServicePort>,
     pub endpoints: Vec<Endpoint>,
+    pub load_balancer: crate::balance::Policy,
+    pub timeout: Option<std::time::Duration>,
+    /// Compiled routes; a service without routes gets the default one.
+    pub routes: Vec<crate::routing::Route>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServicePort {
+    pub protocol: Protocol,
     pub port: u16,
     pub target_port: u16,
 }
@@ -601,16 +606,6 @@ fn check_service(
         if port.target_port == Some(0) {
             check.fail(file, &field.clone().key("targetPort"), "must not be 0");
         }
-        if port.protocol != Protocol::Tcp {
-            check.fail(
-                file,
-                &field.clone().key("protocol"),
-                format!(
-                    "protocol {} is not supported yet: this meshd relays TCP only; use tcp",
-                    port.protocol.as_str()
-                ),
-            );
-        }
         if ports.iter().any(|p: &ServicePort| p.port == port.port) {
             check.fail(
                 file,
@@ -619,6 +614,7 @@ fn check_service(
             );
         }
         ports.push(ServicePort {
+            protocol: port.protocol,
             port: port.port,
             target_port: port.target_port.unwrap_or(port.port),
         });
@@ -638,7 +634,19 @@ fn check_service(
             labels: endpoint.labels,
         });
     }
+    let mut routes: Vec<crate::routing::Route> = spec
+        .routes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, route)| check_route(check, file, &at.clone().key("routes").index(i), i, route))
+        .collect();
+    if routes.is_empty() {
+        routes.push(crate::routing::Route::default_route());
+    }
     let service = Service {
+        load_balancer: spec.load_balancer,
+        timeout: spec.timeout,
+        routes,
         hostname: format!("{}.{}.svc.cluster.local", spec.name, spec.namespace).into(),
         name: spec.name.into(),
         namespace: spec.namespace.into(),
@@ -647,6 +655,71 @@ fn check_service(
         endpoints,
     };
     (file, at.clone(), service)
+}
+
+fn check_route(
+    check: &mut Checker<'_>,
+    file: usize,
+    at: &FieldPath,
+    index: usize,
+    spec: &super::RouteSpec,
+) -> Option<crate::routing::Route> {
+    use crate::routing::{Backend, Match, PathMatch, Route};
+    let path_at = at.clone().key("match").key("path");
+    let path = match spec.matches.path.as_ref().map(|p| (&p.exact, &p.prefix, &p.regex)) {
+        None => None,
+        Some((Some(exact), None, None)) => Some(PathMatch::Exact(exact.clone())),
+        Some((None, Some(prefix), None)) => Some(PathMatch::Prefix(prefix.clone())),
+        Some((None, None, Some(regex))) => match regex::Regex::new(regex) {
+            Ok(regex) => Some(PathMatch::Regex(regex)),
+            Err(err) => {
+                check.fail(file, &path_at.key("regex"), format!("invalid regex: {err}"));
+                return None;
+            }
+        },
+        Some(_) => {
+            check.fail(file, &path_at, "give exactly one of exact, prefix or regex");
+            return None;
+        }
+    };
+    let method = match &spec.matches.method {
+        None => None,
+        Some(m) => match hyper::Method::from_bytes(m.as_bytes()) {
+            Ok(method) => Some(method),
+            Err(_) => {
+                check.fail(file, &at.clone().key("match").key("method"), format!("{m:?} is not an HTTP method"));
+                return None;
+            }
+        },
+    };
+    let mut headers = Vec::new();
+    for (name, value) in &spec.matches.headers {
+        match hyper::header::HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()) {
+            Ok(header) => headers.push((header, value.clone())),
+            Err(_) => check.fail(file, &at.clone().key("match").key("headers"), format!("{name:?} is not a header name")),
+        }
+    }
+    if spec.to.is_empty() {
+        check.fail(file, &at.clone().key("to"), "a route needs at least one backend");
+        return None;
+    }
+    if spec.to.iter().all(|b| b.weight == 0) {
+        check.fail(file, &at.clone().key("to"), "every backend has weight 0");
+        return None;
+    }
+    Some(Route {
+        name: spec.name.clone().unwrap_or_else(|| format!("route-{index}")),
+        matcher: Match { path, method, headers },
+        backends: spec
+            .to
+            .iter()
+            .map(|b| Backend {
+                subset: b.subset.clone(),
+                weight: b.weight,
+            })
+            .collect(),
+        timeout: spec.timeout,
+    })
 }
 
 /// Names and addresses that must be unique across all files.
@@ -769,8 +842,12 @@ node:
     fn rejections_name_file_line_and_field() {
         let cases: &[(&str, &str)] = &[
             (
-                "services:\n  - name: a\n    vip: 10.96.0.1\n    ports: [{ port: 80, protocol: http }]\n",
-                "mesh.yaml:9: services[0].ports[0].protocol: protocol http is not supported yet",
+                "services:\n  - name: a\n    vip: 10.96.0.1\n    ports: [{ port: 80, protocol: smtp }]\n",
+                "mesh.yaml:9: services[0].ports[0].protocol: unknown variant `smtp`",
+            ),
+            (
+                "services:\n  - name: a\n    vip: 10.96.0.1\n    ports: [{ port: 80 }]\n    routes: [{ match: { path: { regex: \"([\" } }, to: [{ weight: 1 }] }]\n",
+                "mesh.yaml:10: services[0].routes[0].match.path.regex: invalid regex",
             ),
             (
                 "services:\n  - name: a\n    vip: fd00::1\n    ports: [{ port: 80 }]\n",
