@@ -70,7 +70,13 @@ impl EndpointStats {
 
 /// Picks one of `candidates` (indexes into `stats`). `next` is the service's
 /// round-robin position; `random` two independent random numbers.
-pub fn pick(policy: Policy, candidates: &[usize], stats: &[EndpointStats], next: &AtomicUsize, random: [u64; 2]) -> Option<usize> {
+pub fn pick(
+    policy: Policy,
+    candidates: &[usize],
+    stats: &[EndpointStats],
+    next: &AtomicUsize,
+    random: [u64; 2],
+) -> Option<usize> {
     let n = candidates.len();
     if n == 0 {
         return None;
@@ -92,7 +98,11 @@ pub fn pick(policy: Policy, candidates: &[usize], stats: &[EndpointStats], next:
                     _ => s.cost(),
                 }
             };
-            if cost(b) < cost(a) { b } else { a }
+            if cost(b) < cost(a) {
+                b
+            } else {
+                a
+            }
         }
     };
     Some(candidates[index])
@@ -124,7 +134,9 @@ mod tests {
     fn round_robin_cycles() {
         let s = stats(3);
         let next = AtomicUsize::new(0);
-        let picks: Vec<_> = (0..6).map(|_| pick(Policy::RoundRobin, &[0, 1, 2], &s, &next, [0, 0]).expect("pick")).collect();
+        let picks: Vec<_> = (0..6)
+            .map(|_| pick(Policy::RoundRobin, &[0, 1, 2], &s, &next, [0, 0]).expect("pick"))
+            .collect();
         assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
     }
 
@@ -153,7 +165,10 @@ mod tests {
         s[0].in_flight.store(5, Ordering::Relaxed);
         let next = AtomicUsize::new(0);
         for r in 0..10 {
-            assert_eq!(pick(Policy::LeastRequest, &[0, 1], &s, &next, [r, r * 3]), Some(1));
+            assert_eq!(
+                pick(Policy::LeastRequest, &[0, 1], &s, &next, [r, r * 3]),
+                Some(1)
+            );
         }
     }
 
@@ -170,6 +185,9 @@ mod tests {
 
     #[test]
     fn no_candidates_no_pick() {
-        assert_eq!(pick(Policy::Random, &[], &stats(0), &AtomicUsize::new(0), [1, 2]), None);
+        assert_eq!(
+            pick(Policy::Random, &[], &stats(0), &AtomicUsize::new(0), [1, 2]),
+            None
+        );
     }
 }

@@ -13,7 +13,11 @@ use std::{
 
 use meshd_common::Destination;
 
-use crate::config::{Config, Endpoint, Service, Workload};
+use crate::{
+    balance::{self, EndpointStats},
+    config::{Config, Endpoint, Protocol, Service, ServicePort, Workload},
+    routing::Backend,
+};
 
 /// Value stored in the `DESTINATIONS` BPF map, for whoever inspects it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,7 +33,11 @@ enum Entry {
     /// A service VIP:port; `port` indexes `Service::ports`.
     Vip { service: usize, port: usize },
     /// A meshed pod address:targetPort, reached directly.
-    Pod { service: usize, endpoint: usize },
+    Pod {
+        service: usize,
+        port: usize,
+        endpoint: usize,
+    },
 }
 
 /// Where one captured connection is relayed to.
@@ -39,6 +47,16 @@ pub struct Target<'a> {
     pub endpoint: &'a Endpoint,
     pub upstream: SocketAddrV4,
     pub path: Path,
+    pub protocol: Protocol,
+}
+
+/// Where the requests of an HTTP connection go: a service port, and the
+/// endpoint when the client addressed a pod directly.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpTarget {
+    pub service: usize,
+    pub port: ServicePort,
+    pub pinned: Option<usize>,
 }
 
 /// How a connection reaches its endpoint.
@@ -69,6 +87,8 @@ pub struct Mesh {
     by_address: HashMap<Ipv4Addr, usize>,
     /// Services each endpoint address belongs to, for policy.
     services_by_address: HashMap<Ipv4Addr, Vec<usize>>,
+    /// Load-balancing statistics per service, per endpoint.
+    stats: Vec<Vec<EndpointStats>>,
 }
 
 impl Mesh {
@@ -82,6 +102,7 @@ impl Mesh {
                     let pod = SocketAddrV4::new(endpoint.address, port.target_port);
                     entries.entry(pod).or_insert(Entry::Pod {
                         service: s,
+                        port: p,
                         endpoint: e,
                     });
                 }
@@ -119,6 +140,16 @@ impl Mesh {
             .iter()
             .map(|_| AtomicUsize::new(0))
             .collect();
+        let stats = config
+            .services
+            .iter()
+            .map(|s| {
+                s.endpoints
+                    .iter()
+                    .map(|_| EndpointStats::default())
+                    .collect()
+            })
+            .collect();
         Self {
             config,
             entries,
@@ -126,6 +157,7 @@ impl Mesh {
             by_cgroup,
             by_address,
             services_by_address,
+            stats,
         }
     }
 
@@ -161,9 +193,14 @@ impl Mesh {
                     endpoint,
                     upstream: SocketAddrV4::new(endpoint.address, svc.ports[port].target_port),
                     path: self.path(endpoint)?,
+                    protocol: svc.ports[port].protocol,
                 })
             }
-            Entry::Pod { service, endpoint } => {
+            Entry::Pod {
+                service,
+                port,
+                endpoint,
+            } => {
                 let svc = &self.config.services[service];
                 let endpoint = &svc.endpoints[endpoint];
                 Ok(Target {
@@ -171,12 +208,55 @@ impl Mesh {
                     endpoint,
                     upstream: dst,
                     path: self.path(endpoint)?,
+                    protocol: svc.ports[port].protocol,
                 })
             }
         }
     }
 
-    fn path(&self, endpoint: &Endpoint) -> Result<Path, Unresolved> {
+    /// The service port (and pinned endpoint) behind `dst`, for HTTP.
+    pub fn http_target(&self, dst: SocketAddrV4) -> Option<HttpTarget> {
+        let (service, port, pinned) = match *self.entries.get(&dst)? {
+            Entry::Vip { service, port } => (service, port, None),
+            Entry::Pod {
+                service,
+                port,
+                endpoint,
+            } => (service, port, Some(endpoint)),
+        };
+        Some(HttpTarget {
+            service,
+            port: self.config.services[service].ports[port],
+            pinned,
+        })
+    }
+
+    /// Balances one request of `service` over the endpoints `backend` admits.
+    pub fn pick_endpoint(
+        &self,
+        service: usize,
+        backend: &Backend,
+        random: [u64; 2],
+    ) -> Option<usize> {
+        let svc = &self.config.services[service];
+        let candidates: Vec<usize> = (0..svc.endpoints.len())
+            .filter(|e| backend.admits(&svc.endpoints[*e].labels))
+            .collect();
+        balance::pick(
+            svc.load_balancer,
+            &candidates,
+            &self.stats[service],
+            &self.next[service],
+            random,
+        )
+    }
+
+    pub fn endpoint_stats(&self, service: usize, endpoint: usize) -> &EndpointStats {
+        &self.stats[service][endpoint]
+    }
+
+    /// How `endpoint` is reached from this node.
+    pub fn path(&self, endpoint: &Endpoint) -> Result<Path, Unresolved> {
         match &endpoint.node {
             Some(node) if *node != self.config.node.name => self
                 .config

@@ -8,9 +8,39 @@ use std::sync::Arc;
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue},
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
+
+/// Istio's `istio_request_duration_milliseconds` buckets.
+pub const DURATION_BUCKETS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+/// Istio's request and response size buckets (bytes).
+pub const SIZE_BUCKETS: [f64; 8] = [
+    1.0, 10.0, 100.0, 1000.0, 10000.0, 100000.0, 1000000.0, 10000000.0,
+];
+
+/// Istio's label set for `istio_requests_total` and the request histograms:
+/// the TCP labels plus the response code.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    #[prometheus(flatten)]
+    pub connection: TcpLabels,
+    pub response_code: u16,
+    pub grpc_response_status: Arc<str>,
+}
+
+type HistogramFamily = Family<HttpLabels, Histogram, fn() -> Histogram>;
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS)
+}
+
+fn size_histogram() -> Histogram {
+    Histogram::new(SIZE_BUCKETS)
+}
 
 /// Istio's label set for `istio_tcp_*`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -104,6 +134,10 @@ pub struct Metrics {
     pub authorization_denied: Family<DenyLabels, Counter>,
     /// Pooled mTLS connections to other nodes.
     pub tunnel_connections: Gauge,
+    pub requests: Family<HttpLabels, Counter>,
+    pub request_duration: HistogramFamily,
+    pub request_bytes: HistogramFamily,
+    pub response_bytes: HistogramFamily,
 }
 
 impl Metrics {
@@ -125,6 +159,10 @@ impl Metrics {
             certificate_expiry: Family::default(),
             authorization_denied: Family::default(),
             tunnel_connections: Gauge::default(),
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(duration_histogram),
+            request_bytes: Family::new_with_constructor(size_histogram),
+            response_bytes: Family::new_with_constructor(size_histogram),
         };
         let istio = registry.sub_registry_with_prefix("istio");
         istio.register(
@@ -146,6 +184,22 @@ impl Metrics {
             "tcp_received_bytes",
             "Bytes received from the client (request direction) over TCP connections",
             metrics.tcp_received_bytes.clone(),
+        );
+        istio.register("requests", "Total requests", metrics.requests.clone());
+        istio.register(
+            "request_duration_milliseconds",
+            "Time from request start to response headers, in milliseconds",
+            metrics.request_duration.clone(),
+        );
+        istio.register(
+            "request_bytes",
+            "Request body sizes in bytes",
+            metrics.request_bytes.clone(),
+        );
+        istio.register(
+            "response_bytes",
+            "Response body sizes in bytes",
+            metrics.response_bytes.clone(),
         );
         let meshd = registry.sub_registry_with_prefix("meshd");
         meshd.register(

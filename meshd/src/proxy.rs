@@ -1,5 +1,6 @@
 //! The node proxy: listeners and the per-connection work behind them.
 
+pub mod http;
 pub mod outbound;
 pub mod relay;
 
@@ -28,6 +29,8 @@ pub struct ProxyInputs {
     pub pool: Option<Pool>,
     /// This node's workload certificates; `None` without `node.identity`.
     pub store: Option<Arc<CertStore>>,
+    /// Reused upstream HTTP connections.
+    pub upstreams: Arc<http::upstream::Upstreams>,
 }
 
 /// Resolves once `stop` turns true (or its sender is gone).

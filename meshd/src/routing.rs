@@ -21,7 +21,9 @@ impl PathMatch {
             // `/api` matches `/api` and `/api/x`, not `/apis`.
             Self::Prefix(prefix) => {
                 path.starts_with(prefix.as_str())
-                    && (prefix.ends_with('/') || path.len() == prefix.len() || path.as_bytes()[prefix.len()] == b'/')
+                    && (prefix.ends_with('/')
+                        || path.len() == prefix.len()
+                        || path.as_bytes()[prefix.len()] == b'/')
             }
             Self::Regex(regex) => regex.is_match(path),
         }
@@ -108,8 +110,15 @@ impl Route {
 }
 
 /// The first route whose match holds, in order.
-pub fn select<'a>(routes: &'a [Route], method: &Method, path: &str, headers: &HeaderMap) -> Option<&'a Route> {
-    routes.iter().find(|r| r.matcher.matches(method, path, headers))
+pub fn select<'a>(
+    routes: &'a [Route],
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+) -> Option<&'a Route> {
+    routes
+        .iter()
+        .find(|r| r.matcher.matches(method, path, headers))
 }
 
 #[cfg(test)]
@@ -118,7 +127,10 @@ mod tests {
     use hyper::header::{HeaderName, HeaderValue};
 
     fn subset(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn route(name: &str, matcher: Match, backends: &[(&[(&str, &str)], u32)]) -> Route {
@@ -158,7 +170,9 @@ mod tests {
             route(
                 "ids",
                 Match {
-                    path: Some(PathMatch::Regex(regex::Regex::new("^/items/[0-9]+$").expect("regex"))),
+                    path: Some(PathMatch::Regex(
+                        regex::Regex::new("^/items/[0-9]+$").expect("regex"),
+                    )),
                     ..Match::default()
                 },
                 &[(&[("version", "v1")], 1)],
@@ -171,7 +185,11 @@ mod tests {
                 },
                 &[(&[], 1)],
             ),
-            route("split", Match::default(), &[(&[("version", "v1")], 90), (&[("version", "v2")], 10)]),
+            route(
+                "split",
+                Match::default(),
+                &[(&[("version", "v1")], 90), (&[("version", "v2")], 10)],
+            ),
         ]
     }
 
@@ -203,9 +221,20 @@ mod tests {
     fn weights_split_the_roll_space() {
         let routes = routes();
         let split = &routes[4];
-        let v2 = (0..1000u64).filter(|roll| split.backend(*roll).subset.get("version").map(String::as_str) == Some("v2")).count();
+        let v2 = (0..1000u64)
+            .filter(|roll| {
+                split
+                    .backend(*roll)
+                    .subset
+                    .get("version")
+                    .map(String::as_str)
+                    == Some("v2")
+            })
+            .count();
         assert_eq!(v2, 100);
-        assert!(split.backend(89).admits(&subset(&[("version", "v1"), ("app", "x")])));
+        assert!(split
+            .backend(89)
+            .admits(&subset(&[("version", "v1"), ("app", "x")])));
         assert!(!split.backend(95).admits(&subset(&[("version", "v1")])));
     }
 }

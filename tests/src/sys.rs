@@ -192,24 +192,44 @@ pub fn command_in(cgroup: &Cgroup, netns: &Netns, program: &Path, args: &[&str])
 }
 
 /// Waits for `child` up to `timeout`, killing it (and panicking) when it
-/// runs over.
+/// runs over. Its output is drained as it comes, so a chatty child never
+/// blocks on a full pipe.
 pub fn wait_with_timeout(mut child: Child, timeout: Duration, what: &str) -> Output {
+    fn drain(pipe: Option<impl std::io::Read + Send + 'static>) -> thread::JoinHandle<Vec<u8>> {
+        thread::spawn(move || {
+            let mut out = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut out);
+            }
+            out
+        })
+    }
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
     let deadline = Instant::now() + timeout;
-    loop {
+    let (status, timed_out) = loop {
         match child.try_wait().expect("try_wait") {
-            Some(_) => return child.wait_with_output().expect("collect output"),
+            Some(status) => break (status, false),
             None if Instant::now() >= deadline => {
                 let _ = child.kill();
-                let output = child.wait_with_output().expect("collect output");
-                panic!(
-                    "{what} did not finish within {timeout:?}\nstdout: {}\nstderr: {}",
-                    String::from_utf8_lossy(&output.stdout),
-                    String::from_utf8_lossy(&output.stderr)
-                );
+                break (child.wait().expect("wait"), true);
             }
             None => thread::sleep(Duration::from_millis(10)),
         }
+    };
+    let output = Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    };
+    if timed_out {
+        panic!(
+            "{what} did not finish within {timeout:?}\nstdout: {}\nstderr: {}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
+    output
 }
 
 /// Waits up to `timeout` for `child` to exit on its own.

@@ -638,7 +638,9 @@ fn check_service(
         .routes
         .iter()
         .enumerate()
-        .filter_map(|(i, route)| check_route(check, file, &at.clone().key("routes").index(i), i, route))
+        .filter_map(|(i, route)| {
+            check_route(check, file, &at.clone().key("routes").index(i), i, route)
+        })
         .collect();
     if routes.is_empty() {
         routes.push(crate::routing::Route::default_route());
@@ -666,7 +668,12 @@ fn check_route(
 ) -> Option<crate::routing::Route> {
     use crate::routing::{Backend, Match, PathMatch, Route};
     let path_at = at.clone().key("match").key("path");
-    let path = match spec.matches.path.as_ref().map(|p| (&p.exact, &p.prefix, &p.regex)) {
+    let path = match spec
+        .matches
+        .path
+        .as_ref()
+        .map(|p| (&p.exact, &p.prefix, &p.regex))
+    {
         None => None,
         Some((Some(exact), None, None)) => Some(PathMatch::Exact(exact.clone())),
         Some((None, Some(prefix), None)) => Some(PathMatch::Prefix(prefix.clone())),
@@ -687,7 +694,11 @@ fn check_route(
         Some(m) => match hyper::Method::from_bytes(m.as_bytes()) {
             Ok(method) => Some(method),
             Err(_) => {
-                check.fail(file, &at.clone().key("match").key("method"), format!("{m:?} is not an HTTP method"));
+                check.fail(
+                    file,
+                    &at.clone().key("match").key("method"),
+                    format!("{m:?} is not an HTTP method"),
+                );
                 return None;
             }
         },
@@ -696,11 +707,19 @@ fn check_route(
     for (name, value) in &spec.matches.headers {
         match hyper::header::HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()) {
             Ok(header) => headers.push((header, value.clone())),
-            Err(_) => check.fail(file, &at.clone().key("match").key("headers"), format!("{name:?} is not a header name")),
+            Err(_) => check.fail(
+                file,
+                &at.clone().key("match").key("headers"),
+                format!("{name:?} is not a header name"),
+            ),
         }
     }
     if spec.to.is_empty() {
-        check.fail(file, &at.clone().key("to"), "a route needs at least one backend");
+        check.fail(
+            file,
+            &at.clone().key("to"),
+            "a route needs at least one backend",
+        );
         return None;
     }
     if spec.to.iter().all(|b| b.weight == 0) {
@@ -708,8 +727,15 @@ fn check_route(
         return None;
     }
     Some(Route {
-        name: spec.name.clone().unwrap_or_else(|| format!("route-{index}")),
-        matcher: Match { path, method, headers },
+        name: spec
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("route-{index}")),
+        matcher: Match {
+            path,
+            method,
+            headers,
+        },
         backends: spec
             .to
             .iter()

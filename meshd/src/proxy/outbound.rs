@@ -14,11 +14,13 @@ use tokio::{
 };
 use tracing::{debug, info, info_span, warn, Instrument as _};
 
+use super::http;
 use super::{
     relay::{relay, Resettable},
     ConnectionGuard, ProxyInputs,
 };
 use crate::{
+    config::Protocol,
     mesh::{destination_addr, Path, Target, Unresolved},
     metrics::{DenyLabels, Metrics, ReasonLabels, ServiceLabels, TcpLabels, UnresolvedReason},
     policy::{self, Decision},
@@ -146,6 +148,20 @@ async fn handle(inputs: Arc<ProxyInputs>, client: TcpStream, peer: SocketAddr) {
         }
     };
     let source = mesh.source(orig.cgroup_id, *peer.ip());
+    let protocol = match target.protocol {
+        Protocol::Auto => sniff(&client).await,
+        declared => declared,
+    };
+    if protocol != Protocol::Tcp {
+        let connection = http::Connection {
+            dst,
+            source: source.cloned(),
+            protocol,
+        };
+        drop(mesh);
+        let _ = client.set_nodelay(true);
+        return http::serve(inputs.clone(), client, connection).await;
+    }
     let mut labels = tcp_labels(source, &target);
     let upstream_addr = target.upstream;
     let service = target.service.hostname.clone();
@@ -251,6 +267,26 @@ async fn relay_counted<U>(
     match relay(client, upstream, inputs.buffer_size, &received, &sent).await {
         Ok(()) => debug!("closed"),
         Err(err) => debug!(error = %err, "closed with an error"),
+    }
+}
+
+/// Peeks at the client's first bytes (waiting at most `SNIFF_WAIT`) to tell
+/// HTTP/1.1 and HTTP/2 from other TCP on an `auto` port.
+async fn sniff(client: &TcpStream) -> Protocol {
+    let mut buf = [0u8; 16];
+    let deadline = tokio::time::Instant::now() + http::SNIFF_WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, client.peek(&mut buf)).await {
+            Ok(Ok(n)) if n >= buf.len() || n == 0 => return http::sniff(&buf[..n]),
+            Ok(Ok(n)) => {
+                // A partial request line: wait a little for more.
+                if http::sniff(&buf[..n]) != Protocol::Tcp {
+                    return http::sniff(&buf[..n]);
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            _ => return Protocol::Tcp,
+        }
     }
 }
 

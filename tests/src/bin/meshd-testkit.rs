@@ -44,6 +44,9 @@ enum Command {
         /// `source` sends at most this many bytes per second (0: unlimited).
         #[arg(long, default_value_t = 0)]
         rate: u64,
+        /// `hello` waits this long before each answer.
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
     },
     /// Send N bytes to a sink and check the digest it answers.
     Upload {
@@ -116,7 +119,15 @@ fn main() -> anyhow::Result<()> {
             name,
             bytes,
             rate,
-        } => serve(listen, &mode, &name, bytes, rate),
+            delay_ms,
+        } => serve(
+            listen,
+            &mode,
+            &name,
+            bytes,
+            rate,
+            Duration::from_millis(delay_ms),
+        ),
         Command::Upload { connect, bytes } => upload(connect, bytes),
         Command::Download { connect, bytes } => download(connect, bytes),
         Command::Echo { connect, bytes } => echo(connect, bytes),
@@ -238,7 +249,14 @@ fn pattern_digest(bytes: u64) -> String {
 
 // === servers ===
 
-fn serve(listen: SocketAddr, mode: &str, name: &str, bytes: u64, rate: u64) -> anyhow::Result<()> {
+fn serve(
+    listen: SocketAddr,
+    mode: &str,
+    name: &str,
+    bytes: u64,
+    rate: u64,
+    delay: Duration,
+) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen).with_context(|| format!("bind {listen}"))?;
     println!("listening {listen} {mode}");
     io::stdout().flush()?;
@@ -248,7 +266,7 @@ fn serve(listen: SocketAddr, mode: &str, name: &str, bytes: u64, rate: u64) -> a
         let name = name.to_owned();
         thread::spawn(move || {
             let result = match mode.as_str() {
-                "hello" => serve_hello(stream, &name),
+                "hello" => serve_hello(stream, &name, delay),
                 "echo" => serve_echo(stream),
                 "sink" => serve_sink(stream),
                 _ => serve_source(stream, bytes, rate),
@@ -271,25 +289,56 @@ fn serve(listen: SocketAddr, mode: &str, name: &str, bytes: u64, rate: u64) -> a
     Ok(())
 }
 
-fn serve_hello(stream: TcpStream, name: &str) -> io::Result<()> {
+/// A minimal HTTP/1.1 server: answers every request on a connection
+/// (keep-alive) with its name and the peer it saw, after `delay`.
+fn serve_hello(stream: TcpStream, name: &str, delay: Duration) -> io::Result<()> {
     let peer = stream.peer_addr()?;
     let mut reader = BufReader::new(stream.try_clone()?);
-    let mut line = String::new();
-    // Read the request head; the body, if any, is ignored.
+    let mut stream = stream;
     loop {
-        line.clear();
-        if reader.read_line(&mut line)? == 0 || line == "\r\n" || line == "\n" {
-            break;
+        let mut line = String::new();
+        let mut first = true;
+        let mut close = false;
+        let mut content_length = 0usize;
+        // The request head; a body, if any, is read and ignored.
+        loop {
+            line.clear();
+            if reader.read_line(&mut line)? == 0 {
+                return Ok(());
+            }
+            if line == "\r\n" || line == "\n" {
+                break;
+            }
+            let lower = line.to_ascii_lowercase();
+            if first {
+                close = lower.ends_with("http/1.0\r\n");
+                first = false;
+            } else if let Some(value) = lower.strip_prefix("content-length:") {
+                content_length = value.trim().parse().unwrap_or(0);
+            } else if lower.starts_with("connection:") && lower.contains("close") {
+                close = true;
+            }
+        }
+        io::copy(
+            &mut (&mut reader).take(content_length as u64),
+            &mut io::sink(),
+        )?;
+        if !delay.is_zero() {
+            thread::sleep(delay);
+        }
+        let body = format!("hello from {name} to {peer}\n");
+        // One write per response: a head and body in separate segments would
+        // wait on Nagle for the peer's delayed ACK.
+        let response = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{}\r\n{body}",
+            body.len(),
+            if close { "connection: close\r\n" } else { "" }
+        );
+        stream.write_all(response.as_bytes())?;
+        if close {
+            return stream.shutdown(Shutdown::Write);
         }
     }
-    let body = format!("hello from {name} to {peer}\n");
-    let mut stream = stream;
-    write!(
-        stream,
-        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    stream.shutdown(Shutdown::Write)
 }
 
 fn serve_echo(mut stream: TcpStream) -> io::Result<()> {

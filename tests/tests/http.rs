@@ -1,0 +1,192 @@
+//! L7 through meshd: HTTP/1.1 and HTTP/2 served by the node proxy, routes
+//! with weighted subsets and header matches, request timeouts, Istio's
+//! request metrics — with curl and h2load against real servers.
+
+use std::{path::Path, time::Duration};
+
+use meshd_tests::{
+    clients::{serve, spawn_in},
+    sys::{eventually, wait_with_timeout},
+    testbed::Testbed,
+};
+
+/// Runs curl with `args` in pod `pod`: (exit code, stdout).
+fn curl(bed: &Testbed, pod: &str, args: &[&str]) -> (i32, String) {
+    let mut all = vec!["-sS", "-m", "20"];
+    all.extend_from_slice(args);
+    let child = spawn_in(bed, bed.pod(pod), Path::new("curl"), &all);
+    let output = wait_with_timeout(child, Duration::from_secs(60), "curl");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
+/// `client` plus servers `v1` (10.77.0.11) and `v2` (10.77.0.12) answering
+/// with their names on :8080, `delay_ms` late.
+fn bed_with_versions(delay_ms: &str) -> Testbed {
+    let bed = Testbed::new(&["client", "v1", "v2"]);
+    for name in ["v1", "v2"] {
+        serve(
+            &bed,
+            bed.pod(name),
+            8080,
+            &["--mode", "hello", "--name", name, "--delay-ms", delay_ms],
+        );
+    }
+    bed
+}
+
+/// Service `web` on 10.96.0.20:80 (HTTP) with endpoints v1 and v2, then `extra`.
+fn web(protocol: &str, extra: &str) -> String {
+    format!(
+        "services:
+  - name: web
+    vip: 10.96.0.20
+    ports: [{{ port: 80, targetPort: 8080, protocol: {protocol} }}]
+    endpoints:
+      - {{ address: 10.77.0.11, workload: v1, labels: {{ version: v1 }} }}
+      - {{ address: 10.77.0.12, workload: v2, labels: {{ version: v2 }} }}
+{extra}"
+    )
+}
+
+#[test]
+fn http_requests_are_proxied_balanced_and_counted() {
+    let bed = bed_with_versions("0");
+    let meshd = bed.start_meshd(&bed.config(&web("http", "")));
+    // Twenty requests on one keep-alive client connection, each balanced.
+    let (code, out) = curl(&bed, "client", &["http://10.96.0.20/[1-20]"]);
+    assert_eq!(code, 0, "{out}\n{}", meshd.log());
+    assert_eq!(out.lines().count(), 20, "{out}");
+    assert!(out.lines().all(|l| l.starts_with("hello from v")), "{out}");
+    let labels = [
+        ("reporter", "source"),
+        ("source_workload", "client"),
+        ("destination_service", "web.default.svc.cluster.local"),
+        ("request_protocol", "http"),
+        ("response_code", "200"),
+    ];
+    assert_eq!(meshd.metric("istio_requests_total", &labels), 20.0);
+    assert_eq!(
+        meshd.metric("istio_request_duration_milliseconds_count", &labels),
+        20.0
+    );
+    // One captured connection carried them all.
+    assert_eq!(
+        meshd.metric("meshd_bpf_events", &[("event", "captured")]),
+        1.0
+    );
+    assert!(
+        meshd.log().contains("meshd::access"),
+        "no access log lines:\n{}",
+        meshd.log()
+    );
+}
+
+#[test]
+fn a_90_10_split_lands_within_tolerance_over_2000_requests() {
+    let bed = bed_with_versions("0");
+    let routes = "    routes:
+      - name: split
+        to: [{ subset: { version: v1 }, weight: 90 }, { subset: { version: v2 }, weight: 10 }]
+";
+    let meshd = bed.start_meshd(&bed.config(&web("http", routes)));
+    let (code, out) = curl(&bed, "client", &["http://10.96.0.20/[1-2000]"]);
+    assert_eq!(code, 0, "{}", meshd.log());
+    let v2 = out
+        .lines()
+        .filter(|l| l.starts_with("hello from v2"))
+        .count();
+    let v1 = out
+        .lines()
+        .filter(|l| l.starts_with("hello from v1"))
+        .count();
+    assert_eq!(v1 + v2, 2000);
+    // Binomial(2000, 0.1): mean 200, σ ≈ 13.4; ±4σ fails once in ~16 000 runs.
+    assert!(
+        (146..=254).contains(&v2),
+        "v2 got {v2} of 2000, expected 200 ± 54"
+    );
+}
+
+#[test]
+fn a_header_route_selects_its_subset() {
+    let bed = bed_with_versions("0");
+    let routes = "    routes:
+      - name: canary
+        match: { headers: { x-canary: \"1\" } }
+        to: [{ subset: { version: v2 } }]
+      - name: stable
+        to: [{ subset: { version: v1 } }]
+";
+    let meshd = bed.start_meshd(&bed.config(&web("http", routes)));
+    let (code, out) = curl(
+        &bed,
+        "client",
+        &["-H", "x-canary: 1", "http://10.96.0.20/[1-20]"],
+    );
+    assert_eq!(code, 0, "{}", meshd.log());
+    assert_eq!(
+        out.lines()
+            .filter(|l| l.starts_with("hello from v2"))
+            .count(),
+        20,
+        "{out}"
+    );
+    let (_, out) = curl(&bed, "client", &["http://10.96.0.20/[1-20]"]);
+    assert_eq!(
+        out.lines()
+            .filter(|l| l.starts_with("hello from v1"))
+            .count(),
+        20,
+        "{out}"
+    );
+}
+
+#[test]
+fn a_request_timeout_answers_504_with_a_flag() {
+    let bed = bed_with_versions("2000");
+    let meshd = bed.start_meshd(&bed.config(&web("http", "    timeout: 300ms\n")));
+    let (code, out) = curl(
+        &bed,
+        "client",
+        &["-o", "/dev/null", "-D", "-", "http://10.96.0.20/"],
+    );
+    assert_eq!(code, 0);
+    assert!(out.starts_with("HTTP/1.1 504"), "{out}");
+    assert!(
+        out.to_ascii_lowercase()
+            .contains("x-meshd-response-flags: ut"),
+        "{out}"
+    );
+    let labels = [("response_code", "504"), ("response_flags", "UT")];
+    assert_eq!(meshd.metric("istio_requests_total", &labels), 1.0);
+}
+
+#[test]
+fn h2load_through_meshd_completes_without_errors() {
+    let bed = bed_with_versions("0");
+    let meshd = bed.start_meshd(&bed.config(&web("http", "")));
+    let child = spawn_in(
+        &bed,
+        bed.pod("client"),
+        Path::new("h2load"),
+        &["-n", "2000", "-c", "10", "-m", "10", "http://10.96.0.20/"],
+    );
+    let output = wait_with_timeout(child, Duration::from_secs(120), "h2load");
+    let out = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{out}");
+    assert!(
+        out.contains(
+            "requests: 2000 total, 2000 started, 2000 done, 2000 succeeded, 0 failed, 0 errored"
+        ),
+        "{out}\n{}",
+        meshd.log()
+    );
+    assert!(out.contains("status codes: 2000 2xx"), "{out}");
+    // h2load spoke HTTP/2 to meshd; the servers (declared `http`) got HTTP/1.1.
+    assert!(eventually(Duration::from_secs(5), || {
+        meshd.metric("istio_requests_total", &[("response_code", "200")]) == 2000.0
+    }));
+}
