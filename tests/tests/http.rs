@@ -190,3 +190,112 @@ fn h2load_through_meshd_completes_without_errors() {
         meshd.metric("istio_requests_total", &[("response_code", "200")]) == 2000.0
     }));
 }
+
+#[test]
+fn http_across_nodes_rides_the_mtls_tunnel() {
+    use meshd_tests::testbed::PodSpec;
+    let bed = Testbed::nodes(&[
+        ("node-a", &[PodSpec::named("client")]),
+        ("node-b", &[PodSpec::named("v1"), PodSpec::named("v2")]),
+    ]);
+    for name in ["v1", "v2"] {
+        serve(
+            &bed,
+            bed.pod(name),
+            8080,
+            &["--mode", "hello", "--name", name],
+        );
+    }
+    let ca = bed.dir.join("ca");
+    let status = std::process::Command::new(meshd_tests::sys::workspace_binary("meshd"))
+        .args(["ca", "init", "--out"])
+        .arg(&ca)
+        .output()
+        .expect("meshd ca init");
+    assert!(status.status.success());
+    let services = "services:
+  - name: web
+    vip: 10.96.0.20
+    ports: [{ port: 80, targetPort: 8080, protocol: http }]
+    endpoints:
+      - { address: 10.78.0.10, node: node-b, workload: v1, serviceAccount: v1 }
+      - { address: 10.78.0.11, node: node-b, workload: v2, serviceAccount: v2 }
+";
+    let identity = format!("  identity:\n    issuer: {}\n", ca.display());
+    let a = bed.start_meshd_on(0, &bed.config_with(0, &identity, services));
+    let b = bed.start_meshd_on(1, &bed.config_with(1, &identity, services));
+    let (code, out) = curl(&bed, "client", &["http://10.96.0.20/[1-20]"]);
+    assert_eq!(code, 0, "{out}\nnode-a:\n{}\nnode-b:\n{}", a.log(), b.log());
+    assert_eq!(
+        out.lines()
+            .filter(|l| l.starts_with("hello from v"))
+            .count(),
+        20,
+        "{out}"
+    );
+    // node-b's meshd connected to the pods.
+    assert!(out.lines().all(|l| l.contains(" to 10.78.0.1:")), "{out}");
+    let labels = [
+        ("reporter", "source"),
+        ("request_protocol", "http"),
+        ("response_code", "200"),
+        ("connection_security_policy", "mutual_tls"),
+        (
+            "source_principal",
+            "spiffe://cluster.local/ns/default/sa/client",
+        ),
+    ];
+    assert_eq!(a.metric("istio_requests_total", &labels), 20.0);
+    assert!(
+        b.metric(
+            "istio_tcp_connections_opened_total",
+            &[("reporter", "destination")]
+        ) >= 1.0
+    );
+}
+
+#[test]
+fn grpc_unary_errors_and_streams_pass_with_trailers() {
+    let bed = Testbed::new(&["client", "server"]);
+    let kit = meshd_tests::clients::testkit();
+    bed.spawn(
+        bed.pod("server"),
+        &kit,
+        &["grpc-serve", "--listen", "10.77.0.11:50051"],
+    );
+    bed.wait_listening(
+        bed.pod("server"),
+        "10.77.0.11:50051".parse().expect("address"),
+    );
+    let services = "services:
+  - name: health
+    vip: 10.96.0.30
+    ports: [{ port: 50051, protocol: grpc }]
+    endpoints: [{ address: 10.77.0.11, workload: server }]
+";
+    let meshd = bed.start_meshd(&bed.config(services));
+    let out = meshd_tests::clients::client(
+        &bed,
+        bed.pod("client"),
+        &[
+            "grpc-check",
+            "--connect",
+            "10.96.0.30:50051",
+            "--stream-messages",
+            "3",
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(
+        out.starts_with("ok unary status=1 not_found=trailers stream=3"),
+        "{out}\n{}",
+        meshd.log()
+    );
+    let grpc = [("request_protocol", "grpc"), ("response_code", "200")];
+    assert_eq!(
+        meshd.metric("istio_requests_total", &grpc),
+        3.0,
+        "{}",
+        meshd.metrics()
+    );
+}

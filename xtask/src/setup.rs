@@ -24,8 +24,10 @@ impl Needs {
             ("curl", "curl"),
             ("util-linux", "nsenter"),
         ];
-        // The mTLS tests drive openssl as a real TLS client and server.
+        // The mTLS tests drive openssl as a real TLS client and server; the
+        // L7 tests load meshd with h2load.
         packages.push(("openssl", "openssl"));
+        packages.push(("nghttp2-client", "h2load"));
         if self == Self::Bench {
             packages.push(("iperf3", "iperf3"));
             packages.push(("haproxy", "haproxy"));

@@ -94,6 +94,20 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
+    /// A gRPC server (the standard health service) whose `meshd.test`
+    /// status flips every 100 ms, so Watch streams updates.
+    GrpcServe {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// A gRPC client: unary Check, a NOT_FOUND error (status in trailers),
+    /// and a server stream (Watch) of N messages.
+    GrpcCheck {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 3)]
+        stream_messages: usize,
+    },
     /// Request/response latency at a fixed rate over one connection to an
     /// echo server; prints percentiles in microseconds.
     Rr {
@@ -142,6 +156,11 @@ fn main() -> anyhow::Result<()> {
             rate,
             seconds,
         } => load(connect, rate, seconds),
+        Command::GrpcServe { listen } => grpc::serve(listen),
+        Command::GrpcCheck {
+            connect,
+            stream_messages,
+        } => grpc::check(connect, stream_messages),
         Command::Rr {
             connect,
             rate,
@@ -546,4 +565,93 @@ fn load(connect: SocketAddr, rate: u64, seconds: u64) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// gRPC with tonic, over the standard health service.
+mod grpc {
+    use std::{net::SocketAddr, time::Duration};
+
+    use anyhow::{bail, Context as _};
+    use tokio_stream::StreamExt as _;
+    use tonic_health::{
+        pb::{health_client::HealthClient, HealthCheckRequest},
+        ServingStatus,
+    };
+
+    const SERVICE: &str = "meshd.test";
+
+    fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+        Ok(tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?)
+    }
+
+    pub fn serve(listen: SocketAddr) -> anyhow::Result<()> {
+        runtime()?.block_on(async move {
+            let (reporter, service) = tonic_health::server::health_reporter();
+            reporter
+                .set_service_status(SERVICE, ServingStatus::Serving)
+                .await;
+            tokio::spawn(async move {
+                let mut serving = true;
+                loop {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    serving = !serving;
+                    let status = if serving {
+                        ServingStatus::Serving
+                    } else {
+                        ServingStatus::NotServing
+                    };
+                    reporter.set_service_status(SERVICE, status).await;
+                }
+            });
+            println!("listening {listen} grpc");
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve(listen)
+                .await
+                .context("gRPC server")
+        })
+    }
+
+    pub fn check(connect: SocketAddr, messages: usize) -> anyhow::Result<()> {
+        runtime()?.block_on(async move {
+            let channel = tonic::transport::Channel::from_shared(format!("http://{connect}"))?
+                .connect_timeout(Duration::from_secs(5))
+                .connect()
+                .await
+                .context("connect")?;
+            let mut client = HealthClient::new(channel);
+            let request = || HealthCheckRequest {
+                service: SERVICE.to_owned(),
+            };
+            let status = client
+                .check(request())
+                .await
+                .context("unary Check")?
+                .into_inner()
+                .status;
+            let unknown = client
+                .check(HealthCheckRequest {
+                    service: "no.such.service".to_owned(),
+                })
+                .await;
+            match unknown {
+                Err(status) if status.code() == tonic::Code::NotFound => {}
+                other => bail!("expected NOT_FOUND for an unknown service, got {other:?}"),
+            }
+            let mut stream = client.watch(request()).await.context("Watch")?.into_inner();
+            let mut seen = 0;
+            while seen < messages {
+                match tokio::time::timeout(Duration::from_secs(5), stream.next()).await {
+                    Ok(Some(Ok(_))) => seen += 1,
+                    Ok(Some(Err(status))) => bail!("stream failed: {status}"),
+                    Ok(None) => bail!("stream ended after {seen} messages"),
+                    Err(_) => bail!("no stream message within 5 s after {seen}"),
+                }
+            }
+            println!("ok unary status={status} not_found=trailers stream={seen}");
+            Ok(())
+        })
+    }
 }
