@@ -313,15 +313,24 @@ fn install_destinations(
         .destinations()
         .map(|(dst, kind)| (dst, kind as u32))
         .collect();
+    // Stale entries go first, so a full map has room for the new ones.
+    let stale: Vec<Destination> = installed
+        .iter()
+        .filter(|d| !wanted.contains_key(d))
+        .copied()
+        .collect();
+    for dst in stale {
+        // Already gone is as good as removed.
+        let _ = map.remove(&dst);
+        installed.remove(&dst);
+    }
     for (dst, kind) in &wanted {
         map.insert(dst, kind, 0)
             .map_err(map_error("DESTINATIONS"))?;
+        // Tracked as soon as inserted, so a failure part way leaves
+        // nothing the next sync cannot remove.
+        installed.insert(*dst);
     }
-    for stale in installed.iter().filter(|d| !wanted.contains_key(d)) {
-        // Already gone is as good as removed.
-        let _ = map.remove(stale);
-    }
-    *installed = wanted.into_keys().collect();
     Ok(())
 }
 

@@ -234,11 +234,11 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         "meshd ready"
     );
 
-    tokio::select! {
-        _ = terminate.recv() => info!("SIGTERM: stopping"),
-        _ = interrupt.recv() => info!("SIGINT: stopping"),
-        _ = &mut outbound_task => warn!("outbound listener ended unexpectedly"),
-    }
+    let outbound_ended = tokio::select! {
+        _ = terminate.recv() => { info!("SIGTERM: stopping"); false }
+        _ = interrupt.recv() => { info!("SIGINT: stopping"); false }
+        _ = &mut outbound_task => { warn!("outbound listener ended unexpectedly"); true }
+    };
     status.ready.store(false, Ordering::Release);
     metrics.ready.set(0);
 
@@ -247,7 +247,9 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     capture.stop_capture();
     drop(inputs);
     let _ = stop_tx.send(true);
-    let _ = outbound_task.await;
+    if !outbound_ended {
+        let _ = outbound_task.await;
+    }
     if let Some(task) = inbound_task {
         let _ = task.await;
     }

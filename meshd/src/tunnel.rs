@@ -14,6 +14,10 @@ pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// Largest HTTP/2 DATA frame either side accepts: fewer, larger frames
 /// for bulk streams.
 pub const MAX_FRAME: u32 = 256 * 1024;
+/// Streams one tunnel connection may carry at once: every captured
+/// connection between two identities on two nodes is a stream, so the
+/// HTTP/2 default of 200 would queue the 201st.
+pub const MAX_STREAMS: u32 = 65_536;
 /// Limit for TCP connect plus TLS handshake on either side.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 PINGs keep idle pooled connections alive and detect dead peers.

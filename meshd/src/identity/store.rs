@@ -203,8 +203,12 @@ impl CertStore {
                     ca_pems.push((path.join(CA_CERT), ca));
                 }
                 Err(err) => {
-                    // A half-written update: keep serving what we had.
+                    // A half-written update: keep serving what we had, and
+                    // keep trusting its CA.
                     warn!(%identity, error = %err, "certificate not loaded; keeping the previous one");
+                    if let Ok(ca) = fs::read(path.join(CA_CERT)) {
+                        ca_pems.push((path.join(CA_CERT), ca));
+                    }
                     if let Some(old) = previous.by_identity.get(&identity) {
                         by_identity.insert(
                             identity,
@@ -299,7 +303,20 @@ impl CertStore {
                 Ok(cert) => {
                     by_identity.insert(identity.clone(), cert);
                 }
-                Err(err) => warn!(%identity, error = %err, "cannot issue a certificate"),
+                Err(err) => {
+                    // The current certificate is still good until it expires.
+                    warn!(%identity, error = %err, "cannot issue a certificate; keeping the current one");
+                    if let Some(old) = previous.by_identity.get(identity) {
+                        by_identity.insert(
+                            identity.clone(),
+                            WorkloadCert {
+                                key: old.key.clone(),
+                                not_after: old.not_after,
+                                issued: old.issued,
+                            },
+                        );
+                    }
+                }
             }
         }
         let roots = self.roots(vec![(

@@ -141,9 +141,36 @@ async fn handle(
     let started = Instant::now();
     let mesh = inputs.mesh.load_full();
     let Some(target) = mesh.http_target(connection.dst) else {
+        // The service went away with a reload while this connection lived.
+        inputs
+            .metrics
+            .unresolved
+            .get_or_create(&crate::metrics::ReasonLabels {
+                reason: crate::metrics::UnresolvedReason::unknown_destination,
+            })
+            .inc();
         return reply(StatusCode::SERVICE_UNAVAILABLE, "NR");
     };
     let service = &mesh.config.services[target.service];
+    let source = connection.source.as_ref();
+    let grpc = is_grpc(request.headers());
+    let line = request_line(&request);
+    // Answers meshd gives itself, counted and logged like any other.
+    let refuse = |status, flags, route: &str, endpoint: Option<usize>, path: Option<Path>| {
+        let mut labels = http_labels(&mesh, source, target.service, endpoint, path, grpc);
+        let upstream = endpoint
+            .map(|e| SocketAddrV4::new(service.endpoints[e].address, target.port.target_port));
+        record(
+            inputs,
+            &mut labels,
+            reply(status, flags),
+            0,
+            started,
+            route,
+            &line,
+            upstream,
+        )
+    };
     let route = match routing::select(
         &service.routes,
         request.method(),
@@ -151,7 +178,7 @@ async fn handle(
         request.headers(),
     ) {
         Some(route) => route,
-        None => return reply(StatusCode::NOT_FOUND, "NR"),
+        None => return refuse(StatusCode::NOT_FOUND, "NR", "none", None, None),
     };
     let endpoint = match target.pinned {
         Some(endpoint) => Some(endpoint),
@@ -162,17 +189,36 @@ async fn handle(
         ),
     };
     let Some(endpoint_index) = endpoint else {
-        return reply(StatusCode::SERVICE_UNAVAILABLE, "UH");
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "UH",
+            &route.name,
+            None,
+            None,
+        );
     };
     let endpoint = &service.endpoints[endpoint_index];
     let address = SocketAddrV4::new(endpoint.address, target.port.target_port);
     let path = match mesh.path(endpoint) {
         Ok(path) => path,
-        Err(_) => return reply(StatusCode::SERVICE_UNAVAILABLE, "NR"),
+        Err(_) => {
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "NR",
+                &route.name,
+                Some(endpoint_index),
+                None,
+            )
+        }
     };
-    let source = connection.source.as_ref();
-    let grpc = is_grpc(request.headers());
-    let mut labels = http_labels(&mesh, source, target.service, endpoint_index, path, grpc);
+    let mut labels = http_labels(
+        &mesh,
+        source,
+        target.service,
+        Some(endpoint_index),
+        Some(path),
+        grpc,
+    );
 
     if path == Path::Local {
         if let Some(denied) = deny_locally(inputs, &mesh, source, address, endpoint) {
@@ -182,9 +228,9 @@ async fn handle(
                 denied,
                 0,
                 started,
-                route,
-                &request_line(&request),
-                address,
+                &route.name,
+                &line,
+                Some(address),
             );
         }
     }
@@ -201,7 +247,16 @@ async fn handle(
                 node,
                 destination: endpoint.identity.clone(),
             }),
-            None => return reply(StatusCode::SERVICE_UNAVAILABLE, "UF"),
+            None => {
+                warn!(upstream = %address, "no identity to tunnel with: the source workload is unknown");
+                return refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "UF",
+                    &route.name,
+                    Some(endpoint_index),
+                    Some(path),
+                );
+            }
         },
     };
     let baggage = source
@@ -220,7 +275,6 @@ async fn handle(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
         .unwrap_or(0);
-    let line = request_line(&request);
     let upgrade = request
         .headers()
         .get(header::UPGRADE)
@@ -228,13 +282,19 @@ async fn handle(
         .then(|| hyper::upgrade::on(&mut request));
     let outgoing = match rewrite(request, http2) {
         Some(outgoing) => outgoing,
-        None => return reply(StatusCode::BAD_REQUEST, "DPE"),
+        None => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "DPE",
+                &route.name,
+                Some(endpoint_index),
+                Some(path),
+            )
+        }
     };
     let timeout = route.timeout.or(service.timeout);
     let stats = mesh.endpoint_stats(target.service, endpoint_index);
-    stats
-        .in_flight
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let in_flight = InFlight::start(stats);
     let key = UpstreamKey {
         address,
         via,
@@ -251,10 +311,12 @@ async fn handle(
         Some(limit) => tokio::time::timeout(limit, send).await.ok(),
         None => Some(send.await),
     };
-    stats
-        .in_flight
-        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    stats.observe(started.elapsed().as_nanos() as u64, now_nanos());
+    drop(in_flight);
+    // Only answers teach the balancer latency: an endpoint that fails fast
+    // must not look fast.
+    if matches!(result, Some(Ok(_))) {
+        stats.observe(started.elapsed().as_nanos() as u64, now_nanos());
+    }
     let response = match result {
         None => reply(StatusCode::GATEWAY_TIMEOUT, "UT"),
         Some(Err(err)) => {
@@ -275,7 +337,7 @@ async fn handle(
                     upgrade,
                     upstream,
                     started,
-                    route,
+                    &route.name,
                     &line,
                     address,
                 );
@@ -291,9 +353,9 @@ async fn handle(
         response,
         request_bytes,
         started,
-        route,
+        &route.name,
         &line,
-        address,
+        Some(address),
     )
 }
 
@@ -305,7 +367,7 @@ fn finish_upgrade(
     downstream: hyper::upgrade::OnUpgrade,
     (mut parts, body): (hyper::http::response::Parts, Incoming),
     started: Instant,
-    route: &routing::Route,
+    route: &str,
     line: &str,
     address: SocketAddrV4,
 ) -> Response<Body> {
@@ -327,7 +389,16 @@ fn finish_upgrade(
             .map_err(|never| match never {})
             .boxed(),
     );
-    record(inputs, labels, response, 0, started, route, line, address)
+    record(
+        inputs,
+        labels,
+        response,
+        0,
+        started,
+        route,
+        line,
+        Some(address),
+    )
 }
 
 /// The destination's policy for a same-node endpoint, decided here.
@@ -401,6 +472,27 @@ fn rewrite(request: Request<Incoming>, http2: bool) -> Option<Request<Body>> {
     Some(Request::from_parts(parts, body.boxed()))
 }
 
+/// Counts a request as outstanding on an endpoint until dropped, so a
+/// client that goes away mid-request does not leave it counted for ever.
+struct InFlight<'a>(&'a crate::balance::EndpointStats);
+
+impl<'a> InFlight<'a> {
+    fn start(stats: &'a crate::balance::EndpointStats) -> Self {
+        stats
+            .in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(stats)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 fn is_grpc(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
@@ -422,12 +514,12 @@ fn http_labels(
     mesh: &Mesh,
     source: Option<&Workload>,
     service: usize,
-    endpoint: usize,
-    path: Path,
+    endpoint: Option<usize>,
+    path: Option<Path>,
     grpc: bool,
 ) -> HttpLabels {
     let svc = &mesh.config.services[service];
-    let ep = &svc.endpoints[endpoint];
+    let ep = endpoint.map(|e| &svc.endpoints[e]);
     let unknown: Arc<str> = Arc::from(UNKNOWN);
     let pick =
         |f: fn(&Workload) -> &Arc<str>| source.map_or_else(|| unknown.clone(), |w| f(w).clone());
@@ -439,17 +531,18 @@ fn http_labels(
             source_principal: pick(|w| w.identity.uri()),
             source_app: pick(|w| &w.app),
             source_version: pick(|w| &w.version),
-            destination_workload: ep.workload.clone(),
+            destination_workload: ep.map_or_else(|| unknown.clone(), |e| e.workload.clone()),
             destination_workload_namespace: svc.namespace.clone(),
-            destination_principal: ep.identity.uri().clone(),
+            destination_principal: ep.map_or_else(|| unknown.clone(), |e| e.identity.uri().clone()),
             destination_service: svc.hostname.clone(),
             destination_service_name: svc.name.clone(),
             destination_service_namespace: svc.namespace.clone(),
             request_protocol: if grpc { "grpc" } else { "http" },
             response_flags: "-",
             connection_security_policy: match path {
-                Path::Local => "none",
-                Path::Tunnel { .. } => "mutual_tls",
+                Some(Path::Local) => "none",
+                Some(Path::Tunnel { .. }) => "mutual_tls",
+                None => "unknown",
             },
         },
         response_code: 0,
@@ -465,9 +558,9 @@ fn record(
     response: Response<Body>,
     request_bytes: u64,
     started: Instant,
-    route: &routing::Route,
+    route: &str,
     line: &str,
-    address: SocketAddrV4,
+    upstream: Option<SocketAddrV4>,
 ) -> Response<Body> {
     labels.response_code = response.status().as_u16();
     if let Some(flags) = response.headers().get("x-meshd-response-flags") {
@@ -514,8 +607,8 @@ fn record(
         status = labels.response_code,
         flags = labels.connection.response_flags,
         duration_ms = elapsed.as_secs_f64() * 1000.0,
-        route = %route.name,
-        upstream = %address,
+        route,
+        upstream = %upstream.map_or_else(|| "-".to_owned(), |a| a.to_string()),
         source = %labels.connection.source_workload,
         destination = %labels.connection.destination_service,
         "request"

@@ -134,6 +134,24 @@ async fn handle(inputs: Arc<ProxyInputs>, client: TcpStream, peer: SocketAddr) {
     };
     let dst = destination_addr(orig.dst);
     let mesh = inputs.mesh.load();
+    let source = mesh.source(orig.cgroup_id, *peer.ip());
+    // HTTP ports balance per request: no endpoint is chosen here.
+    let declared = mesh.http_target(dst).map(|t| t.port.protocol);
+    let protocol = match declared {
+        Some(Protocol::Auto) => sniff(&client).await,
+        Some(declared) => declared,
+        None => Protocol::Tcp,
+    };
+    if protocol != Protocol::Tcp {
+        let connection = http::Connection {
+            dst,
+            source: source.cloned(),
+            protocol,
+        };
+        drop(mesh);
+        let _ = client.set_nodelay(true);
+        return http::serve(inputs.clone(), client, connection).await;
+    }
     let target = match mesh.resolve(dst) {
         Ok(target) => target,
         Err(reason) => {
@@ -147,21 +165,6 @@ async fn handle(inputs: Arc<ProxyInputs>, client: TcpStream, peer: SocketAddr) {
             return refuse(client);
         }
     };
-    let source = mesh.source(orig.cgroup_id, *peer.ip());
-    let protocol = match target.protocol {
-        Protocol::Auto => sniff(&client).await,
-        declared => declared,
-    };
-    if protocol != Protocol::Tcp {
-        let connection = http::Connection {
-            dst,
-            source: source.cloned(),
-            protocol,
-        };
-        drop(mesh);
-        let _ = client.set_nodelay(true);
-        return http::serve(inputs.clone(), client, connection).await;
-    }
     let mut labels = tcp_labels(source, &target);
     let upstream_addr = target.upstream;
     let service = target.service.hostname.clone();

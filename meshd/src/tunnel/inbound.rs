@@ -22,7 +22,9 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, info_span, warn, Instrument as _};
 
-use super::{Baggage, BAGGAGE, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, STREAM_WINDOW};
+use super::{
+    Baggage, BAGGAGE, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW,
+};
 use crate::{
     identity::{tls, Identity},
     metrics::{DenyLabels, HandshakeLabels, TcpLabels},
@@ -198,6 +200,7 @@ impl Inbound {
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
+            .max_concurrent_streams(MAX_STREAMS)
             .serve_connection(TokioIo::new(tls), service)
             .await;
         if let Err(err) = served {

@@ -108,9 +108,9 @@ impl Pool {
             .header(BAGGAGE, baggage)
             .body(Empty::new())
             .expect("a CONNECT request from valid parts");
-        let response = sender
-            .send_request(request)
+        let response = tokio::time::timeout(HANDSHAKE_TIMEOUT, sender.send_request(request))
             .await
+            .map_err(|_| TunnelError::Timeout(node))?
             .map_err(|e| TunnelError::Http(node, e))?;
         if response.status() != StatusCode::OK {
             return Err(TunnelError::Refused {
