@@ -22,8 +22,8 @@ pub const SOCKETS_CAPACITY: u32 = 65_536;
 /// `Settings::flags` bit: put captured app⇄meshd sockets into the socket hash
 /// so the `sk_msg` program moves their bytes without the TCP stack.
 pub const FLAG_SK_MSG: u32 = 1;
-/// `Settings::flags` bit: strict mode. Pods in the subtree accept new TCP
-/// connections only from `TRUSTED` sources (meshd's own addresses).
+/// `Settings::flags` bit: strict mode. Pods in the subtree accept new IPv4
+/// TCP connections only from `TRUSTED` sources (meshd's own addresses).
 pub const FLAG_STRICT: u32 = 2;
 /// Capacity of the map of trusted source addresses.
 pub const TRUSTED_CAPACITY: u32 = 64;

@@ -11,8 +11,9 @@
 //!   ends of the app⇄meshd hop into `SOCKETS` when same-node acceleration is on.
 //! - `meshd_sk_msg` moves bytes between those two sockets directly.
 //! - `meshd_ingress` (cgroup_skb/ingress) enforces the mesh mode on the
-//!   pods: a new TCP connection that does not come from meshd is dropped in
-//!   strict mode and counted as plaintext in permissive mode.
+//!   pods: a new IPv4 TCP connection that does not come from meshd is
+//!   dropped in strict mode and counted as plaintext in permissive mode.
+//!   IPv6 is not filtered yet (meshd relays IPv4 only; see README).
 #![no_std]
 #![no_main]
 

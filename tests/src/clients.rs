@@ -50,7 +50,7 @@ pub fn client(bed: &Testbed, pod: &Pod, args: &[&str], timeout: Duration) -> Str
 
 /// `curl URL` in `pod`: (exit code, body).
 pub fn curl(bed: &Testbed, pod: &Pod, url: &str) -> (i32, String) {
-    let child = spawn_in(bed, pod, Path::new("curl"), &["-sS", "-m", "3", url]);
+    let child = spawn_in(bed, pod, Path::new("curl"), &["-sS", "-g", "-m", "3", url]);
     let output: Output = wait_with_timeout(child, Duration::from_secs(10), "curl");
     (
         output.status.code().unwrap_or(-1),
