@@ -52,8 +52,7 @@ const UNKNOWN: &str = "unknown";
 
 impl Outbound {
     pub async fn bind(address: SocketAddrV4) -> Result<Self, OutboundError> {
-        let listener = TcpListener::bind(address)
-            .await
+        let listener = super::listen(address.into())
             .map_err(|source| OutboundError::Bind { address, source })?;
         Ok(Self { listener, address })
     }

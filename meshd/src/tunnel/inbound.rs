@@ -52,9 +52,8 @@ const TLS_HANDSHAKE: u8 = 0x16;
 
 impl Inbound {
     pub async fn bind(address: SocketAddr) -> Result<Self, BindError> {
-        let listener = TcpListener::bind(address)
-            .await
-            .map_err(|source| BindError { address, source })?;
+        let listener =
+            crate::proxy::listen(address).map_err(|source| BindError { address, source })?;
         Ok(Self {
             listener,
             address,

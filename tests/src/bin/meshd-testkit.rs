@@ -78,6 +78,10 @@ enum Command {
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+        /// Spread the connects over this many milliseconds (all connections
+        /// are still open at once before any round trip starts).
+        #[arg(long, default_value_t = 0)]
+        ramp_ms: u64,
     },
     /// Connect, send bytes for ever (slowly), never read.
     Hold {
@@ -149,7 +153,13 @@ fn main() -> anyhow::Result<()> {
             connect,
             count,
             timeout,
-        } => many(connect, count, Duration::from_secs(timeout)),
+            ramp_ms,
+        } => many(
+            connect,
+            count,
+            Duration::from_secs(timeout),
+            Duration::from_millis(ramp_ms),
+        ),
         Command::Hold { connect } => hold(connect),
         Command::Load {
             connect,
@@ -436,7 +446,12 @@ fn echo(connect: SocketAddr, bytes: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn many(connect: SocketAddr, count: usize, timeout: Duration) -> anyhow::Result<()> {
+fn many(
+    connect: SocketAddr,
+    count: usize,
+    timeout: Duration,
+    ramp: Duration,
+) -> anyhow::Result<()> {
     let ok = Arc::new(AtomicUsize::new(0));
     let connected = Arc::new(std::sync::Barrier::new(count));
     let workers: Vec<_> = (0..count)
@@ -446,6 +461,7 @@ fn many(connect: SocketAddr, count: usize, timeout: Duration) -> anyhow::Result<
             thread::Builder::new()
                 .stack_size(64 * 1024)
                 .spawn(move || -> io::Result<()> {
+                    thread::sleep(ramp.mul_f64(i as f64 / count as f64));
                     let stream = TcpStream::connect_timeout(&connect, timeout);
                     // All connections are open at the same moment (a failed
                     // one still joins, so nobody waits for ever).
