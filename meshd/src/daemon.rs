@@ -212,6 +212,7 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
             .map(|store| Pool::new(store, metrics.clone(), proxy.inbound_port)),
         store: store.clone(),
         upstreams: Default::default(),
+        stop: stop_rx.clone(),
     });
     let drain = proxy.drain_timeout;
     let mut outbound_task = tokio::spawn(outbound.run(inputs.clone(), stop_rx.clone(), drain));

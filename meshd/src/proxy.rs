@@ -31,6 +31,8 @@ pub struct ProxyInputs {
     pub store: Option<Arc<CertStore>>,
     /// Reused upstream HTTP connections.
     pub upstreams: Arc<http::upstream::Upstreams>,
+    /// Turns true when meshd stops: long-lived connections wind down.
+    pub stop: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Pending connections a listener queues before accepting (the kernel

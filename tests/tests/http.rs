@@ -304,3 +304,33 @@ fn grpc_unary_errors_and_streams_pass_with_trailers() {
     let not_found = [("request_protocol", "grpc"), ("grpc_response_status", "5")];
     assert_eq!(meshd.metric("istio_requests_total", &not_found), 1.0);
 }
+
+#[test]
+fn sigterm_winds_down_idle_keep_alive_connections_without_waiting_for_the_drain_timeout() {
+    let bed = bed_with_versions("0");
+    let mut meshd = bed.start_meshd(&bed.config(&web("http", "proxy:\n  drainTimeout: 60s\n")));
+    // One request, then the client keeps the connection open, idle.
+    let client = spawn_in(
+        &bed,
+        bed.pod("client"),
+        &meshd_tests::clients::testkit(),
+        &["http-idle", "--connect", "10.96.0.20:80"],
+    );
+    assert!(eventually(Duration::from_secs(10), || {
+        meshd.metric("istio_requests_total", &[("response_code", "200")]) == 1.0
+    }));
+    let started = std::time::Instant::now();
+    let status = meshd.terminate(Duration::from_secs(55));
+    assert!(status.success(), "{}", meshd.log());
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "an idle keep-alive connection held the stop for {:?} (drainTimeout is 60 s)",
+        started.elapsed()
+    );
+    let output = wait_with_timeout(client, Duration::from_secs(30), "http-idle");
+    let out = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        out.contains("response HTTP/1.1 200") && out.contains("closed by server"),
+        "{out}"
+    );
+}

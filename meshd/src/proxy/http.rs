@@ -50,16 +50,27 @@ pub struct Connection {
 }
 
 /// Serves one captured connection as HTTP until the client closes it.
+/// When meshd stops, the connection is shut down gracefully: requests in
+/// flight finish, then it closes (HTTP/2 GOAWAY; HTTP/1.1 closes after the
+/// current response) instead of holding the drain open while idle.
 pub async fn serve(inputs: Arc<ProxyInputs>, client: TcpStream, connection: Connection) {
+    let mut stop = inputs.stop.clone();
     let connection = Arc::new(connection);
     let service = service_fn(move |request| {
         let inputs = inputs.clone();
         let connection = connection.clone();
         async move { Ok::<_, Infallible>(handle(&inputs, &connection, request).await) }
     });
-    let served = auto::Builder::new(TokioExecutor::new())
-        .serve_connection_with_upgrades(TokioIo::new(client), service)
-        .await;
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(client), service);
+    tokio::pin!(conn);
+    let served = tokio::select! {
+        served = conn.as_mut() => served,
+        _ = super::stopped(&mut stop) => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
     if let Err(err) = served {
         debug!(error = %err, "HTTP connection ended with an error");
     }

@@ -189,19 +189,30 @@ impl Inbound {
             }
         };
         debug!(%source, "tunnel accepted");
+        let inputs_stop = inputs.stop.clone();
         let service = service_fn(move |request| {
             let inputs = inputs.clone();
             let source = source.clone();
             async move { Ok::<_, Infallible>(stream_request(inputs, source, request).await) }
         });
-        let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        let mut stop = inputs_stop;
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
             .max_concurrent_streams(MAX_STREAMS)
-            .serve_connection(TokioIo::new(tls), service)
-            .await;
+            .serve_connection(TokioIo::new(tls), service);
+        tokio::pin!(conn);
+        // On stop: GOAWAY, so the peer opens new streams elsewhere while
+        // the streams in flight finish.
+        let served = tokio::select! {
+            served = conn.as_mut() => served,
+            _ = crate::proxy::stopped(&mut stop) => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
         if let Err(err) = served {
             debug!(error = %err, "tunnel connection ended with an error");
         }

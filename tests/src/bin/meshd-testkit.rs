@@ -88,6 +88,12 @@ enum Command {
         #[arg(long)]
         connect: SocketAddr,
     },
+    /// One HTTP/1.1 keep-alive request, then idle until the server closes
+    /// the connection (up to 120 s); prints what happened.
+    HttpIdle {
+        #[arg(long)]
+        connect: SocketAddr,
+    },
     /// A new connection per request to an echo server, at a fixed rate, for
     /// a while; prints successes and exits non-zero if any request failed.
     Load {
@@ -161,6 +167,7 @@ fn main() -> anyhow::Result<()> {
             Duration::from_millis(ramp_ms),
         ),
         Command::Hold { connect } => hold(connect),
+        Command::HttpIdle { connect } => http_idle(connect),
         Command::Load {
             connect,
             rate,
@@ -670,4 +677,36 @@ mod grpc {
             Ok(())
         })
     }
+}
+
+fn http_idle(connect: SocketAddr) -> anyhow::Result<()> {
+    let mut stream = TcpStream::connect(connect).with_context(|| format!("connect {connect}"))?;
+    stream.write_all(format!("GET / HTTP/1.1\r\nhost: {connect}\r\n\r\n").as_bytes())?;
+    let mut reader = BufReader::new(Retrying(stream.try_clone()?));
+    let mut length = 0usize;
+    let mut line = String::new();
+    let status = {
+        reader.read_line(&mut line)?;
+        line.trim().to_owned()
+    };
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 || line == "\r\n" {
+            break;
+        }
+        if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = value.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0u8; length];
+    reader.read_exact(&mut body)?;
+    println!("response {status}");
+    io::stdout().flush()?;
+    stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let mut rest = Vec::new();
+    match stream.read_to_end(&mut rest) {
+        Ok(_) => println!("closed by server"),
+        Err(err) => println!("still open: {err}"),
+    }
+    Ok(())
 }
