@@ -330,6 +330,20 @@ pub struct ServiceSpec {
     /// request. Without routes every endpoint serves every request.
     #[serde(default)]
     pub routes: Vec<RouteSpec>,
+    /// Local rate limits for HTTP requests to this service (429 beyond).
+    /// Default: none.
+    pub rate_limit: Option<RateLimitSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RateLimitSpec {
+    /// Requests per second for the whole service, from this node.
+    pub rps: Option<f64>,
+    /// Burst for the whole service. Default: one second's worth.
+    pub burst: Option<f64>,
+    /// The same, for each source workload on its own.
+    pub per_source: Option<crate::ratelimit::Limit>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -12,6 +12,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod ratelimit;
 pub mod routing;
 pub mod status;
 pub mod tunnel;

@@ -16,6 +16,7 @@ use meshd_common::Destination;
 use crate::{
     balance::{self, EndpointStats},
     config::{Config, Endpoint, Protocol, Service, ServicePort, Workload},
+    ratelimit::{Refused, ServiceLimiter},
     routing::Backend,
 };
 
@@ -89,6 +90,8 @@ pub struct Mesh {
     services_by_address: HashMap<Ipv4Addr, Vec<usize>>,
     /// Load-balancing statistics per service, per endpoint.
     stats: Vec<Vec<EndpointStats>>,
+    /// Rate-limit buckets per service.
+    limiters: Vec<ServiceLimiter>,
 }
 
 impl Mesh {
@@ -150,7 +153,13 @@ impl Mesh {
                     .collect()
             })
             .collect();
+        let limiters = config
+            .services
+            .iter()
+            .map(|s| ServiceLimiter::new(s.rate_limit.0, s.rate_limit.1))
+            .collect();
         Self {
+            limiters,
             config,
             entries,
             next,
@@ -249,6 +258,16 @@ impl Mesh {
             &self.next[service],
             random,
         )
+    }
+
+    /// Admits one request of `service` from `source` under its rate limits.
+    pub fn admit(
+        &self,
+        service: usize,
+        source: &str,
+        now: std::time::Duration,
+    ) -> Result<(), Refused> {
+        self.limiters[service].admit(source, now)
     }
 
     pub fn endpoint_stats(&self, service: usize, endpoint: usize) -> &EndpointStats {

@@ -105,6 +105,13 @@ pub struct DenyLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RateLimitLabels {
+    pub destination_service: Arc<str>,
+    /// `service` or `source`.
+    pub limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MapLabels {
     pub map: &'static str,
 }
@@ -135,6 +142,7 @@ pub struct Metrics {
     /// Pooled mTLS connections to other nodes.
     pub tunnel_connections: Gauge,
     pub requests: Family<HttpLabels, Counter>,
+    pub rate_limited: Family<RateLimitLabels, Counter>,
     pub request_duration: HistogramFamily,
     pub request_bytes: HistogramFamily,
     pub response_bytes: HistogramFamily,
@@ -160,6 +168,7 @@ impl Metrics {
             authorization_denied: Family::default(),
             tunnel_connections: Gauge::default(),
             requests: Family::default(),
+            rate_limited: Family::default(),
             request_duration: Family::new_with_constructor(duration_histogram),
             request_bytes: Family::new_with_constructor(size_histogram),
             response_bytes: Family::new_with_constructor(size_histogram),
@@ -256,6 +265,11 @@ impl Metrics {
             "authorization_denied",
             "Connections refused by authorization policy at their destination",
             metrics.authorization_denied.clone(),
+        );
+        meshd.register(
+            "rate_limited",
+            "HTTP requests refused with 429 by a local rate limit",
+            metrics.rate_limited.clone(),
         );
         meshd.register(
             "tunnel_connections",

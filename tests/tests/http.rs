@@ -334,3 +334,67 @@ fn sigterm_winds_down_idle_keep_alive_connections_without_waiting_for_the_drain_
         "{out}"
     );
 }
+
+#[test]
+fn rate_limits_answer_429_per_service_and_per_source() {
+    let bed = Testbed::new(&["client", "neighbour", "v1", "v2"]);
+    for name in ["v1", "v2"] {
+        serve(
+            &bed,
+            bed.pod(name),
+            8080,
+            &["--mode", "hello", "--name", name],
+        );
+    }
+    let services = "services:
+  - name: web
+    vip: 10.96.0.20
+    ports: [{ port: 80, targetPort: 8080, protocol: http }]
+    endpoints:
+      - { address: 10.77.0.12, workload: v1 }
+      - { address: 10.77.0.13, workload: v2 }
+    rateLimit: { rps: 1, burst: 30, perSource: { rps: 1, burst: 10 } }
+";
+    let meshd = bed.start_meshd(&bed.config(services));
+    // 40 quick requests from one pod: its own bucket (10) runs dry first.
+    let codes = |pod: &str| {
+        let (code, out) = curl(
+            &bed,
+            pod,
+            &[
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}\n",
+                "http://10.96.0.20/[1-40]",
+            ],
+        );
+        assert_eq!(code, 0);
+        let ok = out.lines().filter(|l| *l == "200").count();
+        let limited = out.lines().filter(|l| *l == "429").count();
+        (ok, limited)
+    };
+    let (ok, limited) = codes("client");
+    assert!(
+        (10..=12).contains(&ok) && ok + limited == 40,
+        "client: {ok} ok, {limited} limited"
+    );
+    // A neighbour is not starved by the noisy client.
+    let (ok, _) = codes("neighbour");
+    assert!((10..=12).contains(&ok), "neighbour: {ok} ok");
+    let service = [
+        ("destination_service", "web.default.svc.cluster.local"),
+        ("limit", "source"),
+    ];
+    assert!(
+        meshd.metric("meshd_rate_limited_total", &service) >= 56.0,
+        "{}",
+        meshd.metrics()
+    );
+    assert!(
+        meshd.metric(
+            "istio_requests_total",
+            &[("response_code", "429"), ("response_flags", "RL")]
+        ) >= 56.0
+    );
+}

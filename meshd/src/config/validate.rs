@@ -67,6 +67,11 @@ pub struct Service {
     pub timeout: Option<std::time::Duration>,
     /// Compiled routes; a service without routes gets the default one.
     pub routes: Vec<crate::routing::Route>,
+    /// (whole service, per source workload) request limits.
+    pub rate_limit: (
+        Option<crate::ratelimit::Limit>,
+        Option<crate::ratelimit::Limit>,
+    ),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -645,7 +650,32 @@ fn check_service(
     if routes.is_empty() {
         routes.push(crate::routing::Route::default_route());
     }
+    let rate_limit = match &spec.rate_limit {
+        None => (None, None),
+        Some(limits) => {
+            let field = at.clone().key("rateLimit");
+            let service_limit = limits.rps.map(|rps| crate::ratelimit::Limit {
+                rps,
+                burst: limits.burst,
+            });
+            for (name, limit) in [("rps", service_limit), ("perSource", limits.per_source)] {
+                if let Some(limit) = limit {
+                    if !(limit.rps > 0.0 && limit.rps.is_finite())
+                        || limit.burst.is_some_and(|b| !(b >= 1.0))
+                    {
+                        check.fail(
+                            file,
+                            &field.clone().key(name),
+                            "rates must be positive and bursts at least 1",
+                        );
+                    }
+                }
+            }
+            (service_limit, limits.per_source)
+        }
+    };
     let service = Service {
+        rate_limit,
         load_balancer: spec.load_balancer,
         timeout: spec.timeout,
         routes,

@@ -191,6 +191,26 @@ async fn handle(
         Some(route) => route,
         None => return refuse(StatusCode::NOT_FOUND, "NR", "none", None, None),
     };
+    let source_name = source.map_or(UNKNOWN, |w| &*w.name);
+    if let Err(limit) = mesh.admit(
+        target.service,
+        source_name,
+        started.duration_since(*clock_origin()),
+    ) {
+        let limit = match limit {
+            crate::ratelimit::Refused::Service => "service",
+            crate::ratelimit::Refused::Source => "source",
+        };
+        inputs
+            .metrics
+            .rate_limited
+            .get_or_create(&crate::metrics::RateLimitLabels {
+                destination_service: service.hostname.clone(),
+                limit,
+            })
+            .inc();
+        return refuse(StatusCode::TOO_MANY_REQUESTS, "RL", &route.name, None, None);
+    }
     let endpoint = match target.pinned {
         Some(endpoint) => Some(endpoint),
         None => mesh.pick_endpoint(
@@ -515,10 +535,15 @@ fn request_line(request: &Request<Incoming>) -> String {
     format!("{} {}", request.method(), request.uri().path())
 }
 
-fn now_nanos() -> u64 {
+/// A fixed origin for the balancer's and rate limiter's clocks.
+fn clock_origin() -> &'static Instant {
     use std::sync::OnceLock;
     static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+    START.get_or_init(Instant::now)
+}
+
+fn now_nanos() -> u64 {
+    clock_origin().elapsed().as_nanos() as u64
 }
 
 fn http_labels(
@@ -582,6 +607,7 @@ fn record(
             b"UH" => "UH",
             b"NR" => "NR",
             b"RBAC" => "RBAC",
+            b"RL" => "RL",
             _ => "DPE",
         };
     }
