@@ -51,6 +51,66 @@ pub fn listen(address: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpL
     socket.listen(LISTEN_BACKLOG)
 }
 
+/// Pause after an accept error (such as running out of descriptors) so the
+/// loop does not spin while the condition lasts.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Accepts on `listener` until `stop` turns true, running `serve` for each
+/// connection in a span of its own; then closes the listener and waits up
+/// to `drain` for the connections in flight before cutting the rest.
+pub async fn accept_loop<F, Fut>(
+    listener: tokio::net::TcpListener,
+    what: &'static str,
+    metrics: &Metrics,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    drain: Duration,
+    mut serve: F,
+) where
+    F: FnMut(tokio::net::TcpStream, std::net::SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    use tracing::Instrument as _;
+    let mut next_id = 0u64;
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    next_id += 1;
+                    let span = tracing::info_span!("conn", listener = what, id = next_id, peer = %peer);
+                    connections.spawn(serve(stream, peer).instrument(span));
+                }
+                Err(err) => {
+                    metrics.accept_errors.inc();
+                    tracing::warn!(listener = what, error = %err, "accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            _ = stopped(&mut stop) => break,
+        }
+    }
+    drop(listener);
+    tracing::info!(
+        listener = what,
+        in_flight = connections.len(),
+        ?drain,
+        "listener closed; draining"
+    );
+    let drained = tokio::time::timeout(drain, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            listener = what,
+            cut = connections.len(),
+            "drain timeout reached; closing the rest"
+        );
+        connections.shutdown().await;
+    }
+}
+
 /// Resolves once `stop` turns true (or its sender is gone).
 pub async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = stop.wait_for(|stop| *stop).await;

@@ -3,16 +3,15 @@
 
 use std::{
     net::{SocketAddr, SocketAddrV4},
-    sync::{atomic::AtomicU64, atomic::Ordering, Arc},
+    sync::Arc,
     time::Duration,
 };
 
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::watch,
-    task::JoinSet,
 };
-use tracing::{debug, info, info_span, warn, Instrument as _};
+use tracing::{debug, warn};
 
 use super::http;
 use super::{
@@ -45,9 +44,6 @@ pub struct Outbound {
     address: SocketAddrV4,
 }
 
-/// Pause after an accept error (such as running out of descriptors) so the
-/// loop does not spin while the condition lasts.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 const UNKNOWN: &str = "unknown";
 
 impl Outbound {
@@ -61,48 +57,18 @@ impl Outbound {
         self.address
     }
 
-    /// Accepts until `stop` turns true, then waits up to `drain` for the
-    /// connections in flight before cutting the rest.
-    pub async fn run(
-        self,
-        inputs: Arc<ProxyInputs>,
-        mut stop: watch::Receiver<bool>,
-        drain: Duration,
-    ) {
-        let ids = AtomicU64::new(0);
-        let mut connections = JoinSet::new();
-        loop {
-            tokio::select! {
-                accepted = self.listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        let id = ids.fetch_add(1, Ordering::Relaxed);
-                        let span = info_span!("outbound", id, client = %peer);
-                        connections.spawn(handle(inputs.clone(), stream, peer).instrument(span));
-                    }
-                    Err(err) => {
-                        inputs.metrics.accept_errors.inc();
-                        warn!(error = %err, "accepting a captured connection failed");
-                        tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    }
-                },
-                Some(_) = connections.join_next(), if !connections.is_empty() => {}
-                _ = crate::proxy::stopped(&mut stop) => break,
-            }
-        }
-        drop(self.listener);
-        let in_flight = connections.len();
-        info!(in_flight, ?drain, "outbound listener closed; draining");
-        let drained = tokio::time::timeout(drain, async {
-            while connections.join_next().await.is_some() {}
-        })
+    /// Accepts until `stop` turns true, then drains (see `accept_loop`).
+    pub async fn run(self, inputs: Arc<ProxyInputs>, stop: watch::Receiver<bool>, drain: Duration) {
+        let metrics = inputs.metrics.clone();
+        super::accept_loop(
+            self.listener,
+            "outbound",
+            &metrics,
+            stop,
+            drain,
+            move |stream, peer| handle(inputs.clone(), stream, peer),
+        )
         .await;
-        if drained.is_err() {
-            warn!(
-                cut = connections.len(),
-                "drain timeout reached; closing the rest"
-            );
-            connections.shutdown().await;
-        }
     }
 }
 

@@ -5,7 +5,7 @@
 use std::{
     convert::Infallible,
     net::{SocketAddr, SocketAddrV4},
-    sync::{atomic::AtomicU64, atomic::Ordering, Arc, Mutex},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -17,10 +17,9 @@ use rustls::ServerConfig;
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::watch,
-    task::JoinSet,
 };
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, info, info_span, warn, Instrument as _};
+use tracing::{debug, warn, Instrument as _};
 
 use super::{
     Baggage, BAGGAGE, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW,
@@ -43,7 +42,11 @@ pub struct BindError {
 pub struct Inbound {
     listener: TcpListener,
     address: SocketAddr,
-    /// The TLS config for the certificate generation it was built from.
+}
+
+/// The TLS config for the certificate generation it was built from.
+#[derive(Default)]
+struct ServerTls {
     config: Mutex<Option<(u64, Arc<ServerConfig>)>>,
 }
 
@@ -54,58 +57,30 @@ impl Inbound {
     pub async fn bind(address: SocketAddr) -> Result<Self, BindError> {
         let listener =
             crate::proxy::listen(address).map_err(|source| BindError { address, source })?;
-        Ok(Self {
-            listener,
-            address,
-            config: Mutex::new(None),
-        })
+        Ok(Self { listener, address })
     }
 
     pub fn address(&self) -> SocketAddr {
         self.address
     }
 
-    pub async fn run(
-        self,
-        inputs: Arc<ProxyInputs>,
-        mut stop: watch::Receiver<bool>,
-        drain: Duration,
-    ) {
-        let this = Arc::new(self);
-        let ids = AtomicU64::new(0);
-        let mut connections = JoinSet::new();
-        loop {
-            tokio::select! {
-                accepted = this.listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        let id = ids.fetch_add(1, Ordering::Relaxed);
-                        let span = info_span!("inbound", id, peer = %peer);
-                        connections.spawn(this.clone().serve(inputs.clone(), stream).instrument(span));
-                    }
-                    Err(err) => {
-                        inputs.metrics.accept_errors.inc();
-                        warn!(error = %err, "accepting a tunnel connection failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                },
-                Some(_) = connections.join_next(), if !connections.is_empty() => {}
-                _ = crate::proxy::stopped(&mut stop) => break,
-            }
-        }
-        info!(
-            in_flight = connections.len(),
-            "tunnel listener closed; draining"
-        );
-        if tokio::time::timeout(drain, async {
-            while connections.join_next().await.is_some() {}
-        })
-        .await
-        .is_err()
-        {
-            connections.shutdown().await;
-        }
+    /// Accepts until `stop` turns true, then drains (see `accept_loop`).
+    pub async fn run(self, inputs: Arc<ProxyInputs>, stop: watch::Receiver<bool>, drain: Duration) {
+        let tls = Arc::new(ServerTls::default());
+        let metrics = inputs.metrics.clone();
+        crate::proxy::accept_loop(
+            self.listener,
+            "inbound",
+            &metrics,
+            stop,
+            drain,
+            move |stream, _| serve(tls.clone(), inputs.clone(), stream),
+        )
+        .await;
     }
+}
 
+impl ServerTls {
     /// The server config for the current certificates, rebuilt when they change.
     fn server_config(&self, inputs: &ProxyInputs) -> Result<Arc<ServerConfig>, tls::TlsError> {
         let store = inputs.store.as_ref().ok_or(tls::TlsError::NoRoots)?;
@@ -121,101 +96,101 @@ impl Inbound {
         *cached = Some((generation, config.clone()));
         Ok(config)
     }
+}
 
-    async fn serve(self: Arc<Self>, inputs: Arc<ProxyInputs>, stream: TcpStream) {
-        let metrics = &inputs.metrics;
-        // HTTP/2 frames small writes (window updates, short replies): never
-        // hold them back for Nagle.
-        let _ = stream.set_nodelay(true);
-        let failed = |reason: &'static str| {
-            metrics
-                .tls_handshake_failures
-                .get_or_create(&HandshakeLabels {
-                    direction: "inbound",
-                    reason,
-                })
-                .inc();
-        };
-        // Name what is plainly not TLS before rustls reads it.
-        let mut first = [0u8; 1];
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
-            Ok(Ok(1)) if first[0] == TLS_HANDSHAKE => {}
-            Ok(Ok(1)) => {
-                let reason = if first[0].is_ascii_alphabetic() {
-                    "plaintext"
-                } else {
-                    "not_tls"
-                };
-                warn!(
-                    reason,
-                    "refusing a connection that does not start a TLS handshake"
-                );
+async fn serve(tls_cache: Arc<ServerTls>, inputs: Arc<ProxyInputs>, stream: TcpStream) {
+    let metrics = &inputs.metrics;
+    // HTTP/2 frames small writes (window updates, short replies): never
+    // hold them back for Nagle.
+    let _ = stream.set_nodelay(true);
+    let failed = |reason: &'static str| {
+        metrics
+            .tls_handshake_failures
+            .get_or_create(&HandshakeLabels {
+                direction: "inbound",
+                reason,
+            })
+            .inc();
+    };
+    // Name what is plainly not TLS before rustls reads it.
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
+        Ok(Ok(1)) if first[0] == TLS_HANDSHAKE => {}
+        Ok(Ok(1)) => {
+            let reason = if first[0].is_ascii_alphabetic() {
+                "plaintext"
+            } else {
+                "not_tls"
+            };
+            warn!(
+                reason,
+                "refusing a connection that does not start a TLS handshake"
+            );
+            return failed(reason);
+        }
+        Ok(_) => return failed("eof"),
+        Err(_) => return failed("timeout"),
+    }
+    let config = match tls_cache.server_config(&inputs) {
+        Ok(config) => config,
+        Err(err) => {
+            warn!(error = %err, "cannot accept tunnels");
+            return failed("no_certificates");
+        }
+    };
+    let tls =
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(config).accept(stream))
+            .await
+        {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(err)) => {
+                let reason = tls::failure_reason(&err);
+                warn!(reason, error = %err, "tunnel handshake failed");
                 return failed(reason);
             }
-            Ok(_) => return failed("eof"),
             Err(_) => return failed("timeout"),
+        };
+    let trust_domain = inputs.mesh.load().config.mesh.trust_domain.clone();
+    let peer = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .ok_or_else(|| "no client certificate".to_owned())
+        .and_then(|certs| tls::peer_identity(certs, &trust_domain));
+    let source = match peer {
+        Ok(source) => source,
+        Err(reason) => {
+            warn!(%reason, "refusing a peer without a valid SPIFFE ID");
+            return failed("bad_identity");
         }
-        let config = match self.server_config(&inputs) {
-            Ok(config) => config,
-            Err(err) => {
-                warn!(error = %err, "cannot accept tunnels");
-                return failed("no_certificates");
-            }
-        };
-        let tls =
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(config).accept(stream))
-                .await
-            {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(err)) => {
-                    let reason = tls::failure_reason(&err);
-                    warn!(reason, error = %err, "tunnel handshake failed");
-                    return failed(reason);
-                }
-                Err(_) => return failed("timeout"),
-            };
-        let trust_domain = inputs.mesh.load().config.mesh.trust_domain.clone();
-        let peer = tls
-            .get_ref()
-            .1
-            .peer_certificates()
-            .ok_or_else(|| "no client certificate".to_owned())
-            .and_then(|certs| tls::peer_identity(certs, &trust_domain));
-        let source = match peer {
-            Ok(source) => source,
-            Err(reason) => {
-                warn!(%reason, "refusing a peer without a valid SPIFFE ID");
-                return failed("bad_identity");
-            }
-        };
-        debug!(%source, "tunnel accepted");
-        let inputs_stop = inputs.stop.clone();
-        let service = service_fn(move |request| {
-            let inputs = inputs.clone();
-            let source = source.clone();
-            async move { Ok::<_, Infallible>(stream_request(inputs, source, request).await) }
-        });
-        let mut stop = inputs_stop;
-        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .initial_stream_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_frame_size(MAX_FRAME)
-            .max_concurrent_streams(MAX_STREAMS)
-            .serve_connection(TokioIo::new(tls), service);
-        tokio::pin!(conn);
-        // On stop: GOAWAY, so the peer opens new streams elsewhere while
-        // the streams in flight finish.
-        let served = tokio::select! {
-            served = conn.as_mut() => served,
-            _ = crate::proxy::stopped(&mut stop) => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-        };
-        if let Err(err) = served {
-            debug!(error = %err, "tunnel connection ended with an error");
+    };
+    debug!(%source, "tunnel accepted");
+    let inputs_stop = inputs.stop.clone();
+    let service = service_fn(move |request| {
+        let inputs = inputs.clone();
+        let source = source.clone();
+        async move { Ok::<_, Infallible>(stream_request(inputs, source, request).await) }
+    });
+    let mut stop = inputs_stop;
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_concurrent_streams(MAX_STREAMS)
+        .serve_connection(TokioIo::new(tls), service);
+    tokio::pin!(conn);
+    // On stop: GOAWAY, so the peer opens new streams elsewhere while
+    // the streams in flight finish.
+    let served = tokio::select! {
+        served = conn.as_mut() => served,
+        _ = crate::proxy::stopped(&mut stop) => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
         }
+    };
+    if let Err(err) = served {
+        debug!(error = %err, "tunnel connection ended with an error");
     }
 }
 
