@@ -333,6 +333,16 @@ pub struct ServiceSpec {
     /// Local rate limits for HTTP requests to this service (429 beyond).
     /// Default: none.
     pub rate_limit: Option<RateLimitSpec>,
+    /// Limits that shed load fast instead of queueing it. Default: none.
+    pub circuit_breaker: Option<CircuitBreakerSpec>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CircuitBreakerSpec {
+    /// HTTP requests in flight to the service from this node; more are
+    /// answered `503` at once (flag `UO`).
+    pub max_requests: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

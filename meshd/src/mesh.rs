@@ -92,6 +92,33 @@ pub struct Mesh {
     stats: Vec<Vec<EndpointStats>>,
     /// Rate-limit buckets per service.
     limiters: Vec<ServiceLimiter>,
+    /// Requests and connections in flight per service, for circuit breaking.
+    breakers: Vec<Breaker>,
+}
+
+/// What is in flight to one service from this node.
+#[derive(Debug, Default)]
+pub struct Breaker {
+    requests: std::sync::atomic::AtomicU32,
+}
+
+/// Holds a place under a circuit-breaker limit until dropped.
+pub struct Permit<'a>(&'a std::sync::atomic::AtomicU32);
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Takes a place under `limit` (none: always), or refuses.
+fn take(counter: &std::sync::atomic::AtomicU32, limit: Option<u32>) -> Option<Permit<'_>> {
+    let previous = counter.fetch_add(1, Ordering::Relaxed);
+    let permit = Permit(counter);
+    match limit {
+        Some(limit) if previous >= limit => None,
+        _ => Some(permit),
+    }
 }
 
 impl Mesh {
@@ -158,7 +185,9 @@ impl Mesh {
             .iter()
             .map(|s| ServiceLimiter::new(s.rate_limit.0, s.rate_limit.1))
             .collect();
+        let breakers = config.services.iter().map(|_| Breaker::default()).collect();
         Self {
+            breakers,
             limiters,
             config,
             entries,
@@ -258,6 +287,13 @@ impl Mesh {
             &self.next[service],
             random,
         )
+    }
+
+    /// A place for one more HTTP request to `service`, if its circuit
+    /// breaker has one.
+    pub fn request_permit(&self, service: usize) -> Option<Permit<'_>> {
+        let limit = self.config.services[service].circuit_breaker.max_requests;
+        take(&self.breakers[service].requests, limit)
     }
 
     /// Admits one request of `service` from `source` under its rate limits.

@@ -112,6 +112,13 @@ pub struct RateLimitLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BreakerLabels {
+    pub destination_service: Arc<str>,
+    /// `requests` (more limits to come).
+    pub limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MapLabels {
     pub map: &'static str,
 }
@@ -143,6 +150,7 @@ pub struct Metrics {
     pub tunnel_connections: Gauge,
     pub requests: Family<HttpLabels, Counter>,
     pub rate_limited: Family<RateLimitLabels, Counter>,
+    pub circuit_breaker_rejections: Family<BreakerLabels, Counter>,
     pub request_duration: HistogramFamily,
     pub request_bytes: HistogramFamily,
     pub response_bytes: HistogramFamily,
@@ -169,6 +177,7 @@ impl Metrics {
             tunnel_connections: Gauge::default(),
             requests: Family::default(),
             rate_limited: Family::default(),
+            circuit_breaker_rejections: Family::default(),
             request_duration: Family::new_with_constructor(duration_histogram),
             request_bytes: Family::new_with_constructor(size_histogram),
             response_bytes: Family::new_with_constructor(size_histogram),
@@ -265,6 +274,11 @@ impl Metrics {
             "authorization_denied",
             "Connections refused by authorization policy at their destination",
             metrics.authorization_denied.clone(),
+        );
+        meshd.register(
+            "circuit_breaker_rejections",
+            "Requests shed with 503 (flag UO) by a circuit-breaker limit",
+            metrics.circuit_breaker_rejections.clone(),
         );
         meshd.register(
             "rate_limited",

@@ -398,3 +398,52 @@ fn rate_limits_answer_429_per_service_and_per_source() {
         ) >= 56.0
     );
 }
+
+#[test]
+fn the_circuit_breaker_sheds_excess_requests_fast_and_recovers() {
+    let bed = bed_with_versions("1500");
+    let meshd =
+        bed.start_meshd(&bed.config(&web("http", "    circuitBreaker: { maxRequests: 2 }\n")));
+    // Six at once against a 1.5 s upstream: two are served, four shed.
+    let (code, out) = curl(
+        &bed,
+        "client",
+        &[
+            "--parallel",
+            "--parallel-immediate",
+            "--parallel-max",
+            "6",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}\n",
+            "http://10.96.0.20/[1-6]",
+        ],
+    );
+    assert_eq!(code, 0);
+    let ok = out.lines().filter(|l| *l == "200").count();
+    let shed = out.lines().filter(|l| *l == "503").count();
+    assert_eq!((ok, shed), (2, 4), "{out}");
+    let labels = [("response_code", "503"), ("response_flags", "UO")];
+    assert_eq!(meshd.metric("istio_requests_total", &labels), 4.0);
+    assert_eq!(
+        meshd.metric(
+            "meshd_circuit_breaker_rejections_total",
+            &[("limit", "requests")]
+        ),
+        4.0
+    );
+    // The load gone, requests pass again.
+    let (_, out) = curl(
+        &bed,
+        "client",
+        &[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}\n",
+            "http://10.96.0.20/",
+        ],
+    );
+    assert_eq!(out.trim(), "200");
+}

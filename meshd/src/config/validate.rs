@@ -72,6 +72,7 @@ pub struct Service {
         Option<crate::ratelimit::Limit>,
         Option<crate::ratelimit::Limit>,
     ),
+    pub circuit_breaker: super::CircuitBreakerSpec,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -674,7 +675,16 @@ fn check_service(
             (service_limit, limits.per_source)
         }
     };
+    let circuit_breaker = spec.circuit_breaker.unwrap_or_default();
+    if circuit_breaker.max_requests == Some(0) {
+        check.fail(
+            file,
+            &at.clone().key("circuitBreaker"),
+            "limits must be at least 1",
+        );
+    }
     let service = Service {
+        circuit_breaker,
         rate_limit,
         load_balancer: spec.load_balancer,
         timeout: spec.timeout,

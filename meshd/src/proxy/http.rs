@@ -211,6 +211,16 @@ async fn handle(
             .inc();
         return refuse(StatusCode::TOO_MANY_REQUESTS, "RL", &route.name, None, None);
     }
+    let Some(_permit) = mesh.request_permit(target.service) else {
+        breaker_tripped(inputs, &service.hostname, "requests");
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "UO",
+            &route.name,
+            None,
+            None,
+        );
+    };
     let endpoint = match target.pinned {
         Some(endpoint) => Some(endpoint),
         None => mesh.pick_endpoint(
@@ -535,6 +545,18 @@ fn request_line(request: &Request<Incoming>) -> String {
     format!("{} {}", request.method(), request.uri().path())
 }
 
+/// Counts a request or connection shed by a circuit-breaker limit.
+pub fn breaker_tripped(inputs: &ProxyInputs, service: &Arc<str>, limit: &'static str) {
+    inputs
+        .metrics
+        .circuit_breaker_rejections
+        .get_or_create(&crate::metrics::BreakerLabels {
+            destination_service: service.clone(),
+            limit,
+        })
+        .inc();
+}
+
 /// A fixed origin for the balancer's and rate limiter's clocks.
 fn clock_origin() -> &'static Instant {
     use std::sync::OnceLock;
@@ -608,6 +630,7 @@ fn record(
             b"NR" => "NR",
             b"RBAC" => "RBAC",
             b"RL" => "RL",
+            b"UO" => "UO",
             _ => "DPE",
         };
     }
