@@ -51,6 +51,41 @@ pub fn listen(address: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpL
     socket.listen(LISTEN_BACKLOG)
 }
 
+/// The destination's policy for a same-node endpoint, decided here. A
+/// denial is logged with both identities and counted; returns whether the
+/// connection or request may proceed.
+pub fn authorized_locally(
+    inputs: &ProxyInputs,
+    mesh: &Mesh,
+    source: Option<&crate::config::Workload>,
+    address: std::net::SocketAddrV4,
+    endpoint: &crate::config::Endpoint,
+) -> bool {
+    let decision = crate::policy::authorize(
+        &mesh.config.policies,
+        &crate::policy::Request {
+            source: source.map(|w| &w.identity),
+            services: mesh.services_of(*address.ip()),
+            port: address.port(),
+        },
+    );
+    let crate::policy::Decision::Deny { reason } = decision else {
+        return true;
+    };
+    let source_principal =
+        source.map_or_else(|| Arc::from("unknown"), |w| w.identity.uri().clone());
+    tracing::warn!(source = %source_principal, destination = %endpoint.identity, %reason, "authorization denied");
+    inputs
+        .metrics
+        .authorization_denied
+        .get_or_create(&crate::metrics::DenyLabels {
+            source_principal,
+            destination_principal: endpoint.identity.uri().clone(),
+        })
+        .inc();
+    false
+}
+
 /// Pause after an accept error (such as running out of descriptors) so the
 /// loop does not spin while the condition lasts.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);

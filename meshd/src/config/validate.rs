@@ -181,6 +181,30 @@ fn cgroup_within(inner: &str, outer: &str) -> bool {
     inner == outer || outer.is_empty() || inner.starts_with(&format!("{outer}/"))
 }
 
+/// Keeps the first file's `section`; a second one is an error naming the first.
+fn once<T>(
+    check: &mut Checker<'_>,
+    slot: &mut Option<(usize, T)>,
+    file: usize,
+    value: Option<T>,
+    section: &'static str,
+) {
+    let Some(value) = value else {
+        return;
+    };
+    match slot {
+        Some((first, _)) => {
+            let first = check.sources[*first].path.display().to_string();
+            check.fail(
+                file,
+                &FieldPath::default().key(section),
+                format!("{section} is already defined in {first}"),
+            );
+        }
+        None => *slot = Some((file, value)),
+    }
+}
+
 pub(super) fn validate(sources: &[Source], files: Vec<ConfigFile>) -> Result<Config, ConfigErrors> {
     let mut check = Checker {
         sources,
@@ -197,19 +221,7 @@ pub(super) fn validate(sources: &[Source], files: Vec<ConfigFile>) -> Result<Con
     let mut node_addresses = Vec::new();
     let mut policies = Vec::new();
     for (file, parsed) in files.into_iter().enumerate() {
-        if let Some(spec) = parsed.mesh {
-            match &mesh {
-                Some((first, _)) => {
-                    let first = sources[*first].path.display().to_string();
-                    check.fail(
-                        file,
-                        &root.clone().key("mesh"),
-                        format!("mesh is already defined in {first}"),
-                    );
-                }
-                None => mesh = Some((file, spec)),
-            }
-        }
+        once(&mut check, &mut mesh, file, parsed.mesh, "mesh");
         node_addresses.extend(
             parsed
                 .nodes
@@ -224,32 +236,8 @@ pub(super) fn validate(sources: &[Source], files: Vec<ConfigFile>) -> Result<Con
                 .enumerate()
                 .map(|(i, p)| (file, i, p)),
         );
-        if let Some(spec) = parsed.node {
-            match &node {
-                Some((first, _)) => {
-                    let first = sources[*first].path.display().to_string();
-                    check.fail(
-                        file,
-                        &root.clone().key("node"),
-                        format!("node is already defined in {first}"),
-                    );
-                }
-                None => node = Some((file, spec)),
-            }
-        }
-        if let Some(spec) = parsed.proxy {
-            match &proxy {
-                Some((first, _)) => {
-                    let first = sources[*first].path.display().to_string();
-                    check.fail(
-                        file,
-                        &root.clone().key("proxy"),
-                        format!("proxy is already defined in {first}"),
-                    );
-                }
-                None => proxy = Some((file, spec)),
-            }
-        }
+        once(&mut check, &mut node, file, parsed.node, "node");
+        once(&mut check, &mut proxy, file, parsed.proxy, "proxy");
         services.extend(
             parsed
                 .services

@@ -31,6 +31,7 @@ use super::{
 pub const REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// One workload's certificate.
+#[derive(Clone)]
 pub struct WorkloadCert {
     pub key: Arc<CertifiedKey>,
     pub not_after: SystemTime,
@@ -210,14 +211,7 @@ impl CertStore {
                         ca_pems.push((path.join(CA_CERT), ca));
                     }
                     if let Some(old) = previous.by_identity.get(&identity) {
-                        by_identity.insert(
-                            identity,
-                            WorkloadCert {
-                                key: old.key.clone(),
-                                not_after: old.not_after,
-                                issued: old.issued,
-                            },
-                        );
+                        by_identity.insert(identity, old.clone());
                     }
                 }
             }
@@ -293,11 +287,7 @@ impl CertStore {
                     })
             } else {
                 let old = &previous.by_identity[identity];
-                Ok(WorkloadCert {
-                    key: old.key.clone(),
-                    not_after: old.not_after,
-                    issued: old.issued,
-                })
+                Ok(old.clone())
             };
             match renewed {
                 Ok(cert) => {
@@ -307,14 +297,7 @@ impl CertStore {
                     // The current certificate is still good until it expires.
                     warn!(%identity, error = %err, "cannot issue a certificate; keeping the current one");
                     if let Some(old) = previous.by_identity.get(identity) {
-                        by_identity.insert(
-                            identity.clone(),
-                            WorkloadCert {
-                                key: old.key.clone(),
-                                not_after: old.not_after,
-                                issued: old.issued,
-                            },
-                        );
+                        by_identity.insert(identity.clone(), old.clone());
                     }
                 }
             }

@@ -33,8 +33,7 @@ use super::ProxyInputs;
 use crate::{
     config::{Protocol, Workload},
     mesh::{Mesh, Path},
-    metrics::{DenyLabels, HttpLabels, TcpLabels},
-    policy::{self, Decision},
+    metrics::{HttpLabels, TcpLabels},
     routing,
     tunnel::{pool::Key as TunnelKey, Baggage},
 };
@@ -262,11 +261,11 @@ async fn handle(
     );
 
     if path == Path::Local {
-        if let Some(denied) = deny_locally(inputs, &mesh, source, address, endpoint) {
+        if !super::authorized_locally(inputs, &mesh, source, address, endpoint) {
             return record(
                 inputs,
                 &mut labels,
-                denied,
+                reply(StatusCode::FORBIDDEN, "RBAC"),
                 0,
                 started,
                 &route.name,
@@ -440,38 +439,6 @@ fn finish_upgrade(
         line,
         Some(address),
     )
-}
-
-/// The destination's policy for a same-node endpoint, decided here.
-fn deny_locally(
-    inputs: &ProxyInputs,
-    mesh: &Mesh,
-    source: Option<&Workload>,
-    address: SocketAddrV4,
-    endpoint: &crate::config::Endpoint,
-) -> Option<Response<Body>> {
-    let decision = policy::authorize(
-        &mesh.config.policies,
-        &policy::Request {
-            source: source.map(|w| &w.identity),
-            services: mesh.services_of(*address.ip()),
-            port: address.port(),
-        },
-    );
-    let Decision::Deny { reason } = decision else {
-        return None;
-    };
-    let source_principal = source.map_or_else(|| Arc::from(UNKNOWN), |w| w.identity.uri().clone());
-    warn!(source = %source_principal, destination = %endpoint.identity, %reason, "authorization denied");
-    inputs
-        .metrics
-        .authorization_denied
-        .get_or_create(&DenyLabels {
-            source_principal,
-            destination_principal: endpoint.identity.uri().clone(),
-        })
-        .inc();
-    Some(reply(StatusCode::FORBIDDEN, "RBAC"))
 }
 
 /// The request as the upstream must see it: hop-by-hop headers gone, the

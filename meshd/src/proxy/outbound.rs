@@ -21,8 +21,7 @@ use super::{
 use crate::{
     config::Protocol,
     mesh::{destination_addr, Path, Target, Unresolved},
-    metrics::{DenyLabels, Metrics, ReasonLabels, ServiceLabels, TcpLabels, UnresolvedReason},
-    policy::{self, Decision},
+    metrics::{Metrics, ReasonLabels, ServiceLabels, TcpLabels, UnresolvedReason},
     tunnel::{pool::Key, Baggage},
 };
 
@@ -140,25 +139,7 @@ async fn handle(inputs: Arc<ProxyInputs>, client: TcpStream, peer: SocketAddr) {
     match target.path {
         Path::Local => {
             // Same node: no tunnel, but the destination's policy still applies.
-            let decision = policy::authorize(
-                &mesh.config.policies,
-                &policy::Request {
-                    source: source.map(|w| &w.identity),
-                    services: mesh.services_of(*upstream_addr.ip()),
-                    port: upstream_addr.port(),
-                },
-            );
-            if let Decision::Deny { reason } = decision {
-                let source_principal =
-                    source.map_or_else(|| Arc::from(UNKNOWN), |w| w.identity.uri().clone());
-                warn!(source = %source_principal, destination = %target.endpoint.identity, %reason, "authorization denied");
-                metrics
-                    .authorization_denied
-                    .get_or_create(&DenyLabels {
-                        source_principal,
-                        destination_principal: target.endpoint.identity.uri().clone(),
-                    })
-                    .inc();
+            if !super::authorized_locally(&inputs, &mesh, source, upstream_addr, target.endpoint) {
                 return refuse(client);
             }
             // The snapshot is not needed past this point; let a reload free it.
