@@ -212,6 +212,17 @@ pub struct PolicySpec {
     /// Destination ports (target ports) it matches; empty matches all.
     #[serde(default)]
     pub ports: Vec<u16>,
+    /// HTTP methods it matches (L7); empty matches all.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// HTTP paths it matches (L7): exact, `/prefix/*` or `*suffix`; empty
+    /// matches all.
+    #[serde(default)]
+    pub paths: Vec<String>,
+    /// Request headers it matches (L7): name → exact value, or `*` for
+    /// present; every one listed must match.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -335,6 +346,95 @@ pub struct ServiceSpec {
     pub rate_limit: Option<RateLimitSpec>,
     /// Limits that shed load fast instead of queueing it. Default: none.
     pub circuit_breaker: Option<CircuitBreakerSpec>,
+    /// When failed HTTP requests are tried again. Default: connect failures,
+    /// twice, within the default budget.
+    pub retries: Option<RetrySpec>,
+    /// Ejects endpoints that fail requests in a row. Default: off.
+    pub outlier_detection: Option<OutlierSpec>,
+    /// Active checks of this node's endpoints. Default: none.
+    pub health_check: Option<HealthCheckSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RetrySpec {
+    /// Retries after the first try. Default 2; 0 turns retries off.
+    #[serde(default = "default_max_retries")]
+    pub max_retries: u32,
+    /// Conditions: `5xx`, `gateway-error`, `connect-failure`, `reset`, and
+    /// the gRPC statuses `cancelled`, `deadline-exceeded`, `internal`,
+    /// `resource-exhausted`, `unavailable`. Default `[connect-failure]`.
+    pub retry_on: Option<Vec<String>>,
+    /// HTTP statuses retried besides the conditions, e.g. `[409]`.
+    #[serde(default)]
+    pub statuses: Vec<u16>,
+    /// Limit for each try. Default: none (the request `timeout` bounds all).
+    #[serde(default, with = "humantime_serde")]
+    pub per_try_timeout: Option<Duration>,
+    /// First backoff cap (full jitter below it, doubling). Default `25ms`.
+    #[serde(default, with = "humantime_serde")]
+    pub backoff_base: Option<Duration>,
+    /// Largest backoff. Default `250ms`.
+    #[serde(default, with = "humantime_serde")]
+    pub backoff_max: Option<Duration>,
+    /// Retry budget: retries per original request over 10 s. Default 0.2.
+    pub budget_ratio: Option<f64>,
+    /// Retries per second always allowed. Default 10.
+    pub budget_min_per_second: Option<f64>,
+    /// Also retry POST and PATCH. Default `false`.
+    #[serde(default)]
+    pub non_idempotent: bool,
+    /// Largest request body kept for replay, bytes. Default 65536.
+    pub buffer_limit: Option<usize>,
+}
+
+fn default_max_retries() -> u32 {
+    2
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OutlierSpec {
+    /// Failures in a row (5xx, gateway errors, connect failures, resets)
+    /// that eject an endpoint. Default 5.
+    pub consecutive_errors: Option<u32>,
+    /// First ejection; the n-th lasts n times as long. Default `30s`.
+    #[serde(default, with = "humantime_serde")]
+    pub base_ejection_time: Option<Duration>,
+    /// Longest ejection. Default `300s`.
+    #[serde(default, with = "humantime_serde")]
+    pub max_ejection_time: Option<Duration>,
+    /// Most endpoints ejected at once, percent (one may always be).
+    /// Default 50.
+    pub max_ejection_percent: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HealthCheckSpec {
+    /// `http` (a GET answered 2xx passes) or `tcp` (a connection passes).
+    pub protocol: HealthProtocol,
+    /// Path for `http`. Default `/healthz`.
+    pub path: Option<String>,
+    /// Endpoint port checked. Default: the service's first target port.
+    pub port: Option<u16>,
+    /// Default `5s`.
+    #[serde(default, with = "humantime_serde")]
+    pub interval: Option<Duration>,
+    /// Default `1s`.
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    /// Failed checks in a row that take an endpoint out. Default 2.
+    pub unhealthy_threshold: Option<u32>,
+    /// Passed checks in a row that bring it back. Default 1.
+    pub healthy_threshold: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthProtocol {
+    Http,
+    Tcp,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize)]
@@ -369,6 +469,8 @@ pub struct RouteSpec {
     /// Overrides the service's `timeout` for this route.
     #[serde(default, with = "humantime_serde")]
     pub timeout: Option<Duration>,
+    /// Overrides the service's `retries` for this route.
+    pub retries: Option<RetrySpec>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -173,6 +173,7 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         capture: std::sync::OnceLock::new(),
         store: store.clone(),
         ready: Default::default(),
+        mesh: std::sync::OnceLock::new(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let status_tasks = [
@@ -201,8 +202,10 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     let capture = Arc::new(capture);
     let _ = status.capture.set(capture.clone());
 
+    let mesh = Arc::new(mesh);
+    crate::health::spawn_checkers(&mesh, &metrics);
     let inputs = Arc::new(ProxyInputs {
-        mesh: ArcSwap::from_pointee(mesh),
+        mesh: ArcSwap::new(mesh),
         capture: capture.clone(),
         metrics: metrics.clone(),
         connect_timeout: proxy.connect_timeout,
@@ -214,6 +217,7 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         upstreams: Default::default(),
         stop: stop_rx.clone(),
     });
+    let _ = status.mesh.set(inputs.clone());
     let drain = proxy.drain_timeout;
     let mut outbound_task = tokio::spawn(outbound.run(inputs.clone(), stop_rx.clone(), drain));
     let inbound_task = inbound.map(|inbound| {

@@ -6,7 +6,7 @@ use std::{
     collections::HashMap,
     net::{Ipv4Addr, SocketAddrV4},
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc,
     },
 };
@@ -16,7 +16,9 @@ use meshd_common::Destination;
 use crate::{
     balance::{self, EndpointStats},
     config::{Config, Endpoint, Protocol, Service, ServicePort, Workload},
+    outlier::Detector,
     ratelimit::{Refused, ServiceLimiter},
+    retry::Budget,
     routing::Backend,
 };
 
@@ -94,6 +96,12 @@ pub struct Mesh {
     limiters: Vec<ServiceLimiter>,
     /// Requests and connections in flight per service, for circuit breaking.
     breakers: Vec<Breaker>,
+    /// Outlier detection per service.
+    outliers: Vec<Detector>,
+    /// Active health per service, per endpoint (true until a check fails).
+    health: Vec<Vec<AtomicBool>>,
+    /// Retry budget per service.
+    budgets: Vec<Budget>,
 }
 
 /// What is in flight to one service from this node.
@@ -186,7 +194,21 @@ impl Mesh {
             .map(|s| ServiceLimiter::new(s.rate_limit.0, s.rate_limit.1))
             .collect();
         let breakers = config.services.iter().map(|_| Breaker::default()).collect();
+        let outliers = config
+            .services
+            .iter()
+            .map(|s| Detector::new(s.outlier, s.endpoints.len()))
+            .collect();
+        let health = config
+            .services
+            .iter()
+            .map(|s| s.endpoints.iter().map(|_| AtomicBool::new(true)).collect())
+            .collect();
+        let budgets = config.services.iter().map(|_| Budget::default()).collect();
         Self {
+            outliers,
+            health,
+            budgets,
             breakers,
             limiters,
             config,
@@ -269,17 +291,35 @@ impl Mesh {
         })
     }
 
-    /// Balances one request of `service` over the endpoints `backend` admits.
+    /// Balances one request of `service` over the endpoints `backend`
+    /// admits, leaving out ejected and unhealthy ones and those already
+    /// `tried` — unless that leaves none: then every admitted endpoint is a
+    /// candidate again (Envoy's "panic" routing), as failing over to a
+    /// doubtful endpoint beats failing for certain.
     pub fn pick_endpoint(
         &self,
         service: usize,
         backend: &Backend,
         random: [u64; 2],
+        now: u64,
+        tried: &[usize],
     ) -> Option<usize> {
         let svc = &self.config.services[service];
-        let candidates: Vec<usize> = (0..svc.endpoints.len())
-            .filter(|e| backend.admits(&svc.endpoints[*e].labels))
+        let admitted = || (0..svc.endpoints.len()).filter(|e| backend.admits(&svc.endpoints[*e].labels));
+        let available = |e: &usize| {
+            self.health[service][*e].load(Ordering::Relaxed)
+                && !self.outliers[service].ejected(*e, now)
+        };
+        let mut candidates: Vec<usize> = admitted()
+            .filter(available)
+            .filter(|e| !tried.contains(e))
             .collect();
+        if candidates.is_empty() {
+            candidates = admitted().filter(available).collect();
+        }
+        if candidates.is_empty() {
+            candidates = admitted().collect();
+        }
         balance::pick(
             svc.load_balancer,
             &candidates,
@@ -308,6 +348,79 @@ impl Mesh {
 
     pub fn endpoint_stats(&self, service: usize, endpoint: usize) -> &EndpointStats {
         &self.stats[service][endpoint]
+    }
+
+    /// Feeds outlier detection; returns the ejection's length when this
+    /// failure ejected the endpoint.
+    pub fn record_result(
+        &self,
+        service: usize,
+        endpoint: usize,
+        failed: bool,
+        now: u64,
+    ) -> Option<std::time::Duration> {
+        self.outliers[service].record(endpoint, failed, now)
+    }
+
+    pub fn retry_budget(&self, service: usize) -> &Budget {
+        &self.budgets[service]
+    }
+
+    pub fn endpoint_healthy(&self, service: usize, endpoint: usize) -> bool {
+        self.health[service][endpoint].load(Ordering::Relaxed)
+    }
+
+    pub fn set_endpoint_health(&self, service: usize, endpoint: usize, healthy: bool) {
+        self.health[service][endpoint].store(healthy, Ordering::Relaxed);
+    }
+
+    /// Whether a local endpoint address passes every health check that
+    /// covers it (an unchecked one always does).
+    pub fn local_endpoint_healthy(&self, address: Ipv4Addr) -> bool {
+        self.services_of(address).iter().all(|s| {
+            self.config.services[*s]
+                .endpoints
+                .iter()
+                .position(|e| e.address == address)
+                .is_none_or(|e| self.endpoint_healthy(*s, e))
+        })
+    }
+
+    /// Sets the gauges that describe the state right now: open circuit
+    /// breakers, ejected and unhealthy endpoints.
+    pub fn export_state(&self, metrics: &crate::metrics::Metrics) {
+        use crate::metrics::{BreakerLabels, ServiceLabels};
+        let now = crate::proxy::http::now_nanos();
+        for (s, service) in self.config.services.iter().enumerate() {
+            let labels = ServiceLabels {
+                destination_service: service.hostname.clone(),
+            };
+            if let Some(limit) = service.circuit_breaker.max_requests {
+                let open = self.breakers[s].requests.load(Ordering::Relaxed) >= limit;
+                metrics
+                    .circuit_breaker_open
+                    .get_or_create(&BreakerLabels {
+                        destination_service: service.hostname.clone(),
+                        limit: "requests",
+                    })
+                    .set(i64::from(open));
+            }
+            if service.outlier.is_some() {
+                metrics
+                    .outlier_ejected
+                    .get_or_create(&labels)
+                    .set(self.outliers[s].ejected_count(now) as i64);
+            }
+            if service.health_check.is_some() {
+                let unhealthy = (0..service.endpoints.len())
+                    .filter(|e| !self.endpoint_healthy(s, *e))
+                    .count();
+                metrics
+                    .unhealthy_endpoints
+                    .get_or_create(&labels)
+                    .set(unhealthy as i64);
+            }
+        }
     }
 
     /// How `endpoint` is reached from this node.

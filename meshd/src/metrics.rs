@@ -114,8 +114,23 @@ pub struct RateLimitLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BreakerLabels {
     pub destination_service: Arc<str>,
-    /// `requests` (more limits to come).
+    /// `requests`, `pending` or `connections`.
     pub limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    pub destination_service: Arc<str>,
+    /// What failed: `connect-failure`, `reset`, `timeout`, `5xx`,
+    /// `gateway-error`, `status` or `grpc`.
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HealthLabels {
+    pub destination_service: Arc<str>,
+    /// `pass` or `fail`.
+    pub result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -151,6 +166,16 @@ pub struct Metrics {
     pub requests: Family<HttpLabels, Counter>,
     pub rate_limited: Family<RateLimitLabels, Counter>,
     pub circuit_breaker_rejections: Family<BreakerLabels, Counter>,
+    /// 1 while a service's limit is reached; refreshed at each scrape.
+    pub circuit_breaker_open: Family<BreakerLabels, Gauge>,
+    pub retries: Family<RetryLabels, Counter>,
+    pub retry_budget_exhausted: Family<ServiceLabels, Counter>,
+    pub outlier_ejections: Family<ServiceLabels, Counter>,
+    /// Endpoints ejected now; refreshed at each scrape.
+    pub outlier_ejected: Family<ServiceLabels, Gauge>,
+    pub health_checks: Family<HealthLabels, Counter>,
+    /// Endpoints failing their health check now; refreshed at each scrape.
+    pub unhealthy_endpoints: Family<ServiceLabels, Gauge>,
     pub request_duration: HistogramFamily,
     pub request_bytes: HistogramFamily,
     pub response_bytes: HistogramFamily,
@@ -178,6 +203,13 @@ impl Metrics {
             requests: Family::default(),
             rate_limited: Family::default(),
             circuit_breaker_rejections: Family::default(),
+            circuit_breaker_open: Family::default(),
+            retries: Family::default(),
+            retry_budget_exhausted: Family::default(),
+            outlier_ejections: Family::default(),
+            outlier_ejected: Family::default(),
+            health_checks: Family::default(),
+            unhealthy_endpoints: Family::default(),
             request_duration: Family::new_with_constructor(duration_histogram),
             request_bytes: Family::new_with_constructor(size_histogram),
             response_bytes: Family::new_with_constructor(size_histogram),
@@ -279,6 +311,41 @@ impl Metrics {
             "circuit_breaker_rejections",
             "Requests shed with 503 (flag UO) by a circuit-breaker limit",
             metrics.circuit_breaker_rejections.clone(),
+        );
+        meshd.register(
+            "circuit_breaker_open",
+            "1 while a service's circuit-breaker limit is reached on this node",
+            metrics.circuit_breaker_open.clone(),
+        );
+        meshd.register(
+            "retries",
+            "HTTP requests tried again, by the reason the previous try failed",
+            metrics.retries.clone(),
+        );
+        meshd.register(
+            "retry_budget_exhausted",
+            "Retriable failures not retried because the service's retry budget was spent",
+            metrics.retry_budget_exhausted.clone(),
+        );
+        meshd.register(
+            "outlier_ejections",
+            "Endpoints ejected from rotation after failing requests in a row",
+            metrics.outlier_ejections.clone(),
+        );
+        meshd.register(
+            "outlier_ejected_endpoints",
+            "Endpoints out of rotation now by outlier detection",
+            metrics.outlier_ejected.clone(),
+        );
+        meshd.register(
+            "health_checks",
+            "Active health checks of this node's endpoints, by result",
+            metrics.health_checks.clone(),
+        );
+        meshd.register(
+            "unhealthy_endpoints",
+            "Endpoints out of rotation now because their health check fails",
+            metrics.unhealthy_endpoints.clone(),
         );
         meshd.register(
             "rate_limited",

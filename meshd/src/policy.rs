@@ -1,6 +1,10 @@
 //! Authorization, with Istio's semantics, evaluated where the destination
 //! runs: a workload no policy selects allows everything; a matching `deny`
 //! wins; once an `allow` policy selects a workload, only matches pass.
+//! Policies may name HTTP methods, paths and headers (L7); those are
+//! checked per request on HTTP ports. On a plain TCP connection (no request
+//! to look at) Istio's rule holds: an `allow` with L7 conditions never
+//! matches, a `deny` with L7 conditions matches on its other conditions.
 //! Pure: a snapshot in, a decision out.
 
 use std::sync::Arc;
@@ -18,6 +22,24 @@ pub struct Request<'a> {
     /// Indexes of the services the destination endpoint belongs to.
     pub services: &'a [usize],
     pub port: u16,
+    /// The HTTP request, when one is being decided (L7).
+    pub http: Option<Http<'a>>,
+}
+
+/// What L7 rules look at.
+#[derive(Clone, Copy)]
+pub struct Http<'a> {
+    pub method: &'a hyper::Method,
+    pub path: &'a str,
+    pub headers: &'a hyper::HeaderMap,
+}
+
+/// Whether the policies for `services` need each HTTP request decided on
+/// its own (some policy there has L7 conditions).
+pub fn needs_requests(policies: &[Policy], services: &[usize]) -> bool {
+    policies
+        .iter()
+        .any(|p| services.contains(&p.service) && p.is_http())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,7 +87,37 @@ fn matches(policy: &Policy, request: &Request<'_>) -> bool {
             .from
             .iter()
             .any(|f| source_matches(f, request.source));
-    port && from
+    let l7 = !policy.is_http()
+        || match &request.http {
+            Some(http) => http_matches(policy, http),
+            None => policy.action == PolicyAction::Deny,
+        };
+    port && from && l7
+}
+
+fn http_matches(policy: &Policy, http: &Http<'_>) -> bool {
+    let method = policy.methods.is_empty() || policy.methods.contains(http.method);
+    let path = policy.paths.is_empty() || policy.paths.iter().any(|p| path_matches(p, http.path));
+    let headers = policy.headers.iter().all(|(name, want)| {
+        http.headers
+            .get_all(name)
+            .iter()
+            .any(|v| want == "*" || v.as_bytes() == want.as_bytes())
+    });
+    method && path && headers
+}
+
+/// Istio's path forms: exact, `/prefix/*`, `*suffix`, or `*`.
+fn path_matches(pattern: &str, path: &str) -> bool {
+    if pattern == "*" {
+        true
+    } else if let Some(prefix) = pattern.strip_suffix('*') {
+        path.starts_with(prefix)
+    } else if let Some(suffix) = pattern.strip_prefix('*') {
+        path.ends_with(suffix)
+    } else {
+        pattern == path
+    }
 }
 
 fn source_matches(clause: &PolicySource, source: Option<&Identity>) -> bool {
@@ -107,6 +159,9 @@ mod tests {
             action,
             from,
             ports: ports.to_vec(),
+            methods: vec![],
+            paths: vec![],
+            headers: vec![],
         }
     }
 
@@ -170,6 +225,7 @@ mod tests {
                 source: *source,
                 services,
                 port: *port,
+                http: None,
             };
             let decision = authorize(&policies, &request);
             assert_eq!(
@@ -189,6 +245,7 @@ mod tests {
                 source: None,
                 services: &[0],
                 port: 1,
+                http: None,
             },
         );
         assert_eq!(
@@ -197,5 +254,53 @@ mod tests {
                 reason: "denied by policy block".into()
             }
         );
+    }
+
+    #[test]
+    fn l7_rules_match_methods_paths_and_headers() {
+        use hyper::{HeaderMap, Method};
+        let a = id("default", "a");
+        let mut read_only = policy("read-only", 0, PolicyAction::Allow, &["*"], &[], &[]);
+        read_only.methods = vec![Method::GET, Method::HEAD];
+        read_only.paths = vec!["/api/*".into(), "/healthz".into(), "*.css".into()];
+        let mut no_debug = policy("no-debug", 0, PolicyAction::Deny, &[], &[], &[]);
+        no_debug.headers = vec![("x-debug".parse().expect("name"), "*".into())];
+        let policies = vec![read_only, no_debug];
+        let plain = HeaderMap::new();
+        let mut debug = HeaderMap::new();
+        debug.insert("x-debug", "1".parse().expect("value"));
+        let cases: &[(Method, &str, &HeaderMap, bool)] = &[
+            (Method::GET, "/api/v1/items", &plain, true),
+            (Method::HEAD, "/healthz", &plain, true),
+            (Method::GET, "/static/site.css", &plain, true),
+            (Method::POST, "/api/v1/items", &plain, false),
+            (Method::GET, "/admin", &plain, false),
+            (Method::GET, "/healthz/x", &plain, false),
+            (Method::GET, "/api/v1/items", &debug, false),
+        ];
+        for (method, path, headers, allowed) in cases {
+            let request = Request {
+                source: Some(&a),
+                services: &[0],
+                port: 80,
+                http: Some(Http {
+                    method,
+                    path,
+                    headers,
+                }),
+            };
+            let decision = authorize(&policies, &request);
+            assert_eq!(decision == Decision::Allow, *allowed, "{method} {path}: {decision:?}");
+        }
+        // A plain TCP connection: the L7 allow cannot match, so it is denied.
+        let tcp = Request {
+            source: Some(&a),
+            services: &[0],
+            port: 80,
+            http: None,
+        };
+        assert_ne!(authorize(&policies, &tcp), Decision::Allow);
+        assert!(needs_requests(&policies, &[0]));
+        assert!(!needs_requests(&policies, &[1]));
     }
 }

@@ -60,6 +60,7 @@ pub fn authorized_locally(
     source: Option<&crate::config::Workload>,
     address: std::net::SocketAddrV4,
     endpoint: &crate::config::Endpoint,
+    http: Option<crate::policy::Http<'_>>,
 ) -> bool {
     let decision = crate::policy::authorize(
         &mesh.config.policies,
@@ -67,6 +68,7 @@ pub fn authorized_locally(
             source: source.map(|w| &w.identity),
             services: mesh.services_of(*address.ip()),
             port: address.port(),
+            http,
         },
     );
     let crate::policy::Decision::Deny { reason } = decision else {

@@ -74,6 +74,8 @@ pub struct Route {
     pub backends: Vec<Backend>,
     /// Overrides the service's request timeout.
     pub timeout: Option<Duration>,
+    /// Overrides the service's retry policy.
+    pub retries: Option<crate::retry::Policy>,
 }
 
 impl Route {
@@ -87,6 +89,7 @@ impl Route {
                 weight: 1,
             }],
             timeout: None,
+            retries: None,
         }
     }
 
@@ -145,6 +148,7 @@ mod tests {
                 })
                 .collect(),
             timeout: None,
+            retries: None,
         }
     }
 

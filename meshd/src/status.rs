@@ -36,6 +36,8 @@ pub struct StatusInputs {
     pub capture: std::sync::OnceLock<Arc<Capture>>,
     pub store: Option<Arc<crate::identity::store::CertStore>>,
     pub ready: AtomicBool,
+    /// The proxy's state, for the gauges read at each scrape.
+    pub mesh: std::sync::OnceLock<Arc<crate::proxy::ProxyInputs>>,
 }
 
 impl StatusInputs {
@@ -70,6 +72,9 @@ impl StatusInputs {
                     })
                     .set(left);
             }
+        }
+        if let Some(inputs) = self.mesh.get() {
+            inputs.mesh.load().export_state(&self.metrics);
         }
         crate::metrics::render(&self.registry)
     }

@@ -44,6 +44,17 @@ pub struct Policy {
     pub action: PolicyAction,
     pub from: Vec<PolicySource>,
     pub ports: Vec<u16>,
+    /// L7 conditions; a policy with any is an HTTP policy.
+    pub methods: Vec<hyper::Method>,
+    pub paths: Vec<String>,
+    pub headers: Vec<(hyper::header::HeaderName, String)>,
+}
+
+impl Policy {
+    /// Whether the policy says anything about HTTP requests.
+    pub fn is_http(&self) -> bool {
+        !(self.methods.is_empty() && self.paths.is_empty() && self.headers.is_empty())
+    }
 }
 
 /// A source clause; every non-empty list must match.
@@ -73,6 +84,9 @@ pub struct Service {
         Option<crate::ratelimit::Limit>,
     ),
     pub circuit_breaker: super::CircuitBreakerSpec,
+    pub retries: crate::retry::Policy,
+    pub outlier: Option<crate::outlier::Settings>,
+    pub health_check: Option<crate::health::Check>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -460,7 +474,45 @@ fn check_policy(
             }
         }
     }
+    let mut methods = Vec::new();
+    for (i, method) in spec.methods.iter().enumerate() {
+        match hyper::Method::from_bytes(method.as_bytes()) {
+            Ok(m) if method.bytes().all(|b| b.is_ascii_uppercase()) => methods.push(m),
+            _ => check.fail(
+                file,
+                &at.clone().key("methods").index(i),
+                format!("{method:?} is not an HTTP method (upper case, e.g. GET)"),
+            ),
+        }
+    }
+    for (i, path) in spec.paths.iter().enumerate() {
+        let stars = path.matches('*').count();
+        let valid = path == "*"
+            || (stars == 0 && path.starts_with('/'))
+            || (stars == 1 && (path.ends_with("/*") && path.starts_with('/') || path.starts_with('*')));
+        if !valid {
+            check.fail(
+                file,
+                &at.clone().key("paths").index(i),
+                format!("{path:?} must be an exact path (/a/b), a prefix (/a/*) or a suffix (*.json)"),
+            );
+        }
+    }
+    let mut headers = Vec::new();
+    for (name, value) in &spec.headers {
+        match hyper::header::HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()) {
+            Ok(header) => headers.push((header, value.clone())),
+            Err(_) => check.fail(
+                file,
+                &at.clone().key("headers"),
+                format!("{name:?} is not a header name"),
+            ),
+        }
+    }
     Some(Policy {
+        methods,
+        paths: spec.paths,
+        headers,
         name: spec.name.into(),
         service,
         action: spec.action,
@@ -671,7 +723,27 @@ fn check_service(
             "limits must be at least 1",
         );
     }
+    let retries = match &spec.retries {
+        Some(retries) => check_retries(check, file, &at.clone().key("retries"), retries),
+        None => crate::retry::Policy::default(),
+    };
+    let outlier = spec
+        .outlier_detection
+        .as_ref()
+        .map(|o| check_outlier(check, file, &at.clone().key("outlierDetection"), o));
+    let health_check = spec.health_check.as_ref().map(|h| {
+        check_health(
+            check,
+            file,
+            &at.clone().key("healthCheck"),
+            h,
+            ports.first().map_or(0, |p| p.target_port),
+        )
+    });
     let service = Service {
+        retries,
+        outlier,
+        health_check,
         circuit_breaker,
         rate_limit,
         load_balancer: spec.load_balancer,
@@ -773,7 +845,144 @@ fn check_route(
             })
             .collect(),
         timeout: spec.timeout,
+        retries: spec
+            .retries
+            .as_ref()
+            .map(|r| check_retries(check, file, &at.clone().key("retries"), r)),
     })
+}
+
+fn check_retries(
+    check: &mut Checker<'_>,
+    file: usize,
+    at: &FieldPath,
+    spec: &super::RetrySpec,
+) -> crate::retry::Policy {
+    use crate::retry::{Condition, Policy};
+    let defaults = Policy::default();
+    let mut conditions = Vec::new();
+    for (i, name) in spec.retry_on.iter().flatten().enumerate() {
+        match Condition::parse(name) {
+            Some(condition) => conditions.push(condition),
+            None => check.fail(
+                file,
+                &at.clone().key("retryOn").index(i),
+                format!(
+                    "unknown condition {name:?}; use one of {}",
+                    Condition::NAMES.join(", ")
+                ),
+            ),
+        }
+    }
+    if spec.retry_on.is_none() {
+        conditions = defaults.conditions.clone();
+    }
+    for (i, status) in spec.statuses.iter().enumerate() {
+        if !(100..=599).contains(status) {
+            check.fail(
+                file,
+                &at.clone().key("statuses").index(i),
+                format!("{status} is not an HTTP status"),
+            );
+        }
+    }
+    let ratio = spec.budget_ratio.unwrap_or(defaults.budget_ratio);
+    let floor = spec
+        .budget_min_per_second
+        .unwrap_or(defaults.budget_min_per_second);
+    for (name, value) in [("budgetRatio", ratio), ("budgetMinPerSecond", floor)] {
+        if !(value >= 0.0 && value.is_finite()) {
+            check.fail(file, &at.clone().key(name), "must be zero or more");
+        }
+    }
+    let backoff_base = spec.backoff_base.unwrap_or(defaults.backoff_base);
+    let backoff_max = spec.backoff_max.unwrap_or(defaults.backoff_max);
+    if backoff_max < backoff_base {
+        check.fail(
+            file,
+            &at.clone().key("backoffMax"),
+            "must not be less than backoffBase",
+        );
+    }
+    if spec.per_try_timeout == Some(std::time::Duration::ZERO) {
+        check.fail(file, &at.clone().key("perTryTimeout"), "must be above 0");
+    }
+    Policy {
+        max_retries: spec.max_retries,
+        conditions,
+        statuses: spec.statuses.clone(),
+        per_try_timeout: spec.per_try_timeout,
+        backoff_base,
+        backoff_max,
+        budget_ratio: ratio,
+        budget_min_per_second: floor,
+        non_idempotent: spec.non_idempotent,
+        buffer_limit: spec.buffer_limit.unwrap_or(defaults.buffer_limit),
+    }
+}
+
+fn check_outlier(
+    check: &mut Checker<'_>,
+    file: usize,
+    at: &FieldPath,
+    spec: &super::OutlierSpec,
+) -> crate::outlier::Settings {
+    use std::time::Duration;
+    let settings = crate::outlier::Settings {
+        consecutive_errors: spec.consecutive_errors.unwrap_or(5),
+        base_ejection_time: spec.base_ejection_time.unwrap_or(Duration::from_secs(30)),
+        max_ejection_time: spec.max_ejection_time.unwrap_or(Duration::from_secs(300)),
+        max_ejection_percent: spec.max_ejection_percent.unwrap_or(50),
+    };
+    if settings.consecutive_errors == 0 {
+        check.fail(file, &at.clone().key("consecutiveErrors"), "must be at least 1");
+    }
+    if settings.base_ejection_time.is_zero() {
+        check.fail(file, &at.clone().key("baseEjectionTime"), "must be above 0");
+    }
+    if settings.max_ejection_time < settings.base_ejection_time {
+        check.fail(
+            file,
+            &at.clone().key("maxEjectionTime"),
+            "must not be less than baseEjectionTime",
+        );
+    }
+    if settings.max_ejection_percent > 100 {
+        check.fail(file, &at.clone().key("maxEjectionPercent"), "must be 0 to 100");
+    }
+    settings
+}
+
+fn check_health(
+    check: &mut Checker<'_>,
+    file: usize,
+    at: &FieldPath,
+    spec: &super::HealthCheckSpec,
+    default_port: u16,
+) -> crate::health::Check {
+    use std::time::Duration;
+    let health = crate::health::Check {
+        protocol: spec.protocol,
+        path: spec.path.clone().unwrap_or_else(|| "/healthz".to_owned()),
+        port: spec.port.unwrap_or(default_port),
+        interval: spec.interval.unwrap_or(Duration::from_secs(5)),
+        timeout: spec.timeout.unwrap_or(Duration::from_secs(1)),
+        unhealthy_threshold: spec.unhealthy_threshold.unwrap_or(2),
+        healthy_threshold: spec.healthy_threshold.unwrap_or(1),
+    };
+    if !health.path.starts_with('/') {
+        check.fail(file, &at.clone().key("path"), "must start with /");
+    }
+    if health.port == 0 {
+        check.fail(file, &at.clone().key("port"), "must not be 0");
+    }
+    if health.interval.is_zero() || health.timeout.is_zero() {
+        check.fail(file, at, "interval and timeout must be above 0");
+    }
+    if health.unhealthy_threshold == 0 || health.healthy_threshold == 0 {
+        check.fail(file, at, "thresholds must be at least 1");
+    }
+    health
 }
 
 /// Names and addresses that must be unique across all files.

@@ -4,6 +4,7 @@
 //! upstream connection (through a tunnel for other nodes), measured with
 //! Istio's request metrics and written to the access log.
 
+pub mod replay;
 pub mod upstream;
 
 use std::{
@@ -28,12 +29,16 @@ use hyper_util::{
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
-use self::upstream::{Body, UpstreamError, UpstreamKey, Via};
+use self::{
+    replay::Payload,
+    upstream::{Body, UpstreamError, UpstreamKey, Via},
+};
 use super::ProxyInputs;
 use crate::{
     config::{Protocol, Workload},
     mesh::{Mesh, Path},
-    metrics::{HttpLabels, TcpLabels},
+    metrics::{HttpLabels, ServiceLabels, TcpLabels},
+    retry::Outcome,
     routing,
     tunnel::{pool::Key as TunnelKey, Baggage},
 };
@@ -122,7 +127,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
     }
 }
 
-fn reply(status: StatusCode, flags: &'static str) -> Response<Body> {
+pub fn reply(status: StatusCode, flags: &'static str) -> Response<Body> {
     let mut response = Response::new(
         Full::new(Bytes::from(format!(
             "meshd: {}\n",
@@ -220,84 +225,10 @@ async fn handle(
             None,
         );
     };
-    let endpoint = match target.pinned {
-        Some(endpoint) => Some(endpoint),
-        None => mesh.pick_endpoint(
-            target.service,
-            route.backend(random()),
-            [random(), random()],
-        ),
-    };
-    let Some(endpoint_index) = endpoint else {
-        return refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "UH",
-            &route.name,
-            None,
-            None,
-        );
-    };
-    let endpoint = &service.endpoints[endpoint_index];
-    let address = SocketAddrV4::new(endpoint.address, target.port.target_port);
-    let path = match mesh.path(endpoint) {
-        Ok(path) => path,
-        Err(_) => {
-            return refuse(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "NR",
-                &route.name,
-                Some(endpoint_index),
-                None,
-            )
-        }
-    };
-    let mut labels = http_labels(
-        &mesh,
-        source,
-        target.service,
-        Some(endpoint_index),
-        Some(path),
-        grpc,
-    );
-
-    if path == Path::Local {
-        if !super::authorized_locally(inputs, &mesh, source, address, endpoint) {
-            return record(
-                inputs,
-                &mut labels,
-                reply(StatusCode::FORBIDDEN, "RBAC"),
-                0,
-                started,
-                &route.name,
-                &line,
-                Some(address),
-            );
-        }
-    }
     let http2 = match target.port.protocol {
         Protocol::Http => false,
         Protocol::Http2 | Protocol::Grpc => true,
         _ => connection.protocol == Protocol::Http2,
-    };
-    let via = match path {
-        Path::Local => Via::Direct,
-        Path::Tunnel { node } => match source {
-            Some(source) => Via::Tunnel(TunnelKey {
-                source: source.identity.clone(),
-                node,
-                destination: endpoint.identity.clone(),
-            }),
-            None => {
-                warn!(upstream = %address, "no identity to tunnel with: the source workload is unknown");
-                return refuse(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "UF",
-                    &route.name,
-                    Some(endpoint_index),
-                    Some(path),
-                );
-            }
-        },
     };
     let baggage = source
         .map(|w| {
@@ -320,43 +251,204 @@ async fn handle(
         .get(header::UPGRADE)
         .is_some()
         .then(|| hyper::upgrade::on(&mut request));
-    let outgoing = match rewrite(request, http2) {
-        Some(outgoing) => outgoing,
-        None => {
+    let (parts, body) = request.into_parts();
+    let Some(head) = Head::outgoing(&parts, http2) else {
+        return refuse(StatusCode::BAD_REQUEST, "DPE", &route.name, None, None);
+    };
+    let l7 = crate::policy::Http {
+        method: &parts.method,
+        path: parts.uri.path(),
+        headers: &parts.headers,
+    };
+    let policy = route.retries.as_ref().unwrap_or(&service.retries);
+    let method_allowed = policy.method_allowed(&parts.method);
+    // A copy of the body is kept only when a failure after sending could
+    // be retried; connect failures never need one.
+    let keeps_copy = policy.max_retries > 0
+        && method_allowed
+        && upgrade.is_none()
+        && (!policy.statuses.is_empty()
+            || policy
+                .conditions
+                .iter()
+                .any(|c| *c != crate::retry::Condition::ConnectFailure));
+    let mut payload = Payload::new(body, keeps_copy.then_some(policy.buffer_limit));
+    let budget = mesh.retry_budget(target.service);
+    budget.deposit(started.duration_since(*clock_origin()));
+    let deadline = route.timeout.or(service.timeout).map(|t| started + t);
+    let mut tried: Vec<usize> = Vec::new();
+    let mut retries = 0;
+    let (result, mut labels, address) = loop {
+        let endpoint = match target.pinned {
+            Some(endpoint) => Some(endpoint),
+            None => mesh.pick_endpoint(
+                target.service,
+                route.backend(random()),
+                [random(), random()],
+                now_nanos(),
+                &tried,
+            ),
+        };
+        let Some(endpoint_index) = endpoint else {
             return refuse(
-                StatusCode::BAD_REQUEST,
-                "DPE",
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UH",
+                &route.name,
+                None,
+                None,
+            );
+        };
+        tried.push(endpoint_index);
+        let endpoint = &service.endpoints[endpoint_index];
+        let address = SocketAddrV4::new(endpoint.address, target.port.target_port);
+        let Ok(path) = mesh.path(endpoint) else {
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "NR",
                 &route.name,
                 Some(endpoint_index),
-                Some(path),
-            )
+                None,
+            );
+        };
+        let mut labels = http_labels(
+            &mesh,
+            source,
+            target.service,
+            Some(endpoint_index),
+            Some(path),
+            grpc,
+        );
+        if path == Path::Local
+            && !super::authorized_locally(inputs, &mesh, source, address, endpoint, Some(l7))
+        {
+            return record(
+                inputs,
+                &mut labels,
+                reply(StatusCode::FORBIDDEN, "RBAC"),
+                0,
+                started,
+                &route.name,
+                &line,
+                Some(address),
+            );
         }
+        let via = match path {
+            Path::Local => Via::Direct,
+            Path::Tunnel { node } => match source {
+                Some(source) => Via::Tunnel(TunnelKey {
+                    source: source.identity.clone(),
+                    node,
+                    destination: endpoint.identity.clone(),
+                }),
+                None => {
+                    warn!(upstream = %address, "no identity to tunnel with: the source workload is unknown");
+                    return refuse(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "UF",
+                        &route.name,
+                        Some(endpoint_index),
+                        Some(path),
+                    );
+                }
+            },
+        };
+        let key = UpstreamKey {
+            address,
+            via,
+            http2,
+        };
+        let stats = mesh.endpoint_stats(target.service, endpoint_index);
+        let in_flight = InFlight::start(stats);
+        let try_started = Instant::now();
+        let attempt = async {
+            let sender = inputs
+                .upstreams
+                .checkout(&key, inputs.pool.as_ref(), &baggage, inputs.connect_timeout)
+                .await?;
+            let body = payload.next().unwrap_or_else(|| {
+                // Unreachable: a try only starts with a body to send.
+                http_body_util::Empty::new()
+                    .map_err(|never| match never {})
+                    .boxed()
+            });
+            sender.send(head.request(body)).await
+        };
+        let limit = [
+            policy.per_try_timeout,
+            deadline.map(|d| d.saturating_duration_since(try_started)),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let result = match limit {
+            Some(limit) => tokio::time::timeout(limit, attempt).await.ok(),
+            None => Some(attempt.await),
+        };
+        drop(in_flight);
+        let outcome = match &result {
+            None => Outcome::Timeout,
+            Some(Ok(response)) => Outcome::Response(response.status()),
+            Some(Err(err)) if err.before_sending() => Outcome::ConnectFailure,
+            Some(Err(_)) => Outcome::Reset,
+        };
+        // Only answers teach the balancer latency: an endpoint that fails
+        // fast must not look fast.
+        if let Some(Ok(_)) = &result {
+            stats.observe(try_started.elapsed().as_nanos() as u64, now_nanos());
+        }
+        let failed = match outcome {
+            Outcome::Response(status) => status.is_server_error(),
+            _ => true,
+        };
+        if let Some(length) = mesh.record_result(target.service, endpoint_index, failed, now_nanos())
+        {
+            warn!(service = %service.hostname, endpoint = %address, seconds = length.as_secs(), "endpoint ejected after failing in a row");
+            inputs
+                .metrics
+                .outlier_ejections
+                .get_or_create(&ServiceLabels {
+                    destination_service: service.hostname.clone(),
+                })
+                .inc();
+        }
+        let headers = match &result {
+            Some(Ok(response)) => Some(response.headers()),
+            _ => None,
+        };
+        let reason = policy.retriable(outcome, headers, method_allowed);
+        let out_of_time = deadline.is_some_and(|d| Instant::now() >= d);
+        let Some(reason) = reason.filter(|_| {
+            retries < policy.max_retries && !out_of_time && payload.replayable()
+        }) else {
+            break (result, labels, address);
+        };
+        if !budget.withdraw(policy, started.duration_since(*clock_origin())) {
+            inputs
+                .metrics
+                .retry_budget_exhausted
+                .get_or_create(&ServiceLabels {
+                    destination_service: service.hostname.clone(),
+                })
+                .inc();
+            break (result, labels, address);
+        }
+        retries += 1;
+        inputs
+            .metrics
+            .retries
+            .get_or_create(&crate::metrics::RetryLabels {
+                destination_service: service.hostname.clone(),
+                reason,
+            })
+            .inc();
+        debug!(upstream = %address, reason, retry = retries, "retrying");
+        let mut wait = policy.backoff(retries, random());
+        if let Some(deadline) = deadline {
+            wait = wait.min(deadline.saturating_duration_since(Instant::now()));
+        }
+        tokio::time::sleep(wait).await;
+        labels.response_code = 0;
     };
-    let timeout = route.timeout.or(service.timeout);
-    let stats = mesh.endpoint_stats(target.service, endpoint_index);
-    let in_flight = InFlight::start(stats);
-    let key = UpstreamKey {
-        address,
-        via,
-        http2,
-    };
-    let send = inputs.upstreams.send(
-        &key,
-        outgoing,
-        inputs.pool.as_ref(),
-        &baggage,
-        inputs.connect_timeout,
-    );
-    let result = match timeout {
-        Some(limit) => tokio::time::timeout(limit, send).await.ok(),
-        None => Some(send.await),
-    };
-    drop(in_flight);
-    // Only answers teach the balancer latency: an endpoint that fails fast
-    // must not look fast.
-    if matches!(result, Some(Ok(_))) {
-        stats.observe(started.elapsed().as_nanos() as u64, now_nanos());
-    }
     let response = match result {
         None => reply(StatusCode::GATEWAY_TIMEOUT, "UT"),
         Some(Err(err)) => {
@@ -411,17 +503,7 @@ fn finish_upgrade(
     line: &str,
     address: SocketAddrV4,
 ) -> Response<Body> {
-    let upstream_upgrade = hyper::upgrade::on(Response::from_parts(parts.clone(), body));
-    tokio::spawn(async move {
-        match tokio::try_join!(downstream, upstream_upgrade) {
-            Ok((down, up)) => {
-                let mut down = TokioIo::new(down);
-                let mut up = TokioIo::new(up);
-                let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
-            }
-            Err(err) => debug!(error = %err, "upgrade failed"),
-        }
-    });
+    splice_upgrade(downstream, Response::from_parts(parts.clone(), body));
     strip_hop_by_hop(&mut parts.headers, true);
     let response = Response::from_parts(
         parts,
@@ -441,43 +523,75 @@ fn finish_upgrade(
     )
 }
 
-/// The request as the upstream must see it: hop-by-hop headers gone, the
-/// URI in the form the upstream's HTTP version wants.
-fn rewrite(request: Request<Incoming>, http2: bool) -> Option<Request<Body>> {
-    let (mut parts, body) = request.into_parts();
-    let upgrading = parts.headers.contains_key(header::UPGRADE) && !http2;
-    strip_hop_by_hop(&mut parts.headers, upgrading);
-    let authority = parts.uri.authority().map(|a| a.to_string()).or_else(|| {
-        parts
-            .headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_owned)
-    })?;
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
-    if http2 {
-        parts.version = Version::HTTP_2;
-        parts.uri = Uri::builder()
-            .scheme("http")
-            .authority(authority)
-            .path_and_query(path)
-            .build()
-            .ok()?;
-        parts.headers.remove(header::HOST);
-    } else {
-        parts.version = Version::HTTP_11;
-        parts.uri = Uri::builder().path_and_query(path).build().ok()?;
-        if !parts.headers.contains_key(header::HOST) {
-            parts
-                .headers
-                .insert(header::HOST, HeaderValue::from_str(&authority).ok()?);
+/// Joins a client's connection to an upstream's once both have switched
+/// protocols (a 101 answer), and relays between them.
+pub fn splice_upgrade(downstream: hyper::upgrade::OnUpgrade, upstream: Response<Incoming>) {
+    tokio::spawn(async move {
+        match tokio::try_join!(downstream, hyper::upgrade::on(upstream)) {
+            Ok((down, up)) => {
+                let mut down = TokioIo::new(down);
+                let mut up = TokioIo::new(up);
+                let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+            }
+            Err(err) => debug!(error = %err, "upgrade failed"),
         }
+    });
+}
+
+/// A request as the upstream must see it, minus its body: hop-by-hop
+/// headers gone, the URI in the form the upstream's HTTP version wants.
+/// Built once; each try sends a copy.
+struct Head {
+    method: hyper::Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+}
+
+impl Head {
+    fn outgoing(parts: &hyper::http::request::Parts, http2: bool) -> Option<Self> {
+        let mut headers = parts.headers.clone();
+        let upgrading = headers.contains_key(header::UPGRADE) && !http2;
+        strip_hop_by_hop(&mut headers, upgrading);
+        let authority = parts.uri.authority().map(|a| a.to_string()).or_else(|| {
+            headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })?;
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let (version, uri) = if http2 {
+            headers.remove(header::HOST);
+            let uri = Uri::builder()
+                .scheme("http")
+                .authority(authority)
+                .path_and_query(path)
+                .build()
+                .ok()?;
+            (Version::HTTP_2, uri)
+        } else {
+            if !headers.contains_key(header::HOST) {
+                headers.insert(header::HOST, HeaderValue::from_str(&authority).ok()?);
+            }
+            let uri = Uri::builder().path_and_query(path).build().ok()?;
+            (Version::HTTP_11, uri)
+        };
+        Some(Self {
+            method: parts.method.clone(),
+            uri,
+            version,
+            headers,
+        })
     }
-    Some(Request::from_parts(parts, body.boxed()))
+
+    fn request(&self, body: Body) -> Request<Body> {
+        let mut request = Request::new(body);
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.uri.clone();
+        *request.version_mut() = self.version;
+        *request.headers_mut() = self.headers.clone();
+        request
+    }
 }
 
 /// Counts a request as outstanding on an endpoint until dropped, so a
@@ -531,7 +645,7 @@ fn clock_origin() -> &'static Instant {
     START.get_or_init(Instant::now)
 }
 
-fn now_nanos() -> u64 {
+pub fn now_nanos() -> u64 {
     clock_origin().elapsed().as_nanos() as u64
 }
 
@@ -598,6 +712,7 @@ fn record(
             b"RBAC" => "RBAC",
             b"RL" => "RL",
             b"UO" => "UO",
+            b"URX" => "URX",
             _ => "DPE",
         };
     }

@@ -31,6 +31,8 @@ use crate::{
     proxy::{relay::relay, ProxyInputs},
 };
 
+mod requests;
+
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen on {address} for tunnels: {source}")]
 pub struct BindError {
@@ -228,14 +230,23 @@ async fn stream_request(
         return status(StatusCode::NOT_FOUND);
     };
     let services = mesh.services_of(*target.ip());
-    let decision = policy::authorize(
-        &mesh.config.policies,
-        &policy::Request {
-            source: Some(&source),
-            services,
-            port: target.port(),
-        },
-    );
+    // Policies with HTTP conditions on an HTTP port: each request is
+    // decided on its own, once the stream is open.
+    let per_request = policy::needs_requests(&mesh.config.policies, services)
+        && serves_http(&mesh, services, target.port());
+    let decision = if per_request {
+        Decision::Allow
+    } else {
+        policy::authorize(
+            &mesh.config.policies,
+            &policy::Request {
+                source: Some(&source),
+                services,
+                port: target.port(),
+                http: None,
+            },
+        )
+    };
     if let Decision::Deny { reason } = decision {
         warn!(%source, destination = %workload.identity, %target, %reason, "authorization denied");
         inputs
@@ -278,6 +289,10 @@ async fn stream_request(
         response_flags: "-",
         connection_security_policy: "mutual_tls",
     };
+    if !mesh.local_endpoint_healthy(*target.ip()) {
+        warn!(%source, %target, "refusing a tunnel stream to an endpoint failing its health check");
+        return status(StatusCode::SERVICE_UNAVAILABLE);
+    }
     drop(mesh);
 
     let connect = tokio::time::timeout(inputs.connect_timeout, TcpStream::connect(target)).await;
@@ -305,6 +320,9 @@ async fn stream_request(
             };
             let mut stream = TokioIo::new(upgraded);
             let _guard = crate::proxy::ConnectionGuard::open(metrics, &labels);
+            if per_request {
+                return requests::serve(inputs.clone(), stream, pod, source, target).await;
+            }
             let received = metrics.tcp_received_bytes.get_or_create(&labels).clone();
             let sent = metrics.tcp_sent_bytes.get_or_create(&labels).clone();
             if let Err(err) =
@@ -316,4 +334,15 @@ async fn stream_request(
         .in_current_span(),
     );
     status(StatusCode::OK)
+}
+
+/// Whether `port` (a target port) of these services speaks HTTP.
+fn serves_http(mesh: &crate::mesh::Mesh, services: &[usize], port: u16) -> bool {
+    use crate::config::Protocol;
+    services.iter().any(|s| {
+        mesh.config.services[*s].ports.iter().any(|p| {
+            p.target_port == port
+                && matches!(p.protocol, Protocol::Http | Protocol::Http2 | Protocol::Grpc)
+        })
+    })
 }

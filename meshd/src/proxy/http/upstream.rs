@@ -66,15 +66,17 @@ pub struct Upstreams {
 }
 
 impl Upstreams {
-    /// Sends `request` to the upstream `key`, reusing a connection if one is free.
-    pub async fn send(
+    /// A connection to the upstream `key`, ready for one request: a free
+    /// pooled one if there is one, else a new one. Connecting happens here,
+    /// before any request body is handed over, so a connect failure leaves
+    /// the request intact for another try.
+    pub async fn checkout(
         self: &Arc<Self>,
         key: &UpstreamKey,
-        request: Request<Body>,
         tunnels: Option<&Pool>,
         baggage: &str,
         connect_timeout: Duration,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Sender, UpstreamError> {
         let address = key.address;
         if key.http2 {
             let existing = self
@@ -83,31 +85,25 @@ impl Upstreams {
                 .unwrap_or_else(|p| p.into_inner())
                 .get(key)
                 .cloned();
-            let mut sender = match existing.filter(|s| !s.is_closed()) {
-                Some(sender) => sender,
-                None => {
-                    let io = connect(key, tunnels, baggage, connect_timeout).await?;
-                    let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-                        .timer(TokioTimer::new())
-                        .handshake(TokioIo::new(io))
-                        .await
-                        .map_err(|e| UpstreamError::Http(address, e))?;
-                    tokio::spawn(async move {
-                        if let Err(err) = connection.await {
-                            debug!(%address, error = %err, "upstream HTTP/2 connection ended");
-                        }
-                    });
-                    self.shared
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(key.clone(), sender.clone());
-                    sender
-                }
-            };
-            return sender
-                .send_request(request)
+            if let Some(sender) = existing.filter(|s| !s.is_closed()) {
+                return Ok(Sender::Http2(sender, address));
+            }
+            let io = connect(key, tunnels, baggage, connect_timeout).await?;
+            let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(TokioIo::new(io))
                 .await
-                .map_err(|e| UpstreamError::Http(address, e));
+                .map_err(|e| UpstreamError::Http(address, e))?;
+            tokio::spawn(async move {
+                if let Err(err) = connection.await {
+                    debug!(%address, error = %err, "upstream HTTP/2 connection ended");
+                }
+            });
+            self.shared
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key.clone(), sender.clone());
+            return Ok(Sender::Http2(sender, address));
         }
         let idle = {
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
@@ -120,7 +116,7 @@ impl Upstreams {
                 }
             }
         };
-        let mut sender = match idle {
+        let sender = match idle {
             Some(sender) => sender,
             None => {
                 let io = connect(key, tunnels, baggage, connect_timeout).await?;
@@ -136,26 +132,55 @@ impl Upstreams {
                 sender
             }
         };
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| UpstreamError::Http(address, e))?;
-        // Back to the idle list once this response has been read.
-        let pool = Arc::downgrade(self);
-        let key = key.clone();
-        tokio::spawn(async move {
-            if sender.ready().await.is_ok() {
-                if let Some(pool) = pool.upgrade() {
-                    pool.idle
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .entry(key)
-                        .or_default()
-                        .push(sender);
-                }
+        Ok(Sender::Http1(sender, Arc::downgrade(self), key.clone()))
+    }
+}
+
+/// A checked-out upstream connection.
+pub enum Sender {
+    /// Goes back to its pool's idle list once the response has been read.
+    Http1(
+        http1::SendRequest<Body>,
+        std::sync::Weak<Upstreams>,
+        UpstreamKey,
+    ),
+    Http2(http2::SendRequest<Body>, SocketAddrV4),
+}
+
+impl Sender {
+    pub async fn send(self, request: Request<Body>) -> Result<Response<Incoming>, UpstreamError> {
+        match self {
+            Self::Http2(mut sender, address) => sender
+                .send_request(request)
+                .await
+                .map_err(|e| UpstreamError::Http(address, e)),
+            Self::Http1(mut sender, pool, key) => {
+                let response = sender
+                    .send_request(request)
+                    .await
+                    .map_err(|e| UpstreamError::Http(key.address, e))?;
+                tokio::spawn(async move {
+                    if sender.ready().await.is_ok() {
+                        if let Some(pool) = pool.upgrade() {
+                            pool.idle
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .entry(key)
+                                .or_default()
+                                .push(sender);
+                        }
+                    }
+                });
+                Ok(response)
             }
-        });
-        Ok(response)
+        }
+    }
+}
+
+impl UpstreamError {
+    /// Whether the request never left meshd (nothing was sent).
+    pub fn before_sending(&self) -> bool {
+        !matches!(self, Self::Http(..))
     }
 }
 
