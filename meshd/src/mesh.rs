@@ -305,7 +305,8 @@ impl Mesh {
         tried: &[usize],
     ) -> Option<usize> {
         let svc = &self.config.services[service];
-        let admitted = || (0..svc.endpoints.len()).filter(|e| backend.admits(&svc.endpoints[*e].labels));
+        let admitted =
+            || (0..svc.endpoints.len()).filter(|e| backend.admits(&svc.endpoints[*e].labels));
         let available = |e: &usize| {
             self.health[service][*e].load(Ordering::Relaxed)
                 && !self.outliers[service].ejected(*e, now)

@@ -142,7 +142,9 @@ mod tests {
         let mut now = SECOND;
         let mut lengths = vec![];
         for _ in 0..4 {
-            let got = (0..3).find_map(|_| d.record(1, true, now)).expect("ejected");
+            let got = (0..3)
+                .find_map(|_| d.record(1, true, now))
+                .expect("ejected");
             lengths.push(got.as_secs());
             now += got.as_nanos() as u64 + 1;
         }

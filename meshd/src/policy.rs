@@ -290,7 +290,11 @@ mod tests {
                 }),
             };
             let decision = authorize(&policies, &request);
-            assert_eq!(decision == Decision::Allow, *allowed, "{method} {path}: {decision:?}");
+            assert_eq!(
+                decision == Decision::Allow,
+                *allowed,
+                "{method} {path}: {decision:?}"
+            );
         }
         // A plain TCP connection: the L7 allow cannot match, so it is denied.
         let tcp = Request {

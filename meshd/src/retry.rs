@@ -208,7 +208,9 @@ impl Window {
         let oldest = now.as_secs().saturating_sub(SLOTS as u64 - 1);
         (0..SLOTS)
             .filter(|&s| self.second[s] >= oldest && self.second[s] <= now.as_secs())
-            .fold((0, 0), |(q, r), s| (q + self.requests[s], r + self.retries[s]))
+            .fold((0, 0), |(q, r), s| {
+                (q + self.requests[s], r + self.retries[s])
+            })
     }
 }
 
@@ -255,7 +257,12 @@ mod tests {
         use Outcome::*;
         let s = |c| Response(StatusCode::from_u16(c).expect("status"));
         let cases: [(&[&str], Outcome, bool, Option<Reason>); 12] = [
-            (&["connect-failure"], ConnectFailure, false, Some("connect-failure")),
+            (
+                &["connect-failure"],
+                ConnectFailure,
+                false,
+                Some("connect-failure"),
+            ),
             (&["connect-failure"], Reset, true, None),
             (&["reset"], Reset, true, Some("reset")),
             (&["reset"], Reset, false, None),
@@ -264,7 +271,12 @@ mod tests {
             (&["5xx"], Timeout, true, Some("timeout")),
             (&["gateway-error"], s(500), true, None),
             (&["gateway-error"], s(503), true, Some("gateway-error")),
-            (&["gateway-error"], ConnectFailure, false, Some("connect-failure")),
+            (
+                &["gateway-error"],
+                ConnectFailure,
+                false,
+                Some("connect-failure"),
+            ),
             (&["5xx"], s(503), false, None),
             (&[], s(503), true, None),
         ];

@@ -48,6 +48,31 @@ pub fn client(bed: &Testbed, pod: &Pod, args: &[&str], timeout: Duration) -> Str
     stdout
 }
 
+/// curl with `args` in `pod` (20 s per transfer): (exit code, stdout).
+pub fn curl_args(bed: &Testbed, pod: &Pod, args: &[&str]) -> (i32, String) {
+    let mut all = vec!["-sS", "-m", "20"];
+    all.extend_from_slice(args);
+    let child = spawn_in(bed, pod, Path::new("curl"), &all);
+    let output = wait_with_timeout(child, Duration::from_secs(120), "curl");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
+/// A fresh CA in the test's directory, and the `node.identity` lines that
+/// make meshd issue its workloads' certificates from it.
+pub fn issuer_identity(bed: &Testbed) -> String {
+    let ca = bed.dir.join("ca");
+    let status = std::process::Command::new(sys::workspace_binary("meshd"))
+        .args(["ca", "init", "--out"])
+        .arg(&ca)
+        .output()
+        .expect("meshd ca init");
+    assert!(status.status.success(), "meshd ca init: {status:?}");
+    format!("  identity:\n    issuer: {}\n", ca.display())
+}
+
 /// `curl URL` in `pod`: (exit code, body).
 pub fn curl(bed: &Testbed, pod: &Pod, url: &str) -> (i32, String) {
     let child = spawn_in(bed, pod, Path::new("curl"), &["-sS", "-g", "-m", "3", url]);

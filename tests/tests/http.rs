@@ -12,14 +12,7 @@ use meshd_tests::{
 
 /// Runs curl with `args` in pod `pod`: (exit code, stdout).
 fn curl(bed: &Testbed, pod: &str, args: &[&str]) -> (i32, String) {
-    let mut all = vec!["-sS", "-m", "20"];
-    all.extend_from_slice(args);
-    let child = spawn_in(bed, bed.pod(pod), Path::new("curl"), &all);
-    let output = wait_with_timeout(child, Duration::from_secs(60), "curl");
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-    )
+    meshd_tests::clients::curl_args(bed, bed.pod(pod), args)
 }
 
 /// `client` plus servers `v1` (10.77.0.11) and `v2` (10.77.0.12) answering
@@ -206,13 +199,6 @@ fn http_across_nodes_rides_the_mtls_tunnel() {
             &["--mode", "hello", "--name", name],
         );
     }
-    let ca = bed.dir.join("ca");
-    let status = std::process::Command::new(meshd_tests::sys::workspace_binary("meshd"))
-        .args(["ca", "init", "--out"])
-        .arg(&ca)
-        .output()
-        .expect("meshd ca init");
-    assert!(status.status.success());
     let services = "services:
   - name: web
     vip: 10.96.0.20
@@ -221,7 +207,7 @@ fn http_across_nodes_rides_the_mtls_tunnel() {
       - { address: 10.78.0.10, node: node-b, workload: v1, serviceAccount: v1 }
       - { address: 10.78.0.11, node: node-b, workload: v2, serviceAccount: v2 }
 ";
-    let identity = format!("  identity:\n    issuer: {}\n", ca.display());
+    let identity = meshd_tests::clients::issuer_identity(&bed);
     let a = bed.start_meshd_on(0, &bed.config_with(0, &identity, services));
     let b = bed.start_meshd_on(1, &bed.config_with(1, &identity, services));
     let (code, out) = curl(&bed, "client", &["http://10.96.0.20/[1-20]"]);

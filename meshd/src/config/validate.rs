@@ -489,12 +489,15 @@ fn check_policy(
         let stars = path.matches('*').count();
         let valid = path == "*"
             || (stars == 0 && path.starts_with('/'))
-            || (stars == 1 && (path.ends_with("/*") && path.starts_with('/') || path.starts_with('*')));
+            || (stars == 1
+                && (path.ends_with("/*") && path.starts_with('/') || path.starts_with('*')));
         if !valid {
             check.fail(
                 file,
                 &at.clone().key("paths").index(i),
-                format!("{path:?} must be an exact path (/a/b), a prefix (/a/*) or a suffix (*.json)"),
+                format!(
+                    "{path:?} must be an exact path (/a/b), a prefix (/a/*) or a suffix (*.json)"
+                ),
             );
         }
     }
@@ -702,7 +705,7 @@ fn check_service(
             for (name, limit) in [("rps", service_limit), ("perSource", limits.per_source)] {
                 if let Some(limit) = limit {
                     if !(limit.rps > 0.0 && limit.rps.is_finite())
-                        || limit.burst.is_some_and(|b| !(b >= 1.0))
+                        || limit.burst.is_some_and(|b| b.is_nan() || b < 1.0)
                     {
                         check.fail(
                             file,
@@ -935,7 +938,11 @@ fn check_outlier(
         max_ejection_percent: spec.max_ejection_percent.unwrap_or(50),
     };
     if settings.consecutive_errors == 0 {
-        check.fail(file, &at.clone().key("consecutiveErrors"), "must be at least 1");
+        check.fail(
+            file,
+            &at.clone().key("consecutiveErrors"),
+            "must be at least 1",
+        );
     }
     if settings.base_ejection_time.is_zero() {
         check.fail(file, &at.clone().key("baseEjectionTime"), "must be above 0");
@@ -948,7 +955,11 @@ fn check_outlier(
         );
     }
     if settings.max_ejection_percent > 100 {
-        check.fail(file, &at.clone().key("maxEjectionPercent"), "must be 0 to 100");
+        check.fail(
+            file,
+            &at.clone().key("maxEjectionPercent"),
+            "must be 0 to 100",
+        );
     }
     settings
 }

@@ -365,7 +365,7 @@ async fn handle(
                 .upstreams
                 .checkout(&key, inputs.pool.as_ref(), &baggage, inputs.connect_timeout)
                 .await?;
-            let body = payload.next().unwrap_or_else(|| {
+            let body = payload.for_next_try().unwrap_or_else(|| {
                 // Unreachable: a try only starts with a body to send.
                 http_body_util::Empty::new()
                     .map_err(|never| match never {})
@@ -400,7 +400,8 @@ async fn handle(
             Outcome::Response(status) => status.is_server_error(),
             _ => true,
         };
-        if let Some(length) = mesh.record_result(target.service, endpoint_index, failed, now_nanos())
+        if let Some(length) =
+            mesh.record_result(target.service, endpoint_index, failed, now_nanos())
         {
             warn!(service = %service.hostname, endpoint = %address, seconds = length.as_secs(), "endpoint ejected after failing in a row");
             inputs
@@ -417,9 +418,9 @@ async fn handle(
         };
         let reason = policy.retriable(outcome, headers, method_allowed);
         let out_of_time = deadline.is_some_and(|d| Instant::now() >= d);
-        let Some(reason) = reason.filter(|_| {
-            retries < policy.max_retries && !out_of_time && payload.replayable()
-        }) else {
+        let Some(reason) =
+            reason.filter(|_| retries < policy.max_retries && !out_of_time && payload.replayable())
+        else {
             break (result, labels, address);
         };
         if !budget.withdraw(policy, started.duration_since(*clock_origin())) {

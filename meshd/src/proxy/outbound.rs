@@ -139,7 +139,14 @@ async fn handle(inputs: Arc<ProxyInputs>, client: TcpStream, peer: SocketAddr) {
     match target.path {
         Path::Local => {
             // Same node: no tunnel, but the destination's policy still applies.
-            if !super::authorized_locally(&inputs, &mesh, source, upstream_addr, target.endpoint, None) {
+            if !super::authorized_locally(
+                &inputs,
+                &mesh,
+                source,
+                upstream_addr,
+                target.endpoint,
+                None,
+            ) {
                 return refuse(client);
             }
             // The snapshot is not needed past this point; let a reload free it.

@@ -342,7 +342,10 @@ fn serves_http(mesh: &crate::mesh::Mesh, services: &[usize], port: u16) -> bool 
     services.iter().any(|s| {
         mesh.config.services[*s].ports.iter().any(|p| {
             p.target_port == port
-                && matches!(p.protocol, Protocol::Http | Protocol::Http2 | Protocol::Grpc)
+                && matches!(
+                    p.protocol,
+                    Protocol::Http | Protocol::Http2 | Protocol::Grpc
+                )
         })
     })
 }

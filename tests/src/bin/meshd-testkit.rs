@@ -27,6 +27,27 @@ struct Cli {
     command: Command,
 }
 
+/// How `hello` misbehaves on command.
+#[derive(Clone, clap::Args)]
+struct Misbehave {
+    /// Fail the first N requests (counted over all connections), then behave.
+    #[arg(long, default_value_t = 0)]
+    fail_first: u64,
+    /// How a request fails: `status` (answers --fail-status), `reset`
+    /// (closes the connection with a TCP RST) or `hang` (never answers).
+    #[arg(long, default_value = "status", value_parser = ["status", "reset", "hang"])]
+    fail_mode: String,
+    #[arg(long, default_value_t = 503)]
+    fail_status: u16,
+    /// `GET /healthz` answers 200 while this file exists, else 503 (not
+    /// counted as a request).
+    #[arg(long)]
+    health_file: Option<std::path::PathBuf>,
+}
+
+/// Requests `hello` has seen, for `--fail-first`.
+static REQUESTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 #[derive(Subcommand)]
 enum Command {
     /// Serve on ADDR until killed.
@@ -47,6 +68,8 @@ enum Command {
         /// `hello` waits this long before each answer.
         #[arg(long, default_value_t = 0)]
         delay_ms: u64,
+        #[command(flatten)]
+        misbehave: Misbehave,
     },
     /// Send N bytes to a sink and check the digest it answers.
     Upload {
@@ -82,6 +105,14 @@ enum Command {
         /// are still open at once before any round trip starts).
         #[arg(long, default_value_t = 0)]
         ramp_ms: u64,
+    },
+    /// Ask an HTTP/1.1 server to upgrade the connection (as a websocket
+    /// client does), then send N bytes over it and check they come back.
+    Upgrade {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 100_000)]
+        bytes: u64,
     },
     /// Connect, send bytes for ever (slowly), never read.
     Hold {
@@ -144,6 +175,7 @@ fn main() -> anyhow::Result<()> {
             bytes,
             rate,
             delay_ms,
+            misbehave,
         } => serve(
             listen,
             &mode,
@@ -151,10 +183,12 @@ fn main() -> anyhow::Result<()> {
             bytes,
             rate,
             Duration::from_millis(delay_ms),
+            misbehave,
         ),
         Command::Upload { connect, bytes } => upload(connect, bytes),
         Command::Download { connect, bytes } => download(connect, bytes),
         Command::Echo { connect, bytes } => echo(connect, bytes),
+        Command::Upgrade { connect, bytes } => upgrade(connect, bytes),
         Command::Many {
             connect,
             count,
@@ -292,6 +326,7 @@ fn serve(
     bytes: u64,
     rate: u64,
     delay: Duration,
+    misbehave: Misbehave,
 ) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen).with_context(|| format!("bind {listen}"))?;
     println!("listening {listen} {mode}");
@@ -300,9 +335,10 @@ fn serve(
         let Ok(stream) = stream else { continue };
         let mode = mode.to_owned();
         let name = name.to_owned();
+        let misbehave = misbehave.clone();
         thread::spawn(move || {
             let result = match mode.as_str() {
-                "hello" => serve_hello(stream, &name, delay),
+                "hello" => serve_hello(stream, &name, delay, &misbehave),
                 "echo" => serve_echo(stream),
                 "sink" => serve_sink(stream),
                 _ => serve_source(stream, bytes, rate),
@@ -325,9 +361,27 @@ fn serve(
     Ok(())
 }
 
+/// Writes one whole HTTP/1.1 response: one write, as a head and body in
+/// separate segments would wait on Nagle for the peer's delayed ACK.
+fn respond(stream: &mut TcpStream, status: &str, body: &str, close: bool) -> io::Result<()> {
+    let response = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{}\r\n{body}",
+        body.len(),
+        if close { "connection: close\r\n" } else { "" }
+    );
+    stream.write_all(response.as_bytes())
+}
+
 /// A minimal HTTP/1.1 server: answers every request on a connection
-/// (keep-alive) with its name and the peer it saw, after `delay`.
-fn serve_hello(stream: TcpStream, name: &str, delay: Duration) -> io::Result<()> {
+/// (keep-alive) with its name and the peer it saw, after `delay`. It fails
+/// requests on command (`Misbehave`), and a request to upgrade the
+/// connection (`Upgrade: websocket`) switches it to echoing bytes.
+fn serve_hello(
+    stream: TcpStream,
+    name: &str,
+    delay: Duration,
+    misbehave: &Misbehave,
+) -> io::Result<()> {
     let peer = stream.peer_addr()?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut stream = stream;
@@ -336,6 +390,8 @@ fn serve_hello(stream: TcpStream, name: &str, delay: Duration) -> io::Result<()>
         let mut first = true;
         let mut close = false;
         let mut content_length = 0usize;
+        let mut path = String::new();
+        let mut upgrade = false;
         // The request head; a body, if any, is read and ignored.
         loop {
             line.clear();
@@ -348,7 +404,10 @@ fn serve_hello(stream: TcpStream, name: &str, delay: Duration) -> io::Result<()>
             let lower = line.to_ascii_lowercase();
             if first {
                 close = lower.ends_with("http/1.0\r\n");
+                path = line.split(' ').nth(1).unwrap_or("/").to_owned();
                 first = false;
+            } else if lower.starts_with("upgrade:") {
+                upgrade = true;
             } else if let Some(value) = lower.strip_prefix("content-length:") {
                 content_length = value.trim().parse().unwrap_or(0);
             } else if lower.starts_with("connection:") && lower.contains("close") {
@@ -359,18 +418,54 @@ fn serve_hello(stream: TcpStream, name: &str, delay: Duration) -> io::Result<()>
             &mut (&mut reader).take(content_length as u64),
             &mut io::sink(),
         )?;
+        if let (Some(file), "/healthz") = (&misbehave.health_file, path.as_str()) {
+            let status = if file.exists() {
+                "200 OK"
+            } else {
+                "503 Service Unavailable"
+            };
+            respond(&mut stream, status, "health\n", close)?;
+            continue;
+        }
+        if upgrade {
+            stream.write_all(
+                b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
+            )?;
+            // What the reader buffered already, then the rest, echoed.
+            let buffered = reader.buffer().to_vec();
+            stream.write_all(&buffered)?;
+            reader.consume(buffered.len());
+            io::copy(&mut reader.into_inner(), &mut stream)?;
+            return stream.shutdown(Shutdown::Write);
+        }
+        if REQUESTS.fetch_add(1, Ordering::Relaxed) < misbehave.fail_first {
+            match misbehave.fail_mode.as_str() {
+                "reset" => {
+                    let linger = nix::sys::socket::sockopt::Linger;
+                    let off = nix::libc::linger {
+                        l_onoff: 1,
+                        l_linger: 0,
+                    };
+                    nix::sys::socket::setsockopt(&stream, linger, &off)?;
+                    return Ok(());
+                }
+                "hang" => {
+                    // Until the peer gives up.
+                    while reader.read(&mut [0u8; 512])? > 0 {}
+                    return Ok(());
+                }
+                _ => {
+                    let status = format!("{} Failing On Command", misbehave.fail_status);
+                    respond(&mut stream, &status, &format!("{name} failing\n"), close)?;
+                    continue;
+                }
+            }
+        }
         if !delay.is_zero() {
             thread::sleep(delay);
         }
         let body = format!("hello from {name} to {peer}\n");
-        // One write per response: a head and body in separate segments would
-        // wait on Nagle for the peer's delayed ACK.
-        let response = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{}\r\n{body}",
-            body.len(),
-            if close { "connection: close\r\n" } else { "" }
-        );
-        stream.write_all(response.as_bytes())?;
+        respond(&mut stream, "200 OK", &body, close)?;
         if close {
             return stream.shutdown(Shutdown::Write);
         }
@@ -395,6 +490,53 @@ fn serve_source(mut stream: TcpStream, bytes: u64, rate: u64) -> io::Result<()> 
 }
 
 // === clients ===
+
+fn upgrade(connect: SocketAddr, bytes: u64) -> anyhow::Result<()> {
+    let mut stream = TcpStream::connect(connect).with_context(|| format!("connect {connect}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET /chat HTTP/1.1\r\nhost: {connect}\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\
+         sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )?;
+    let mut reader = BufReader::new(Retrying(stream.try_clone()?));
+    let mut status = String::new();
+    reader.read_line(&mut status)?;
+    if !status.starts_with("HTTP/1.1 101") {
+        bail!("expected 101 Switching Protocols, got {status:?}");
+    }
+    let mut line = String::new();
+    while reader.read_line(&mut line)? > 2 {
+        line.clear();
+    }
+    let writer = {
+        let mut stream = stream.try_clone()?;
+        thread::spawn(move || {
+            let mut digest = Sha256::new();
+            send_pattern(&mut stream, bytes, 0, &mut digest).map(|()| hex(digest))
+        })
+    };
+    let mut echoed = Sha256::new();
+    let mut left = bytes;
+    let mut buf = vec![0u8; 16 * 1024];
+    while left > 0 {
+        let want = buf.len().min(left as usize);
+        let n = reader.read(&mut buf[..want])?;
+        if n == 0 {
+            bail!("the upgraded connection closed with {left} bytes still to come");
+        }
+        echoed.update(&buf[..n]);
+        left -= n as u64;
+    }
+    let sent = writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("writer panicked"))??;
+    if hex(echoed) != sent {
+        bail!("the echo differs from what was sent");
+    }
+    println!("upgraded echo ok {bytes}");
+    Ok(())
+}
 
 fn upload(connect: SocketAddr, bytes: u64) -> anyhow::Result<()> {
     let mut stream = TcpStream::connect(connect).with_context(|| format!("connect {connect}"))?;

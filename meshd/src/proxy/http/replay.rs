@@ -56,7 +56,7 @@ impl Payload {
     }
 
     /// The body for the next try, if there can be one.
-    pub fn next(&mut self) -> Option<Body> {
+    pub fn for_next_try(&mut self) -> Option<Body> {
         if let Some(body) = self.first.take() {
             return Some(match &self.copy {
                 Some((copy, limit)) => Tee {
@@ -151,7 +151,11 @@ impl hyper::body::Body for Replay {
     }
 
     fn size_hint(&self) -> SizeHint {
-        let bytes = self.0.iter().filter_map(Frame::data_ref).map(|d| d.len() as u64);
+        let bytes = self
+            .0
+            .iter()
+            .filter_map(Frame::data_ref)
+            .map(|d| d.len() as u64);
         SizeHint::with_exact(bytes.sum())
     }
 }

@@ -130,7 +130,10 @@ async fn one(
 
 type SendError = Box<dyn std::error::Error + Send + Sync>;
 
-async fn send(pod: &Mutex<Pod>, request: Request<Incoming>) -> Result<Response<Incoming>, SendError> {
+async fn send(
+    pod: &Mutex<Pod>,
+    request: Request<Incoming>,
+) -> Result<Response<Incoming>, SendError> {
     let mut state = pod.lock().await;
     if let Pod::Unopened(_) = &*state {
         let Pod::Unopened(stream) = std::mem::replace(&mut *state, Pod::Gone) else {
