@@ -443,6 +443,14 @@ pub struct CircuitBreakerSpec {
     /// HTTP requests in flight to the service from this node; more are
     /// answered `503` at once (flag `UO`).
     pub max_requests: Option<u32>,
+    /// Upstream connections from this node to the service's endpoints
+    /// (HTTP connections, or relayed TCP connections). A TCP connection
+    /// beyond it is refused; an HTTP request that needs a new connection
+    /// waits for one to free up (up to `proxy.connectTimeout`).
+    pub max_connections: Option<u32>,
+    /// HTTP requests allowed to wait for a connection under
+    /// `maxConnections`; more are answered `503` at once (flag `UO`).
+    pub max_pending_requests: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod balance;
+pub mod breaker;
 pub mod capture;
 pub mod config;
 pub mod daemon;

@@ -15,6 +15,7 @@ use meshd_common::Destination;
 
 use crate::{
     balance::{self, EndpointStats},
+    breaker::ConnectionLimit,
     config::{Config, Endpoint, Protocol, Service, ServicePort, Workload},
     outlier::Detector,
     ratelimit::{Refused, ServiceLimiter},
@@ -47,6 +48,8 @@ enum Entry {
 #[derive(Debug)]
 pub struct Target<'a> {
     pub service: &'a Service,
+    /// Index of `service` in the config.
+    pub service_index: usize,
     pub endpoint: &'a Endpoint,
     pub upstream: SocketAddrV4,
     pub path: Path,
@@ -108,6 +111,7 @@ pub struct Mesh {
 #[derive(Debug, Default)]
 pub struct Breaker {
     requests: std::sync::atomic::AtomicU32,
+    connections: Option<Arc<ConnectionLimit>>,
 }
 
 /// Holds a place under a circuit-breaker limit until dropped.
@@ -193,7 +197,17 @@ impl Mesh {
             .iter()
             .map(|s| ServiceLimiter::new(s.rate_limit.0, s.rate_limit.1))
             .collect();
-        let breakers = config.services.iter().map(|_| Breaker::default()).collect();
+        let breakers = config
+            .services
+            .iter()
+            .map(|s| Breaker {
+                requests: Default::default(),
+                connections: s
+                    .circuit_breaker
+                    .max_connections
+                    .map(|max| ConnectionLimit::new(max, s.circuit_breaker.max_pending_requests)),
+            })
+            .collect();
         let outliers = config
             .services
             .iter()
@@ -250,6 +264,7 @@ impl Mesh {
                 let endpoint = &svc.endpoints[turn];
                 Ok(Target {
                     service: svc,
+                    service_index: service,
                     endpoint,
                     upstream: SocketAddrV4::new(endpoint.address, svc.ports[port].target_port),
                     path: self.path(endpoint)?,
@@ -265,6 +280,7 @@ impl Mesh {
                 let endpoint = &svc.endpoints[endpoint];
                 Ok(Target {
                     service: svc,
+                    service_index: service,
                     endpoint,
                     upstream: dst,
                     path: self.path(endpoint)?,
@@ -337,6 +353,11 @@ impl Mesh {
         take(&self.breakers[service].requests, limit)
     }
 
+    /// The connection limits of `service`, if it has any.
+    pub fn connection_limit(&self, service: usize) -> Option<&Arc<ConnectionLimit>> {
+        self.breakers[service].connections.as_ref()
+    }
+
     /// Admits one request of `service` from `source` under its rate limits.
     pub fn admit(
         &self,
@@ -405,6 +426,18 @@ impl Mesh {
                         limit: "requests",
                     })
                     .set(i64::from(open));
+            }
+            if let Some(limit) = &self.breakers[s].connections {
+                let (connections, pending) = limit.state();
+                for (name, open) in [("connections", connections), ("pending", pending)] {
+                    metrics
+                        .circuit_breaker_open
+                        .get_or_create(&BreakerLabels {
+                            destination_service: service.hostname.clone(),
+                            limit: name,
+                        })
+                        .set(i64::from(open));
+                }
             }
             if service.outlier.is_some() {
                 metrics

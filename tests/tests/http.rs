@@ -385,12 +385,15 @@ fn rate_limits_answer_429_per_service_and_per_source() {
     );
 }
 
-#[test]
-fn the_circuit_breaker_sheds_excess_requests_fast_and_recovers() {
+/// Six requests at once against 1.5 s upstreams under the circuit breaker
+/// `limits`: `served` pass, the rest are shed at once with 503 `UO`, counted
+/// under `limit`; then, the load gone, requests pass again.
+fn breaker_sheds(limits: &str, limit: &str, served: usize) {
     let bed = bed_with_versions("1500");
-    let meshd =
-        bed.start_meshd(&bed.config(&web("http", "    circuitBreaker: { maxRequests: 2 }\n")));
-    // Six at once against a 1.5 s upstream: two are served, four shed.
+    let meshd = bed.start_meshd(&bed.config(&web(
+        "http",
+        &format!("    circuitBreaker: {{ {limits} }}\n"),
+    )));
     let (code, out) = curl(
         &bed,
         "client",
@@ -409,17 +412,19 @@ fn the_circuit_breaker_sheds_excess_requests_fast_and_recovers() {
     assert_eq!(code, 0);
     let ok = out.lines().filter(|l| *l == "200").count();
     let shed = out.lines().filter(|l| *l == "503").count();
-    assert_eq!((ok, shed), (2, 4), "{out}");
+    assert_eq!((ok, shed), (served, 6 - served), "{out}\n{}", meshd.log());
     let labels = [("response_code", "503"), ("response_flags", "UO")];
-    assert_eq!(meshd.metric("istio_requests_total", &labels), 4.0);
+    assert_eq!(
+        meshd.metric("istio_requests_total", &labels),
+        (6 - served) as f64
+    );
     assert_eq!(
         meshd.metric(
             "meshd_circuit_breaker_rejections_total",
-            &[("limit", "requests")]
+            &[("limit", limit)]
         ),
-        4.0
+        (6 - served) as f64
     );
-    // The load gone, requests pass again.
     let (_, out) = curl(
         &bed,
         "client",
@@ -432,4 +437,20 @@ fn the_circuit_breaker_sheds_excess_requests_fast_and_recovers() {
         ],
     );
     assert_eq!(out.trim(), "200");
+    let open = meshd.metrics();
+    assert!(
+        open.contains(&format!("meshd_circuit_breaker_open{{destination_service=\"web.default.svc.cluster.local\",limit=\"{limit}\"}} 0")),
+        "{open}"
+    );
+}
+
+#[test]
+fn the_circuit_breaker_sheds_excess_requests_fast_and_recovers() {
+    breaker_sheds("maxRequests: 2", "requests", 2);
+}
+
+#[test]
+fn the_connection_limit_queues_a_pending_request_and_sheds_the_rest() {
+    // One connection busy, one request waiting for it, four shed.
+    breaker_sheds("maxConnections: 1, maxPendingRequests: 1", "pending", 2);
 }

@@ -443,3 +443,54 @@ fn l7_policies_decide_each_request_on_the_same_node_and_across_nodes() {
         3.0
     );
 }
+
+#[test]
+fn a_tcp_service_refuses_connections_beyond_its_limit() {
+    use meshd_tests::{
+        clients::{spawn_in, testkit},
+        sys::wait_with_timeout,
+    };
+    let bed = Testbed::new(&["client", "v1"]);
+    serve(&bed, bed.pod("v1"), 9000, &["--mode", "echo"]);
+    let meshd = bed.start_meshd(&bed.config(
+        "services:
+  - name: echo
+    vip: 10.96.0.40
+    ports: [{ port: 9000 }]
+    endpoints: [{ address: 10.77.0.11, workload: v1 }]
+    circuitBreaker: { maxConnections: 1 }
+",
+    ));
+    let echo = |bed: &Testbed| {
+        let child = spawn_in(
+            bed,
+            bed.pod("client"),
+            &testkit(),
+            &["echo", "--connect", "10.96.0.40:9000", "--bytes", "1000"],
+        );
+        wait_with_timeout(child, Duration::from_secs(30), "echo").status
+    };
+    let mut holder = spawn_in(
+        &bed,
+        bed.pod("client"),
+        &testkit(),
+        &["hold", "--connect", "10.96.0.40:9000"],
+    );
+    assert!(eventually(Duration::from_secs(10), || {
+        meshd.metric("meshd_active_connections", &[]) == 1.0
+    }));
+    assert!(!echo(&bed).success(), "a second connection got through");
+    assert_eq!(
+        meshd.metric(
+            "meshd_circuit_breaker_rejections_total",
+            &[("limit", "connections")]
+        ),
+        1.0
+    );
+    holder.kill().expect("kill holder");
+    let _ = holder.wait();
+    assert!(eventually(Duration::from_secs(10), || {
+        meshd.metric("meshd_active_connections", &[]) == 0.0
+    }));
+    assert!(echo(&bed).success(), "{}", meshd.log());
+}

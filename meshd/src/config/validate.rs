@@ -719,7 +719,13 @@ fn check_service(
         }
     };
     let circuit_breaker = spec.circuit_breaker.unwrap_or_default();
-    if circuit_breaker.max_requests == Some(0) {
+    if [
+        circuit_breaker.max_requests,
+        circuit_breaker.max_connections,
+        circuit_breaker.max_pending_requests,
+    ]
+    .contains(&Some(0))
+    {
         check.fail(
             file,
             &at.clone().key("circuitBreaker"),

@@ -353,6 +353,7 @@ async fn handle(
             },
         };
         let key = UpstreamKey {
+            service: target.service,
             address,
             via,
             http2,
@@ -363,7 +364,13 @@ async fn handle(
         let attempt = async {
             let sender = inputs
                 .upstreams
-                .checkout(&key, inputs.pool.as_ref(), &baggage, inputs.connect_timeout)
+                .checkout(
+                    &key,
+                    inputs.pool.as_ref(),
+                    &baggage,
+                    inputs.connect_timeout,
+                    mesh.connection_limit(target.service),
+                )
                 .await?;
             let body = payload.for_next_try().unwrap_or_else(|| {
                 // Unreachable: a try only starts with a body to send.
@@ -385,6 +392,23 @@ async fn handle(
             None => Some(attempt.await),
         };
         drop(in_flight);
+        if let Some(Err(UpstreamError::Overflow(overflow))) = &result {
+            let limit = match overflow {
+                crate::breaker::Overflow::Pending => "pending",
+                crate::breaker::Overflow::Connections => "connections",
+            };
+            breaker_tripped(inputs, &service.hostname, limit);
+            return record(
+                inputs,
+                &mut labels,
+                reply(StatusCode::SERVICE_UNAVAILABLE, "UO"),
+                0,
+                started,
+                &route.name,
+                &line,
+                Some(address),
+            );
+        }
         let outcome = match &result {
             None => Outcome::Timeout,
             Some(Ok(response)) => Outcome::Response(response.status()),

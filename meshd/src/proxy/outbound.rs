@@ -134,6 +134,18 @@ async fn handle(inputs: Arc<ProxyInputs>, client: TcpStream, peer: SocketAddr) {
     let service = target.service.hostname.clone();
     debug!(%dst, upstream = %upstream_addr, path = ?target.path, "relaying");
 
+    // The service's connection limit holds for the connection's life.
+    let _slot = match mesh.connection_limit(target.service_index) {
+        None => None,
+        Some(limit) => match limit.try_open() {
+            Some(slot) => Some(slot),
+            None => {
+                warn!(%dst, "circuit breaker: the service's connection limit is reached; refusing");
+                http::breaker_tripped(&inputs, &service, "connections");
+                return refuse(client);
+            }
+        },
+    };
     let mut client = client;
     let _ = client.set_nodelay(true);
     match target.path {

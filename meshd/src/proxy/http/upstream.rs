@@ -24,7 +24,10 @@ use tokio::{
 };
 use tracing::debug;
 
-use crate::tunnel::pool::{Key as TunnelKey, Pool, TunnelError};
+use crate::{
+    breaker::{ConnectionLimit, Overflow},
+    tunnel::pool::{Key as TunnelKey, Pool, TunnelError},
+};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -37,6 +40,8 @@ pub enum Via {
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct UpstreamKey {
+    /// Index of the service the connection is for (its limits apply).
+    pub service: usize,
     pub address: SocketAddrV4,
     pub via: Via,
     pub http2: bool,
@@ -54,6 +59,8 @@ pub enum UpstreamError {
     NoTunnel(SocketAddrV4),
     #[error("HTTP with {0}: {1}")]
     Http(SocketAddrV4, hyper::Error),
+    #[error("circuit breaker: {0:?} limit reached")]
+    Overflow(Overflow),
 }
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -69,32 +76,52 @@ impl Upstreams {
     /// A connection to the upstream `key`, ready for one request: a free
     /// pooled one if there is one, else a new one. Connecting happens here,
     /// before any request body is handed over, so a connect failure leaves
-    /// the request intact for another try.
+    /// the request intact for another try. Under a service's connection
+    /// `limit`, a request that needs a new connection when none may be
+    /// opened waits (as a pending request) for one to free up.
     pub async fn checkout(
         self: &Arc<Self>,
         key: &UpstreamKey,
         tunnels: Option<&Pool>,
         baggage: &str,
         connect_timeout: Duration,
+        limit: Option<&Arc<ConnectionLimit>>,
     ) -> Result<Sender, UpstreamError> {
-        let address = key.address;
-        if key.http2 {
-            let existing = self
-                .shared
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(key)
-                .cloned();
-            if let Some(sender) = existing.filter(|s| !s.is_closed()) {
-                return Ok(Sender::Http2(sender, address));
+        if let Some(sender) = self.reuse(key, limit) {
+            return Ok(sender);
+        }
+        let slot = match limit {
+            None => None,
+            Some(limit) => {
+                let slot = limit.try_open();
+                match slot {
+                    Some(slot) => Some(slot),
+                    None => {
+                        let wait = limit.wait_for(connect_timeout, || {
+                            if let Some(sender) = self.reuse(key, Some(limit)) {
+                                return Some(Err(sender));
+                            }
+                            self.close_idle_of(key.service);
+                            limit.try_open().map(Ok)
+                        });
+                        match wait.await.map_err(UpstreamError::Overflow)? {
+                            Ok(slot) => Some(slot),
+                            Err(sender) => return Ok(sender),
+                        }
+                    }
+                }
             }
-            let io = connect(key, tunnels, baggage, connect_timeout).await?;
+        };
+        let address = key.address;
+        let io = connect(key, tunnels, baggage, connect_timeout).await?;
+        if key.http2 {
             let (sender, connection) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .handshake(TokioIo::new(io))
                 .await
                 .map_err(|e| UpstreamError::Http(address, e))?;
             tokio::spawn(async move {
+                let _slot = slot;
                 if let Err(err) = connection.await {
                     debug!(%address, error = %err, "upstream HTTP/2 connection ended");
                 }
@@ -105,45 +132,78 @@ impl Upstreams {
                 .insert(key.clone(), sender.clone());
             return Ok(Sender::Http2(sender, address));
         }
-        let idle = {
-            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-            let list = idle.entry(key.clone()).or_default();
-            loop {
-                match list.pop() {
-                    Some(sender) if sender.is_ready() => break Some(sender),
-                    Some(_) => continue,
-                    None => break None,
-                }
+        let (sender, connection) = http1::Builder::new()
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| UpstreamError::Http(address, e))?;
+        tokio::spawn(async move {
+            let _slot = slot;
+            if let Err(err) = connection.with_upgrades().await {
+                debug!(%address, error = %err, "upstream HTTP/1.1 connection ended");
             }
-        };
-        let sender = match idle {
-            Some(sender) => sender,
-            None => {
-                let io = connect(key, tunnels, baggage, connect_timeout).await?;
-                let (sender, connection) = http1::Builder::new()
-                    .handshake(TokioIo::new(io))
-                    .await
-                    .map_err(|e| UpstreamError::Http(address, e))?;
-                tokio::spawn(async move {
-                    if let Err(err) = connection.with_upgrades().await {
-                        debug!(%address, error = %err, "upstream HTTP/1.1 connection ended");
-                    }
-                });
-                sender
-            }
-        };
-        Ok(Sender::Http1(sender, Arc::downgrade(self), key.clone()))
+        });
+        Ok(Sender::Http1(Reusable {
+            sender,
+            pool: Arc::downgrade(self),
+            key: key.clone(),
+            limit: limit.cloned(),
+        }))
     }
+
+    /// A pooled connection to `key` that can take a request now.
+    fn reuse(
+        self: &Arc<Self>,
+        key: &UpstreamKey,
+        limit: Option<&Arc<ConnectionLimit>>,
+    ) -> Option<Sender> {
+        if key.http2 {
+            let shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+            return shared
+                .get(key)
+                .filter(|s| !s.is_closed())
+                .map(|s| Sender::Http2(s.clone(), key.address));
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.get_mut(key)?;
+        while let Some(sender) = list.pop() {
+            if sender.is_ready() {
+                return Some(Sender::Http1(Reusable {
+                    sender,
+                    pool: Arc::downgrade(self),
+                    key: key.clone(),
+                    limit: limit.cloned(),
+                }));
+            }
+        }
+        None
+    }
+
+    /// Closes one idle HTTP/1.1 connection of `service` (to any of its
+    /// endpoints), freeing its place under the connection limit.
+    fn close_idle_of(&self, service: usize) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(list) = idle
+            .iter_mut()
+            .find(|(k, list)| k.service == service && !list.is_empty())
+            .map(|(_, list)| list)
+        {
+            list.pop();
+        }
+    }
+}
+
+/// A checked-out HTTP/1.1 connection; goes back to its pool's idle list
+/// once the response has been read.
+pub struct Reusable {
+    sender: http1::SendRequest<Body>,
+    pool: std::sync::Weak<Upstreams>,
+    key: UpstreamKey,
+    limit: Option<Arc<ConnectionLimit>>,
 }
 
 /// A checked-out upstream connection.
 pub enum Sender {
-    /// Goes back to its pool's idle list once the response has been read.
-    Http1(
-        http1::SendRequest<Body>,
-        std::sync::Weak<Upstreams>,
-        UpstreamKey,
-    ),
+    Http1(Reusable),
     Http2(http2::SendRequest<Body>, SocketAddrV4),
 }
 
@@ -154,20 +214,24 @@ impl Sender {
                 .send_request(request)
                 .await
                 .map_err(|e| UpstreamError::Http(address, e)),
-            Self::Http1(mut sender, pool, key) => {
-                let response = sender
+            Self::Http1(mut conn) => {
+                let response = conn
+                    .sender
                     .send_request(request)
                     .await
-                    .map_err(|e| UpstreamError::Http(key.address, e))?;
+                    .map_err(|e| UpstreamError::Http(conn.key.address, e))?;
                 tokio::spawn(async move {
-                    if sender.ready().await.is_ok() {
-                        if let Some(pool) = pool.upgrade() {
+                    if conn.sender.ready().await.is_ok() {
+                        if let Some(pool) = conn.pool.upgrade() {
                             pool.idle
                                 .lock()
                                 .unwrap_or_else(|p| p.into_inner())
-                                .entry(key)
+                                .entry(conn.key)
                                 .or_default()
-                                .push(sender);
+                                .push(conn.sender);
+                            if let Some(limit) = conn.limit {
+                                limit.idle();
+                            }
                         }
                     }
                 });
