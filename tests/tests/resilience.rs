@@ -195,9 +195,23 @@ fn the_retry_budget_caps_retries_during_a_total_outage() {
     );
 }
 
-#[test]
-fn an_endpoint_failing_in_a_row_is_ejected_and_returns() {
-    let bed = Testbed::new(&["client", "v1", "v2"]);
+/// v1 fails its first five requests, v2 never; round robin, no retries,
+/// ejection after three failures in a row. With `cross_node`, the client
+/// is on node-a and both servers on node-b (ejection is decided at the
+/// source, over the tunnel's answers).
+fn ejected_and_returns(cross_node: bool) {
+    let (bed, addresses) = if cross_node {
+        let bed = Testbed::nodes(&[
+            ("node-a", &[PodSpec::named("client")]),
+            ("node-b", &[PodSpec::named("v1"), PodSpec::named("v2")]),
+        ]);
+        (bed, ["10.78.0.10", "10.78.0.11"])
+    } else {
+        (
+            Testbed::new(&["client", "v1", "v2"]),
+            ["10.77.0.11", "10.77.0.12"],
+        )
+    };
     serve(
         &bed,
         bed.pod("v1"),
@@ -210,17 +224,24 @@ fn an_endpoint_failing_in_a_row_is_ejected_and_returns() {
         8080,
         &["--mode", "hello", "--name", "v2"],
     );
-    let meshd = bed.start_meshd(&bed.config(
+    let node = if cross_node { "node-b" } else { "node-a" };
+    let services = format!(
         "services:
   - name: web
     vip: 10.96.0.20
-    ports: [{ port: 80, targetPort: 8080, protocol: http }]
-    endpoints: [{ address: 10.77.0.11, workload: v1 }, { address: 10.77.0.12, workload: v2 }]
+    ports: [{{ port: 80, targetPort: 8080, protocol: http }}]
+    endpoints:
+      - {{ address: {}, node: {node}, workload: v1, serviceAccount: v1 }}
+      - {{ address: {}, node: {node}, workload: v2, serviceAccount: v2 }}
     loadBalancer: round-robin
-    retries: { maxRetries: 0 }
-    outlierDetection: { consecutiveErrors: 3, baseEjectionTime: 3s }
+    retries: {{ maxRetries: 0 }}
+    outlierDetection: {{ consecutiveErrors: 3, baseEjectionTime: 3s }}
 ",
-    ));
+        addresses[0], addresses[1]
+    );
+    let identity = issuer_identity(&bed);
+    let meshd = bed.start_meshd_on(0, &bed.config_with(0, &identity, &services));
+    let _b = cross_node.then(|| bed.start_meshd_on(1, &bed.config_with(1, &identity, &services)));
     let get = |n: usize| {
         let (code, out) = curl_args(
             &bed,
@@ -256,6 +277,16 @@ fn an_endpoint_failing_in_a_row_is_ejected_and_returns() {
     assert_eq!(count(&out, "v1 failing"), 2, "{out}");
     assert_eq!(count(&out, "hello from v1"), 8, "{out}");
     assert_eq!(meshd.metric("meshd_outlier_ejections_total", &ejected), 1.0);
+}
+
+#[test]
+fn an_endpoint_failing_in_a_row_is_ejected_and_returns() {
+    ejected_and_returns(false);
+}
+
+#[test]
+fn an_endpoint_across_nodes_failing_in_a_row_is_ejected_and_returns() {
+    ejected_and_returns(true);
 }
 
 #[test]
@@ -493,4 +524,41 @@ fn a_tcp_service_refuses_connections_beyond_its_limit() {
         meshd.metric("meshd_active_connections", &[]) == 0.0
     }));
     assert!(echo(&bed).success(), "{}", meshd.log());
+}
+
+#[test]
+fn a_hung_try_times_out_and_is_retried() {
+    let bed = Testbed::new(&["client", "v1"]);
+    serve(
+        &bed,
+        bed.pod("v1"),
+        8080,
+        &[
+            "--mode",
+            "hello",
+            "--name",
+            "v1",
+            "--fail-first",
+            "1",
+            "--fail-mode",
+            "hang",
+        ],
+    );
+    let meshd = bed.start_meshd(&bed.config(
+        "services:
+  - name: web
+    vip: 10.96.0.20
+    ports: [{ port: 80, targetPort: 8080, protocol: http }]
+    endpoints: [{ address: 10.77.0.11, workload: v1 }]
+    timeout: 10s
+    retries: { perTryTimeout: 300ms, retryOn: [gateway-error] }
+",
+    ));
+    let (code, out) = curl_args(&bed, bed.pod("client"), &["http://10.96.0.20/"]);
+    assert_eq!(code, 0, "{}", meshd.log());
+    assert!(out.starts_with("hello from v1"), "{out}");
+    assert_eq!(
+        meshd.metric("meshd_retries_total", &[("reason", "timeout")]),
+        1.0
+    );
 }
