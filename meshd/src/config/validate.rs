@@ -1161,6 +1161,34 @@ node:
                 "services:\n  - name: a\n    vip: 10.96.0.1\n    prots: []\n",
                 "mesh.yaml:9: services[0]: unknown field `prots`",
             ),
+            (
+                "services:\n  - name: a\n    vip: 10.96.0.1\n    ports: [{ port: 1 }]\n    retries: { retryOn: [5xx, flaky] }\n",
+                "mesh.yaml:10: services[0].retries.retryOn[1]: unknown condition \"flaky\"; use one of 5xx, gateway-error",
+            ),
+            (
+                "services:\n  - name: a\n    vip: 10.96.0.1\n    ports: [{ port: 1 }]\n    retries: { backoffBase: 1s, backoffMax: 10ms }\n",
+                "mesh.yaml:10: services[0].retries.backoffMax: must not be less than backoffBase",
+            ),
+            (
+                "services:\n  - name: a\n    vip: 10.96.0.1\n    ports: [{ port: 1 }]\n    outlierDetection: { maxEjectionPercent: 150 }\n",
+                "mesh.yaml:10: services[0].outlierDetection.maxEjectionPercent: must be 0 to 100",
+            ),
+            (
+                "services:\n  - name: a\n    vip: 10.96.0.1\n    ports: [{ port: 1 }]\n    healthCheck: { protocol: http, path: healthz }\n",
+                "mesh.yaml:10: services[0].healthCheck.path: must start with /",
+            ),
+            (
+                "services:\n  - name: a\n    vip: 10.96.0.1\n    ports: [{ port: 1 }]\n    circuitBreaker: { maxPendingRequests: 0 }\n",
+                "mesh.yaml:10: services[0].circuitBreaker: limits must be at least 1",
+            ),
+            (
+                "services:\n  - { name: a, vip: 10.96.0.1, ports: [{ port: 1 }] }\npolicies:\n  - { name: p, target: { service: default/a }, action: allow, methods: [get] }\n",
+                "mesh.yaml:9: policies[0].methods[0]: \"get\" is not an HTTP method",
+            ),
+            (
+                "services:\n  - { name: a, vip: 10.96.0.1, ports: [{ port: 1 }] }\npolicies:\n  - { name: p, target: { service: default/a }, action: allow, paths: [/a/*/b] }\n",
+                "mesh.yaml:9: policies[0].paths[0]: \"/a/*/b\" must be an exact path",
+            ),
         ];
         for (tail, want) in cases {
             let got = errors(&format!("{NODE}{tail}"));
