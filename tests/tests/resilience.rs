@@ -562,3 +562,35 @@ fn a_hung_try_times_out_and_is_retried() {
         1.0
     );
 }
+
+#[test]
+fn the_circuit_breaker_sheds_overload_to_another_node_and_recovers() {
+    let slow = ["--delay-ms", "1500"];
+    let nodes = TwoNodes::start(&slow, &slow, "    circuitBreaker: { maxRequests: 2 }\n", "");
+    let codes = |n: usize| {
+        let (code, out) = nodes.curl(&[
+            "--parallel",
+            "--parallel-immediate",
+            "--parallel-max",
+            "6",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}\n",
+            &format!("http://10.96.0.31/[1-{n}]"),
+        ]);
+        assert_eq!(code, 0, "{}", nodes.logs());
+        (count(&out, "200"), count(&out, "503"))
+    };
+    assert_eq!(codes(6), (2, 4), "{}", nodes.logs());
+    assert_eq!(
+        nodes.a.metric(
+            "istio_requests_total",
+            &[("destination_service", REMOTE), ("response_flags", "UO")]
+        ),
+        4.0,
+        "{}",
+        nodes.a.metrics()
+    );
+    assert_eq!(codes(1), (1, 0), "recovered");
+}

@@ -46,6 +46,8 @@ struct Targets<'a> {
     echo: &'a str,
 }
 
+mod http;
+
 pub fn run(seconds: u64, only: Option<&str>) -> anyhow::Result<()> {
     ensure!(
         std::fs::read_to_string("/proc/self/status")?.contains("Uid:\t0\t"),
@@ -69,6 +71,7 @@ pub fn run(seconds: u64, only: Option<&str>) -> anyhow::Result<()> {
     let cross_node = wanted("cross-node")
         .then(|| bench.cross_node())
         .transpose()?;
+    let http = wanted("http").then(|| http::run(&bench)).transpose()?;
     println!(
         "\nThroughput: iperf3, one stream, {seconds} s. Latency: one connection, 64-byte echo, \
          {RR_RATE} req/s for {RR_SECONDS} s, open loop, median of {RR_ROUNDS} runs."
@@ -80,6 +83,9 @@ pub fn run(seconds: u64, only: Option<&str>) -> anyhow::Result<()> {
     if let Some(rows) = cross_node {
         println!("\n### Across nodes, pod → pod (meshd rows: CPU and memory summed over both nodes' meshd)\n");
         print_table(&rows);
+    }
+    if let Some(tables) = http {
+        http::print(&tables);
     }
     Ok(())
 }
@@ -217,88 +223,21 @@ impl Bench {
         rows.push(self.measure(&bed, "meshd mTLS tunnel", &meshed, &[&a, &b])?);
         drop((a, b));
 
-        self.haproxy_pair(&bed, &ca)?;
+        haproxy_pair(
+            &bed,
+            &self.meshd,
+            &ca,
+            &[
+                ("iperf", 6000, 6443, "10.78.0.10:5202"),
+                ("echo", 6001, 6444, "10.78.0.10:7001"),
+            ],
+        )?;
         let haproxy = Targets {
             iperf: ("10.77.0.1", "6000"),
             echo: "10.77.0.1:6001",
         };
         rows.push(self.measure(&bed, "HAProxy mTLS pair", &haproxy, &[])?);
         Ok(rows)
-    }
-
-    /// HAProxy on node-a originates TLS 1.3 with a client certificate to
-    /// HAProxy on node-b, which demands and verifies it and forwards to the
-    /// server pod: the same hop count and crypto as meshd's tunnel.
-    fn haproxy_pair(&self, bed: &Testbed, ca: &Path) -> anyhow::Result<()> {
-        let pem = |namespace: &str, sa: &str| -> anyhow::Result<PathBuf> {
-            let dir = bed.dir.join(format!("haproxy-{sa}"));
-            quiet(
-                Command::new(&self.meshd)
-                    .args(["ca", "issue", "--ca"])
-                    .arg(ca)
-                    .args(["--namespace", namespace, "--service-account", sa, "--out"])
-                    .arg(&dir),
-            )?;
-            let combined = dir.join("combined.pem");
-            let text = std::fs::read_to_string(dir.join("tls.crt"))?
-                + &std::fs::read_to_string(dir.join("tls.key"))?;
-            std::fs::write(&combined, text)?;
-            Ok(combined)
-        };
-        let client_pem = pem("default", "client")?;
-        let server_pem = pem("default", "server")?;
-        let ca_file = ca.join("ca.crt");
-        let global = "global\n  maxconn 4096\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n";
-        // Both hops verify the chain against the mesh CA. HAProxy checks a
-        // server's DNS name only when given one; SPIFFE certificates carry
-        // a URI instead, so no name check is configured.
-        let origin = |name: &str, port: u16, hop: u16| {
-            format!(
-                "frontend {name}\n  bind 10.77.0.1:{port}\n  default_backend {name}\nbackend {name}\n  server b 192.168.77.2:{hop} ssl crt {} ca-file {} verify required ssl-min-ver TLSv1.3\n",
-                client_pem.display(),
-                ca_file.display()
-            )
-        };
-        let terminate = |name: &str, hop: u16, target: &str| {
-            format!(
-                "frontend {name}\n  bind 192.168.77.2:{hop} ssl crt {} ca-file {} verify required ssl-min-ver TLSv1.3\n  default_backend {name}\nbackend {name}\n  server pod {target}\n",
-                server_pem.display(),
-                ca_file.display()
-            )
-        };
-        let source = format!(
-            "{global}{}{}",
-            origin("iperf", 6000, 6443),
-            origin("echo", 6001, 6444)
-        );
-        let destination = format!(
-            "{global}{}{}",
-            terminate("iperf", 6443, "10.78.0.10:5202"),
-            terminate("echo", 6444, "10.78.0.10:7001")
-        );
-        let source_cfg = bed.write("haproxy-a.cfg", &source);
-        let destination_cfg = bed.write("haproxy-b.cfg", &destination);
-        bed.spawn_on_node(
-            1,
-            Path::new("haproxy"),
-            &["-db", "-f", &destination_cfg.display().to_string()],
-        );
-        bed.spawn_on_node(
-            0,
-            Path::new("haproxy"),
-            &["-db", "-f", &source_cfg.display().to_string()],
-        );
-        let up = sys::eventually(Duration::from_secs(10), || {
-            sys::in_netns(&bed.nodes[0].netns.path(), || {
-                std::net::TcpStream::connect_timeout(
-                    &"10.77.0.1:6001".parse().expect("addr"),
-                    Duration::from_millis(200),
-                )
-                .is_ok()
-            })
-        });
-        ensure!(up, "HAProxy did not start");
-        Ok(())
     }
 
     /// iperf3 from the client pod: (Gbit/s received, bytes received).
@@ -377,7 +316,7 @@ fn print_table(rows: &[Row]) {
 }
 
 /// Runs a command, its output kept unless it fails.
-fn quiet(command: &mut Command) -> anyhow::Result<()> {
+pub fn quiet(command: &mut Command) -> anyhow::Result<()> {
     let out = command.output()?;
     ensure!(
         out.status.success(),
@@ -387,7 +326,12 @@ fn quiet(command: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn output(bed: &Testbed, program: &Path, args: &[&str], timeout: u64) -> anyhow::Result<String> {
+pub fn output(
+    bed: &Testbed,
+    program: &Path,
+    args: &[&str],
+    timeout: u64,
+) -> anyhow::Result<String> {
     let child = bed
         .command(bed.pod("client"), program, args)
         .stdout(Stdio::piped())
@@ -409,7 +353,7 @@ fn output(bed: &Testbed, program: &Path, args: &[&str], timeout: u64) -> anyhow:
 }
 
 /// Resident memory of `pid` in KiB.
-fn rss_kib(pid: u32) -> Option<f64> {
+pub fn rss_kib(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
@@ -419,13 +363,13 @@ fn rss_kib(pid: u32) -> Option<f64> {
 
 /// Samples processes' summed RSS every 50 ms while load runs. (VmHWM would
 /// also count the transient peak of parsing the kernel's BTF at start-up.)
-struct RssSampler {
+pub struct RssSampler {
     stop: Arc<AtomicBool>,
     thread: std::thread::JoinHandle<f64>,
 }
 
 impl RssSampler {
-    fn start(pids: Vec<u32>) -> Self {
+    pub fn start(pids: Vec<u32>) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
@@ -439,14 +383,14 @@ impl RssSampler {
         Self { stop, thread }
     }
 
-    fn stop(self) -> f64 {
+    pub fn stop(self) -> f64 {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.join().unwrap_or(0.0)
     }
 }
 
 /// A process's user + system CPU time so far.
-fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let fields: Vec<&str> = stat
         .rsplit_once(')')
@@ -457,4 +401,78 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     // utime and stime are fields 14 and 15; after "pid (comm)" they are 11 and 12.
     let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
     Ok(ticks / 100.0)
+}
+
+/// HAProxy on node-a originates TLS 1.3 with a client certificate to
+/// HAProxy on node-b, which demands and verifies it and forwards to the
+/// server pod: the same hop count and crypto as meshd's tunnel.
+/// `hops`: (name, port on node-a, port on node-b, the pod's address).
+pub fn haproxy_pair(
+    bed: &Testbed,
+    meshd: &Path,
+    ca: &Path,
+    hops: &[(&str, u16, u16, &str)],
+) -> anyhow::Result<()> {
+    let pem = |namespace: &str, sa: &str| -> anyhow::Result<PathBuf> {
+        let dir = bed.dir.join(format!("haproxy-{sa}"));
+        quiet(
+            Command::new(meshd)
+                .args(["ca", "issue", "--ca"])
+                .arg(ca)
+                .args(["--namespace", namespace, "--service-account", sa, "--out"])
+                .arg(&dir),
+        )?;
+        let combined = dir.join("combined.pem");
+        let text = std::fs::read_to_string(dir.join("tls.crt"))?
+            + &std::fs::read_to_string(dir.join("tls.key"))?;
+        std::fs::write(&combined, text)?;
+        Ok(combined)
+    };
+    let client_pem = pem("default", "client")?;
+    let server_pem = pem("default", "server")?;
+    let ca_file = ca.join("ca.crt");
+    let global = "global\n  maxconn 4096\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n";
+    // Both hops verify the chain against the mesh CA. HAProxy checks a
+    // server's DNS name only when given one; SPIFFE certificates carry
+    // a URI instead, so no name check is configured.
+    let origin = |name: &str, port: u16, hop: u16| {
+        format!(
+            "frontend {name}\n  bind 10.77.0.1:{port}\n  default_backend {name}\nbackend {name}\n  server b 192.168.77.2:{hop} ssl crt {} ca-file {} verify required ssl-min-ver TLSv1.3\n",
+            client_pem.display(),
+            ca_file.display()
+        )
+    };
+    let terminate = |name: &str, hop: u16, target: &str| {
+        format!(
+            "frontend {name}\n  bind 192.168.77.2:{hop} ssl crt {} ca-file {} verify required ssl-min-ver TLSv1.3\n  default_backend {name}\nbackend {name}\n  server pod {target}\n",
+            server_pem.display(),
+            ca_file.display()
+        )
+    };
+    let mut source = global.to_owned();
+    let mut destination = global.to_owned();
+    for (name, port, hop, target) in hops {
+        source.push_str(&origin(name, *port, *hop));
+        destination.push_str(&terminate(name, *hop, target));
+    }
+    let source_cfg = bed.write("haproxy-a.cfg", &source);
+    let destination_cfg = bed.write("haproxy-b.cfg", &destination);
+    bed.spawn_on_node(
+        1,
+        Path::new("haproxy"),
+        &["-db", "-f", &destination_cfg.display().to_string()],
+    );
+    bed.spawn_on_node(
+        0,
+        Path::new("haproxy"),
+        &["-db", "-f", &source_cfg.display().to_string()],
+    );
+    let first = std::net::SocketAddr::from(([10, 77, 0, 1], hops[0].1));
+    let up = sys::eventually(Duration::from_secs(10), || {
+        sys::in_netns(&bed.nodes[0].netns.path(), move || {
+            std::net::TcpStream::connect_timeout(&first, Duration::from_millis(200)).is_ok()
+        })
+    });
+    ensure!(up, "HAProxy did not start");
+    Ok(())
 }

@@ -39,7 +39,7 @@ enum Task {
         /// Seconds per throughput run.
         #[arg(long, default_value_t = 5)]
         seconds: u64,
-        /// Run one scenario only: `same-node` or `cross-node`.
+        /// Run one scenario only: `same-node`, `cross-node` or `http`.
         #[arg(long)]
         only: Option<String>,
     },

@@ -31,6 +31,8 @@ impl Needs {
         if self == Self::Bench {
             packages.push(("iperf3", "iperf3"));
             packages.push(("haproxy", "haproxy"));
+            packages.push(("nginx", "nginx"));
+            packages.push(("wrk", "wrk"));
         }
         packages
     }

@@ -1,0 +1,355 @@
+//! HTTP through meshd: HTTP/1.1 (wrk, keep-alive) and HTTP/2 (h2load,
+//! multiplexed) against nginx, on one node and across nodes, each against a
+//! direct connection and, across nodes, an HAProxy mutual-TLS pair (TCP
+//! mode) measured in the same run; with meshd's CPU time per 1000 requests
+//! and its memory under load.
+
+use std::{path::Path, process::Command, time::Duration};
+
+use anyhow::{ensure, Context as _};
+use meshd_tests::testbed::{Meshd, PodSpec, Testbed};
+
+use super::{cpu_seconds, haproxy_pair, output, quiet, Bench, RssSampler};
+
+/// HTTP/1.1 connections and HTTP/2 connections × streams.
+const H1_CONNECTIONS: &str = "16";
+const H2_CONNECTIONS: &str = "4";
+const H2_STREAMS: &str = "16";
+
+pub struct Table {
+    title: &'static str,
+    rows: Vec<Row>,
+}
+
+struct Row {
+    path: &'static str,
+    protocol: &'static str,
+    rps: f64,
+    /// wrk's percentiles (HTTP/1.1) or h2load's mean (HTTP/2), ms.
+    p50_ms: Option<f64>,
+    p99_ms: Option<f64>,
+    mean_ms: Option<f64>,
+    cpu_ms_per_1000: Option<f64>,
+    rss_mib: Option<f64>,
+}
+
+/// One load run's results.
+struct Load {
+    requests: f64,
+    rps: f64,
+    p50_ms: Option<f64>,
+    p99_ms: Option<f64>,
+    mean_ms: Option<f64>,
+}
+
+/// Where one path's clients connect: the HTTP/1.1 and the HTTP/2 server.
+struct Urls<'a> {
+    h1: &'a str,
+    h2: &'a str,
+}
+
+pub fn run(bench: &Bench) -> anyhow::Result<Vec<Table>> {
+    // Access logging is off in the bench, as it is by default in Istio and
+    // Linkerd: a line per request to a file is a cost of its own.
+    std::env::set_var("MESHD_TEST_LOG", "info,meshd::access=off");
+    let tables = vec![same_node(bench)?, cross_node(bench)?];
+    std::env::set_var("MESHD_TEST_LOG", "info");
+    Ok(tables)
+}
+
+pub fn print(tables: &[Table]) {
+    println!(
+        "\nHTTP: nginx answering 6 bytes. HTTP/1.1: wrk, {H1_CONNECTIONS} keep-alive connections, \
+         closed loop. HTTP/2: h2load, {H2_CONNECTIONS} connections × {H2_STREAMS} streams. \
+         meshd's access log off."
+    );
+    for table in tables {
+        println!("\n### {}\n", table.title);
+        println!("| path | protocol | requests/s | × direct | p50 ms | p99 ms | mean ms | meshd CPU ms per 1000 requests | meshd RSS under load MiB |");
+        println!("|---|---|---|---|---|---|---|---|---|");
+        let opt = |v: Option<f64>, d: usize| v.map_or("–".to_owned(), |v| format!("{v:.d$}"));
+        for row in &table.rows {
+            let direct = table
+                .rows
+                .iter()
+                .find(|r| r.protocol == row.protocol)
+                .map_or(row.rps, |r| r.rps);
+            println!(
+                "| {} | {} | {:.0} | {:.2} | {} | {} | {} | {} | {} |",
+                row.path,
+                row.protocol,
+                row.rps,
+                row.rps / direct,
+                opt(row.p50_ms, 2),
+                opt(row.p99_ms, 2),
+                opt(row.mean_ms, 2),
+                opt(row.cpu_ms_per_1000, 1),
+                opt(row.rss_mib, 1),
+            );
+        }
+    }
+}
+
+/// nginx in the server pod: HTTP/1.1 on :8080, HTTP/2 (h2c) on :8081.
+fn nginx(bed: &Testbed) -> anyhow::Result<()> {
+    let server = bed.pod("server");
+    let dir = bed.dir.join("nginx");
+    std::fs::create_dir_all(&dir)?;
+    let d = dir.display();
+    let ip = server.ip;
+    let conf = format!(
+        "user root;
+worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log stderr warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/body;
+  proxy_temp_path {d}/proxy;
+  fastcgi_temp_path {d}/fastcgi;
+  uwsgi_temp_path {d}/uwsgi;
+  scgi_temp_path {d}/scgi;
+  keepalive_requests 10000000;
+  http2_max_requests 10000000;
+  server {{ listen {ip}:8080; location / {{ return 200 \"hello\\n\"; }} }}
+  server {{ listen {ip}:8081 http2; location / {{ return 200 \"hello\\n\"; }} }}
+}}
+"
+    );
+    let path = bed.write("nginx.conf", &conf);
+    bed.spawn(
+        server,
+        Path::new("nginx"),
+        &["-c", &path.display().to_string(), "-e", "stderr"],
+    );
+    for port in [8080, 8081] {
+        bed.wait_listening(server, format!("{ip}:{port}").parse()?);
+    }
+    Ok(())
+}
+
+fn services(server_ip: &str, node: &str) -> String {
+    format!(
+        "services:
+  - {{ name: h1, vip: 10.96.0.30, ports: [{{ port: 80, targetPort: 8080, protocol: http }}], endpoints: [{{ address: {server_ip}{node}, serviceAccount: server }}] }}
+  - {{ name: h2, vip: 10.96.0.31, ports: [{{ port: 80, targetPort: 8081, protocol: http2 }}], endpoints: [{{ address: {server_ip}{node}, serviceAccount: server }}] }}
+"
+    )
+}
+
+fn same_node(bench: &Bench) -> anyhow::Result<Table> {
+    let bed = Testbed::new(&["client", "server"]);
+    nginx(&bed)?;
+    let mut rows = measure(
+        bench,
+        &bed,
+        "direct",
+        &Urls {
+            h1: "http://10.77.0.11:8080/",
+            h2: "http://10.77.0.11:8081/",
+        },
+        &[],
+    )?;
+    let mut meshd = bed.start_meshd(&bed.config(&services("10.77.0.11", "")));
+    std::thread::sleep(Duration::from_millis(500));
+    rows.extend(measure(bench, &bed, "meshd", &meshed(), &[&meshd])?);
+    ensure!(
+        meshd.terminate(Duration::from_secs(40)).success(),
+        "meshd failed:\n{}",
+        meshd.log()
+    );
+    Ok(Table {
+        title: "HTTP, same node, pod → pod",
+        rows,
+    })
+}
+
+fn meshed() -> Urls<'static> {
+    Urls {
+        h1: "http://10.96.0.30/",
+        h2: "http://10.96.0.31/",
+    }
+}
+
+fn cross_node(bench: &Bench) -> anyhow::Result<Table> {
+    let bed = Testbed::nodes(&[
+        ("node-a", &[PodSpec::named("client")]),
+        ("node-b", &[PodSpec::named("server")]),
+    ]);
+    nginx(&bed)?;
+    let mut rows = measure(
+        bench,
+        &bed,
+        "direct",
+        &Urls {
+            h1: "http://10.78.0.10:8080/",
+            h2: "http://10.78.0.10:8081/",
+        },
+        &[],
+    )?;
+    let ca = bed.dir.join("ca");
+    quiet(
+        Command::new(&bench.meshd)
+            .args(["ca", "init", "--out"])
+            .arg(&ca),
+    )?;
+    let identity = format!("  identity:\n    issuer: {}\n", ca.display());
+    let services = services("10.78.0.10", ", node: node-b");
+    let a = bed.start_meshd_on(0, &bed.config_with(0, &identity, &services));
+    let b = bed.start_meshd_on(1, &bed.config_with(1, &identity, &services));
+    std::thread::sleep(Duration::from_millis(500));
+    rows.extend(measure(bench, &bed, "meshd mTLS", &meshed(), &[&a, &b])?);
+    drop((a, b));
+    haproxy_pair(
+        &bed,
+        &bench.meshd,
+        &ca,
+        &[
+            ("h1", 6002, 6445, "10.78.0.10:8080"),
+            ("h2", 6003, 6446, "10.78.0.10:8081"),
+        ],
+    )?;
+    let haproxy = Urls {
+        h1: "http://10.77.0.1:6002/",
+        h2: "http://10.77.0.1:6003/",
+    };
+    rows.extend(measure(bench, &bed, "HAProxy mTLS pair", &haproxy, &[])?);
+    Ok(Table {
+        title: "HTTP across nodes, pod → pod (meshd rows: CPU and memory summed over both nodes' meshd)",
+        rows,
+    })
+}
+
+/// Both protocols over one path.
+fn measure(
+    bench: &Bench,
+    bed: &Testbed,
+    path: &'static str,
+    urls: &Urls<'_>,
+    meshds: &[&Meshd],
+) -> anyhow::Result<Vec<Row>> {
+    let pids: Vec<u32> = meshds.iter().map(|m| m.pid()).collect();
+    let mut rows = Vec::new();
+    for (protocol, url) in [("HTTP/1.1", urls.h1), ("HTTP/2", urls.h2)] {
+        eprintln!("bench: {path} {protocol}");
+        // Warm up connections and balancer state, unmeasured.
+        load(bed, protocol, url, 1)?;
+        let cpu = |pids: &[u32]| {
+            pids.iter()
+                .map(|p| cpu_seconds(*p).unwrap_or(0.0))
+                .sum::<f64>()
+        };
+        let sampler = RssSampler::start(pids.clone());
+        let before = cpu(&pids);
+        let run = load(bed, protocol, url, bench.seconds)?;
+        let used = cpu(&pids) - before;
+        let rss = sampler.stop() / 1024.0;
+        let measured = !pids.is_empty();
+        rows.push(Row {
+            path,
+            protocol,
+            rps: run.rps,
+            p50_ms: run.p50_ms,
+            p99_ms: run.p99_ms,
+            mean_ms: run.mean_ms,
+            cpu_ms_per_1000: measured.then(|| used * 1000.0 / (run.requests / 1000.0)),
+            rss_mib: measured.then_some(rss),
+        });
+    }
+    Ok(rows)
+}
+
+fn load(bed: &Testbed, protocol: &str, url: &str, seconds: u64) -> anyhow::Result<Load> {
+    let duration = seconds.to_string();
+    if protocol == "HTTP/1.1" {
+        let d = format!("{duration}s");
+        let out = output(
+            bed,
+            Path::new("wrk"),
+            &["-t", "2", "-c", H1_CONNECTIONS, "-d", &d, "--latency", url],
+            seconds + 30,
+        )?;
+        ensure!(
+            !out.contains("Non-2xx") && !out.contains("Socket errors"),
+            "wrk saw errors:\n{out}"
+        );
+        let requests = out
+            .lines()
+            .find_map(|l| {
+                l.trim()
+                    .split_once(" requests in ")
+                    .map(|(n, _)| n.to_owned())
+            })
+            .and_then(|n| n.parse::<f64>().ok())
+            .with_context(|| format!("no request count in {out}"))?;
+        let rps = out
+            .lines()
+            .find_map(|l| l.strip_prefix("Requests/sec:"))
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("no Requests/sec in {out}"))?;
+        let percentile = |p: &str| {
+            out.lines()
+                .find_map(|l| l.trim().strip_prefix(p))
+                .and_then(|v| millis(v.trim()))
+        };
+        return Ok(Load {
+            requests,
+            rps,
+            p50_ms: percentile("50%"),
+            p99_ms: percentile("99%"),
+            mean_ms: None,
+        });
+    }
+    let out = output(
+        bed,
+        Path::new("h2load"),
+        &["-c", H2_CONNECTIONS, "-m", H2_STREAMS, "-D", &duration, url],
+        seconds + 30,
+    )?;
+    let done = out
+        .lines()
+        .find(|l| l.starts_with("requests:"))
+        .with_context(|| format!("no request summary in {out}"))?;
+    ensure!(
+        done.contains(" 0 failed, 0 errored"),
+        "h2load saw errors:\n{out}"
+    );
+    let requests = done
+        .split(", ")
+        .find_map(|f| f.strip_suffix(" succeeded"))
+        .and_then(|n| n.parse::<f64>().ok())
+        .with_context(|| format!("no success count in {done}"))?;
+    let rps = out
+        .lines()
+        .find(|l| l.starts_with("finished in"))
+        .and_then(|l| l.split(", ").nth(1))
+        .and_then(|f| f.strip_suffix(" req/s"))
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no req/s in {out}"))?;
+    let mean_ms = out
+        .lines()
+        .find(|l| l.starts_with("time for request:"))
+        .and_then(|l| l.split_whitespace().nth(5))
+        .and_then(millis);
+    Ok(Load {
+        requests,
+        rps,
+        p50_ms: None,
+        p99_ms: None,
+        mean_ms,
+    })
+}
+
+/// "1.23ms", "850.00us", "1.20s" in milliseconds.
+fn millis(value: &str) -> Option<f64> {
+    let (number, scale) = if let Some(v) = value.strip_suffix("us") {
+        (v, 0.001)
+    } else if let Some(v) = value.strip_suffix("ms") {
+        (v, 1.0)
+    } else {
+        (value.strip_suffix('s')?, 1000.0)
+    };
+    number.parse::<f64>().ok().map(|n| n * scale)
+}
