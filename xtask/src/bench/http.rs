@@ -112,7 +112,6 @@ http {{
   uwsgi_temp_path {d}/uwsgi;
   scgi_temp_path {d}/scgi;
   keepalive_requests 10000000;
-  http2_max_requests 10000000;
   server {{ listen {ip}:8080; location / {{ return 200 \"hello\\n\"; }} }}
   server {{ listen {ip}:8081 http2; location / {{ return 200 \"hello\\n\"; }} }}
 }}
