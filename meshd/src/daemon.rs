@@ -7,7 +7,6 @@
 //! drain in-flight connections up to `proxy.drainTimeout`, detach, exit 0.
 
 use std::{
-    collections::HashMap,
     net::SocketAddrV4,
     path::PathBuf,
     sync::{atomic::Ordering, Arc},
@@ -74,7 +73,7 @@ fn cert_store(config: &Config) -> Result<Option<Arc<CertStore>>, StartError> {
             identities.dedup();
             store::Source::Issuer {
                 ca: Box::new(Authority::load(ca)?),
-                identities,
+                identities: std::sync::Mutex::new(identities),
                 ttl: identity.ttl,
             }
         }
@@ -99,6 +98,8 @@ pub struct Overrides {
 /// Host checks and joining meshd's own cgroup. Runs before the async
 /// runtime starts so that every thread is created inside the cgroup.
 pub struct Prepared {
+    paths: Vec<PathBuf>,
+    overrides: Overrides,
     config: Arc<Config>,
     cgroup_root: PathBuf,
     proxy_cgroup_id: u64,
@@ -113,36 +114,21 @@ pub fn prepare(paths: &[PathBuf], overrides: &Overrides) -> Result<Prepared, Sta
     let proxy_dir = host::cgroup_dir(&cgroup_root, &config.node.proxy_cgroup);
     let proxy_cgroup_id = host::join_cgroup(&proxy_dir)?;
     Ok(Prepared {
+        paths: paths.to_vec(),
+        overrides: overrides.clone(),
         config: Arc::new(config),
         cgroup_root,
         proxy_cgroup_id,
     })
 }
 
-/// Workload cgroup ids that exist now; a pod whose cgroup is missing is
-/// recognised by address instead.
-fn workload_cgroup_ids(prepared: &Prepared) -> HashMap<String, u64> {
-    let mut ids = HashMap::new();
-    for workload in &prepared.config.workloads {
-        let Some(path) = &workload.cgroup else {
-            continue;
-        };
-        match host::cgroup_id(&host::cgroup_dir(&prepared.cgroup_root, path)) {
-            Ok(id) => {
-                ids.insert(path.clone(), id);
-            }
-            Err(err) => {
-                warn!(workload = %workload.name, error = %err, "identifying this workload by address only")
-            }
-        }
-    }
-    ids
-}
-
 pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     let config = prepared.config.clone();
     let proxy = &config.proxy;
-    let mesh = Mesh::new(config.clone(), &workload_cgroup_ids(&prepared));
+    let mesh = Mesh::new(
+        config.clone(),
+        &crate::reload::workload_cgroup_ids(&prepared.cgroup_root, &config),
+    );
 
     // Bind everything before anything is served or captured.
     let outbound_addr = SocketAddrV4::new(config.node.capture_address, proxy.outbound_port);
@@ -174,6 +160,7 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         store: store.clone(),
         ready: Default::default(),
         mesh: std::sync::OnceLock::new(),
+        reload: Default::default(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let status_tasks = [
@@ -227,6 +214,17 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     if let Some(store) = store.clone() {
         tokio::spawn(refresh_certificates(store, stop_rx.clone()));
     }
+    let reloader = crate::reload::Reloader {
+        paths: prepared.paths.clone(),
+        cgroup_root: prepared.cgroup_root.clone(),
+        bpf_log_level: prepared.overrides.bpf_log_level,
+        inputs: inputs.clone(),
+        capture: capture.clone(),
+        store: store.clone(),
+        metrics: metrics.clone(),
+        state: status.reload.clone(),
+    };
+    tokio::spawn(reloader.run(stop_rx.clone()));
 
     status.ready.store(true, Ordering::Release);
     metrics.ready.set(1);

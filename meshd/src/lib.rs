@@ -16,6 +16,7 @@ pub mod outlier;
 pub mod policy;
 pub mod proxy;
 pub mod ratelimit;
+pub mod reload;
 pub mod retry;
 pub mod routing;
 pub mod status;

@@ -134,6 +134,12 @@ pub struct HealthLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `ok` or `error`.
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MapLabels {
     pub map: &'static str,
 }
@@ -174,6 +180,9 @@ pub struct Metrics {
     /// Endpoints ejected now; refreshed at each scrape.
     pub outlier_ejected: Family<ServiceLabels, Gauge>,
     pub health_checks: Family<HealthLabels, Counter>,
+    pub config_reloads: Family<ResultLabels, Counter>,
+    /// 1 when the last reload was applied, 0 when it was refused.
+    pub config_last_reload_ok: Gauge,
     /// Endpoints failing their health check now; refreshed at each scrape.
     pub unhealthy_endpoints: Family<ServiceLabels, Gauge>,
     pub request_duration: HistogramFamily,
@@ -209,6 +218,8 @@ impl Metrics {
             outlier_ejections: Family::default(),
             outlier_ejected: Family::default(),
             health_checks: Family::default(),
+            config_reloads: Family::default(),
+            config_last_reload_ok: Gauge::default(),
             unhealthy_endpoints: Family::default(),
             request_duration: Family::new_with_constructor(duration_histogram),
             request_bytes: Family::new_with_constructor(size_histogram),
@@ -346,6 +357,16 @@ impl Metrics {
             "unhealthy_endpoints",
             "Endpoints out of rotation now because their health check fails",
             metrics.unhealthy_endpoints.clone(),
+        );
+        meshd.register(
+            "config_reloads",
+            "Config reloads, applied (ok) or refused (error)",
+            metrics.config_reloads.clone(),
+        );
+        meshd.register(
+            "config_last_reload_successful",
+            "1 when the last config reload was applied, 0 when it was refused",
+            metrics.config_last_reload_ok.clone(),
         );
         meshd.register(
             "rate_limited",

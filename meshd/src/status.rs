@@ -38,6 +38,7 @@ pub struct StatusInputs {
     pub ready: AtomicBool,
     /// The proxy's state, for the gauges read at each scrape.
     pub mesh: std::sync::OnceLock<Arc<crate::proxy::ProxyInputs>>,
+    pub reload: Arc<crate::reload::ReloadState>,
 }
 
 impl StatusInputs {

@@ -88,7 +88,8 @@ pub enum Source {
     /// Minted from this CA for `identities`, `ttl` long, renewed at half-life.
     Issuer {
         ca: Box<Authority>,
-        identities: Vec<Identity>,
+        /// Replaced when a config reload changes the node's workloads.
+        identities: std::sync::Mutex<Vec<Identity>>,
         ttl: Duration,
     },
 }
@@ -117,6 +118,19 @@ impl CertStore {
             provider,
             current: ArcSwap::from_pointee(Certificates::default()),
             fingerprint: Default::default(),
+        }
+    }
+
+    /// The identities the built-in issuer mints for (ignored for files).
+    pub fn set_identities(&self, identities: impl IntoIterator<Item = Identity>) {
+        if let Source::Issuer {
+            identities: ids, ..
+        } = &self.source
+        {
+            let mut next: Vec<Identity> = identities.into_iter().collect();
+            next.sort();
+            next.dedup();
+            *ids.lock().unwrap_or_else(|p| p.into_inner()) = next;
         }
     }
 
@@ -150,7 +164,12 @@ impl CertStore {
                 ca,
                 identities,
                 ttl,
-            } => match self.renew(ca, identities, *ttl, &previous) {
+            } => match self.renew(
+                ca,
+                &identities.lock().unwrap_or_else(|p| p.into_inner()),
+                *ttl,
+                &previous,
+            ) {
                 Some(next) => next,
                 None => return false,
             },

@@ -1,0 +1,205 @@
+//! Config hot reload. The config files are re-read every second (their
+//! contents, so Kubernetes ConfigMap symlink swaps are seen like any edit)
+//! and on SIGHUP. A changed config is validated exactly as at start-up and
+//! applied at once: a new routing snapshot, the kernel's capture map
+//! brought in line with it, certificates for new identities, health checks
+//! for its endpoints. A config that fails validation — or changes what
+//! only a restart can change — is refused: the error (file, line, field) is
+//! logged and kept for the admin API, counted, and the last good config
+//! keeps serving. Connections already established are never touched: one
+//! to an endpoint that a reload removed finishes normally.
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use tracing::{info, warn};
+
+use crate::{
+    capture::Capture,
+    config::{BpfLogLevel, Config, ConfigErrors},
+    identity::store::CertStore,
+    mesh::Mesh,
+    metrics::{Metrics, ResultLabels},
+    proxy::ProxyInputs,
+};
+
+/// How often the files are checked for changes.
+pub const CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] ConfigErrors),
+    #[error(
+        "{0} changed: meshd applies that only at start-up; restart it (the running config is unchanged)"
+    )]
+    NeedsRestart(&'static str),
+    #[error("updating the capture map: {0}")]
+    Capture(#[from] crate::capture::CaptureError),
+}
+
+/// What the admin API shows about reloads.
+#[derive(Debug, Default)]
+pub struct ReloadState {
+    inner: Mutex<StateInner>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct StateInner {
+    /// Reloads applied since start.
+    pub generation: u64,
+    pub last_applied: Option<SystemTime>,
+    /// The last refused reload's error, until a reload succeeds.
+    pub last_error: Option<String>,
+}
+
+impl ReloadState {
+    pub fn snapshot(&self) -> StateInner {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut StateInner)) {
+        f(&mut self.inner.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+}
+
+/// Everything a reload needs.
+pub struct Reloader {
+    pub paths: Vec<PathBuf>,
+    pub cgroup_root: PathBuf,
+    pub bpf_log_level: Option<BpfLogLevel>,
+    pub inputs: Arc<ProxyInputs>,
+    pub capture: Arc<Capture>,
+    pub store: Option<Arc<CertStore>>,
+    pub metrics: Arc<Metrics>,
+    pub state: Arc<ReloadState>,
+}
+
+impl Reloader {
+    /// Watches the files until `stop`; SIGHUP forces a reload.
+    pub async fn run(self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            Ok(signal) => Some(signal),
+            Err(err) => {
+                warn!(error = %err, "no SIGHUP handler: reloads follow file changes only");
+                None
+            }
+        };
+        let mut last = self.contents();
+        let mut tick = tokio::time::interval(CHECK_INTERVAL);
+        loop {
+            let forced = tokio::select! {
+                _ = tick.tick() => false,
+                Some(()) = async { match &mut hangup { Some(h) => h.recv().await, None => None } } => true,
+                _ = crate::proxy::stopped(&mut stop) => return,
+            };
+            let contents = self.contents();
+            if contents == last && !forced {
+                continue;
+            }
+            last = contents;
+            self.reload();
+        }
+    }
+
+    /// The files' bytes (a file that cannot be read counts as changed).
+    fn contents(&self) -> Vec<Option<Vec<u8>>> {
+        self.paths.iter().map(|p| std::fs::read(p).ok()).collect()
+    }
+
+    /// Validates and applies the files now; records the outcome.
+    pub fn reload(&self) {
+        let result = self.apply();
+        let label = if result.is_ok() { "ok" } else { "error" };
+        self.metrics
+            .config_reloads
+            .get_or_create(&ResultLabels { result: label })
+            .inc();
+        self.metrics
+            .config_last_reload_ok
+            .set(i64::from(result.is_ok()));
+        match result {
+            Ok(config) => {
+                info!(
+                    services = config.services.len(),
+                    workloads = config.workloads.len(),
+                    policies = config.policies.len(),
+                    "config reloaded"
+                );
+                self.state.update(|s| {
+                    s.generation += 1;
+                    s.last_applied = Some(SystemTime::now());
+                    s.last_error = None;
+                });
+            }
+            Err(err) => {
+                let message = err.to_string();
+                warn!(error = %message, "config reload refused; the last good config keeps serving");
+                self.state.update(|s| s.last_error = Some(message));
+            }
+        }
+    }
+
+    fn apply(&self) -> Result<Arc<Config>, ReloadError> {
+        let mut config = crate::config::load(&self.paths)?;
+        if let Some(level) = self.bpf_log_level {
+            config.proxy.bpf_log_level = level;
+        }
+        let running = self.inputs.mesh.load_full();
+        restart_only_change(&running.config, &config)
+            .map_or(Ok(()), |what| Err(ReloadError::NeedsRestart(what)))?;
+        let config = Arc::new(config);
+        let ids = workload_cgroup_ids(&self.cgroup_root, &config);
+        let mesh = Arc::new(Mesh::new(config.clone(), &ids));
+        self.capture.sync_destinations(&mesh)?;
+        if let Some(store) = &self.store {
+            store.set_identities(config.workloads.iter().map(|w| w.identity.clone()));
+            store.refresh();
+        }
+        crate::health::spawn_checkers(&mesh, &self.metrics);
+        self.inputs.mesh.store(mesh);
+        Ok(config)
+    }
+}
+
+/// The first setting that differs between `running` and `next` and that
+/// only a restart applies: listeners, cgroups, capture, identity.
+fn restart_only_change(running: &Config, next: &Config) -> Option<&'static str> {
+    let same =
+        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
+    let own = |c: &Config| c.nodes.get(&c.node.name).copied();
+    [
+        ("node", same(&running.node, &next.node)),
+        ("proxy", same(&running.proxy, &next.proxy)),
+        ("mesh", same(&running.mesh, &next.mesh)),
+        ("this node's address in nodes", own(running) == own(next)),
+    ]
+    .into_iter()
+    .find(|(_, same)| !same)
+    .map(|(what, _)| what)
+}
+
+/// Workload cgroup ids that exist now; a pod whose cgroup is missing is
+/// recognised by address instead.
+pub fn workload_cgroup_ids(cgroup_root: &std::path::Path, config: &Config) -> HashMap<String, u64> {
+    let mut ids = HashMap::new();
+    for workload in &config.workloads {
+        let Some(path) = &workload.cgroup else {
+            continue;
+        };
+        match crate::host::cgroup_id(&crate::host::cgroup_dir(cgroup_root, path)) {
+            Ok(id) => {
+                ids.insert(path.clone(), id);
+            }
+            Err(err) => {
+                warn!(workload = %workload.name, error = %err, "identifying this workload by address only")
+            }
+        }
+    }
+    ids
+}

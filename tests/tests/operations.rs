@@ -1,0 +1,184 @@
+//! Operating meshd: config hot reload through Kubernetes-style ConfigMap
+//! symlink swaps, refused mistakes while the last good config serves.
+
+use std::{os::unix::fs::symlink, path::PathBuf, time::Duration};
+
+use meshd_tests::{
+    clients::{client, curl, serve, spawn_in, testkit},
+    sys::{eventually, wait_with_timeout, workspace_binary},
+    testbed::{Meshd, Testbed},
+};
+
+/// A ConfigMap as the kubelet mounts it: `mesh.yaml` → `..data/mesh.yaml`,
+/// `..data` → a timestamped directory, swapped atomically on update.
+struct ConfigMap {
+    dir: PathBuf,
+    version: usize,
+}
+
+impl ConfigMap {
+    fn new(bed: &Testbed, text: &str) -> Self {
+        let dir = bed.dir.join("configmap");
+        std::fs::create_dir_all(&dir).expect("configmap dir");
+        symlink("..data/mesh.yaml", dir.join("mesh.yaml")).expect("file link");
+        let mut map = Self { dir, version: 0 };
+        map.update(text);
+        map
+    }
+
+    fn file(&self) -> PathBuf {
+        self.dir.join("mesh.yaml")
+    }
+
+    /// Writes a new version and swaps `..data` to it in one rename.
+    fn update(&mut self, text: &str) {
+        self.version += 1;
+        let version = format!("..v{}", self.version);
+        std::fs::create_dir(self.dir.join(&version)).expect("version dir");
+        std::fs::write(self.dir.join(&version).join("mesh.yaml"), text).expect("write config");
+        let tmp = self.dir.join("..data_tmp");
+        symlink(&version, &tmp).expect("data link");
+        std::fs::rename(&tmp, self.dir.join("..data")).expect("swap data link");
+    }
+}
+
+fn reloads(meshd: &Meshd, result: &str) -> f64 {
+    meshd.metric("meshd_config_reloads_total", &[("result", result)])
+}
+
+fn web(endpoints: &str, extra: &str) -> String {
+    format!(
+        "services:
+  - name: web
+    vip: 10.96.0.20
+    ports: [{{ port: 80, targetPort: 8080, protocol: http }}]
+    endpoints: [{endpoints}]
+  - name: echo
+    vip: 10.96.0.40
+    ports: [{{ port: 9000 }}]
+    endpoints: [{endpoints}]
+{extra}"
+    )
+}
+
+const V1: &str = "{ address: 10.77.0.11, workload: v1 }";
+const V2: &str = "{ address: 10.77.0.12, workload: v2 }";
+
+#[test]
+fn reloads_apply_changes_and_refuse_mistakes_while_the_last_good_config_serves() {
+    let bed = Testbed::new(&["client", "v1", "v2"]);
+    for name in ["v1", "v2"] {
+        serve(
+            &bed,
+            bed.pod(name),
+            8080,
+            &["--mode", "hello", "--name", name],
+        );
+        serve(&bed, bed.pod(name), 9000, &["--mode", "echo"]);
+    }
+    let mut map = ConfigMap::new(&bed, &bed.config(&web(V1, "")));
+    let meshd = Meshd::spawn(&bed, &[map.file()], &[]);
+    meshd.wait_ready();
+    let hello = || curl(&bed, bed.pod("client"), "http://10.96.0.20/").1;
+    assert!(hello().starts_with("hello from v1"));
+
+    // A connection to v1 that outlives v1's removal from the config.
+    let long_lived = spawn_in(
+        &bed,
+        bed.pod("client"),
+        &testkit(),
+        &[
+            "rr",
+            "--connect",
+            "10.96.0.40:9000",
+            "--rate",
+            "50",
+            "--seconds",
+            "6",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(500));
+
+    // v1 replaced by v2; a new service added.
+    let added = "  - name: extra
+    vip: 10.96.0.21
+    ports: [{ port: 80, targetPort: 8080, protocol: http }]
+    endpoints: [{ address: 10.77.0.11, workload: v1 }]
+";
+    map.update(&bed.config(&web(V2, added)));
+    assert!(
+        eventually(Duration::from_secs(10), || reloads(&meshd, "ok") == 1.0),
+        "{}",
+        meshd.log()
+    );
+    assert!(hello().starts_with("hello from v2"));
+    let (_, extra) = curl(&bed, bed.pod("client"), "http://10.96.0.21/");
+    assert!(extra.starts_with("hello from v1"), "{extra}");
+    let out = client(
+        &bed,
+        bed.pod("client"),
+        &["echo", "--connect", "10.96.0.40:9000", "--bytes", "10000"],
+        Duration::from_secs(20),
+    );
+    assert!(out.starts_with("ok echo"), "{out}");
+    let drained = wait_with_timeout(long_lived, Duration::from_secs(30), "rr");
+    assert!(
+        drained.status.success(),
+        "the established connection did not survive the reload: {}",
+        String::from_utf8_lossy(&drained.stderr)
+    );
+
+    // A mistake: refused with file, line and field; the last good config
+    // keeps serving.
+    let broken =
+        bed.config(&web(V2, "").replace("ports: [{ port: 9000 }]", "prots: [{ port: 9000 }]"));
+    map.update(&broken);
+    assert!(
+        eventually(Duration::from_secs(10), || reloads(&meshd, "error") == 1.0),
+        "{}",
+        meshd.log()
+    );
+    assert!(
+        meshd.log().contains("services[1]: unknown field `prots`"),
+        "{}",
+        meshd.log()
+    );
+    assert_eq!(
+        meshd.metric("meshd_config_last_reload_successful", &[]),
+        0.0
+    );
+    assert!(hello().starts_with("hello from v2"));
+    // `meshd check` says the same about the same file, and fails.
+    let bad = bed.write("broken.yaml", &broken);
+    let check = std::process::Command::new(workspace_binary("meshd"))
+        .args(["check", "--config"])
+        .arg(&bad)
+        .output()
+        .expect("meshd check");
+    assert!(!check.status.success());
+    assert!(String::from_utf8_lossy(&check.stderr).contains("services[1]: unknown field `prots`"));
+
+    // What only a restart can change is refused too, and said so.
+    let moved = bed
+        .config(&web(V2, ""))
+        .replace("captureAddress: 10.77.0.1", "captureAddress: 10.77.0.2");
+    map.update(&moved);
+    assert!(eventually(Duration::from_secs(10), || reloads(
+        &meshd, "error"
+    ) == 2.0));
+    assert!(meshd
+        .log()
+        .contains("node changed: meshd applies that only at start-up"));
+    assert!(hello().starts_with("hello from v2"));
+
+    // Fixed: applied again.
+    map.update(&bed.config(&web(V1, "")));
+    assert!(eventually(Duration::from_secs(10), || reloads(
+        &meshd, "ok"
+    ) == 2.0));
+    assert!(hello().starts_with("hello from v1"));
+    assert_eq!(
+        meshd.metric("meshd_config_last_reload_successful", &[]),
+        1.0
+    );
+}
