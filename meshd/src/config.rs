@@ -267,6 +267,9 @@ pub struct ProxySpec {
     pub metrics_address: SocketAddr,
     /// Where `/healthz/ready` is served. Default `0.0.0.0:15021`.
     pub readiness_address: SocketAddr,
+    /// Where the admin API is served. Default `127.0.0.1:15000` (loopback:
+    /// it shows the config and changes the log level).
+    pub admin_address: SocketAddr,
     /// Same-node acceleration: move app⇄meshd bytes with sk_msg instead of
     /// the TCP stack. Default `false`: an accelerated socket reads through
     /// the kernel's sockmap path, which can hand a *blocking* reader a
@@ -293,6 +296,7 @@ impl Default for ProxySpec {
             inbound_port: 15008,
             metrics_address: SocketAddr::from(([0, 0, 0, 0], 15020)),
             readiness_address: SocketAddr::from(([0, 0, 0, 0], 15021)),
+            admin_address: SocketAddr::from(([127, 0, 0, 1], 15000)),
             sk_msg: false,
             connect_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(30),

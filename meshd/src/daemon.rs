@@ -135,6 +135,7 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     let outbound = Outbound::bind(outbound_addr).await?;
     let metrics_listener = StatusListener::bind(proxy.metrics_address, "metrics").await?;
     let ready_listener = StatusListener::bind(proxy.readiness_address, "readiness").await?;
+    let admin_listener = StatusListener::bind(proxy.admin_address, "admin").await?;
     let store = cert_store(&config)?;
     let inbound = match &store {
         Some(_) => {
@@ -166,7 +167,9 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     let status_tasks = [
         tokio::spawn(metrics_listener.run(status.clone(), stop_rx.clone())),
         tokio::spawn(ready_listener.run(status.clone(), stop_rx.clone())),
+        tokio::spawn(admin_listener.run(status.clone(), stop_rx.clone())),
     ];
+    status.reload.record_files(&prepared.paths);
 
     let pod_cgroup = host::cgroup_dir(&prepared.cgroup_root, &config.node.pod_cgroup);
     let proxy_cgroup = host::cgroup_dir(&prepared.cgroup_root, &config.node.proxy_cgroup);

@@ -2,6 +2,7 @@
 //! sockets into this one node proxy.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod balance;
 pub mod breaker;
 pub mod capture;

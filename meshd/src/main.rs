@@ -34,6 +34,13 @@ enum Command {
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
     },
+    /// Summarise a running meshd: config, services and endpoint health,
+    /// workloads, certificates (from its admin API).
+    Status {
+        /// The admin API's address (`proxy.adminAddress`).
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin: std::net::SocketAddr,
+    },
     /// Validate config files without running; exits 2 if they are invalid.
     Check {
         #[arg(long = "config", short = 'c', required = true)]
@@ -90,12 +97,39 @@ enum LogFormat {
 fn init_logging(format: LogFormat) {
     // eBPF records are already filtered in the kernel by --bpf-log /
     // proxy.bpfLogLevel; let all that arrive through.
-    let filter = EnvFilter::try_from_env("MESHD_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,meshd::bpf=trace"));
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let initial = std::env::var("MESHD_LOG").unwrap_or_else(|_| "info,meshd::bpf=trace".into());
+    let filter = EnvFilter::try_new(&initial).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_filter_reloading();
+    // The admin API changes the filter at run time through this handle.
+    macro_rules! install {
+        ($builder:expr) => {{
+            let handle = $builder.reload_handle();
+            meshd::admin::install_log_control(meshd::admin::LogControl {
+                current: std::sync::Mutex::new(initial.clone()),
+                set: Box::new(move |filter: &str| {
+                    let next = EnvFilter::try_new(filter).map_err(|e| e.to_string())?;
+                    handle.reload(next).map_err(|e| e.to_string())
+                }),
+            });
+            $builder.init();
+        }};
+    }
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => install!(builder),
+        LogFormat::Json => {
+            let builder = fmt()
+                .with_env_filter(
+                    EnvFilter::try_new(&initial).unwrap_or_else(|_| EnvFilter::new("info")),
+                )
+                .with_writer(std::io::stderr)
+                .json()
+                .flatten_event(true)
+                .with_filter_reloading();
+            install!(builder)
+        }
     }
 }
 
@@ -114,6 +148,16 @@ fn main() -> ExitCode {
             Err(errors) => {
                 eprintln!("{errors}");
                 ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Status { admin } => match meshd::admin::status_command(admin) {
+            Ok(summary) => {
+                print!("{summary}");
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("meshd status: {}", render_chain(&err));
+                ExitCode::FAILURE
             }
         },
         Command::Ca { command } => match ca(command) {

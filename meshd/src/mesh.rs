@@ -388,6 +388,17 @@ impl Mesh {
         &self.budgets[service]
     }
 
+    /// (healthy, ejected, requests in flight) of one endpoint at `now`.
+    pub fn endpoint_state(&self, service: usize, endpoint: usize, now: u64) -> (bool, bool, u64) {
+        (
+            self.endpoint_healthy(service, endpoint),
+            self.outliers[service].ejected(endpoint, now),
+            self.stats[service][endpoint]
+                .in_flight
+                .load(Ordering::Relaxed),
+        )
+    }
+
     pub fn endpoint_healthy(&self, service: usize, endpoint: usize) -> bool {
         self.health[service][endpoint].load(Ordering::Relaxed)
     }

@@ -55,6 +55,8 @@ pub struct StateInner {
     pub last_applied: Option<SystemTime>,
     /// The last refused reload's error, until a reload succeeds.
     pub last_error: Option<String>,
+    /// The files of the config in force, as read.
+    pub files: Vec<(PathBuf, String)>,
 }
 
 impl ReloadState {
@@ -64,6 +66,15 @@ impl ReloadState {
 
     fn update(&self, f: impl FnOnce(&mut StateInner)) {
         f(&mut self.inner.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// Records `paths` as the files of the config in force.
+    pub fn record_files(&self, paths: &[PathBuf]) {
+        let files = paths
+            .iter()
+            .map(|p| (p.clone(), std::fs::read_to_string(p).unwrap_or_default()))
+            .collect();
+        self.update(|s| s.files = files);
     }
 }
 
@@ -131,6 +142,7 @@ impl Reloader {
                     policies = config.policies.len(),
                     "config reloaded"
                 );
+                self.state.record_files(&self.paths);
                 self.state.update(|s| {
                     s.generation += 1;
                     s.last_applied = Some(SystemTime::now());

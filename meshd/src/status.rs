@@ -115,9 +115,10 @@ impl StatusListener {
             };
             let inputs = inputs.clone();
             tokio::spawn(async move {
+                let what = self.what;
                 let service = service_fn(move |request| {
                     let inputs = inputs.clone();
-                    async move { Ok::<_, Infallible>(route(&inputs, &request)) }
+                    async move { Ok::<_, Infallible>(route(&inputs, what, &request)) }
                 });
                 let served = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
@@ -130,7 +131,28 @@ impl StatusListener {
     }
 }
 
-fn route(inputs: &StatusInputs, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn route(
+    inputs: &StatusInputs,
+    what: &'static str,
+    request: &Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    if what == "admin" {
+        let (code, body) = crate::admin::answer(
+            inputs,
+            request.method(),
+            request.uri().path(),
+            request.uri().query().unwrap_or(""),
+        );
+        let mut response = text(
+            StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            format!("{body:#}\n"),
+        );
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/json"),
+        );
+        return response;
+    }
     if request.method() != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
     }
@@ -146,6 +168,8 @@ fn route(inputs: &StatusInputs, request: &Request<Incoming>) -> Response<Full<By
             );
             response
         }
+        // Liveness: the runtime answers.
+        "/healthz/live" => text(StatusCode::OK, "alive\n".into()),
         "/healthz/ready" => {
             if inputs.ready.load(Ordering::Acquire) {
                 text(StatusCode::OK, "ready\n".into())

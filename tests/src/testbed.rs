@@ -492,6 +492,33 @@ impl Meshd {
         }
     }
 
+    /// A JSON document from the admin API (loopback :15000 in the node).
+    pub fn admin(&self, path: &str) -> String {
+        let path = path.to_owned();
+        let addr = SocketAddr::from(([127, 0, 0, 1], 15000));
+        match sys::in_netns(&self.node, move || sys::http_get(addr, &path)) {
+            Some((200, body)) => body,
+            other => panic!("admin API answered {other:?}; meshd log:\n{}", self.log()),
+        }
+    }
+
+    /// Runs `program args` in meshd's node namespace (where its loopback
+    /// admin API is), expecting success; returns stdout.
+    pub fn run_in_node(&self, program: &Path, args: &[&str]) -> String {
+        let program = program.to_owned();
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let output = sys::in_netns(&self.node, move || {
+            std::process::Command::new(program).args(args).output()
+        })
+        .expect("run in the node namespace");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
     /// Sum of the samples of `name` whose labels include all of `labels`.
     pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         metric_sum(&self.metrics(), name, labels)

@@ -182,3 +182,92 @@ fn reloads_apply_changes_and_refuse_mistakes_while_the_last_good_config_serves()
         1.0
     );
 }
+
+#[test]
+fn the_admin_api_and_meshd_status_show_config_health_certificates_and_change_the_log_level() {
+    let bed = Testbed::new(&["client", "v1", "v2"]);
+    serve(
+        &bed,
+        bed.pod("v1"),
+        8080,
+        &["--mode", "hello", "--name", "v1"],
+    );
+    // v2 runs nothing: its health check fails.
+    let identity = meshd_tests::clients::issuer_identity(&bed);
+    let services = format!(
+        "{}    healthCheck: {{ protocol: tcp, interval: 200ms }}\n",
+        web(&format!("{V1}, {V2}"), "").replace(
+            "  - name: echo\n    vip: 10.96.0.40\n    ports: [{ port: 9000 }]\n    endpoints: [{ address: 10.77.0.11, workload: v1 }, { address: 10.77.0.12, workload: v2 }]\n",
+            ""
+        )
+    );
+    let mut map = ConfigMap::new(&bed, &bed.config_with(0, &identity, &services));
+    let meshd = Meshd::spawn(&bed, &[map.file()], &[]);
+    meshd.wait_ready();
+    assert!(eventually(Duration::from_secs(10), || {
+        meshd.admin("/services").contains("\"healthy\": false")
+    }));
+    let status: serde_json::Value =
+        serde_json::from_str(&meshd.admin("/status")).expect("status JSON");
+    assert_eq!(status["node"], "node-a");
+    assert_eq!(status["ready"], true);
+    let endpoints = &status["services"][0]["endpoints"];
+    assert_eq!(endpoints[0]["healthy"], true, "{status:#}");
+    assert_eq!(endpoints[1]["healthy"], false, "{status:#}");
+    let certificates = status["certificates"].as_array().expect("certificates");
+    assert!(
+        certificates.iter().any(
+            |c| c["identity"] == "spiffe://cluster.local/ns/default/sa/client"
+                && c["expiresInSeconds"].as_i64().unwrap_or(0) > 3600
+        ),
+        "{status:#}"
+    );
+    assert!(status["workloads"]
+        .as_array()
+        .expect("workloads")
+        .iter()
+        .any(|w| w["name"] == "client"));
+
+    // A refused reload shows up, with its reason.
+    map.update("services: [\n");
+    assert!(eventually(Duration::from_secs(10), || {
+        meshd.admin("/config").contains("lastError\": \"")
+    }));
+    let config: serde_json::Value =
+        serde_json::from_str(&meshd.admin("/config")).expect("config JSON");
+    assert!(
+        config["lastError"]
+            .as_str()
+            .unwrap_or("")
+            .contains("mesh.yaml"),
+        "{config:#}"
+    );
+    assert!(config["files"][0]["contents"]
+        .as_str()
+        .unwrap_or("")
+        .contains("healthCheck"));
+
+    let summary = meshd.run_in_node(&workspace_binary("meshd"), &["status"]);
+    for want in [
+        "node node-a  ready",
+        "LAST RELOAD REFUSED",
+        "default/web 10.96.0.20  1/2 endpoints in rotation",
+        "10.77.0.12      this node  UNHEALTHY",
+        "spiffe://cluster.local/ns/default/sa/client  expires in 23h",
+    ] {
+        assert!(summary.contains(want), "no {want:?} in:\n{summary}");
+    }
+
+    // The log level changes at run time.
+    let out = meshd.run_in_node(
+        std::path::Path::new("curl"),
+        &[
+            "-sS",
+            "-X",
+            "PUT",
+            "http://127.0.0.1:15000/logging?level=warn",
+        ],
+    );
+    assert!(out.contains("\"level\": \"warn\""), "{out}");
+    assert!(meshd.admin("/logging").contains("\"warn\""));
+}
