@@ -382,11 +382,42 @@ impl Metrics {
     }
 }
 
-/// Renders `registry` in the Prometheus text format.
+/// Renders `registry` in the Prometheus text format (0.0.4), which every
+/// Prometheus, promtool and agent reads.
 pub fn render(registry: &Registry) -> String {
     let mut out = String::with_capacity(16 * 1024);
     // Writing into a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut out, registry);
+    prometheus_text(&out)
+}
+
+/// OpenMetrics text (what the encoder writes) as Prometheus text: counter
+/// families are named with their `_total` suffix in `HELP` and `TYPE`, and
+/// the OpenMetrics-only `# UNIT` and `# EOF` lines go.
+fn prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(line) => out.push_str(&line),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
     out
 }
 

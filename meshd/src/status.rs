@@ -162,9 +162,7 @@ fn route(
             let mut response = text(StatusCode::OK, body);
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
-                header::HeaderValue::from_static(
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                ),
+                header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
             );
             response
         }

@@ -271,3 +271,108 @@ fn the_admin_api_and_meshd_status_show_config_health_certificates_and_change_the
     assert!(out.contains("\"level\": \"warn\""), "{out}");
     assert!(meshd.admin("/logging").contains("\"warn\""));
 }
+
+/// Percent-encodes a PromQL query for a URL.
+fn encode(query: &str) -> String {
+    query
+        .bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'.' | b'-' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[test]
+fn a_real_prometheus_scrapes_meshd_and_promtool_finds_its_output_clean() {
+    let bed = Testbed::new(&["client", "v1"]);
+    serve(
+        &bed,
+        bed.pod("v1"),
+        8080,
+        &["--mode", "hello", "--name", "v1"],
+    );
+    serve(&bed, bed.pod("v1"), 9000, &["--mode", "echo"]);
+    let meshd = bed.start_meshd(&bed.config(&web(V1, "")));
+    let (code, _) = meshd_tests::clients::curl_args(
+        &bed,
+        bed.pod("client"),
+        &["-o", "/dev/null", "http://10.96.0.20/[1-5]"],
+    );
+    assert_eq!(code, 0);
+    client(
+        &bed,
+        bed.pod("client"),
+        &["echo", "--connect", "10.96.0.40:9000", "--bytes", "1000"],
+        Duration::from_secs(20),
+    );
+
+    // promtool lints exactly what meshd serves.
+    let text = meshd.metrics();
+    let mut lint = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (cargo xtask setup installs it)");
+    use std::io::Write as _;
+    lint.stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("feed promtool");
+    let lint = wait_with_timeout(lint, Duration::from_secs(30), "promtool");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&lint.stdout),
+        String::from_utf8_lossy(&lint.stderr)
+    );
+    // The one name promtool would have otherwise is Istio's own: dashboards
+    // and Kiali query `istio_request_duration_milliseconds`, so it stays.
+    let istio_unit =
+        "istio_request_duration_milliseconds use base unit \"seconds\" instead of \"milliseconds\"";
+    let problems: Vec<&str> = said
+        .lines()
+        .filter(|l| !l.trim().is_empty() && *l != istio_unit)
+        .collect();
+    assert!(problems.is_empty(), "promtool: {said}");
+
+    // Prometheus in the node's namespace, scraping every second.
+    let data = bed.dir.join("prometheus");
+    let config = bed.write(
+        "prometheus.yml",
+        &format!(
+            "global: {{ scrape_interval: 1s }}\nscrape_configs:\n  - job_name: meshd\n    static_configs: [{{ targets: ['{}:15020'] }}]\n",
+            bed.nodes[0].ip
+        ),
+    );
+    bed.spawn_on_node(
+        0,
+        std::path::Path::new("prometheus"),
+        &[
+            &format!("--config.file={}", config.display()),
+            &format!("--storage.tsdb.path={}", data.display()),
+            "--web.listen-address=127.0.0.1:9090",
+        ],
+    );
+    let query = |promql: &str| -> Option<f64> {
+        let path = format!("/api/v1/query?query={}", encode(promql));
+        let node = bed.nodes[0].netns.path();
+        let answer = meshd_tests::sys::in_netns(&node, move || {
+            meshd_tests::sys::http_get("127.0.0.1:9090".parse().expect("addr"), &path)
+        });
+        let (200, body) = answer? else { return None };
+        let json: serde_json::Value = serde_json::from_str(&body).ok()?;
+        json["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+    };
+    let requests = "sum(istio_requests_total{reporter=\"source\",destination_service=\"web.default.svc.cluster.local\",response_code=\"200\"})";
+    assert!(
+        eventually(Duration::from_secs(60), || query(requests) == Some(5.0)),
+        "Prometheus never saw 5 requests: {:?}",
+        query(requests)
+    );
+    let opened = "sum(istio_tcp_connections_opened_total{destination_service=\"echo.default.svc.cluster.local\",source_workload=\"client\"})";
+    assert_eq!(query(opened), Some(1.0));
+    assert_eq!(query("up{job=\"meshd\"}"), Some(1.0));
+}

@@ -28,6 +28,8 @@ impl Needs {
         // L7 tests load meshd with h2load.
         packages.push(("openssl", "openssl"));
         packages.push(("nghttp2-client", "h2load"));
+        // A real Prometheus scrapes meshd in the tests; promtool lints the output.
+        packages.push(("prometheus", "promtool"));
         if self == Self::Bench {
             packages.push(("iperf3", "iperf3"));
             packages.push(("haproxy", "haproxy"));
