@@ -163,18 +163,3 @@ fn the_ebpf_log_is_quiet_by_default_and_raised_by_a_flag() {
         assert_eq!(logged, expect, "--bpf-log {flag:?}; log:\n{}", meshd.log());
     }
 }
-
-#[test]
-fn the_example_configs_pass_meshd_check() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config");
-    let output = run(Command::new(sys::workspace_binary("meshd"))
-        .args(["check", "--config"])
-        .arg(dir.join("mesh.yaml"))
-        .arg("--config")
-        .arg(dir.join("node.yaml")));
-    assert!(
-        output.status.success(),
-        "deploy/config does not validate: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}

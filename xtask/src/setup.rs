@@ -43,7 +43,42 @@ impl Needs {
 pub fn install(needs: Needs) -> anyhow::Result<()> {
     rust_src()?;
     bpf_linker()?;
-    packages(&needs.packages())
+    packages(&needs.packages())?;
+    if needs == Needs::Test {
+        kubernetes_validate()?;
+    }
+    Ok(())
+}
+
+/// Validates the Kubernetes manifests offline (the deploy tests run it).
+const KUBERNETES_VALIDATE: &str = "1.37.0";
+const VENV: &str = "/usr/local/lib/meshd-xtask/venv";
+
+/// Installs kubernetes-validate from PyPI into a virtualenv of its own,
+/// linked onto the PATH.
+fn kubernetes_validate() -> anyhow::Result<()> {
+    if output(Command::new("sh").args(["-c", "command -v kubernetes-validate"])).is_some() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing kubernetes-validate {KUBERNETES_VALIDATE}");
+    if Command::new("python3")
+        .args(["-m", "venv", VENV])
+        .status()
+        .map_or(true, |s| !s.success())
+    {
+        apt_install(&["python3", "python3-venv"])?;
+        crate::run(Command::new("python3").args(["-m", "venv", VENV]))?;
+    }
+    crate::run(Command::new(format!("{VENV}/bin/pip")).args([
+        "install",
+        "-q",
+        &format!("kubernetes-validate=={KUBERNETES_VALIDATE}"),
+    ]))?;
+    crate::run(Command::new("ln").args([
+        "-sf",
+        &format!("{VENV}/bin/kubernetes-validate"),
+        "/usr/local/bin/kubernetes-validate",
+    ]))
 }
 
 fn output(command: &mut Command) -> Option<String> {
@@ -112,6 +147,10 @@ fn packages(wanted: &[(&str, &str)]) -> anyhow::Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
+    apt_install(&missing)
+}
+
+fn apt_install(missing: &[&str]) -> anyhow::Result<()> {
     if output(Command::new("id").arg("-u"))
         .as_deref()
         .map(str::trim)
@@ -127,7 +166,7 @@ fn packages(wanted: &[(&str, &str)]) -> anyhow::Result<()> {
     crate::run(
         Command::new("apt-get")
             .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&missing)
+            .args(missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
 }
