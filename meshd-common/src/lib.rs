@@ -25,6 +25,10 @@ pub const FLAG_SK_MSG: u32 = 1;
 /// `Settings::flags` bit: strict mode. Pods in the subtree accept new IPv4
 /// TCP connections only from `TRUSTED` sources (meshd's own addresses).
 pub const FLAG_STRICT: u32 = 2;
+/// `Settings::flags` bit: fail closed. While meshd's heartbeat is stale,
+/// captured connects are refused instead of going straight to their
+/// destination.
+pub const FLAG_FAIL_CLOSED: u32 = 4;
 /// Capacity of the map of trusted source addresses.
 pub const TRUSTED_CAPACITY: u32 = 64;
 
@@ -90,6 +94,9 @@ pub struct Settings {
     /// `FLAG_*` bits.
     pub flags: u32,
     pub _pad: u32,
+    /// meshd counts as gone when its heartbeat (`HEARTBEAT`, CLOCK_MONOTONIC
+    /// nanoseconds) is older than this; 0 never.
+    pub heartbeat_timeout_ns: u64,
 }
 
 /// Indexes into the per-CPU `COUNTERS` array.
@@ -105,8 +112,14 @@ pub mod counter {
     /// New inbound TCP connections to a pod that did not come through meshd,
     /// let in because the mesh is permissive.
     pub const PLAINTEXT_ACCEPTED: u32 = 4;
+    /// Captured connects let through to their destination because meshd's
+    /// heartbeat was stale (fail-open).
+    pub const FAILED_OPEN: u32 = 5;
+    /// Captured connects refused because meshd's heartbeat was stale
+    /// (fail-closed).
+    pub const FAILED_CLOSED: u32 = 6;
     /// Number of counters.
-    pub const LEN: u32 = 5;
+    pub const LEN: u32 = 7;
 }
 
 #[cfg(feature = "user")]

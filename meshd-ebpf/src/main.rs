@@ -24,57 +24,63 @@ use aya_ebpf::{
         sk_action::SK_PASS, BPF_ANY, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
     },
-    helpers::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
+    helpers::{bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::{cgroup_skb, cgroup_sock_addr, map, sk_msg, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
     programs::{SkBuffContext, SkMsgContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
 use meshd_common::{
-    counter, Destination, OrigDst, Settings, SockKey, DESTINATIONS_CAPACITY, FLAG_SK_MSG,
-    FLAG_STRICT, ORIG_DST_CAPACITY, SOCKETS_CAPACITY, TRUSTED_CAPACITY,
+    counter, Destination, OrigDst, Settings, SockKey, DESTINATIONS_CAPACITY, FLAG_FAIL_CLOSED,
+    FLAG_SK_MSG, FLAG_STRICT, ORIG_DST_CAPACITY, SOCKETS_CAPACITY, TRUSTED_CAPACITY,
 };
 
 /// `connect()` verdicts for cgroup/connect programs.
 const ALLOW: i32 = 1;
+const REFUSE: i32 = 0;
 const SOCK_STREAM: u32 = 1;
 /// Third 32-bit word of an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`).
 const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
+// Every map is pinned by name under meshd's pin directory, so a meshd
+// that restarts (or takes over from another) finds the same maps.
+
 #[map]
-static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+static SETTINGS: Array<Settings> = Array::pinned(1, 0);
+
+/// meshd's last sign of life, CLOCK_MONOTONIC nanoseconds.
+#[map]
+static HEARTBEAT: Array<u64> = Array::pinned(1, 0);
 
 /// Destinations to capture; the value is informational (1 service, 2 pod).
 #[map]
-static DESTINATIONS: HashMap<Destination, u32> =
-    HashMap::with_max_entries(DESTINATIONS_CAPACITY, 0);
+static DESTINATIONS: HashMap<Destination, u32> = HashMap::pinned(DESTINATIONS_CAPACITY, 0);
 
 /// Original destination by socket cookie, from connect until established.
 #[map]
-static CONNECTING: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(ORIG_DST_CAPACITY, 0);
+static CONNECTING: LruHashMap<u64, OrigDst> = LruHashMap::pinned(ORIG_DST_CAPACITY, 0);
 
 /// Original destination by the client's (ip, port); meshd deletes an entry
 /// once it has read it.
 #[map]
-static ORIG_DST: LruHashMap<Destination, OrigDst> =
-    LruHashMap::with_max_entries(ORIG_DST_CAPACITY, 0);
+static ORIG_DST: LruHashMap<Destination, OrigDst> = LruHashMap::pinned(ORIG_DST_CAPACITY, 0);
 
 /// Both ends of every accelerated app⇄meshd connection, each under its own key.
 #[map]
-static SOCKETS: SockHash<SockKey> = SockHash::with_max_entries(SOCKETS_CAPACITY, 0);
+static SOCKETS: SockHash<SockKey> = SockHash::pinned(SOCKETS_CAPACITY, 0);
 
 /// Sockets whose sends once found no peer: they stay on the TCP path for
 /// good, so their bytes can never overtake each other.
 #[map]
-static PASSTHROUGH: LruHashMap<SockKey, u8> = LruHashMap::with_max_entries(SOCKETS_CAPACITY, 0);
+static PASSTHROUGH: LruHashMap<SockKey, u8> = LruHashMap::pinned(SOCKETS_CAPACITY, 0);
 
 #[map]
-static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::LEN, 0);
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::LEN, 0);
 
 /// Source addresses allowed to open connections to pods in strict mode:
 /// the addresses meshd connects to pods from.
 #[map]
-static TRUSTED: HashMap<u32, u8> = HashMap::with_max_entries(TRUSTED_CAPACITY, 0);
+static TRUSTED: HashMap<u32, u8> = HashMap::pinned(TRUSTED_CAPACITY, 0);
 
 // === connect ===
 
@@ -95,8 +101,10 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, ()> {
         return Ok(ALLOW);
     }
     let dst = Destination::new(addr.user_ip4, u16::from_be(addr.user_port as u16));
-    let Some(settings) = capture(ctx, dst) else {
-        return Ok(ALLOW);
+    let settings = match capture(ctx, dst) {
+        Verdict::Pass => return Ok(ALLOW),
+        Verdict::Refuse => return Ok(REFUSE),
+        Verdict::Redirect(settings) => settings,
     };
     addr.user_ip4 = settings.proxy_ip;
     addr.user_port = u32::from((settings.proxy_port as u16).to_be());
@@ -115,34 +123,76 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, ()> {
         return Ok(ALLOW);
     }
     let dst = Destination::new(ip6[3], u16::from_be(addr.user_port as u16));
-    let Some(settings) = capture(ctx, dst) else {
-        return Ok(ALLOW);
+    let settings = match capture(ctx, dst) {
+        Verdict::Pass => return Ok(ALLOW),
+        Verdict::Refuse => return Ok(REFUSE),
+        Verdict::Redirect(settings) => settings,
     };
     addr.user_ip6[3] = settings.proxy_ip;
     addr.user_port = u32::from((settings.proxy_port as u16).to_be());
     Ok(ALLOW)
 }
 
-/// Decides whether a connect to `dst` is captured and, if so, records its
-/// original destination. Returns the settings to rewrite the address with.
+/// What a captured connect becomes.
+enum Verdict {
+    /// Untouched: not a mesh destination, meshd's own, or meshd is gone
+    /// and the mesh fails open.
+    Pass,
+    /// Refused: meshd is gone and the mesh fails closed.
+    Refuse,
+    /// To meshd's outbound listener (these settings).
+    Redirect(Settings),
+}
+
+/// Whether meshd's heartbeat is older than the settings allow.
 #[inline(always)]
-fn capture(ctx: &SockAddrContext, dst: Destination) -> Option<Settings> {
-    let settings = *SETTINGS.get(0)?;
+fn meshd_gone(settings: &Settings) -> bool {
+    if settings.heartbeat_timeout_ns == 0 {
+        return false;
+    }
+    let Some(beat) = HEARTBEAT.get(0) else {
+        return false;
+    };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    now.saturating_sub(*beat) > settings.heartbeat_timeout_ns
+}
+
+/// Decides what a connect to `dst` becomes and, when it is captured,
+/// records its original destination.
+#[inline(always)]
+fn capture(ctx: &SockAddrContext, dst: Destination) -> Verdict {
+    let Some(settings) = SETTINGS.get(0).copied() else {
+        return Verdict::Pass;
+    };
     if settings.proxy_port == 0 {
-        return None;
+        return Verdict::Pass;
     }
     // SAFETY: helper without arguments.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     if cgroup_id == settings.proxy_cgroup_id {
-        return None;
+        return Verdict::Pass;
     }
-    // SAFETY: the value is copied out before the map can change it.
-    unsafe { DESTINATIONS.get(&dst) }?;
+    // SAFETY: only presence is checked.
+    if unsafe { DESTINATIONS.get(&dst) }.is_none() {
+        return Verdict::Pass;
+    }
+    if meshd_gone(&settings) {
+        if settings.flags & FLAG_FAIL_CLOSED != 0 {
+            count(counter::FAILED_CLOSED);
+            return Verdict::Refuse;
+        }
+        count(counter::FAILED_OPEN);
+        return Verdict::Pass;
+    }
     // SAFETY: `ctx` is the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut c_void) };
-    CONNECTING
+    if CONNECTING
         .insert(&cookie, &OrigDst { cgroup_id, dst }, BPF_ANY as u64)
-        .ok()?;
+        .is_err()
+    {
+        return Verdict::Pass;
+    }
     count(counter::CAPTURED);
     debug!(
         ctx,
@@ -151,7 +201,7 @@ fn capture(ctx: &SockAddrContext, dst: Destination) -> Option<Settings> {
         dst.port,
         cgroup_id
     );
-    Some(settings)
+    Verdict::Redirect(settings)
 }
 
 // === sock_ops ===
@@ -297,7 +347,10 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<i32, i64> {
     if unsafe { TRUSTED.get(&source) }.is_some() {
         return Ok(PASS);
     }
-    if settings.flags & FLAG_STRICT != 0 {
+    // With meshd gone and the mesh failing open, connections that would
+    // have gone through it come straight here: let them in.
+    let failing_open = settings.flags & FLAG_FAIL_CLOSED == 0 && meshd_gone(settings);
+    if settings.flags & FLAG_STRICT != 0 && !failing_open {
         count(counter::STRICT_DROPPED);
         debug!(
             ctx,

@@ -1,6 +1,13 @@
 //! The eBPF loader: loads meshd's programs, attaches them to the pod and
 //! proxy cgroups, keeps the maps in step with the config, and answers
 //! "where was this accepted connection going?".
+//!
+//! Maps and links are pinned under `node.pinDir` (bpffs), so capture
+//! outlives the process: a meshd that is killed leaves its programs
+//! attached (the heartbeat then decides whether connects fail open or
+//! closed), and the next meshd adopts the maps, attaches its own programs
+//! and only then removes the old ones — no moment without capture. A
+//! graceful stop removes everything.
 
 use std::{
     collections::HashSet,
@@ -13,12 +20,15 @@ use std::{
 use aya::{
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, SockHash},
     programs::{
-        cgroup_sock_addr::CgroupSockAddrLinkId, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType,
-        CgroupSockAddr, ProgramError, SkMsg, SockOps,
+        links::{FdLink, PinnedLink},
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError, SkMsg,
+        SockOps,
     },
     Ebpf, EbpfLoader,
 };
-use meshd_common::{counter, Destination, OrigDst, Settings, SockKey, FLAG_SK_MSG, FLAG_STRICT};
+use meshd_common::{
+    counter, Destination, OrigDst, Settings, SockKey, FLAG_FAIL_CLOSED, FLAG_SK_MSG, FLAG_STRICT,
+};
 
 use crate::{
     config::BpfLogLevel,
@@ -49,6 +59,16 @@ pub enum CaptureError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "{path} is not on a BPF filesystem (bpffs): mount one with `mount -t bpf bpf /sys/fs/bpf` or set node.pinDir"
+    )]
+    NotBpffs { path: PathBuf },
+    #[error("pin directory {path}: {source}")]
+    Pins {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Where and how to capture.
@@ -63,6 +83,12 @@ pub struct CaptureSpec<'a> {
     /// Addresses meshd connects to pods from.
     pub trusted: Vec<std::net::Ipv4Addr>,
     pub log_level: BpfLogLevel,
+    /// Where maps and links are pinned (on bpffs).
+    pub pin_dir: &'a Path,
+    /// Capture stops redirecting (or refuses, `fail_closed`) once meshd's
+    /// heartbeat is older than this.
+    pub heartbeat_timeout: std::time::Duration,
+    pub fail_closed: bool,
 }
 
 /// Loaded, attached programs and the maps meshd talks to. Dropping it
@@ -70,6 +96,8 @@ pub struct CaptureSpec<'a> {
 pub struct Capture {
     programs: Mutex<Programs>,
     settings: Mutex<Array<MapData, Settings>>,
+    heartbeat: Mutex<Array<MapData, u64>>,
+    pin_dir: PathBuf,
     destinations: Mutex<HashMap<MapData, Destination, u32>>,
     orig_dst: Mutex<HashMap<MapData, Destination, OrigDst>>,
     sockets: SockHash<MapData, SockKey>,
@@ -77,10 +105,13 @@ pub struct Capture {
     installed: Mutex<HashSet<Destination>>,
 }
 
-/// The loaded object and the links that make capture live.
+/// The loaded object and the (pinned) links that make capture live.
 struct Programs {
     ebpf: Ebpf,
-    connect_links: Vec<(&'static str, CgroupSockAddrLinkId)>,
+    /// This process's links, by pin name; connect hooks first.
+    links: Vec<(String, PinnedLink)>,
+    /// Prefix of this process's link pins.
+    generation: String,
 }
 
 /// Entry counts and kernel-side event counters, for metrics.
@@ -125,8 +156,10 @@ impl Capture {
     /// Loads and attaches everything, with `mesh`'s destinations installed
     /// before the connect hooks go live.
     pub fn start(spec: &CaptureSpec<'_>, mesh: &Mesh) -> Result<Self, CaptureError> {
+        prepare_pin_dir(spec.pin_dir)?;
         let level = bpf_level(spec.log_level);
         let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(spec.pin_dir)
             .override_global(aya_log::LEVEL, &level, true)
             .load(aya::include_bytes_aligned!(concat!(
                 env!("OUT_DIR"),
@@ -137,7 +170,11 @@ impl Capture {
         }
 
         let mut settings: Array<MapData, Settings> = take_map(&mut ebpf, "SETTINGS")?;
-        let destinations = take_map(&mut ebpf, "DESTINATIONS")?;
+        let mut heartbeat: Array<MapData, u64> = take_map(&mut ebpf, "HEARTBEAT")?;
+        // Alive before anything reads the settings (an adopted map may hold
+        // a stale beat from a meshd that died).
+        beat(&mut heartbeat);
+        let destinations: HashMap<MapData, Destination, u32> = take_map(&mut ebpf, "DESTINATIONS")?;
         let orig_dst = take_map(&mut ebpf, "ORIG_DST")?;
         let sockets: SockHash<MapData, SockKey> = take_map(&mut ebpf, "SOCKETS")?;
         let counters = take_map(&mut ebpf, "COUNTERS")?;
@@ -147,11 +184,30 @@ impl Capture {
             proxy_port: u32::from(spec.proxy.port()),
             proxy_cgroup_id: spec.proxy_cgroup_id,
             flags: if spec.sk_msg { FLAG_SK_MSG } else { 0 }
-                | if spec.strict { FLAG_STRICT } else { 0 },
+                | if spec.strict { FLAG_STRICT } else { 0 }
+                | if spec.fail_closed {
+                    FLAG_FAIL_CLOSED
+                } else {
+                    0
+                },
             _pad: 0,
+            heartbeat_timeout_ns: spec.heartbeat_timeout.as_nanos() as u64,
         };
         settings.set(0, value, 0).map_err(map_error("SETTINGS"))?;
         let mut trusted: HashMap<MapData, u32, u8> = take_map(&mut ebpf, "TRUSTED")?;
+        let wanted: Vec<u32> = spec
+            .trusted
+            .iter()
+            .map(|a| u32::from_ne_bytes(a.octets()))
+            .collect();
+        let stale: Vec<u32> = trusted
+            .keys()
+            .flatten()
+            .filter(|k| !wanted.contains(k))
+            .collect();
+        for key in stale {
+            let _ = trusted.remove(&key);
+        }
         for address in &spec.trusted {
             trusted
                 .insert(u32::from_ne_bytes(address.octets()), 1, 0)
@@ -159,16 +215,23 @@ impl Capture {
         }
 
         let mut destinations = destinations;
-        let mut installed = HashSet::new();
+        // What an earlier meshd installed counts as installed: the sync
+        // below removes what this config does not want.
+        let mut installed: HashSet<Destination> = destinations.keys().flatten().collect();
         install_destinations(&mut destinations, &mut installed, mesh)?;
         let mut programs = Programs {
             ebpf,
-            connect_links: Vec::new(),
+            links: Vec::new(),
+            generation: format!("link-{}-{}", std::process::id(), monotonic_nanos()),
         };
         programs.attach(spec, &sockets)?;
+        // Ours are live: the programs an earlier meshd left go now.
+        remove_links(spec.pin_dir, |name| !name.starts_with(&programs.generation));
         Ok(Self {
             programs: Mutex::new(programs),
             settings: Mutex::new(settings),
+            heartbeat: Mutex::new(heartbeat),
+            pin_dir: spec.pin_dir.to_owned(),
             destinations: Mutex::new(destinations),
             orig_dst: Mutex::new(orig_dst),
             sockets,
@@ -207,6 +270,36 @@ impl Capture {
         drop(settings);
         lock(&self.programs).detach_connect();
     }
+
+    /// Refreshes the heartbeat the programs check.
+    pub fn beat(&self) {
+        beat(&mut lock(&self.heartbeat));
+    }
+
+    /// Removes every program and pin: capture ends for good (a graceful
+    /// stop with no meshd taking over).
+    pub fn remove_pins(&self) {
+        let mut programs = lock(&self.programs);
+        for (_, link) in std::mem::take(&mut programs.links) {
+            if let Ok(link) = link.unpin() {
+                drop(link);
+            }
+        }
+        drop(programs);
+        remove_links(&self.pin_dir, |_| true);
+        if let Ok(entries) = std::fs::read_dir(&self.pin_dir) {
+            for entry in entries.flatten() {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        let _ = std::fs::remove_dir(&self.pin_dir);
+    }
+
+    /// Leaves programs, links and maps in place for the next meshd (a
+    /// hand-over, or a restart that must not open a capture gap).
+    pub fn keep_pins(&self) {
+        lock(&self.programs).links.clear();
+    }
     /// Map sizes and kernel counters. Walks the maps: call it at scrape time.
     pub fn stats(&self) -> CaptureStats {
         let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
@@ -231,6 +324,8 @@ impl Capture {
                 ("sockets_added", event(counter::SOCKETS_ADDED)),
                 ("strict_dropped", event(counter::STRICT_DROPPED)),
                 ("plaintext_accepted", event(counter::PLAINTEXT_ACCEPTED)),
+                ("failed_open", event(counter::FAILED_OPEN)),
+                ("failed_closed", event(counter::FAILED_CLOSED)),
             ],
         }
     }
@@ -258,36 +353,72 @@ impl Programs {
         // sock_ops sees the pods' ends (active) and meshd's ends (passive).
         let sock_ops: &mut SockOps = self.program(SOCK_OPS)?;
         sock_ops.load().map_err(program_error(SOCK_OPS))?;
-        for cgroup in [&pods, &proxy] {
-            sock_ops
+        let mut links = Vec::new();
+        for (cgroup, place) in [(&pods, "pods"), (&proxy, "proxy")] {
+            let id = sock_ops
                 .attach(cgroup, mode)
                 .map_err(program_error(SOCK_OPS))?;
+            let link = sock_ops.take_link(id).map_err(program_error(SOCK_OPS))?;
+            links.push((format!("{SOCK_OPS}-{place}"), FdLink::try_from(link)));
         }
 
         // Mesh-mode enforcement on what reaches the pods.
         let ingress: &mut CgroupSkb = self.program(INGRESS)?;
         ingress.load().map_err(program_error(INGRESS))?;
-        ingress
+        let id = ingress
             .attach(&pods, CgroupSkbAttachType::Ingress, mode)
             .map_err(program_error(INGRESS))?;
+        let link = ingress.take_link(id).map_err(program_error(INGRESS))?;
+        links.push((INGRESS.to_owned(), FdLink::try_from(link)));
+        for (name, link) in links {
+            self.pin(spec.pin_dir, name, link)?;
+        }
 
         // Connect hooks last: from here on connections are captured.
         for name in [CONNECT4, CONNECT6] {
             let program: &mut CgroupSockAddr = self.program(name)?;
             program.load().map_err(program_error(name))?;
-            let link = program.attach(&pods, mode).map_err(program_error(name))?;
-            self.connect_links.push((name, link));
+            let id = program.attach(&pods, mode).map_err(program_error(name))?;
+            let link = program.take_link(id).map_err(program_error(name))?;
+            self.pin(spec.pin_dir, name.to_owned(), FdLink::try_from(link))?;
         }
         Ok(())
     }
 
+    /// Pins one link as `<generation>-<name>`.
+    fn pin(
+        &mut self,
+        dir: &Path,
+        name: String,
+        link: Result<FdLink, aya::programs::links::LinkError>,
+    ) -> Result<(), CaptureError> {
+        let pin_name = format!("{}-{name}", self.generation);
+        let path = dir.join(&pin_name);
+        let pinned = link
+            .map_err(|e| CaptureError::Pins {
+                path: path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?
+            .pin(&path)
+            .map_err(|e| CaptureError::Pins {
+                path: path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        self.links.push((pin_name, pinned));
+        Ok(())
+    }
+
     fn detach_connect(&mut self) {
-        for (name, link) in std::mem::take(&mut self.connect_links) {
-            let detached = self
-                .program::<CgroupSockAddr>(name)
-                .and_then(|program| program.detach(link).map_err(program_error(name)));
-            if let Err(err) = detached {
-                tracing::warn!(error = %err, "detaching a connect hook failed");
+        let (connect, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.links)
+            .into_iter()
+            .partition(|(name, _)| name.ends_with(CONNECT4) || name.ends_with(CONNECT6));
+        self.links = rest;
+        for (name, link) in connect {
+            match link.unpin() {
+                Ok(link) => drop(link),
+                Err(err) => {
+                    tracing::warn!(link = name, error = %err, "detaching a connect hook failed")
+                }
             }
         }
     }
@@ -332,6 +463,55 @@ fn install_destinations(
         installed.insert(*dst);
     }
     Ok(())
+}
+
+/// Makes sure `dir` exists on a BPF filesystem.
+fn prepare_pin_dir(dir: &Path) -> Result<(), CaptureError> {
+    std::fs::create_dir_all(dir).map_err(|source| CaptureError::Pins {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let on_bpffs = nix::sys::statfs::statfs(dir)
+        .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC);
+    if on_bpffs {
+        Ok(())
+    } else {
+        Err(CaptureError::NotBpffs {
+            path: dir.to_owned(),
+        })
+    }
+}
+
+/// Unpins (and so detaches) the link pins in `dir` whose names `which`
+/// selects.
+fn remove_links(dir: &Path, which: impl Fn(&str) -> bool) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("link-") || !which(&name) {
+            continue;
+        }
+        match PinnedLink::from_pin(entry.path()).map(PinnedLink::unpin) {
+            Ok(Ok(link)) => drop(link),
+            _ => {
+                // Not a link any more: just remove the pin.
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.
+fn monotonic_nanos() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+fn beat(map: &mut Array<MapData, u64>) {
+    let _ = map.set(0, monotonic_nanos(), 0);
 }
 
 /// A poisoned lock only means another thread panicked mid-syscall; the map

@@ -126,6 +126,9 @@ pub struct NodeSpec {
     /// Where this node's workload certificates come from. Default: none
     /// (no tunnels; cross-node endpoints are unreachable).
     pub identity: Option<IdentitySpec>,
+    /// Directory on bpffs where meshd pins its maps and programs, so
+    /// capture survives a meshd restart. Default `/sys/fs/bpf/meshd/<name>`.
+    pub pin_dir: Option<std::path::PathBuf>,
 }
 
 /// Certificates for the workloads of this node: from files, or minted by
@@ -287,6 +290,22 @@ pub struct ProxySpec {
     /// Level of the eBPF programs' own log (forwarded into meshd's log):
     /// `off`, `error`, `warn`, `info`, `debug` or `trace`. Default `off`.
     pub bpf_log_level: BpfLogLevel,
+    /// What captured connects do while meshd is dead or wedged (its
+    /// heartbeat older than `failTimeout`): `open` (go straight to their
+    /// destination) or `closed` (refused). Default `open`.
+    pub fail_mode: FailMode,
+    /// How old meshd's heartbeat may get before `failMode` applies.
+    /// Default `1s` (meshd beats every 200 ms).
+    #[serde(with = "humantime_serde")]
+    pub fail_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailMode {
+    #[default]
+    Open,
+    Closed,
 }
 
 impl Default for ProxySpec {
@@ -302,6 +321,8 @@ impl Default for ProxySpec {
             drain_timeout: Duration::from_secs(30),
             buffer_size: 16 * 1024,
             bpf_log_level: BpfLogLevel::Off,
+            fail_mode: FailMode::Open,
+            fail_timeout: Duration::from_secs(1),
         }
     }
 }

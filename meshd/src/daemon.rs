@@ -186,11 +186,15 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
                 .flatten()
                 .collect(),
             log_level: proxy.bpf_log_level,
+            pin_dir: &config.node.pin_dir,
+            heartbeat_timeout: proxy.fail_timeout,
+            fail_closed: proxy.fail_mode == crate::config::FailMode::Closed,
         },
         &mesh,
     )?;
     let capture = Arc::new(capture);
     let _ = status.capture.set(capture.clone());
+    tokio::spawn(heartbeat(capture.clone(), stop_rx.clone()));
 
     let mesh = Arc::new(mesh);
     crate::health::spawn_checkers(&mesh, &metrics);
@@ -263,9 +267,26 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         let _ = task.await;
     }
     drop(status);
+    // No meshd takes over: capture ends with this one.
+    capture.remove_pins();
     drop(capture);
     info!("stopped");
     Ok(())
+}
+
+/// How often meshd tells its programs it is alive.
+const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Beats until meshd stops. A runtime too wedged to run this task lets the
+/// heartbeat go stale, and the programs apply `proxy.failMode`.
+async fn heartbeat(capture: Arc<Capture>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => capture.beat(),
+            _ = crate::proxy::stopped(&mut stop) => return,
+        }
+    }
 }
 
 /// Re-reads changed certificate files and renews issued certificates.

@@ -35,6 +35,26 @@ pub fn require_privileges() {
     let _ = cgroup2_mount();
 }
 
+/// Where meshd pins its programs in the tests; mounted (bpffs) if it is
+/// not yet, as systemd does on most hosts.
+pub const BPFFS: &str = "/sys/fs/bpf";
+
+pub fn require_bpffs() {
+    let mounted = fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| {
+            l.split_whitespace().nth(1) == Some(BPFFS) && l.split_whitespace().nth(2) == Some("bpf")
+        });
+    if !mounted {
+        let status = Command::new("mount")
+            .args(["-t", "bpf", "bpf", BPFFS])
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "cannot mount bpffs at {BPFFS}");
+    }
+}
+
 // === cgroups ===
 
 /// A cgroup directory that is emptied of processes and removed on drop,

@@ -97,6 +97,7 @@ impl Testbed {
     /// Several nodes, each `(name, pods)`.
     pub fn nodes(layout: &[(&str, &[PodSpec<'_>])]) -> Self {
         sys::require_privileges();
+        sys::require_bpffs();
         let tag = format!(
             "{}-{}",
             std::process::id(),
@@ -237,9 +238,10 @@ impl Testbed {
     pub fn config_with(&self, node: usize, node_extra: &str, rest: &str) -> String {
         let this = &self.nodes[node];
         let mut yaml = format!(
-            "node:\n  name: {}\n  captureAddress: {}\n  podCgroup: {cg}/pods\n  proxyCgroup: {cg}/proxy\n{node_extra}",
+            "node:\n  name: {}\n  captureAddress: {}\n  podCgroup: {cg}/pods\n  proxyCgroup: {cg}/proxy\n  pinDir: {}\n{node_extra}",
             this.name,
             this.ip,
+            self.pin_dir(node).display(),
             cg = this.cgroup_path
         );
         if self.nodes.len() > 1 {
@@ -270,6 +272,16 @@ impl Testbed {
         }
         yaml.push_str(rest);
         yaml
+    }
+
+    /// Where node `node`'s meshd pins its programs and maps (removed with
+    /// the testbed).
+    pub fn pin_dir(&self, node: usize) -> PathBuf {
+        self.pins().join(&self.nodes[node].name)
+    }
+
+    fn pins(&self) -> PathBuf {
+        Path::new(sys::BPFFS).join(format!("meshd-test-{}", self.tag))
     }
 
     /// Node 0's config (see [`Self::config_for`]).
@@ -389,6 +401,8 @@ impl Drop for Testbed {
             let _ = child.wait();
         }
         let _ = fs::remove_dir_all(&self.dir);
+        // Unpinning detaches whatever a killed meshd left attached.
+        let _ = fs::remove_dir_all(self.pins());
         // Fields drop next: netns guards, then the root cgroup.
     }
 }
@@ -534,6 +548,12 @@ impl Meshd {
                 self.log()
             )
         })
+    }
+
+    /// SIGKILL, as a crash would: nothing of meshd's own shutdown runs.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Waits for meshd to exit by itself (e.g. on a start-up error).

@@ -33,6 +33,7 @@ pub struct Node {
     pub pod_cgroup: String,
     pub proxy_cgroup: String,
     pub identity: Option<IdentitySpec>,
+    pub pin_dir: std::path::PathBuf,
 }
 
 /// A validated authorization policy.
@@ -389,7 +390,14 @@ fn check_node(check: &mut Checker<'_>, file: usize, spec: NodeSpec) -> Node {
             check.fail(file, &field.clone().key("ttl"), "must be at least 10s");
         }
     }
+    let pin_dir = spec
+        .pin_dir
+        .unwrap_or_else(|| std::path::Path::new("/sys/fs/bpf/meshd").join(&spec.name));
+    if !pin_dir.is_absolute() {
+        check.fail(file, &at.clone().key("pinDir"), "must be an absolute path");
+    }
     Node {
+        pin_dir,
         name: spec.name.into(),
         capture_address,
         pod_cgroup: spec.pod_cgroup,

@@ -1,0 +1,183 @@
+//! A shared node proxy must never take the node's pods down with it. meshd
+//! beats a heartbeat into a BPF map; its programs stay pinned when it
+//! dies. With the heartbeat stale, captured connects go straight to their
+//! destination (fail-open) or are refused (fail-closed) — and a meshd that
+//! starts again adopts the pinned programs, with no moment where capture
+//! is off.
+
+use std::{
+    path::Path,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use meshd_tests::{
+    clients::{curl, serve},
+    sys::eventually,
+    testbed::Testbed,
+};
+
+/// How a connection to the pod address 10.77.0.11:8080 went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Probe {
+    /// Through meshd: the server saw meshd's address (10.77.0.1).
+    ViaMeshd,
+    /// Straight to the pod: the server saw the client (10.77.0.10).
+    Direct,
+    /// Refused or failed (curl's exit code).
+    Failed(i32),
+}
+
+fn probe(bed: &Testbed) -> Probe {
+    match curl(bed, bed.pod("client"), "http://10.77.0.11:8080/") {
+        (0, body) if body.contains(" to 10.77.0.1:") => Probe::ViaMeshd,
+        (0, body) if body.contains(" to 10.77.0.10:") => Probe::Direct,
+        (code, _) => Probe::Failed(code),
+    }
+}
+
+/// `client` and `v1` (a hello server on 8080, meshed), strict mode,
+/// `fail_mode`, a 1 s heartbeat timeout.
+fn bed(fail_mode: &str) -> (Testbed, String) {
+    let bed = Testbed::new(&["client", "v1"]);
+    serve(
+        &bed,
+        bed.pod("v1"),
+        8080,
+        &["--mode", "hello", "--name", "v1"],
+    );
+    let config = bed.config(&format!(
+        "mesh: {{ mode: strict }}
+proxy: {{ failMode: {fail_mode}, failTimeout: 1s }}
+services:
+  - name: web
+    vip: 10.96.0.20
+    ports: [{{ port: 8080 }}]
+    endpoints: [{{ address: 10.77.0.11, workload: v1 }}]
+"
+    ));
+    (bed, config)
+}
+
+/// Probes every 50 ms on a thread until stopped; returns what it saw.
+struct Prober {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Vec<Probe>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Prober {
+    fn start(bed: &Arc<Testbed>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let thread = {
+            let (bed, stop, seen) = (bed.clone(), stop.clone(), seen.clone());
+            std::thread::spawn(move || {
+                // Bounded: at most two minutes of probes.
+                let started = Instant::now();
+                while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(120)
+                {
+                    let outcome = probe(&bed);
+                    seen.lock().expect("lock").push(outcome);
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            })
+        };
+        Self {
+            stop,
+            seen,
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(mut self) -> Vec<Probe> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        self.seen.lock().expect("lock").clone()
+    }
+}
+
+impl Drop for Prober {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn fail_open_lets_connections_through_when_meshd_is_killed_and_a_restart_adopts_capture() {
+    let (bed, config) = bed("open");
+    let mut first = bed.start_meshd(&config);
+    assert_eq!(probe(&bed), Probe::ViaMeshd, "{}", first.log());
+
+    first.kill();
+    // Within the heartbeat timeout (1 s) plus slack, connects go straight
+    // to the pod — strict mode's ingress filter failing open too.
+    assert!(
+        eventually(Duration::from_secs(4), || probe(&bed) == Probe::Direct),
+        "connections did not fail open after meshd was killed"
+    );
+    for _ in 0..10 {
+        assert_eq!(probe(&bed), Probe::Direct);
+    }
+
+    // A new meshd adopts the pinned maps and programs.
+    let second = bed.start_meshd(&config);
+    assert_eq!(probe(&bed), Probe::ViaMeshd, "{}", second.log());
+    assert!(second.metric("meshd_bpf_events", &[("event", "failed_open")]) >= 10.0);
+}
+
+#[test]
+fn fail_closed_refuses_connections_when_meshd_is_killed_and_never_bypasses_it() {
+    let (bed, config) = bed("closed");
+    let bed = Arc::new(bed);
+    let mut first = bed.start_meshd(&config);
+    assert_eq!(probe(&bed), Probe::ViaMeshd, "{}", first.log());
+
+    let prober = Prober::start(&bed);
+    first.kill();
+    assert!(
+        eventually(Duration::from_secs(4), || {
+            prober
+                .seen
+                .lock()
+                .expect("lock")
+                .last()
+                .is_some_and(|p| matches!(p, Probe::Failed(_)))
+        }),
+        "connections were not refused after meshd was killed"
+    );
+    // Past the heartbeat timeout: now the programs refuse (before it, the
+    // dead listener did).
+    std::thread::sleep(Duration::from_secs(2));
+    let mut second = bed.start_meshd(&config);
+    assert!(eventually(Duration::from_secs(5), || {
+        prober.seen.lock().expect("lock").last() == Some(&Probe::ViaMeshd)
+    }));
+    let seen = prober.stop();
+    // Refused while meshd was gone, through meshd again after: never around it.
+    assert!(
+        !seen.contains(&Probe::Direct),
+        "a connection bypassed meshd: {seen:?}"
+    );
+    assert!(
+        seen.iter().any(|p| matches!(p, Probe::Failed(_))),
+        "{seen:?}"
+    );
+    assert!(second.metric("meshd_bpf_events", &[("event", "failed_closed")]) >= 1.0);
+
+    // A graceful stop takes the pinned programs with it (strict mode
+    // included): the pod is reached directly, nothing is left pinned.
+    let pins = bed.pin_dir(0);
+    assert!(second.terminate(Duration::from_secs(40)).success());
+    assert!(
+        !Path::new(&pins).exists(),
+        "pins left behind in {}",
+        pins.display()
+    );
+    assert_eq!(probe(&bed), Probe::Direct);
+}
