@@ -129,6 +129,9 @@ pub struct NodeSpec {
     /// Directory on bpffs where meshd pins its maps and programs, so
     /// capture survives a meshd restart. Default `/sys/fs/bpf/meshd/<name>`.
     pub pin_dir: Option<std::path::PathBuf>,
+    /// Unix socket a new meshd takes the running one's listeners over
+    /// from. Default `/run/meshd/<name>.sock`.
+    pub handover_socket: Option<std::path::PathBuf>,
 }
 
 /// Certificates for the workloads of this node: from files, or minted by

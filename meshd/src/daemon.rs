@@ -54,6 +54,8 @@ pub enum StartError {
     Issuer(#[from] CaError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error(transparent)]
+    Handover(#[from] crate::handover::HandoverError),
 }
 
 /// The certificate store `node.identity` asks for, loaded once.
@@ -130,22 +132,49 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         &crate::reload::workload_cgroup_ids(&prepared.cgroup_root, &config),
     );
 
-    // Bind everything before anything is served or captured.
+    // A meshd already running on this node hands its listeners over;
+    // otherwise bind everything, before anything is served or captured.
+    let mut taken = crate::handover::request(&config.node.handover_socket)?;
+    let mut take = |name: &str| taken.as_mut().and_then(|t| t.take(name));
     let outbound_addr = SocketAddrV4::new(config.node.capture_address, proxy.outbound_port);
-    let outbound = Outbound::bind(outbound_addr).await?;
-    let metrics_listener = StatusListener::bind(proxy.metrics_address, "metrics").await?;
-    let ready_listener = StatusListener::bind(proxy.readiness_address, "readiness").await?;
-    let admin_listener = StatusListener::bind(proxy.admin_address, "admin").await?;
+    let outbound = match take("outbound") {
+        Some(listener) => Outbound::adopt(listener, outbound_addr)?,
+        None => Outbound::bind(outbound_addr).await?,
+    };
+    let mut status_listener = async |address, what: &'static str| match take(what) {
+        Some(listener) => StatusListener::adopt(listener, address, what),
+        None => StatusListener::bind(address, what).await,
+    };
+    let metrics_listener = status_listener(proxy.metrics_address, "metrics").await?;
+    let ready_listener = status_listener(proxy.readiness_address, "readiness").await?;
+    let admin_listener = status_listener(proxy.admin_address, "admin").await?;
     let store = cert_store(&config)?;
     let inbound = match &store {
         Some(_) => {
             let ip = mesh
                 .own_tunnel_address()
                 .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
-            Some(Inbound::bind(SocketAddrV4::new(ip, proxy.inbound_port).into()).await?)
+            let address = SocketAddrV4::new(ip, proxy.inbound_port).into();
+            Some(match take("inbound") {
+                Some(listener) => Inbound::adopt(listener, address)?,
+                None => Inbound::bind(address).await?,
+            })
         }
         None => None,
     };
+    // Duplicates of every listener, for the meshd that takes over from this one.
+    let mut handed: Vec<(String, std::os::fd::OwnedFd)> = Vec::new();
+    let mut keep = |name: &str, fd: std::io::Result<std::os::fd::OwnedFd>| match fd {
+        Ok(fd) => handed.push((name.to_owned(), fd)),
+        Err(err) => warn!(listener = name, error = %err, "cannot keep a listener for hand-over"),
+    };
+    keep("outbound", outbound.duplicate());
+    keep("metrics", metrics_listener.duplicate());
+    keep("readiness", ready_listener.duplicate());
+    keep("admin", admin_listener.duplicate());
+    if let Some(inbound) = &inbound {
+        keep("inbound", inbound.duplicate());
+    }
     let mut terminate =
         tokio::signal::unix::signal(SignalKind::terminate()).map_err(StartError::Signals)?;
     let mut interrupt =
@@ -235,6 +264,16 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
 
     status.ready.store(true, Ordering::Release);
     metrics.ready.set(1);
+    // Serving: the meshd we took over from may stop accepting and drain.
+    if let Some(taken) = taken {
+        taken.ready();
+    }
+    let (handed_tx, mut handed_rx) = tokio::sync::oneshot::channel();
+    let handover_path = config.node.handover_socket.clone();
+    tokio::spawn(async move {
+        crate::handover::serve(handover_path, handed).await;
+        let _ = handed_tx.send(());
+    });
     info!(
         node = %config.node.name,
         outbound = %outbound_addr,
@@ -244,17 +283,22 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         "meshd ready"
     );
 
+    let mut handed_over = false;
     let outbound_ended = tokio::select! {
         _ = terminate.recv() => { info!("SIGTERM: stopping"); false }
         _ = interrupt.recv() => { info!("SIGINT: stopping"); false }
+        Ok(()) = &mut handed_rx => { info!("handed over to a new meshd: draining"); handed_over = true; false }
         _ = &mut outbound_task => { warn!("outbound listener ended unexpectedly"); true }
     };
     status.ready.store(false, Ordering::Release);
     metrics.ready.set(0);
 
     // New connections stop being captured before the listener closes, so
-    // none is redirected to a closed port.
-    capture.stop_capture();
+    // none is redirected to a closed port — unless a new meshd serves the
+    // same listener now: then capture stays exactly as it is.
+    if !handed_over {
+        capture.stop_capture();
+    }
     drop(inputs);
     let _ = stop_tx.send(true);
     if !outbound_ended {
@@ -267,8 +311,12 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         let _ = task.await;
     }
     drop(status);
-    // No meshd takes over: capture ends with this one.
-    capture.remove_pins();
+    if handed_over {
+        capture.keep_pins();
+    } else {
+        // No meshd takes over: capture ends with this one.
+        capture.remove_pins();
+    }
     drop(capture);
     info!("stopped");
     Ok(())

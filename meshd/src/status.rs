@@ -99,6 +99,25 @@ impl StatusListener {
         Ok(Self { listener, what })
     }
 
+    /// Serves on a listener handed over by the previous meshd.
+    pub fn adopt(
+        listener: std::net::TcpListener,
+        address: SocketAddr,
+        what: &'static str,
+    ) -> Result<Self, BindError> {
+        let listener = TcpListener::from_std(listener).map_err(|source| BindError {
+            address,
+            what,
+            source,
+        })?;
+        Ok(Self { listener, what })
+    }
+
+    /// A duplicate of the listening socket, for the next meshd.
+    pub fn duplicate(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        std::os::fd::AsFd::as_fd(&self.listener).try_clone_to_owned()
+    }
+
     /// Serves until `stop` turns true.
     pub async fn run(self, inputs: Arc<StatusInputs>, mut stop: watch::Receiver<bool>) {
         loop {

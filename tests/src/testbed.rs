@@ -238,10 +238,11 @@ impl Testbed {
     pub fn config_with(&self, node: usize, node_extra: &str, rest: &str) -> String {
         let this = &self.nodes[node];
         let mut yaml = format!(
-            "node:\n  name: {}\n  captureAddress: {}\n  podCgroup: {cg}/pods\n  proxyCgroup: {cg}/proxy\n  pinDir: {}\n{node_extra}",
+            "node:\n  name: {}\n  captureAddress: {}\n  podCgroup: {cg}/pods\n  proxyCgroup: {cg}/proxy\n  pinDir: {}\n  handoverSocket: {}\n{node_extra}",
             this.name,
             this.ip,
             self.pin_dir(node).display(),
+            self.dir.join(format!("handover-{}.sock", this.name)).display(),
             cg = this.cgroup_path
         );
         if self.nodes.len() > 1 {

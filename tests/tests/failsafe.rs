@@ -181,3 +181,116 @@ fn fail_closed_refuses_connections_when_meshd_is_killed_and_never_bypasses_it() 
     );
     assert_eq!(probe(&bed), Probe::Direct);
 }
+
+#[test]
+fn a_rolling_restart_under_load_fails_no_request_and_resets_no_connection() {
+    use meshd_tests::clients::{spawn_in, testkit};
+    use meshd_tests::sys::wait_with_timeout;
+    let bed = Testbed::new(&["client", "v1"]);
+    serve(
+        &bed,
+        bed.pod("v1"),
+        8080,
+        &["--mode", "hello", "--name", "v1"],
+    );
+    serve(&bed, bed.pod("v1"), 9000, &["--mode", "echo"]);
+    let config = bed.config(
+        "services:
+  - name: web
+    vip: 10.96.0.20
+    ports: [{ port: 80, targetPort: 8080, protocol: http }]
+    endpoints: [{ address: 10.77.0.11, workload: v1 }]
+  - name: echo
+    vip: 10.96.0.40
+    ports: [{ port: 9000 }]
+    endpoints: [{ address: 10.77.0.11, workload: v1 }]
+",
+    );
+    let mut old = bed.start_meshd(&config);
+    let client = bed.pod("client");
+    // A new connection per request, a long-lived connection, and HTTP
+    // keep-alive, all running across the restart.
+    let fresh = spawn_in(
+        &bed,
+        client,
+        &testkit(),
+        &[
+            "load",
+            "--connect",
+            "10.96.0.40:9000",
+            "--rate",
+            "50",
+            "--seconds",
+            "8",
+        ],
+    );
+    let long_lived = spawn_in(
+        &bed,
+        client,
+        &testkit(),
+        &[
+            "rr",
+            "--connect",
+            "10.96.0.40:9000",
+            "--rate",
+            "50",
+            "--seconds",
+            "8",
+        ],
+    );
+    let keep_alive = spawn_in(
+        &bed,
+        client,
+        std::path::Path::new("curl"),
+        &[
+            "-sS",
+            "-m",
+            "30",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}\\n",
+            "http://10.96.0.20/[1-300]",
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(2));
+
+    // The new meshd takes the listeners over; the old one drains and exits
+    // by itself once its connections are done.
+    let new = bed.start_meshd(&config);
+    let exited = old.wait_exit(Duration::from_secs(40));
+    assert!(exited.success(), "old meshd: {exited}\n{}", old.log());
+    assert!(
+        old.log().contains("handed over to a new meshd"),
+        "{}",
+        old.log()
+    );
+
+    for (what, child) in [("load", fresh), ("rr", long_lived)] {
+        let out = wait_with_timeout(child, Duration::from_secs(60), what);
+        assert!(
+            out.status.success(),
+            "{what} failed across the restart: {}{}\nold:\n{}\nnew:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            old.log(),
+            new.log()
+        );
+    }
+    let out = wait_with_timeout(keep_alive, Duration::from_secs(60), "curl");
+    let codes = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        codes.lines().filter(|c| *c == "200").count(),
+        300,
+        "{codes}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The new meshd serves, with the same pinned capture.
+    assert_eq!(probe_vip(&bed), "hello from v1");
+    assert!(new.metric("meshd_bpf_events", &[("event", "captured")]) > 0.0);
+}
+
+fn probe_vip(bed: &Testbed) -> String {
+    let (_, body) = curl(bed, bed.pod("client"), "http://10.96.0.20/");
+    body.split(" to ").next().unwrap_or_default().to_owned()
+}

@@ -34,6 +34,7 @@ pub struct Node {
     pub proxy_cgroup: String,
     pub identity: Option<IdentitySpec>,
     pub pin_dir: std::path::PathBuf,
+    pub handover_socket: std::path::PathBuf,
 }
 
 /// A validated authorization policy.
@@ -396,7 +397,11 @@ fn check_node(check: &mut Checker<'_>, file: usize, spec: NodeSpec) -> Node {
     if !pin_dir.is_absolute() {
         check.fail(file, &at.clone().key("pinDir"), "must be an absolute path");
     }
+    let handover_socket = spec
+        .handover_socket
+        .unwrap_or_else(|| std::path::Path::new("/run/meshd").join(format!("{}.sock", spec.name)));
     Node {
+        handover_socket,
         pin_dir,
         name: spec.name.into(),
         capture_address,

@@ -52,6 +52,21 @@ impl Outbound {
         Ok(Self { listener, address })
     }
 
+    /// Serves on a listener handed over by the previous meshd.
+    pub fn adopt(
+        listener: std::net::TcpListener,
+        address: SocketAddrV4,
+    ) -> Result<Self, OutboundError> {
+        let listener = TcpListener::from_std(listener)
+            .map_err(|source| OutboundError::Bind { address, source })?;
+        Ok(Self { listener, address })
+    }
+
+    /// A duplicate of the listening socket, for the next meshd.
+    pub fn duplicate(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        std::os::fd::AsFd::as_fd(&self.listener).try_clone_to_owned()
+    }
+
     pub fn address(&self) -> SocketAddrV4 {
         self.address
     }

@@ -62,6 +62,18 @@ impl Inbound {
         Ok(Self { listener, address })
     }
 
+    /// Serves on a listener handed over by the previous meshd.
+    pub fn adopt(listener: std::net::TcpListener, address: SocketAddr) -> Result<Self, BindError> {
+        let listener =
+            TcpListener::from_std(listener).map_err(|source| BindError { address, source })?;
+        Ok(Self { listener, address })
+    }
+
+    /// A duplicate of the listening socket, for the next meshd.
+    pub fn duplicate(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        std::os::fd::AsFd::as_fd(&self.listener).try_clone_to_owned()
+    }
+
     pub fn address(&self) -> SocketAddr {
         self.address
     }
