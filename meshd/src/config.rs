@@ -48,6 +48,41 @@ pub enum ConfigError {
     },
     #[error("no config file given")]
     NoFiles,
+    #[error("… and {0} more problems")]
+    More(usize),
+}
+
+/// Deepest nesting of flow collections (`[…]`, `{…}`) a config may have.
+pub const MAX_NESTING: usize = 64;
+
+/// The 1-based line where flow collections first nest deeper than `limit`
+/// (quotes and comments respected), if they do.
+fn too_deep(text: &str, limit: usize) -> Option<usize> {
+    let (mut depth, mut line) = (0usize, 1usize);
+    let (mut single, mut double, mut comment) = (false, false, false);
+    let mut previous = '\n';
+    for c in text.chars() {
+        match c {
+            '\n' => {
+                line += 1;
+                comment = false;
+            }
+            _ if comment => {}
+            '\'' if !double => single = !single,
+            '"' if !single && previous != '\\' => double = !double,
+            '#' if !single && !double && (previous.is_whitespace()) => comment = true,
+            '[' | '{' if !single && !double => {
+                depth += 1;
+                if depth > limit {
+                    return Some(line);
+                }
+            }
+            ']' | '}' if !single && !double => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        previous = c;
+    }
+    None
 }
 
 fn render_invalid(file: &Path, line: &Option<usize>, field: &str, message: &str) -> String {
@@ -674,6 +709,14 @@ impl Source {
     fn parse(&self) -> Result<ConfigFile, ConfigError> {
         if self.text.trim().is_empty() {
             return Ok(ConfigFile::default());
+        }
+        if let Some(line) = too_deep(&self.text, MAX_NESTING) {
+            return Err(ConfigError::Invalid {
+                file: self.path.clone(),
+                line: Some(line),
+                field: String::new(),
+                message: format!("nested more than {MAX_NESTING} levels deep"),
+            });
         }
         serde_yaml::from_str(&self.text).map_err(|err| {
             let line = err.location().map(|l| l.line());

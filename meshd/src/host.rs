@@ -55,11 +55,24 @@ pub enum HostError {
 /// cgroup2 mount point.
 pub fn preflight() -> Result<PathBuf, HostError> {
     check_privileges()?;
+    raise_descriptor_limit();
     let mount = cgroup2_mount()?;
     if !Path::new(KERNEL_BTF).exists() {
         return Err(HostError::NoBtf);
     }
     Ok(mount)
+}
+
+/// Every captured connection costs two descriptors (client and upstream):
+/// take all the hard limit allows (raising the soft limit needs no
+/// privilege). When even that runs out, listeners shed new connections.
+fn raise_descriptor_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err() {
+            tracing::warn!(soft, hard, "cannot raise the descriptor limit");
+        }
+    }
 }
 
 fn check_privileges() -> Result<(), HostError> {

@@ -134,6 +134,12 @@ pub struct HealthLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShedLabels {
+    /// `fd_exhausted`.
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     /// `ok` or `error`.
     pub result: &'static str,
@@ -181,6 +187,11 @@ pub struct Metrics {
     pub outlier_ejected: Family<ServiceLabels, Gauge>,
     pub health_checks: Family<HealthLabels, Counter>,
     pub config_reloads: Family<ResultLabels, Counter>,
+    pub connections_shed: Family<ShedLabels, Counter>,
+    /// The process's own state, read at each scrape.
+    pub resident_memory: Gauge,
+    pub open_fds: Gauge,
+    pub max_fds: Gauge,
     /// 1 when the last reload was applied, 0 when it was refused.
     pub config_last_reload_ok: Gauge,
     /// Endpoints failing their health check now; refreshed at each scrape.
@@ -219,6 +230,10 @@ impl Metrics {
             outlier_ejected: Family::default(),
             health_checks: Family::default(),
             config_reloads: Family::default(),
+            connections_shed: Family::default(),
+            resident_memory: Gauge::default(),
+            open_fds: Gauge::default(),
+            max_fds: Gauge::default(),
             config_last_reload_ok: Gauge::default(),
             unhealthy_endpoints: Family::default(),
             request_duration: Family::new_with_constructor(duration_histogram),
@@ -358,6 +373,28 @@ impl Metrics {
             "Endpoints out of rotation now because their health check fails",
             metrics.unhealthy_endpoints.clone(),
         );
+        meshd.register(
+            "connections_shed",
+            "New connections reset at once because meshd could not take them (out of file descriptors)",
+            metrics.connections_shed.clone(),
+        );
+        // The names every Prometheus client library uses for these.
+        registry.register(
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes",
+            metrics.resident_memory.clone(),
+        );
+        registry.register(
+            "process_open_fds",
+            "Number of open file descriptors",
+            metrics.open_fds.clone(),
+        );
+        registry.register(
+            "process_max_fds",
+            "Maximum number of open file descriptors",
+            metrics.max_fds.clone(),
+        );
+        let meshd = registry.sub_registry_with_prefix("meshd");
         meshd.register(
             "config_reloads",
             "Config reloads, applied (ok) or refused (error)",

@@ -109,6 +109,7 @@ pub async fn accept_loop<F, Fut>(
     use tracing::Instrument as _;
     let mut next_id = 0u64;
     let mut connections = tokio::task::JoinSet::new();
+    let mut shedder = Shedder::new(what);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -119,7 +120,11 @@ pub async fn accept_loop<F, Fut>(
                 }
                 Err(err) => {
                     metrics.accept_errors.inc();
-                    tracing::warn!(listener = what, error = %err, "accept failed");
+                    if out_of_descriptors(&err) {
+                        shedder.shed(&listener, metrics).await;
+                    } else {
+                        tracing::warn!(listener = what, error = %err, "accept failed");
+                    }
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
                 }
             },
@@ -145,6 +150,63 @@ pub async fn accept_loop<F, Fut>(
             "drain timeout reached; closing the rest"
         );
         connections.shutdown().await;
+    }
+}
+
+fn out_of_descriptors(err: &std::io::Error) -> bool {
+    matches!(err.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
+}
+
+/// Out of file descriptors, a listener cannot even accept a connection to
+/// refuse it: the connection would sit in the accept queue, its client
+/// waiting. A descriptor kept in reserve is given up to accept one such
+/// connection and reset it at once (the client learns immediately), then
+/// taken back. When descriptors free up, accepting just works again.
+struct Shedder {
+    what: &'static str,
+    reserve: Option<std::fs::File>,
+    shed: u64,
+    last_log: Option<std::time::Instant>,
+}
+
+impl Shedder {
+    fn new(what: &'static str) -> Self {
+        Self {
+            what,
+            reserve: std::fs::File::open("/dev/null").ok(),
+            shed: 0,
+            last_log: None,
+        }
+    }
+
+    async fn shed(&mut self, listener: &tokio::net::TcpListener, metrics: &Metrics) {
+        self.reserve = None;
+        // Whatever is queued now, without waiting for more.
+        while let Ok(Ok((stream, _))) =
+            tokio::time::timeout(Duration::ZERO, listener.accept()).await
+        {
+            let _ = stream.set_zero_linger();
+            drop(stream);
+            self.shed += 1;
+            metrics
+                .connections_shed
+                .get_or_create(&crate::metrics::ShedLabels {
+                    reason: "fd_exhausted",
+                })
+                .inc();
+        }
+        self.reserve = std::fs::File::open("/dev/null").ok();
+        let quiet = self
+            .last_log
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(5));
+        if !quiet {
+            self.last_log = Some(std::time::Instant::now());
+            tracing::warn!(
+                listener = self.what,
+                shed = self.shed,
+                "out of file descriptors: resetting new connections until some free up"
+            );
+        }
     }
 }
 

@@ -77,7 +77,34 @@ impl StatusInputs {
         if let Some(inputs) = self.mesh.get() {
             inputs.mesh.load().export_state(&self.metrics);
         }
+        self.export_process();
         crate::metrics::render(&self.registry)
+    }
+}
+
+impl StatusInputs {
+    /// Memory and descriptors, from /proc and the descriptor limit.
+    fn export_process(&self) {
+        let metrics = &self.metrics;
+        let rss = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<i64>().ok())
+            });
+        if let Some(kib) = rss {
+            metrics.resident_memory.set(kib * 1024);
+        }
+        if let Ok(entries) = std::fs::read_dir("/proc/self/fd") {
+            // Less the descriptor this listing holds.
+            metrics.open_fds.set(entries.count() as i64 - 1);
+        }
+        if let Ok((soft, _)) =
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        {
+            metrics.max_fds.set(i64::try_from(soft).unwrap_or(i64::MAX));
+        }
     }
 }
 

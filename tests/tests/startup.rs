@@ -163,3 +163,52 @@ fn the_ebpf_log_is_quiet_by_default_and_raised_by_a_flag() {
         assert_eq!(logged, expect, "--bpf-log {flag:?}; log:\n{}", meshd.log());
     }
 }
+
+#[test]
+fn huge_deeply_nested_and_duplicated_configs_are_refused_with_a_message() {
+    let dir = std::env::temp_dir().join(format!("meshd-bad-configs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let node = "node: { name: a, captureAddress: 10.77.0.1, podCgroup: /pods }\n";
+    let mut duplicates = String::from(node);
+    duplicates.push_str("services:\n");
+    for _ in 0..20_000 {
+        duplicates.push_str("  - { name: same, vip: 10.96.0.1, ports: [{ port: 80 }] }\n");
+    }
+    let cases: [(&str, String, &str); 4] = [
+        (
+            "huge.yaml",
+            format!("{node}# {}\n", "x".repeat(17 * 1024 * 1024)),
+            "more than the 16777216 meshd accepts",
+        ),
+        (
+            "deep.yaml",
+            format!(
+                "{node}services: {}{}\n",
+                "[".repeat(100_000),
+                "]".repeat(100_000)
+            ),
+            "nested more than 64 levels deep",
+        ),
+        (
+            "keys.yaml",
+            format!("{node}proxy: {{ skMsg: true, skMsg: false }}\n"),
+            "duplicate",
+        ),
+        (
+            "many.yaml",
+            duplicates,
+            "services[1].name: service default/same is defined twice",
+        ),
+    ];
+    for (name, text, want) in cases {
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write");
+        let output = run(Command::new(sys::workspace_binary("meshd"))
+            .args(["check", "--config"])
+            .arg(&path));
+        let said = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{name}: {said:.300}");
+        assert!(said.contains(want), "{name}: want {want:?} in {said:.300}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -126,10 +126,20 @@ const UNKNOWN: &str = "unknown";
 struct Checker<'a> {
     sources: &'a [Source],
     errors: Vec<ConfigError>,
+    /// Errors beyond the first `MAX_REPORTED`, only counted: locating each
+    /// costs a pass over its file, and nobody reads ten thousand.
+    more: usize,
 }
+
+/// Errors reported in full; the rest are counted.
+const MAX_REPORTED: usize = 50;
 
 impl Checker<'_> {
     fn fail(&mut self, file: usize, field: &FieldPath, message: impl Into<String>) {
+        if self.errors.len() >= MAX_REPORTED {
+            self.more += 1;
+            return;
+        }
         let error = self.sources[file].error(field, message);
         self.errors.push(error);
     }
@@ -225,6 +235,7 @@ pub(super) fn validate(sources: &[Source], files: Vec<ConfigFile>) -> Result<Con
     let mut check = Checker {
         sources,
         errors: Vec::new(),
+        more: 0,
     };
     let root = FieldPath::default();
 
@@ -336,7 +347,13 @@ pub(super) fn validate(sources: &[Source], files: Vec<ConfigFile>) -> Result<Con
             services: services.into_iter().map(|(_, _, s)| s).collect(),
             workloads: workloads.into_iter().map(|(_, _, w)| w).collect(),
         }),
-        _ => Err(ConfigErrors(check.errors)),
+        _ => {
+            let mut errors = check.errors;
+            if check.more > 0 {
+                errors.push(ConfigError::More(check.more));
+            }
+            Err(ConfigErrors(errors))
+        }
     }
 }
 

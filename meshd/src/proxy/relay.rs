@@ -1,5 +1,7 @@
 //! Copies bytes both ways between a client and its upstream with bounded
-//! buffers, propagating half-close, and counting bytes as they pass.
+//! buffers, propagating half-close, and counting bytes as they pass. A
+//! direction holds its buffer only while bytes are in flight: thousands of
+//! idle connections cost no buffer memory.
 
 use std::{
     io,
@@ -53,6 +55,90 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
     }
 }
 
+/// One direction of a relay.
+struct Pump {
+    /// Present only while bytes wait to be written.
+    buffer: Option<Box<[u8]>>,
+    size: usize,
+    /// Buffered bytes not yet written: `buffer[written..filled]`.
+    written: usize,
+    filled: usize,
+    /// The reader reached its end; the writer is shut down once flushed.
+    eof: bool,
+    finished: bool,
+}
+
+impl Pump {
+    fn new(size: usize) -> Self {
+        Self {
+            buffer: None,
+            size,
+            written: 0,
+            filled: 0,
+            eof: false,
+            finished: false,
+        }
+    }
+
+    /// Moves bytes from `reader` to `writer` until the reader ends (then
+    /// shuts the writer down) or either side would block.
+    fn poll<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+        writer: &mut W,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        if self.finished {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            while self.written < self.filled {
+                let Some(buffer) = &self.buffer else { break };
+                let n = std::task::ready!(
+                    Pin::new(&mut *writer).poll_write(cx, &buffer[self.written..self.filled])
+                )?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.written += n;
+            }
+            if self.eof {
+                std::task::ready!(Pin::new(&mut *writer).poll_flush(cx))?;
+                std::task::ready!(Pin::new(&mut *writer).poll_shutdown(cx))?;
+                self.finished = true;
+                self.buffer = None;
+                return Poll::Ready(Ok(()));
+            }
+            let size = self.size;
+            let buffer = self
+                .buffer
+                .get_or_insert_with(|| vec![0; size].into_boxed_slice());
+            let mut read = ReadBuf::new(buffer);
+            match Pin::new(&mut *reader).poll_read(cx, &mut read) {
+                Poll::Ready(Ok(())) => {
+                    let n = read.filled().len();
+                    self.written = 0;
+                    self.filled = n;
+                    self.eof = n == 0;
+                }
+                Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+                Poll::Pending => {
+                    // Nothing in flight: an idle direction holds no buffer.
+                    self.buffer = None;
+                    self.written = 0;
+                    self.filled = 0;
+                    std::task::ready!(Pin::new(&mut *writer).poll_flush(cx))?;
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
 /// Something a relay can reset when the other side failed.
 pub trait Resettable {
     /// Makes the next close a reset (a no-op where there is no socket).
@@ -88,12 +174,17 @@ where
         inner: upstream,
         read: sent,
     };
-    let result = tokio::io::copy_bidirectional_with_sizes(
-        &mut from_client,
-        &mut from_upstream,
-        buffer_size,
-        buffer_size,
-    )
+    let mut to_upstream = Pump::new(buffer_size);
+    let mut to_client = Pump::new(buffer_size);
+    let result = std::future::poll_fn(|cx| {
+        let up = to_upstream.poll(cx, &mut from_client, &mut from_upstream)?;
+        let down = to_client.poll(cx, &mut from_upstream, &mut from_client)?;
+        if up.is_ready() && down.is_ready() {
+            Poll::Ready(Ok::<(), io::Error>(()))
+        } else {
+            Poll::Pending
+        }
+    })
     .await;
     if result.is_err() {
         from_client.inner.reset_on_close();

@@ -54,7 +54,9 @@ enum Command {
     Serve {
         #[arg(long)]
         listen: SocketAddr,
-        #[arg(long, value_parser = ["hello", "echo", "sink", "source"])]
+        /// `echo-many` echoes like `echo` on one thread, for thousands of
+        /// connections at once.
+        #[arg(long, value_parser = ["hello", "echo", "echo-many", "sink", "source"])]
         mode: String,
         /// Name `hello` answers with.
         #[arg(long, default_value = "server")]
@@ -114,6 +116,17 @@ enum Command {
         #[arg(long, default_value_t = 100_000)]
         bytes: u64,
     },
+    /// Open COUNT connections to an echo server one after another, one
+    /// round trip each, then keep them all open and idle for SECONDS;
+    /// prints `open COUNT` once they all are.
+    Idle {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
     /// Connect, send bytes for ever (slowly), never read.
     Hold {
         #[arg(long)]
@@ -167,6 +180,12 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Thousands of connections need more descriptors than the usual soft
+    // limit: take what the hard limit allows.
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
     match Cli::parse().command {
         Command::Serve {
             listen,
@@ -201,6 +220,11 @@ fn main() -> anyhow::Result<()> {
             Duration::from_millis(ramp_ms),
         ),
         Command::Hold { connect } => hold(connect),
+        Command::Idle {
+            connect,
+            count,
+            seconds,
+        } => idle(connect, count, seconds),
         Command::HttpIdle { connect } => http_idle(connect),
         Command::Load {
             connect,
@@ -328,6 +352,9 @@ fn serve(
     delay: Duration,
     misbehave: Misbehave,
 ) -> anyhow::Result<()> {
+    if mode == "echo-many" {
+        return serve_echo_many(listen);
+    }
     let listener = TcpListener::bind(listen).with_context(|| format!("bind {listen}"))?;
     println!("listening {listen} {mode}");
     io::stdout().flush()?;
@@ -472,6 +499,28 @@ fn serve_hello(
     }
 }
 
+fn serve_echo_many(listen: SocketAddr) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("bind {listen}"))?;
+        println!("listening {listen} echo-many");
+        io::stdout().flush()?;
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let (mut reader, mut writer) = stream.split();
+                let _ = tokio::io::copy(&mut reader, &mut writer).await;
+            });
+        }
+    })
+}
+
 fn serve_echo(mut stream: TcpStream) -> io::Result<()> {
     let mut reader = stream.try_clone()?;
     io::copy(&mut reader, &mut stream)?;
@@ -535,6 +584,35 @@ fn upgrade(connect: SocketAddr, bytes: u64) -> anyhow::Result<()> {
         bail!("the echo differs from what was sent");
     }
     println!("upgraded echo ok {bytes}");
+    Ok(())
+}
+
+fn idle(connect: SocketAddr, count: usize, seconds: u64) -> anyhow::Result<()> {
+    let mut open = Vec::with_capacity(count);
+    for i in 0..count {
+        let mut stream = TcpStream::connect_timeout(&connect, Duration::from_secs(10))
+            .with_context(|| format!("connection {i} of {count}"))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.write_all(b"ping")?;
+        let mut pong = [0u8; 4];
+        Retrying(&mut stream)
+            .read_exact(&mut pong)
+            .with_context(|| format!("round trip {i} of {count}"))?;
+        open.push(stream);
+    }
+    println!("open {count}");
+    io::stdout().flush()?;
+    thread::sleep(Duration::from_secs(seconds));
+    // Still all usable at the end.
+    for (i, stream) in open.iter_mut().enumerate() {
+        stream.write_all(b"ping")?;
+        let mut pong = [0u8; 4];
+        Retrying(&mut *stream)
+            .read_exact(&mut pong)
+            .with_context(|| format!("final round trip {i}"))?;
+    }
+    // Whoever read "open" may have stopped listening.
+    let _ = writeln!(io::stdout(), "closed {count}");
     Ok(())
 }
 
