@@ -114,6 +114,22 @@ fn fail_open_lets_connections_through_when_meshd_is_killed_and_a_restart_adopts_
     let mut first = bed.start_meshd(&config);
     assert_eq!(probe(&bed), Probe::ViaMeshd, "{}", first.log());
 
+    // Wedged (stopped, not dead): the heartbeat goes stale just the same,
+    // and capture comes back when meshd runs again.
+    let pid = nix::unistd::Pid::from_raw(first.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    let failed_open = eventually(Duration::from_secs(4), || probe(&bed) == Probe::Direct);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
+    assert!(
+        failed_open,
+        "connections did not fail open while meshd was stopped"
+    );
+    assert!(
+        eventually(Duration::from_secs(4), || probe(&bed) == Probe::ViaMeshd),
+        "capture did not resume: {}",
+        first.log()
+    );
+
     first.kill();
     // Within the heartbeat timeout (1 s) plus slack, connects go straight
     // to the pod — strict mode's ingress filter failing open too.

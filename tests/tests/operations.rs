@@ -181,6 +181,35 @@ fn reloads_apply_changes_and_refuse_mistakes_while_the_last_good_config_serves()
         meshd.metric("meshd_config_last_reload_successful", &[]),
         1.0
     );
+
+    // A policy added by a reload applies at once, and goes with the next.
+    let deny = "policies:
+  - name: no-client
+    target: { service: default/web }
+    action: deny
+    from: [{ principals: [cluster.local/ns/default/sa/client] }]
+";
+    map.update(&bed.config(&web(V1, deny)));
+    assert!(eventually(Duration::from_secs(10), || reloads(
+        &meshd, "ok"
+    ) == 3.0));
+    let (_, denied) = meshd_tests::clients::curl_args(
+        &bed,
+        bed.pod("client"),
+        &[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "http://10.96.0.20/",
+        ],
+    );
+    assert_eq!(denied, "403");
+    map.update(&bed.config(&web(V1, "")));
+    assert!(eventually(Duration::from_secs(10), || reloads(
+        &meshd, "ok"
+    ) == 4.0));
+    assert!(hello().starts_with("hello from v1"));
 }
 
 #[test]
