@@ -167,6 +167,9 @@ pub struct NodeSpec {
     /// Unix socket a new meshd takes the running one's listeners over
     /// from. Default `/run/meshd/<name>.sock`.
     pub handover_socket: Option<std::path::PathBuf>,
+    /// The host's cgroup namespace, entered when meshd starts in a
+    /// container's own. Default `/proc/1/ns/cgroup` (needs `hostPID`).
+    pub host_cgroup_namespace: Option<std::path::PathBuf>,
 }
 
 /// Certificates for the workloads of this node: from files, or minted by

@@ -114,6 +114,9 @@ pub fn prepare(paths: &[PathBuf], overrides: &Overrides) -> Result<Prepared, Sta
     }
     let cgroup_root = host::preflight()?;
     let proxy_dir = host::cgroup_dir(&cgroup_root, &config.node.proxy_cgroup);
+    if host::enter_host_cgroup_namespace(&config.node.host_cgroup_namespace)? {
+        info!("entered the host's cgroup namespace");
+    }
     let proxy_cgroup_id = host::join_cgroup(&proxy_dir)?;
     Ok(Prepared {
         paths: paths.to_vec(),

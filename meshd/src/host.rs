@@ -43,12 +43,16 @@ pub enum HostError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot move meshd into cgroup {path}: {source}")]
+    #[error(
+        "cannot move meshd into cgroup {path}: {source} (in a container with its own cgroup namespace, give meshd hostPID and CAP_SYS_ADMIN so it can enter the host's)"
+    )]
     JoinCgroup {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot enter the host's cgroup namespace (meshd needs CAP_SYS_ADMIN for it): {0}")]
+    CgroupNamespace(#[source] std::io::Error),
 }
 
 /// Checks, in order, privileges, the cgroup2 mount and BTF, and returns the
@@ -169,6 +173,30 @@ pub fn cgroup_id(dir: &Path) -> Result<u64, HostError> {
 
 /// Creates cgroup `dir` if needed and moves this whole process into it.
 /// Returns the cgroup's id.
+/// The inode of the kernel's initial cgroup namespace (`PROC_CGROUP_INIT_INO`).
+const INIT_CGROUP_NAMESPACE: u64 = 0xEFFF_FFFB;
+
+/// Enters the host's cgroup namespace (`host`, e.g. `/proc/1/ns/cgroup`
+/// with `hostPID`) when meshd runs in one of its own: container runtimes on
+/// cgroup v2 give every container one, and from inside it a host mounted
+/// with `nsdelegate` (systemd's default) refuses to move meshd out to
+/// `node.proxyCgroup`. Needs CAP_SYS_ADMIN; returns whether it switched.
+/// Call it before any thread starts: the namespace is per thread.
+pub fn enter_host_cgroup_namespace(host: &Path) -> Result<bool, HostError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let ours = fs::metadata("/proc/self/ns/cgroup").map(|m| m.ino());
+    if ours.is_err() || ours.is_ok_and(|ino| ino == INIT_CGROUP_NAMESPACE) {
+        return Ok(false);
+    }
+    let target = fs::File::open(host).map_err(|source| HostError::Read {
+        path: host.to_owned(),
+        source,
+    })?;
+    nix::sched::setns(target, nix::sched::CloneFlags::CLONE_NEWCGROUP)
+        .map_err(|err| HostError::CgroupNamespace(err.into()))?;
+    Ok(true)
+}
+
 pub fn join_cgroup(dir: &Path) -> Result<u64, HostError> {
     let join = |source| HostError::JoinCgroup {
         path: dir.to_owned(),

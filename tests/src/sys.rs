@@ -55,6 +55,50 @@ pub fn require_bpffs() {
     }
 }
 
+/// The cgroup2 mount made a delegation boundary for cgroup namespaces
+/// (`nsdelegate`, as systemd mounts it on most hosts) while this lives;
+/// put back as it was on drop.
+pub struct NsDelegate {
+    mount: PathBuf,
+    was_set: bool,
+}
+
+impl NsDelegate {
+    pub fn enable() -> Self {
+        let mount = cgroup2_mount();
+        let was_set = fs::read_to_string("/proc/mounts")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == mount.to_str() && l.contains("nsdelegate"));
+        if !was_set {
+            nix::mount::mount(
+                None::<&str>,
+                &mount,
+                None::<&str>,
+                nix::mount::MsFlags::MS_REMOUNT,
+                Some("nsdelegate"),
+            )
+            .expect("remount cgroup2 with nsdelegate");
+        }
+        Self { mount, was_set }
+    }
+}
+
+impl Drop for NsDelegate {
+    fn drop(&mut self) {
+        if !self.was_set {
+            // A remount with no options clears the flag again.
+            let _ = nix::mount::mount(
+                None::<&str>,
+                &self.mount,
+                None::<&str>,
+                nix::mount::MsFlags::MS_REMOUNT,
+                Some(""),
+            );
+        }
+    }
+}
+
 // === cgroups ===
 
 /// A cgroup directory that is emptied of processes and removed on drop,

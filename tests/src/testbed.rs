@@ -427,13 +427,33 @@ impl Meshd {
     /// Spawns `meshd run` in node `node`'s namespace, starting from the
     /// test's root cgroup (meshd moves itself into its own).
     pub fn spawn_on(testbed: &Testbed, node: usize, configs: &[PathBuf], extra: &[&str]) -> Self {
+        Self::spawn_wrapped(testbed, node, configs, extra, &[])
+    }
+
+    /// As [`Self::spawn_on`], with meshd started by `wrapper` (e.g.
+    /// `["unshare", "--cgroup", "--"]`).
+    pub fn spawn_wrapped(
+        testbed: &Testbed,
+        node: usize,
+        configs: &[PathBuf],
+        extra: &[&str],
+        wrapper: &[&str],
+    ) -> Self {
         let meshd = sys::workspace_binary("meshd");
         let log = testbed.dir.join(format!(
             "meshd-{}-{}.log",
             testbed.nodes[node].name,
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
-        let mut args = vec!["run".to_owned()];
+        let (program, mut args) = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut args: Vec<String> = rest.iter().map(|s| (*s).to_owned()).collect();
+                args.push(meshd.display().to_string());
+                (PathBuf::from(program), args)
+            }
+            None => (meshd.clone(), Vec::new()),
+        };
+        args.push("run".to_owned());
         for config in configs {
             args.push("--config".into());
             args.push(config.display().to_string());
@@ -441,7 +461,7 @@ impl Meshd {
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let log_file = fs::File::create(&log).expect("create meshd log");
-        let child = sys::command_in(&testbed.root, &testbed.nodes[node].netns, &meshd, &args)
+        let child = sys::command_in(&testbed.root, &testbed.nodes[node].netns, &program, &args)
             .env(
                 "MESHD_LOG",
                 std::env::var("MESHD_TEST_LOG").unwrap_or_else(|_| "info,meshd=debug".into()),

@@ -212,3 +212,54 @@ fn huge_deeply_nested_and_duplicated_configs_are_refused_with_a_message() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn meshd_in_a_private_cgroup_namespace_still_joins_its_cgroup_and_captures() {
+    // Container runtimes on cgroup v2 give containers a cgroup namespace of
+    // their own, from which the host's proxy cgroup is out of reach.
+    use meshd_tests::{clients::serve, testbed::Meshd};
+    // As systemd mounts it: namespaces are delegation boundaries, so a
+    // process cannot move itself out of its namespace's root.
+    let _delegate = sys::NsDelegate::enable();
+    let bed = Testbed::new(&["client", "server"]);
+    serve(
+        &bed,
+        bed.pod("server"),
+        8080,
+        &["--mode", "hello", "--name", "server"],
+    );
+    let config = bed.write(
+        "meshd.yaml",
+        &bed.config_with(
+            0,
+            // This test's own namespace plays the host's.
+            &format!("  hostCgroupNamespace: /proc/{}/ns/cgroup\n", std::process::id()),
+            "services:\n  - { name: web, vip: 10.96.0.20, ports: [{ port: 80, targetPort: 8080 }], endpoints: [{ address: 10.77.0.11 }] }\n",
+        ),
+    );
+    // Like a container: its own cgroup (inside the pod tree), made the
+    // root of a new cgroup namespace; node.proxyCgroup lies outside it.
+    let container = bed.pods[0]
+        .cgroup
+        .dir
+        .parent()
+        .expect("pods cgroup")
+        .join("meshd-container");
+    let script = format!(
+        r#"mkdir -p {dir} && echo $$ > {dir}/cgroup.procs && exec unshare --cgroup -- "$@""#,
+        dir = container.display()
+    );
+    let meshd = Meshd::spawn_wrapped(&bed, 0, &[config], &[], &["sh", "-c", &script, "sh"]);
+    meshd.wait_ready();
+    assert!(
+        meshd.log().contains("entered the host's cgroup namespace"),
+        "{}",
+        meshd.log()
+    );
+    let (code, body) = meshd_tests::clients::curl(&bed, bed.pod("client"), "http://10.96.0.20/");
+    assert_eq!(code, 0, "{}", meshd.log());
+    assert!(
+        body.starts_with("hello from server to 10.77.0.1:"),
+        "{body}"
+    );
+}

@@ -35,6 +35,7 @@ pub struct Node {
     pub identity: Option<IdentitySpec>,
     pub pin_dir: std::path::PathBuf,
     pub handover_socket: std::path::PathBuf,
+    pub host_cgroup_namespace: std::path::PathBuf,
 }
 
 /// A validated authorization policy.
@@ -418,6 +419,9 @@ fn check_node(check: &mut Checker<'_>, file: usize, spec: NodeSpec) -> Node {
         .handover_socket
         .unwrap_or_else(|| std::path::Path::new("/run/meshd").join(format!("{}.sock", spec.name)));
     Node {
+        host_cgroup_namespace: spec
+            .host_cgroup_namespace
+            .unwrap_or_else(|| std::path::PathBuf::from("/proc/1/ns/cgroup")),
         handover_socket,
         pin_dir,
         name: spec.name.into(),
