@@ -4,30 +4,28 @@
 //! upstream connection (through a tunnel for other nodes), measured with
 //! Istio's request metrics and written to the access log.
 
+mod message;
 pub mod replay;
+mod telemetry;
 pub mod upstream;
 
-use std::{
-    convert::Infallible,
-    net::SocketAddrV4,
-    sync::Arc,
-    time::{Duration, Instant},
+pub use self::message::{reply, sniff, splice_upgrade, SNIFF_WAIT};
+pub use self::telemetry::breaker_tripped;
+use self::{
+    message::{is_grpc, strip_hop_by_hop, Head},
+    telemetry::{http_labels, record, request_line},
 };
 
-use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full};
-use hyper::{
-    body::Incoming,
-    header::{self, HeaderName, HeaderValue},
-    service::service_fn,
-    HeaderMap, Request, Response, StatusCode, Uri, Version,
-};
+use std::{convert::Infallible, net::SocketAddrV4, sync::Arc, time::Instant};
+
+use http_body_util::BodyExt as _;
+use hyper::{body::Incoming, header, service::service_fn, Request, Response, StatusCode};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo},
     server::conn::auto,
 };
 use tokio::net::TcpStream;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use self::{
     replay::Payload,
@@ -36,14 +34,14 @@ use self::{
 use super::ProxyInputs;
 use crate::{
     config::{Protocol, Workload},
-    mesh::{Mesh, Path},
-    metrics::{HttpLabels, ServiceLabels, TcpLabels},
+    mesh::Path,
+    metrics::{HttpLabels, ServiceLabels},
     retry::Outcome,
     routing,
     tunnel::{pool::Key as TunnelKey, Baggage},
 };
 
-const UNKNOWN: &str = "unknown";
+pub(super) const UNKNOWN: &str = "unknown";
 
 /// What every request of one captured connection shares.
 pub struct Connection {
@@ -78,69 +76,6 @@ pub async fn serve(inputs: Arc<ProxyInputs>, client: TcpStream, connection: Conn
     if let Err(err) = served {
         debug!(error = %err, "HTTP connection ended with an error");
     }
-}
-
-/// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-];
-
-/// Removes hop-by-hop headers, and those the `Connection` header names.
-/// `TE: trailers` survives (gRPC needs it), as does `Upgrade` when the
-/// request upgrades.
-fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .filter(|name| !(upgrading && name == header::UPGRADE))
-        .collect();
-    let trailers = headers
-        .get(header::TE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        });
-    for name in named {
-        headers.remove(name);
-    }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
-    }
-    if trailers {
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
-    }
-    if upgrading {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        headers.remove(header::UPGRADE);
-    }
-}
-
-pub fn reply(status: StatusCode, flags: &'static str) -> Response<Body> {
-    let mut response = Response::new(
-        Full::new(Bytes::from(format!(
-            "meshd: {}\n",
-            status.canonical_reason().unwrap_or("error")
-        )))
-        .map_err(|never| match never {})
-        .boxed(),
-    );
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert("x-meshd-response-flags", HeaderValue::from_static(flags));
-    response
 }
 
 /// A quick random number for weights and balancing.
@@ -548,77 +483,6 @@ fn finish_upgrade(
     )
 }
 
-/// Joins a client's connection to an upstream's once both have switched
-/// protocols (a 101 answer), and relays between them.
-pub fn splice_upgrade(downstream: hyper::upgrade::OnUpgrade, upstream: Response<Incoming>) {
-    tokio::spawn(async move {
-        match tokio::try_join!(downstream, hyper::upgrade::on(upstream)) {
-            Ok((down, up)) => {
-                let mut down = TokioIo::new(down);
-                let mut up = TokioIo::new(up);
-                let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
-            }
-            Err(err) => debug!(error = %err, "upgrade failed"),
-        }
-    });
-}
-
-/// A request as the upstream must see it, minus its body: hop-by-hop
-/// headers gone, the URI in the form the upstream's HTTP version wants.
-/// Built once; each try sends a copy.
-struct Head {
-    method: hyper::Method,
-    uri: Uri,
-    version: Version,
-    headers: HeaderMap,
-}
-
-impl Head {
-    fn outgoing(parts: &hyper::http::request::Parts, http2: bool) -> Option<Self> {
-        let mut headers = parts.headers.clone();
-        let upgrading = headers.contains_key(header::UPGRADE) && !http2;
-        strip_hop_by_hop(&mut headers, upgrading);
-        let authority = parts.uri.authority().map(|a| a.to_string()).or_else(|| {
-            headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })?;
-        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let (version, uri) = if http2 {
-            headers.remove(header::HOST);
-            let uri = Uri::builder()
-                .scheme("http")
-                .authority(authority)
-                .path_and_query(path)
-                .build()
-                .ok()?;
-            (Version::HTTP_2, uri)
-        } else {
-            if !headers.contains_key(header::HOST) {
-                headers.insert(header::HOST, HeaderValue::from_str(&authority).ok()?);
-            }
-            let uri = Uri::builder().path_and_query(path).build().ok()?;
-            (Version::HTTP_11, uri)
-        };
-        Some(Self {
-            method: parts.method.clone(),
-            uri,
-            version,
-            headers,
-        })
-    }
-
-    fn request(&self, body: Body) -> Request<Body> {
-        let mut request = Request::new(body);
-        *request.method_mut() = self.method.clone();
-        *request.uri_mut() = self.uri.clone();
-        *request.version_mut() = self.version;
-        *request.headers_mut() = self.headers.clone();
-        request
-    }
-}
-
 /// Counts a request as outstanding on an endpoint until dropped, so a
 /// client that goes away mid-request does not leave it counted for ever.
 struct InFlight<'a>(&'a crate::balance::EndpointStats);
@@ -640,29 +504,6 @@ impl Drop for InFlight<'_> {
     }
 }
 
-fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"))
-}
-
-fn request_line(request: &Request<Incoming>) -> String {
-    format!("{} {}", request.method(), request.uri().path())
-}
-
-/// Counts a request or connection shed by a circuit-breaker limit.
-pub fn breaker_tripped(inputs: &ProxyInputs, service: &Arc<str>, limit: &'static str) {
-    inputs
-        .metrics
-        .circuit_breaker_rejections
-        .get_or_create(&crate::metrics::BreakerLabels {
-            destination_service: service.clone(),
-            limit,
-        })
-        .inc();
-}
-
 /// A fixed origin for the balancer's and rate limiter's clocks.
 fn clock_origin() -> &'static Instant {
     use std::sync::OnceLock;
@@ -672,181 +513,4 @@ fn clock_origin() -> &'static Instant {
 
 pub fn now_nanos() -> u64 {
     clock_origin().elapsed().as_nanos() as u64
-}
-
-fn http_labels(
-    mesh: &Mesh,
-    source: Option<&Workload>,
-    service: usize,
-    endpoint: Option<usize>,
-    path: Option<Path>,
-    grpc: bool,
-) -> HttpLabels {
-    let svc = &mesh.config.services[service];
-    let ep = endpoint.map(|e| &svc.endpoints[e]);
-    let unknown: Arc<str> = Arc::from(UNKNOWN);
-    let pick =
-        |f: fn(&Workload) -> &Arc<str>| source.map_or_else(|| unknown.clone(), |w| f(w).clone());
-    HttpLabels {
-        connection: TcpLabels {
-            reporter: "source",
-            source_workload: pick(|w| &w.name),
-            source_workload_namespace: pick(|w| &w.namespace),
-            source_principal: pick(|w| w.identity.uri()),
-            source_app: pick(|w| &w.app),
-            source_version: pick(|w| &w.version),
-            destination_workload: ep.map_or_else(|| unknown.clone(), |e| e.workload.clone()),
-            destination_workload_namespace: svc.namespace.clone(),
-            destination_principal: ep.map_or_else(|| unknown.clone(), |e| e.identity.uri().clone()),
-            destination_service: svc.hostname.clone(),
-            destination_service_name: svc.name.clone(),
-            destination_service_namespace: svc.namespace.clone(),
-            request_protocol: if grpc { "grpc" } else { "http" },
-            response_flags: "-",
-            connection_security_policy: match path {
-                Some(Path::Local) => "none",
-                Some(Path::Tunnel { .. }) => "mutual_tls",
-                None => "unknown",
-            },
-        },
-        response_code: 0,
-        grpc_response_status: Arc::from(""),
-    }
-}
-
-/// Counts the request, logs it, and hands back the response.
-#[allow(clippy::too_many_arguments)]
-fn record(
-    inputs: &ProxyInputs,
-    labels: &mut HttpLabels,
-    response: Response<Body>,
-    request_bytes: u64,
-    started: Instant,
-    route: &str,
-    line: &str,
-    upstream: Option<SocketAddrV4>,
-) -> Response<Body> {
-    labels.response_code = response.status().as_u16();
-    if let Some(flags) = response.headers().get("x-meshd-response-flags") {
-        labels.connection.response_flags = match flags.as_bytes() {
-            b"UT" => "UT",
-            b"UF" => "UF",
-            b"UC" => "UC",
-            b"UH" => "UH",
-            b"NR" => "NR",
-            b"RBAC" => "RBAC",
-            b"RL" => "RL",
-            b"UO" => "UO",
-            b"URX" => "URX",
-            _ => "DPE",
-        };
-    }
-    if let Some(status) = response
-        .headers()
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-    {
-        labels.grpc_response_status = Arc::from(status);
-    }
-    let elapsed = started.elapsed();
-    let metrics = &inputs.metrics;
-    metrics.requests.get_or_create(labels).inc();
-    metrics
-        .request_duration
-        .get_or_create(labels)
-        .observe(elapsed.as_secs_f64() * 1000.0);
-    metrics
-        .request_bytes
-        .get_or_create(labels)
-        .observe(request_bytes as f64);
-    let response_bytes = response
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-        .unwrap_or(0);
-    metrics
-        .response_bytes
-        .get_or_create(labels)
-        .observe(response_bytes as f64);
-    info!(
-        target: "meshd::access",
-        request = %line,
-        status = labels.response_code,
-        flags = labels.connection.response_flags,
-        duration_ms = elapsed.as_secs_f64() * 1000.0,
-        route,
-        upstream = %upstream.map_or_else(|| "-".to_owned(), |a| a.to_string()),
-        source = %labels.connection.source_workload,
-        destination = %labels.connection.destination_service,
-        "request"
-    );
-    response
-}
-
-/// How long `auto` waits for a client's first bytes before treating the
-/// connection as plain TCP (a server-speaks-first protocol).
-pub const SNIFF_WAIT: Duration = Duration::from_millis(200);
-
-/// Classifies a client's first bytes: HTTP/2 preface, an HTTP/1 request
-/// line, or anything else.
-pub fn sniff(bytes: &[u8]) -> Protocol {
-    const PREFACE: &[u8] = b"PRI * HTTP/2.0";
-    const METHODS: [&[u8]; 9] = [
-        b"GET ",
-        b"POST ",
-        b"PUT ",
-        b"DELETE ",
-        b"HEAD ",
-        b"OPTIONS ",
-        b"PATCH ",
-        b"CONNECT ",
-        b"TRACE ",
-    ];
-    if bytes.starts_with(PREFACE) {
-        Protocol::Http2
-    } else if METHODS.iter().any(|m| bytes.starts_with(m)) {
-        Protocol::Http
-    } else {
-        Protocol::Tcp
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sniffs_http_versions_and_falls_back_to_tcp() {
-        assert_eq!(sniff(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), Protocol::Http2);
-        assert_eq!(sniff(b"GET / HTTP/1.1\r\n"), Protocol::Http);
-        assert_eq!(sniff(b"POST /x HTTP/1.1\r\n"), Protocol::Http);
-        assert_eq!(sniff(b"\x16\x03\x01\x02\x00"), Protocol::Tcp);
-        assert_eq!(sniff(b"GETX"), Protocol::Tcp);
-    }
-
-    #[test]
-    fn hop_by_hop_headers_are_dropped_but_te_trailers_survives() {
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, x-private"),
-        );
-        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        headers.insert("x-private", HeaderValue::from_static("1"));
-        headers.insert(header::TE, HeaderValue::from_static("trailers, deflate"));
-        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        headers.insert("x-kept", HeaderValue::from_static("1"));
-        strip_hop_by_hop(&mut headers, false);
-        let mut names: Vec<_> = headers.keys().map(|k| k.as_str().to_owned()).collect();
-        names.sort();
-        assert_eq!(names, ["te", "x-kept"]);
-        assert_eq!(headers[header::TE], "trailers");
-
-        let mut upgrade = HeaderMap::new();
-        upgrade.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-        upgrade.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        strip_hop_by_hop(&mut upgrade, true);
-        assert_eq!(upgrade[header::UPGRADE], "websocket");
-        assert_eq!(upgrade[header::CONNECTION], "upgrade");
-    }
 }
