@@ -13,7 +13,7 @@ pub use self::message::{reply, sniff, splice_upgrade, SNIFF_WAIT};
 pub use self::telemetry::breaker_tripped;
 use self::{
     message::{is_grpc, strip_hop_by_hop, Head},
-    telemetry::{http_labels, record, request_line},
+    telemetry::{http_labels, record, RequestLine},
 };
 
 use std::{convert::Infallible, net::SocketAddrV4, sync::Arc, time::Instant};
@@ -104,7 +104,7 @@ async fn handle(
     let service = &mesh.config.services[target.service];
     let source = connection.source.as_ref();
     let grpc = is_grpc(request.headers());
-    let line = request_line(&request);
+    let line = RequestLine::of(&request);
     // Answers meshd gives itself, counted and logged like any other.
     let refuse = |status, flags, route: &str, endpoint: Option<usize>, path: Option<Path>| {
         let mut labels = http_labels(&mesh, source, target.service, endpoint, path, grpc);
@@ -165,17 +165,8 @@ async fn handle(
         Protocol::Http2 | Protocol::Grpc => true,
         _ => connection.protocol == Protocol::Http2,
     };
-    let baggage = source
-        .map(|w| {
-            Baggage {
-                workload: Some(w.name.clone()),
-                app: Some(w.app.clone()),
-                version: Some(w.version.clone()),
-                service: Some((service.namespace.clone(), service.name.clone())),
-            }
-            .encode()
-        })
-        .unwrap_or_default();
+    // Only a tunnel stream carries baggage: made once, when first needed.
+    let mut baggage: Option<String> = None;
     let request_bytes = request
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -287,6 +278,18 @@ async fn handle(
                 }
             },
         };
+        let baggage: &str = match (&via, source) {
+            (Via::Tunnel(_), Some(w)) => baggage.get_or_insert_with(|| {
+                Baggage {
+                    workload: Some(w.name.clone()),
+                    app: Some(w.app.clone()),
+                    version: Some(w.version.clone()),
+                    service: Some((service.namespace.clone(), service.name.clone())),
+                }
+                .encode()
+            }),
+            _ => "",
+        };
         let key = UpstreamKey {
             service: target.service,
             address,
@@ -302,7 +305,7 @@ async fn handle(
                 .checkout(
                     &key,
                     inputs.pool.as_ref(),
-                    &baggage,
+                    baggage,
                     inputs.connect_timeout,
                     mesh.connection_limit(target.service),
                 )
@@ -460,7 +463,7 @@ fn finish_upgrade(
     (mut parts, body): (hyper::http::response::Parts, Incoming),
     started: Instant,
     route: &str,
-    line: &str,
+    line: &RequestLine,
     address: SocketAddrV4,
 ) -> Response<Body> {
     splice_upgrade(downstream, Response::from_parts(parts.clone(), body));

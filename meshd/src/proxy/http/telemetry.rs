@@ -14,8 +14,26 @@ use crate::{
     proxy::ProxyInputs,
 };
 
-pub(super) fn request_line(request: &Request<Incoming>) -> String {
-    format!("{} {}", request.method(), request.uri().path())
+/// "METHOD /path" for the access log, kept without formatting anything
+/// until a line is actually written (cloning both only bumps counts).
+pub(super) struct RequestLine {
+    method: hyper::Method,
+    uri: hyper::Uri,
+}
+
+impl RequestLine {
+    pub(super) fn of(request: &Request<Incoming>) -> Self {
+        Self {
+            method: request.method().clone(),
+            uri: request.uri().clone(),
+        }
+    }
+}
+
+impl std::fmt::Display for RequestLine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.method, self.uri.path())
+    }
 }
 
 /// Counts a request or connection shed by a circuit-breaker limit.
@@ -79,7 +97,7 @@ pub(super) fn record(
     request_bytes: u64,
     started: Instant,
     route: &str,
-    line: &str,
+    line: &RequestLine,
     upstream: Option<SocketAddrV4>,
 ) -> Response<Body> {
     labels.response_code = response.status().as_u16();
