@@ -244,6 +244,7 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         stop: stop_rx.clone(),
     });
     let _ = status.mesh.set(inputs.clone());
+    tokio::spawn(sweep_upstreams(inputs.upstreams.clone(), stop_rx.clone()));
     let drain = proxy.drain_timeout;
     let mut outbound_task = tokio::spawn(outbound.run(inputs.clone(), stop_rx.clone(), drain));
     let inbound_task = inbound.map(|inbound| {
@@ -323,6 +324,23 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     drop(capture);
     info!("stopped");
     Ok(())
+}
+
+/// Upstream HTTP/1.1 connections idle longer than this are closed.
+const UPSTREAM_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Closes idle and dead upstream connections now and then.
+async fn sweep_upstreams(
+    upstreams: Arc<crate::proxy::http::upstream::Upstreams>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(UPSTREAM_IDLE / 4);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => upstreams.sweep(UPSTREAM_IDLE),
+            _ = crate::proxy::stopped(&mut stop) => return,
+        }
+    }
 }
 
 /// How often meshd tells its programs it is alive.

@@ -7,7 +7,7 @@ use std::{
     collections::HashMap,
     net::SocketAddrV4,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -68,7 +68,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 #[derive(Default)]
 pub struct Upstreams {
-    idle: Mutex<HashMap<UpstreamKey, Vec<http1::SendRequest<Body>>>>,
+    /// Free HTTP/1.1 connections, with when each became free.
+    idle: Mutex<HashMap<UpstreamKey, Vec<(http1::SendRequest<Body>, Instant)>>>,
     shared: Mutex<HashMap<UpstreamKey, http2::SendRequest<Body>>>,
 }
 
@@ -165,7 +166,7 @@ impl Upstreams {
         }
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(key)?;
-        while let Some(sender) = list.pop() {
+        while let Some((sender, _)) = list.pop() {
             if sender.is_ready() {
                 return Some(Sender::Http1(Reusable {
                     sender,
@@ -176,6 +177,25 @@ impl Upstreams {
             }
         }
         None
+    }
+
+    /// Closes connections idle for longer than `idle_for`, closed ones, and
+    /// the pool entries of endpoints that no longer have any (an endpoint
+    /// a reload removed is forgotten this way).
+    pub fn sweep(&self, idle_for: Duration) {
+        let now = Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        for list in idle.values_mut() {
+            list.retain(|(sender, since)| {
+                !sender.is_closed() && now.duration_since(*since) < idle_for
+            });
+        }
+        idle.retain(|_, list| !list.is_empty());
+        drop(idle);
+        self.shared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, sender| !sender.is_closed());
     }
 
     /// Closes one idle HTTP/1.1 connection of `service` (to any of its
@@ -228,7 +248,7 @@ impl Sender {
                                 .unwrap_or_else(|p| p.into_inner())
                                 .entry(conn.key)
                                 .or_default()
-                                .push(conn.sender);
+                                .push((conn.sender, Instant::now()));
                             if let Some(limit) = conn.limit {
                                 limit.idle();
                             }
