@@ -66,10 +66,13 @@ pub enum UpstreamError {
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
+/// A free HTTP/1.1 connection and when it became free.
+type Idle = (http1::SendRequest<Body>, Instant);
+
 #[derive(Default)]
 pub struct Upstreams {
     /// Free HTTP/1.1 connections, with when each became free.
-    idle: Mutex<HashMap<UpstreamKey, Vec<(http1::SendRequest<Body>, Instant)>>>,
+    idle: Mutex<HashMap<UpstreamKey, Vec<Idle>>>,
     shared: Mutex<HashMap<UpstreamKey, http2::SendRequest<Body>>>,
 }
 
