@@ -781,3 +781,17 @@ pub fn load_str(name: &str, text: &str) -> Result<Config, ConfigErrors> {
     let file = source.parse().map_err(|e| ConfigErrors(vec![e]))?;
     validate::validate(&[source], vec![file])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::too_deep;
+
+    #[test]
+    fn nesting_is_measured_outside_quotes_and_comments() {
+        assert_eq!(too_deep("a: [[1], {b: [2]}]\n", 3), None);
+        assert_eq!(too_deep("a: [[[[1]]]]\n", 3), Some(1));
+        assert_eq!(too_deep("x: 1\na: {b: {c: {d: 1}}}\n", 2), Some(2));
+        // Brackets in strings and comments are text.
+        assert_eq!(too_deep("a: \"[[[[\"\nb: '{{{{'\n# [[[[\n", 1), None);
+    }
+}

@@ -499,4 +499,13 @@ mod tests {
             "{text}"
         );
     }
+
+    #[test]
+    fn counters_are_named_with_their_total_suffix_in_prometheus_text() {
+        let openmetrics = "# HELP istio_requests Total requests.\n# TYPE istio_requests counter\nistio_requests_total{a=\"b\"} 3\n# HELP meshd_ready 1 while ready.\n# TYPE meshd_ready gauge\n# UNIT meshd_ready x\nmeshd_ready 1\n# EOF\n";
+        assert_eq!(
+            prometheus_text(openmetrics),
+            "# HELP istio_requests_total Total requests.\n# TYPE istio_requests_total counter\nistio_requests_total{a=\"b\"} 3\n# HELP meshd_ready 1 while ready.\n# TYPE meshd_ready gauge\nmeshd_ready 1\n"
+        );
+    }
 }
