@@ -198,14 +198,10 @@ fn certificates(inputs: &StatusInputs) -> Value {
             .by_identity
             .iter()
             .map(|(identity, cert)| {
-                let left = match cert.not_after.duration_since(now) {
-                    Ok(left) => left.as_secs() as i64,
-                    Err(past) => -(past.duration().as_secs() as i64),
-                };
                 json!({
                     "identity": &**identity.uri(),
                     "notAfter": seconds(cert.not_after),
-                    "expiresInSeconds": left,
+                    "expiresInSeconds": cert.seconds_left(now),
                 })
             })
             .collect(),

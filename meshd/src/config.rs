@@ -748,28 +748,38 @@ impl Source {
 /// Reads, parses and validates `paths` together. All problems are returned,
 /// not just the first.
 pub fn load(paths: &[PathBuf]) -> Result<Config, ConfigErrors> {
+    load_sources(&read_sources(paths)?)
+}
+
+/// Reads `paths` (each within the size limit); every unreadable file is
+/// reported.
+pub fn read_sources(paths: &[PathBuf]) -> Result<Vec<Source>, ConfigErrors> {
     if paths.is_empty() {
         return Err(ConfigErrors(vec![ConfigError::NoFiles]));
     }
-    let mut errors = Vec::new();
-    let mut sources = Vec::new();
-    let mut files = Vec::new();
-    for path in paths {
-        match Source::read(path).and_then(|source| {
-            let file = source.parse()?;
-            Ok((source, file))
-        }) {
-            Ok((source, file)) => {
-                sources.push(source);
-                files.push(file);
-            }
-            Err(error) => errors.push(error),
-        }
+    let (sources, errors): (Vec<_>, Vec<_>) = paths
+        .iter()
+        .map(|p| Source::read(p))
+        .partition(Result::is_ok);
+    if errors.is_empty() {
+        Ok(sources.into_iter().flatten().collect())
+    } else {
+        Err(ConfigErrors(
+            errors.into_iter().filter_map(Result::err).collect(),
+        ))
     }
+}
+
+/// Parses and validates files already read, together.
+pub fn load_sources(sources: &[Source]) -> Result<Config, ConfigErrors> {
+    let (files, errors): (Vec<_>, Vec<_>) =
+        sources.iter().map(Source::parse).partition(Result::is_ok);
     if !errors.is_empty() {
-        return Err(ConfigErrors(errors));
+        return Err(ConfigErrors(
+            errors.into_iter().filter_map(Result::err).collect(),
+        ));
     }
-    validate::validate(&sources, files)
+    validate::validate(sources, files.into_iter().flatten().collect())
 }
 
 /// Parses YAML text as one file named `name`; for tests and `meshd check`.

@@ -101,6 +101,8 @@ pub struct Overrides {
 /// runtime starts so that every thread is created inside the cgroup.
 pub struct Prepared {
     paths: Vec<PathBuf>,
+    /// The files as read, shown by the admin API.
+    sources: Vec<crate::config::Source>,
     overrides: Overrides,
     config: Arc<Config>,
     cgroup_root: PathBuf,
@@ -108,7 +110,8 @@ pub struct Prepared {
 }
 
 pub fn prepare(paths: &[PathBuf], overrides: &Overrides) -> Result<Prepared, StartError> {
-    let mut config = crate::config::load(paths)?;
+    let sources = crate::config::read_sources(paths)?;
+    let mut config = crate::config::load_sources(&sources)?;
     if let Some(level) = overrides.bpf_log_level {
         config.proxy.bpf_log_level = level;
     }
@@ -120,6 +123,7 @@ pub fn prepare(paths: &[PathBuf], overrides: &Overrides) -> Result<Prepared, Sta
     let proxy_cgroup_id = host::join_cgroup(&proxy_dir)?;
     Ok(Prepared {
         paths: paths.to_vec(),
+        sources,
         overrides: overrides.clone(),
         config: Arc::new(config),
         cgroup_root,
@@ -201,7 +205,7 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         tokio::spawn(ready_listener.run(status.clone(), stop_rx.clone())),
         tokio::spawn(admin_listener.run(status.clone(), stop_rx.clone())),
     ];
-    status.reload.record_files(&prepared.paths);
+    status.reload.record_files(&prepared.sources);
 
     let pod_cgroup = host::cgroup_dir(&prepared.cgroup_root, &config.node.pod_cgroup);
     let proxy_cgroup = host::cgroup_dir(&prepared.cgroup_root, &config.node.proxy_cgroup);

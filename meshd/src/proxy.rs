@@ -76,16 +76,25 @@ pub fn authorized_locally(
     };
     let source_principal =
         source.map_or_else(|| Arc::from("unknown"), |w| w.identity.uri().clone());
-    tracing::warn!(source = %source_principal, destination = %endpoint.identity, %reason, "authorization denied");
-    inputs
-        .metrics
+    denied(
+        &inputs.metrics,
+        source_principal,
+        endpoint.identity.uri().clone(),
+        &reason,
+    );
+    false
+}
+
+/// Logs a denial with both identities and counts it.
+pub fn denied(metrics: &Metrics, source: Arc<str>, destination: Arc<str>, reason: &str) {
+    tracing::warn!(%source, %destination, reason, "authorization denied");
+    metrics
         .authorization_denied
         .get_or_create(&crate::metrics::DenyLabels {
-            source_principal,
-            destination_principal: endpoint.identity.uri().clone(),
+            source_principal: source,
+            destination_principal: destination,
         })
         .inc();
-    false
 }
 
 /// Pause after an accept error (such as running out of descriptors) so the

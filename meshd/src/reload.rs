@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 use crate::{
     capture::Capture,
-    config::{BpfLogLevel, Config, ConfigErrors},
+    config::{BpfLogLevel, Config, ConfigErrors, Source},
     identity::store::CertStore,
     mesh::Mesh,
     metrics::{Metrics, ResultLabels},
@@ -68,11 +68,11 @@ impl ReloadState {
         f(&mut self.inner.lock().unwrap_or_else(|p| p.into_inner()));
     }
 
-    /// Records `paths` as the files of the config in force.
-    pub fn record_files(&self, paths: &[PathBuf]) {
-        let files = paths
+    /// Records `sources` as the files of the config in force.
+    pub fn record_files(&self, sources: &[Source]) {
+        let files = sources
             .iter()
-            .map(|p| (p.clone(), std::fs::read_to_string(p).unwrap_or_default()))
+            .map(|s| (s.path.clone(), s.text.clone()))
             .collect();
         self.update(|s| s.files = files);
     }
@@ -101,7 +101,12 @@ impl Reloader {
                 None
             }
         };
-        let mut last = self.contents();
+        let texts = |read: &Result<Vec<Source>, ConfigErrors>| -> Option<Vec<String>> {
+            read.as_ref()
+                .ok()
+                .map(|sources| sources.iter().map(|s| s.text.clone()).collect())
+        };
+        let mut last = texts(&crate::config::read_sources(&self.paths));
         let mut tick = tokio::time::interval(CHECK_INTERVAL);
         loop {
             let forced = tokio::select! {
@@ -109,23 +114,23 @@ impl Reloader {
                 Some(()) = async { match &mut hangup { Some(h) => h.recv().await, None => None } } => true,
                 _ = crate::proxy::stopped(&mut stop) => return,
             };
-            let contents = self.contents();
-            if contents == last && !forced {
+            // Read once; what was read is what is validated and recorded.
+            // A file that cannot be read counts as changed.
+            let read = crate::config::read_sources(&self.paths);
+            let now = texts(&read);
+            if now == last && !forced {
                 continue;
             }
-            last = contents;
-            self.reload();
+            last = now;
+            self.reload(read);
         }
     }
 
-    /// The files' bytes (a file that cannot be read counts as changed).
-    fn contents(&self) -> Vec<Option<Vec<u8>>> {
-        self.paths.iter().map(|p| std::fs::read(p).ok()).collect()
-    }
-
-    /// Validates and applies the files now; records the outcome.
-    pub fn reload(&self) {
-        let result = self.apply();
+    /// Validates and applies files just read; records the outcome.
+    fn reload(&self, read: Result<Vec<Source>, ConfigErrors>) {
+        let result = read
+            .map_err(ReloadError::from)
+            .and_then(|sources| self.apply(&sources).map(|config| (config, sources)));
         let label = if result.is_ok() { "ok" } else { "error" };
         self.metrics
             .config_reloads
@@ -135,14 +140,14 @@ impl Reloader {
             .config_last_reload_ok
             .set(i64::from(result.is_ok()));
         match result {
-            Ok(config) => {
+            Ok((config, sources)) => {
                 info!(
                     services = config.services.len(),
                     workloads = config.workloads.len(),
                     policies = config.policies.len(),
                     "config reloaded"
                 );
-                self.state.record_files(&self.paths);
+                self.state.record_files(&sources);
                 self.state.update(|s| {
                     s.generation += 1;
                     s.last_applied = Some(SystemTime::now());
@@ -157,8 +162,8 @@ impl Reloader {
         }
     }
 
-    fn apply(&self) -> Result<Arc<Config>, ReloadError> {
-        let mut config = crate::config::load(&self.paths)?;
+    fn apply(&self, sources: &[Source]) -> Result<Arc<Config>, ReloadError> {
+        let mut config = crate::config::load_sources(sources)?;
         if let Some(level) = self.bpf_log_level {
             config.proxy.bpf_log_level = level;
         }

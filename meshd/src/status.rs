@@ -62,16 +62,12 @@ impl StatusInputs {
         if let Some(store) = &self.store {
             let now = std::time::SystemTime::now();
             for (identity, cert) in &store.current().by_identity {
-                let left = match cert.not_after.duration_since(now) {
-                    Ok(left) => left.as_secs() as i64,
-                    Err(past) => -(past.duration().as_secs() as i64),
-                };
                 self.metrics
                     .certificate_expiry
                     .get_or_create(&crate::metrics::IdentityLabels {
                         identity: identity.uri().clone(),
                     })
-                    .set(left);
+                    .set(cert.seconds_left(now));
             }
         }
         if let Some(inputs) = self.mesh.get() {

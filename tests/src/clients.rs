@@ -25,6 +25,14 @@ pub fn serve(bed: &Testbed, pod: &Pod, port: u16, args: &[&str]) {
     bed.wait_listening(pod, listen.parse().expect("address"));
 }
 
+/// A `hello` server on :8080 in pod `name`, answering with that name;
+/// `extra` adds arguments (`--delay-ms`, `--fail-first`, …).
+pub fn serve_hello(bed: &Testbed, name: &str, extra: &[&str]) {
+    let mut args = vec!["--mode", "hello", "--name", name];
+    args.extend_from_slice(extra);
+    serve(bed, bed.pod(name), 8080, &args);
+}
+
 /// Spawns `program args` in `pod` with stdout and stderr captured.
 pub fn spawn_in(bed: &Testbed, pod: &Pod, program: &Path, args: &[&str]) -> Child {
     bed.command(pod, program, args)

@@ -35,23 +35,33 @@ pub fn require_privileges() {
     let _ = cgroup2_mount();
 }
 
-/// Where meshd pins its programs in the tests; mounted (bpffs) if it is
-/// not yet, as systemd does on most hosts.
-pub const BPFFS: &str = "/sys/fs/bpf";
+/// A BPF filesystem of the test's own, where its meshd pin their programs
+/// and maps. Unmounted on drop: that releases every pin, so whatever a
+/// killed meshd left attached is detached, and the host's bpffs (if any)
+/// is never touched.
+pub struct Bpffs {
+    pub dir: PathBuf,
+}
 
-pub fn require_bpffs() {
-    let mounted = fs::read_to_string("/proc/mounts")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| {
-            l.split_whitespace().nth(1) == Some(BPFFS) && l.split_whitespace().nth(2) == Some("bpf")
-        });
-    if !mounted {
-        let status = Command::new("mount")
-            .args(["-t", "bpf", "bpf", BPFFS])
-            .status()
-            .expect("run mount");
-        assert!(status.success(), "cannot mount bpffs at {BPFFS}");
+impl Bpffs {
+    pub fn mount(dir: PathBuf) -> Self {
+        fs::create_dir_all(&dir).expect("bpffs mount point");
+        nix::mount::mount(
+            Some("bpf"),
+            &dir,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap_or_else(|e| panic!("cannot mount a bpffs at {}: {e}", dir.display()));
+        Self { dir }
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.dir, nix::mount::MntFlags::MNT_DETACH);
+        let _ = fs::remove_dir(&self.dir);
     }
 }
 

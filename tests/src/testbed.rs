@@ -64,6 +64,8 @@ pub struct Testbed {
     /// Kept for its guard: deleted with the testbed.
     _backbone: Option<Netns>,
     processes: Mutex<Vec<Child>>,
+    /// Where meshd pins; unmounted once the processes are gone.
+    bpffs: sys::Bpffs,
     // Dropped last, after every process in it is gone.
     root: Cgroup,
 }
@@ -97,7 +99,6 @@ impl Testbed {
     /// Several nodes, each `(name, pods)`.
     pub fn nodes(layout: &[(&str, &[PodSpec<'_>])]) -> Self {
         sys::require_privileges();
-        sys::require_bpffs();
         let tag = format!(
             "{}-{}",
             std::process::id(),
@@ -108,6 +109,7 @@ impl Testbed {
         let root = Cgroup::create(mount.join(&root_path[1..]));
         let dir = std::env::temp_dir().join(format!("meshd-test-{tag}"));
         fs::create_dir_all(&dir).expect("create test dir");
+        let bpffs = sys::Bpffs::mount(std::env::temp_dir().join(format!("meshd-bpf-{tag}")));
 
         let backbone = (layout.len() > 1).then(|| {
             let backbone = Netns::create(&format!("mt{tag}-wire"));
@@ -211,6 +213,7 @@ impl Testbed {
             outside,
             _backbone: backbone,
             processes: Mutex::default(),
+            bpffs,
             root,
         }
     }
@@ -278,11 +281,7 @@ impl Testbed {
     /// Where node `node`'s meshd pins its programs and maps (removed with
     /// the testbed).
     pub fn pin_dir(&self, node: usize) -> PathBuf {
-        self.pins().join(&self.nodes[node].name)
-    }
-
-    fn pins(&self) -> PathBuf {
-        Path::new(sys::BPFFS).join(format!("meshd-test-{}", self.tag))
+        self.bpffs.dir.join(&self.nodes[node].name)
     }
 
     /// Node 0's config (see [`Self::config_for`]).
@@ -402,9 +401,7 @@ impl Drop for Testbed {
             let _ = child.wait();
         }
         let _ = fs::remove_dir_all(&self.dir);
-        // Unpinning detaches whatever a killed meshd left attached.
-        let _ = fs::remove_dir_all(self.pins());
-        // Fields drop next: netns guards, then the root cgroup.
+        // Fields drop next: netns guards, the bpffs, then the root cgroup.
     }
 }
 

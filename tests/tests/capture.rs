@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use meshd_tests::{
-    clients::{client, curl, serve, spawn_in, testkit},
+    clients::{client, curl, serve, serve_hello, spawn_in, testkit},
     sys::{eventually, wait_with_timeout},
     testbed::Testbed,
 };
@@ -31,12 +31,7 @@ fn config(bed: &Testbed, extra: &str) -> String {
 #[test]
 fn pod_reaches_service_vip_through_meshd() {
     let bed = testbed();
-    serve(
-        &bed,
-        bed.pod("server"),
-        8080,
-        &["--mode", "hello", "--name", "server"],
-    );
+    serve_hello(&bed, "server", &[]);
     let meshd = bed.start_meshd(&config(&bed, ""));
 
     let (code, body) = curl(&bed, bed.pod("client"), &format!("http://{VIP}/"));
@@ -118,12 +113,7 @@ fn uncaptured_connections_pass_untouched() {
 #[test]
 fn a_meshed_pod_address_is_captured_too() {
     let bed = testbed();
-    serve(
-        &bed,
-        bed.pod("server"),
-        8080,
-        &["--mode", "hello", "--name", "server"],
-    );
+    serve_hello(&bed, "server", &[]);
     let meshd = bed.start_meshd(&config(&bed, ""));
     let (code, body) = curl(
         &bed,

@@ -15,7 +15,7 @@ use std::{
 };
 
 use meshd_tests::{
-    clients::{curl, serve},
+    clients::{curl, serve, serve_hello},
     sys::eventually,
     testbed::Testbed,
 };
@@ -43,12 +43,7 @@ fn probe(bed: &Testbed) -> Probe {
 /// `fail_mode`, a 1 s heartbeat timeout.
 fn bed(fail_mode: &str) -> (Testbed, String) {
     let bed = Testbed::new(&["client", "v1"]);
-    serve(
-        &bed,
-        bed.pod("v1"),
-        8080,
-        &["--mode", "hello", "--name", "v1"],
-    );
+    serve_hello(&bed, "v1", &[]);
     let config = bed.config(&format!(
         "mesh: {{ mode: strict }}
 proxy: {{ failMode: {fail_mode}, failTimeout: 1s }}
@@ -203,12 +198,7 @@ fn a_rolling_restart_under_load_fails_no_request_and_resets_no_connection() {
     use meshd_tests::clients::{spawn_in, testkit};
     use meshd_tests::sys::wait_with_timeout;
     let bed = Testbed::new(&["client", "v1"]);
-    serve(
-        &bed,
-        bed.pod("v1"),
-        8080,
-        &["--mode", "hello", "--name", "v1"],
-    );
+    serve_hello(&bed, "v1", &[]);
     serve(&bed, bed.pod("v1"), 9000, &["--mode", "echo"]);
     let config = bed.config(
         "services:

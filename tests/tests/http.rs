@@ -5,7 +5,7 @@
 use std::{path::Path, time::Duration};
 
 use meshd_tests::{
-    clients::{serve, spawn_in},
+    clients::{serve_hello, spawn_in},
     sys::{eventually, wait_with_timeout},
     testbed::Testbed,
 };
@@ -20,12 +20,7 @@ fn curl(bed: &Testbed, pod: &str, args: &[&str]) -> (i32, String) {
 fn bed_with_versions(delay_ms: &str) -> Testbed {
     let bed = Testbed::new(&["client", "v1", "v2"]);
     for name in ["v1", "v2"] {
-        serve(
-            &bed,
-            bed.pod(name),
-            8080,
-            &["--mode", "hello", "--name", name, "--delay-ms", delay_ms],
-        );
+        serve_hello(&bed, name, &["--delay-ms", delay_ms]);
     }
     bed
 }
@@ -192,12 +187,7 @@ fn http_across_nodes_rides_the_mtls_tunnel() {
         ("node-b", &[PodSpec::named("v1"), PodSpec::named("v2")]),
     ]);
     for name in ["v1", "v2"] {
-        serve(
-            &bed,
-            bed.pod(name),
-            8080,
-            &["--mode", "hello", "--name", name],
-        );
+        serve_hello(&bed, name, &[]);
     }
     let services = "services:
   - name: web
@@ -325,12 +315,7 @@ fn sigterm_winds_down_idle_keep_alive_connections_without_waiting_for_the_drain_
 fn rate_limits_answer_429_per_service_and_per_source() {
     let bed = Testbed::new(&["client", "neighbour", "v1", "v2"]);
     for name in ["v1", "v2"] {
-        serve(
-            &bed,
-            bed.pod(name),
-            8080,
-            &["--mode", "hello", "--name", name],
-        );
+        serve_hello(&bed, name, &[]);
     }
     let services = "services:
   - name: web

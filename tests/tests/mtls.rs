@@ -12,7 +12,7 @@ use std::{
 };
 
 use meshd_tests::{
-    clients::{curl, serve},
+    clients::{curl, serve, serve_hello},
     sys::{self, eventually, wait_with_timeout},
     testbed::{Meshd, PodSpec, Testbed},
 };
@@ -139,12 +139,7 @@ fn spiffe(sa: &str) -> String {
 fn a_cross_node_request_goes_through_mutual_tls_with_principals_on_both_sides() {
     let mesh = Mesh::new(&[PodSpec::named("client")], &[PodSpec::named("server")]);
     let bed = &mesh.bed;
-    serve(
-        bed,
-        bed.pod("server"),
-        8080,
-        &["--mode", "hello", "--name", "server"],
-    );
+    serve_hello(bed, "server", &[]);
     let services = format!(
         "services:\n{}",
         service("server", "10.96.0.20", "10.78.0.10", "server")
@@ -378,8 +373,8 @@ fn authorization_allows_denies_and_deny_wins_with_real_traffic() {
     let spec = |name| PodSpec::named(name);
     let mesh = Mesh::new(&[spec("a"), spec("d")], &[spec("b"), spec("c")]);
     let bed = &mesh.bed;
-    serve(bed, bed.pod("b"), 8080, &["--mode", "hello", "--name", "b"]);
-    serve(bed, bed.pod("c"), 8080, &["--mode", "hello", "--name", "c"]);
+    serve_hello(bed, "b", &[]);
+    serve_hello(bed, "c", &[]);
     let rest = format!(
         "services:\n{}{}policies:
   - name: b-from-a
@@ -442,12 +437,7 @@ fn authorization_allows_denies_and_deny_wins_with_real_traffic() {
 /// bypass works and is counted as plaintext.
 fn bypass_attempt(mode: &str) -> (i32, Meshd, Testbed) {
     let bed = Testbed::new(&["client", "server"]);
-    serve(
-        &bed,
-        bed.pod("server"),
-        8080,
-        &["--mode", "hello", "--name", "server"],
-    );
+    serve_hello(&bed, "server", &[]);
     let rest = format!(
         "mesh:\n  mode: {mode}\nservices:\n  - {{ name: server, vip: 10.96.0.20, ports: [{{ port: 80, targetPort: 8080 }}], endpoints: [{{ address: 10.77.0.11 }}] }}\n"
     );
@@ -722,12 +712,7 @@ impl Drop for KillOnDrop {
 #[test]
 fn same_node_traffic_skips_the_tunnel_but_not_the_destination_policy() {
     let bed = Testbed::new(&["client", "other", "server"]);
-    serve(
-        &bed,
-        bed.pod("server"),
-        8080,
-        &["--mode", "hello", "--name", "server"],
-    );
+    serve_hello(&bed, "server", &[]);
     let rest = "services:
   - { name: server, vip: 10.96.0.20, ports: [{ port: 80, targetPort: 8080 }], endpoints: [{ address: 10.77.0.12, node: node-a, serviceAccount: server }] }
 policies:

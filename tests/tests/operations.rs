@@ -4,7 +4,7 @@
 use std::{os::unix::fs::symlink, path::PathBuf, time::Duration};
 
 use meshd_tests::{
-    clients::{client, curl, serve, spawn_in, testkit},
+    clients::{client, curl, serve, serve_hello, spawn_in, testkit},
     sys::{eventually, wait_with_timeout, workspace_binary},
     testbed::{Meshd, Testbed},
 };
@@ -68,12 +68,7 @@ const V2: &str = "{ address: 10.77.0.12, workload: v2 }";
 fn reloads_apply_changes_and_refuse_mistakes_while_the_last_good_config_serves() {
     let bed = Testbed::new(&["client", "v1", "v2"]);
     for name in ["v1", "v2"] {
-        serve(
-            &bed,
-            bed.pod(name),
-            8080,
-            &["--mode", "hello", "--name", name],
-        );
+        serve_hello(&bed, name, &[]);
         serve(&bed, bed.pod(name), 9000, &["--mode", "echo"]);
     }
     let mut map = ConfigMap::new(&bed, &bed.config(&web(V1, "")));
@@ -215,12 +210,7 @@ fn reloads_apply_changes_and_refuse_mistakes_while_the_last_good_config_serves()
 #[test]
 fn the_admin_api_and_meshd_status_show_config_health_certificates_and_change_the_log_level() {
     let bed = Testbed::new(&["client", "v1", "v2"]);
-    serve(
-        &bed,
-        bed.pod("v1"),
-        8080,
-        &["--mode", "hello", "--name", "v1"],
-    );
+    serve_hello(&bed, "v1", &[]);
     // v2 runs nothing: its health check fails.
     let identity = meshd_tests::clients::issuer_identity(&bed);
     let services = format!(
@@ -315,12 +305,7 @@ fn encode(query: &str) -> String {
 #[test]
 fn a_real_prometheus_scrapes_meshd_and_promtool_finds_its_output_clean() {
     let bed = Testbed::new(&["client", "v1"]);
-    serve(
-        &bed,
-        bed.pod("v1"),
-        8080,
-        &["--mode", "hello", "--name", "v1"],
-    );
+    serve_hello(&bed, "v1", &[]);
     serve(&bed, bed.pod("v1"), 9000, &["--mode", "echo"]);
     let meshd = bed.start_meshd(&bed.config(&web(V1, "")));
     let (code, _) = meshd_tests::clients::curl_args(

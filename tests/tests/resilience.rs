@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use meshd_tests::{
-    clients::{client, curl_args, issuer_identity, serve},
+    clients::{client, curl_args, issuer_identity, serve, serve_hello},
     sys::eventually,
     testbed::{Meshd, PodSpec, Testbed},
 };
@@ -41,9 +41,7 @@ impl TwoNodes {
             ("node-b", &[PodSpec::named("remote")]),
         ]);
         for (pod, args) in [("local", local_args), ("remote", remote_args)] {
-            let mut all = vec!["--mode", "hello", "--name", pod];
-            all.extend_from_slice(args);
-            serve(&bed, bed.pod(pod), 8080, &all);
+            serve_hello(&bed, pod, args);
         }
         let services = format!(
             "services:
@@ -137,19 +135,7 @@ fn retries_recover_transient_failures_on_the_same_node_and_across_nodes() {
 #[test]
 fn the_retry_budget_caps_retries_during_a_total_outage() {
     let bed = Testbed::new(&["client", "v1"]);
-    serve(
-        &bed,
-        bed.pod("v1"),
-        8080,
-        &[
-            "--mode",
-            "hello",
-            "--name",
-            "v1",
-            "--fail-first",
-            "1000000000",
-        ],
-    );
+    serve_hello(&bed, "v1", &["--fail-first", "1000000000"]);
     let meshd = bed.start_meshd(&bed.config(
         "services:
   - name: web
@@ -212,18 +198,8 @@ fn ejected_and_returns(cross_node: bool) {
             ["10.77.0.11", "10.77.0.12"],
         )
     };
-    serve(
-        &bed,
-        bed.pod("v1"),
-        8080,
-        &["--mode", "hello", "--name", "v1", "--fail-first", "5"],
-    );
-    serve(
-        &bed,
-        bed.pod("v2"),
-        8080,
-        &["--mode", "hello", "--name", "v2"],
-    );
+    serve_hello(&bed, "v1", &["--fail-first", "5"]);
+    serve_hello(&bed, "v2", &[]);
     let node = if cross_node { "node-b" } else { "node-a" };
     let services = format!(
         "services:
@@ -294,25 +270,8 @@ fn health_checks_take_failing_endpoints_out_and_bring_them_back() {
     let bed = Testbed::new(&["client", "v1", "v2", "v3"]);
     let healthy = bed.write("v1-healthy", "");
     let health_file = healthy.display().to_string();
-    serve(
-        &bed,
-        bed.pod("v1"),
-        8080,
-        &[
-            "--mode",
-            "hello",
-            "--name",
-            "v1",
-            "--health-file",
-            &health_file,
-        ],
-    );
-    serve(
-        &bed,
-        bed.pod("v2"),
-        8080,
-        &["--mode", "hello", "--name", "v2"],
-    );
+    serve_hello(&bed, "v1", &["--health-file", &health_file]);
+    serve_hello(&bed, "v2", &[]);
     // v3 runs no server at all: its TCP check fails.
     let check = "interval: 200ms, timeout: 500ms, unhealthyThreshold: 2";
     let meshd = bed.start_meshd(&bed.config(&format!(
@@ -377,18 +336,8 @@ fn health_checks_take_failing_endpoints_out_and_bring_them_back() {
 #[test]
 fn p2c_sends_measurably_less_to_a_slow_endpoint() {
     let bed = Testbed::new(&["client", "fast", "slow"]);
-    serve(
-        &bed,
-        bed.pod("fast"),
-        8080,
-        &["--mode", "hello", "--name", "fast"],
-    );
-    serve(
-        &bed,
-        bed.pod("slow"),
-        8080,
-        &["--mode", "hello", "--name", "slow", "--delay-ms", "40"],
-    );
+    serve_hello(&bed, "fast", &[]);
+    serve_hello(&bed, "slow", &["--delay-ms", "40"]);
     let meshd = bed.start_meshd(&bed.config(
         "services:
   - name: web
@@ -529,21 +478,7 @@ fn a_tcp_service_refuses_connections_beyond_its_limit() {
 #[test]
 fn a_hung_try_times_out_and_is_retried() {
     let bed = Testbed::new(&["client", "v1"]);
-    serve(
-        &bed,
-        bed.pod("v1"),
-        8080,
-        &[
-            "--mode",
-            "hello",
-            "--name",
-            "v1",
-            "--fail-first",
-            "1",
-            "--fail-mode",
-            "hang",
-        ],
-    );
+    serve_hello(&bed, "v1", &["--fail-first", "1", "--fail-mode", "hang"]);
     let meshd = bed.start_meshd(&bed.config(
         "services:
   - name: web

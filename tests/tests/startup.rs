@@ -217,17 +217,12 @@ fn huge_deeply_nested_and_duplicated_configs_are_refused_with_a_message() {
 fn meshd_in_a_private_cgroup_namespace_still_joins_its_cgroup_and_captures() {
     // Container runtimes on cgroup v2 give containers a cgroup namespace of
     // their own, from which the host's proxy cgroup is out of reach.
-    use meshd_tests::{clients::serve, testbed::Meshd};
+    use meshd_tests::{clients::serve_hello, testbed::Meshd};
     // As systemd mounts it: namespaces are delegation boundaries, so a
     // process cannot move itself out of its namespace's root.
     let _delegate = sys::NsDelegate::enable();
     let bed = Testbed::new(&["client", "server"]);
-    serve(
-        &bed,
-        bed.pod("server"),
-        8080,
-        &["--mode", "hello", "--name", "server"],
-    );
+    serve_hello(&bed, "server", &[]);
     let config = bed.write(
         "meshd.yaml",
         &bed.config_with(

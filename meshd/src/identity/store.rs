@@ -39,6 +39,16 @@ pub struct WorkloadCert {
     pub issued: SystemTime,
 }
 
+impl WorkloadCert {
+    /// Seconds until it expires at `now`; negative once it has.
+    pub fn seconds_left(&self, now: SystemTime) -> i64 {
+        match self.not_after.duration_since(now) {
+            Ok(left) => left.as_secs() as i64,
+            Err(past) => -(past.duration().as_secs() as i64),
+        }
+    }
+}
+
 /// An immutable view of the node's certificates.
 pub struct Certificates {
     pub by_identity: BTreeMap<Identity, WorkloadCert>,

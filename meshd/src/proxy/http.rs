@@ -247,15 +247,12 @@ async fn handle(
         if path == Path::Local
             && !super::authorized_locally(inputs, &mesh, source, address, endpoint, Some(l7))
         {
-            return record(
-                inputs,
-                &mut labels,
-                reply(StatusCode::FORBIDDEN, "RBAC"),
-                0,
-                started,
+            return refuse(
+                StatusCode::FORBIDDEN,
+                "RBAC",
                 &route.name,
-                &line,
-                Some(address),
+                Some(endpoint_index),
+                Some(path),
             );
         }
         let via = match path {
@@ -336,15 +333,12 @@ async fn handle(
                 crate::breaker::Overflow::Connections => "connections",
             };
             breaker_tripped(inputs, &service.hostname, limit);
-            return record(
-                inputs,
-                &mut labels,
-                reply(StatusCode::SERVICE_UNAVAILABLE, "UO"),
-                0,
-                started,
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UO",
                 &route.name,
-                &line,
-                Some(address),
+                Some(endpoint_index),
+                Some(path),
             );
         }
         let outcome = match &result {

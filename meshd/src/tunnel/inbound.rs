@@ -26,7 +26,7 @@ use super::{
 };
 use crate::{
     identity::{tls, Identity},
-    metrics::{DenyLabels, HandshakeLabels, TcpLabels},
+    metrics::{HandshakeLabels, TcpLabels},
     policy::{self, Decision},
     proxy::{relay::relay, ProxyInputs},
 };
@@ -260,15 +260,12 @@ async fn stream_request(
         )
     };
     if let Decision::Deny { reason } = decision {
-        warn!(%source, destination = %workload.identity, %target, %reason, "authorization denied");
-        inputs
-            .metrics
-            .authorization_denied
-            .get_or_create(&DenyLabels {
-                source_principal: source.uri().clone(),
-                destination_principal: workload.identity.uri().clone(),
-            })
-            .inc();
+        crate::proxy::denied(
+            &inputs.metrics,
+            source.uri().clone(),
+            workload.identity.uri().clone(),
+            &reason,
+        );
         return status(StatusCode::FORBIDDEN);
     }
     // The service the source addressed, if this endpoint really backs it.

@@ -24,7 +24,6 @@ use tracing::{debug, warn};
 
 use crate::{
     identity::Identity,
-    metrics::DenyLabels,
     policy::{self, Decision},
     proxy::{
         http::{reply, splice_upgrade, upstream::Body},
@@ -90,15 +89,8 @@ async fn one(
         let destination = mesh
             .local_workload(*target.ip())
             .map_or_else(|| Arc::from("unknown"), |w| w.identity.uri().clone());
-        warn!(%source, %destination, request = %format!("{} {}", request.method(), request.uri().path()), %reason, "request denied");
-        inputs
-            .metrics
-            .authorization_denied
-            .get_or_create(&DenyLabels {
-                source_principal: source.uri().clone(),
-                destination_principal: destination,
-            })
-            .inc();
+        let reason = format!("{reason} ({} {})", request.method(), request.uri().path());
+        crate::proxy::denied(&inputs.metrics, source.uri().clone(), destination, &reason);
         return reply(StatusCode::FORBIDDEN, "RBAC");
     }
     drop(mesh);
