@@ -32,7 +32,10 @@ use meshd_common::{
 
 use crate::{
     config::BpfLogLevel,
-    mesh::{destination_key, Mesh},
+    state::{
+        ids::{Captured, ClientAddr, OrigDstAddr, OrigDstSource},
+        snapshot::Snapshot,
+    },
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -155,7 +158,7 @@ fn open_cgroup(path: &Path) -> Result<File, CaptureError> {
 impl Capture {
     /// Loads and attaches everything, with `mesh`'s destinations installed
     /// before the connect hooks go live.
-    pub fn start(spec: &CaptureSpec<'_>, mesh: &Mesh) -> Result<Self, CaptureError> {
+    pub fn start(spec: &CaptureSpec<'_>, mesh: &Snapshot) -> Result<Self, CaptureError> {
         prepare_pin_dir(spec.pin_dir)?;
         let level = bpf_level(spec.log_level);
         let mut ebpf = EbpfLoader::new()
@@ -241,7 +244,7 @@ impl Capture {
     }
 
     /// Makes the `DESTINATIONS` map hold exactly `mesh`'s destinations.
-    pub fn sync_destinations(&self, mesh: &Mesh) -> Result<(), CaptureError> {
+    pub fn sync_destinations(&self, mesh: &Snapshot) -> Result<(), CaptureError> {
         install_destinations(
             &mut lock(&self.destinations),
             &mut lock(&self.installed),
@@ -331,6 +334,16 @@ impl Capture {
     }
 }
 
+impl OrigDstSource for Capture {
+    fn take(&self, client: ClientAddr) -> Option<Captured> {
+        let orig = self.take_orig_dst(client.0)?;
+        Some(Captured {
+            dst: OrigDstAddr(destination_addr(orig.dst)),
+            cgroup_id: orig.cgroup_id,
+        })
+    }
+}
+
 // === impl Programs ===
 
 impl Programs {
@@ -362,7 +375,7 @@ impl Programs {
             links.push((format!("{SOCK_OPS}-{place}"), FdLink::try_from(link)));
         }
 
-        // Mesh-mode enforcement on what reaches the pods.
+        // Snapshot-mode enforcement on what reaches the pods.
         let ingress: &mut CgroupSkb = self.program(INGRESS)?;
         ingress.load().map_err(program_error(INGRESS))?;
         let id = ingress
@@ -438,11 +451,11 @@ impl Programs {
 fn install_destinations(
     map: &mut HashMap<MapData, Destination, u32>,
     installed: &mut HashSet<Destination>,
-    mesh: &Mesh,
+    mesh: &Snapshot,
 ) -> Result<(), CaptureError> {
     let wanted: std::collections::HashMap<Destination, u32> = mesh
         .destinations()
-        .map(|(dst, kind)| (dst, kind as u32))
+        .map(|(dst, kind)| (destination_key(dst), kind as u32))
         .collect();
     // Stale entries go first, so a full map has room for the new ones.
     let stale: Vec<Destination> = installed
@@ -463,6 +476,16 @@ fn install_destinations(
         installed.insert(*dst);
     }
     Ok(())
+}
+
+/// The BPF map key for `addr`.
+pub fn destination_key(addr: SocketAddrV4) -> Destination {
+    Destination::new(u32::from_ne_bytes(addr.ip().octets()), addr.port())
+}
+
+/// The address a BPF map key stands for.
+pub fn destination_addr(key: Destination) -> SocketAddrV4 {
+    SocketAddrV4::new(std::net::Ipv4Addr::from(key.ip.to_ne_bytes()), key.port)
 }
 
 /// Makes sure `dir` exists on a BPF filesystem.
@@ -577,4 +600,17 @@ impl log::Log for BpfLog {
     }
 
     fn flush(&self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_keys_round_trip() {
+        let a: SocketAddrV4 = "10.96.0.20:80".parse().expect("address");
+        let key = destination_key(a);
+        assert_eq!(key.ip.to_ne_bytes(), [10, 96, 0, 20]);
+        assert_eq!(destination_addr(key), a);
+    }
 }

@@ -122,7 +122,7 @@ impl std::error::Error for ConfigErrors {}
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
-    /// Mesh-wide settings: trust domain and mTLS mode.
+    /// Snapshot-wide settings: trust domain and mTLS mode.
     pub mesh: Option<MeshSpec>,
     /// Every node of the mesh and where its meshd accepts tunnels.
     #[serde(default)]
@@ -174,7 +174,7 @@ pub struct NodeSpec {
 
 /// Certificates for the workloads of this node: from files, or minted by
 /// meshd's built-in issuer.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct IdentitySpec {
     /// A directory with one `<namespace>/<serviceAccount>/` directory per
@@ -197,7 +197,7 @@ fn default_certificate_ttl() -> Duration {
     Duration::from_secs(24 * 3600)
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct MeshSpec {
     /// SPIFFE trust domain of every identity. Default `cluster.local`.
@@ -276,12 +276,7 @@ pub struct PolicyTarget {
     pub service: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PolicyAction {
-    Allow,
-    Deny,
-}
+pub use crate::policy::authz::PolicyAction;
 
 /// One source clause: every field given must match.
 #[derive(Debug, Clone, Deserialize)]
@@ -300,7 +295,7 @@ fn default_proxy_cgroup() -> String {
     "/meshd".to_owned()
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct ProxySpec {
     /// Port of the outbound listener captured connections arrive at. Default 15001.
@@ -398,7 +393,7 @@ pub struct ServiceSpec {
     /// How requests (HTTP) or connections (TCP) are spread over endpoints:
     /// `p2c-ewma` (default), `round-robin`, `least-request`, `random`.
     #[serde(default)]
-    pub load_balancer: crate::balance::Policy,
+    pub load_balancer: crate::policy::balance::Policy,
     /// Limit for a whole HTTP request (until the response headers). Default:
     /// none.
     #[serde(default, with = "humantime_serde")]
@@ -496,12 +491,7 @@ pub struct HealthCheckSpec {
     pub healthy_threshold: Option<u32>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum HealthProtocol {
-    Http,
-    Tcp,
-}
+pub use crate::policy::health::HealthProtocol;
 
 #[derive(Debug, Clone, Copy, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -527,7 +517,7 @@ pub struct RateLimitSpec {
     /// Burst for the whole service. Default: one second's worth.
     pub burst: Option<f64>,
     /// The same, for each source workload on its own.
-    pub per_source: Option<crate::ratelimit::Limit>,
+    pub per_source: Option<crate::policy::ratelimit::Limit>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -4,8 +4,8 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use meshd::{
+    app::{self as daemon, Overrides, StartError},
     config::{self, BpfLogLevel},
-    daemon::{self, Overrides, StartError},
     identity::{ca::Authority, Identity},
 };
 use tracing_subscriber::{fmt, EnvFilter};

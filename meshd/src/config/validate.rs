@@ -9,9 +9,9 @@ use std::{
 
 use super::{
     ConfigError, ConfigErrors, ConfigFile, FieldPath, IdentitySpec, MeshMode, MeshSpec, NodeSpec,
-    PolicyAction, PolicySpec, Protocol, ProxySpec, Source,
+    PolicySpec, Protocol, ProxySpec, Source,
 };
-use crate::identity::Identity;
+use crate::spiffe::Identity;
 
 mod service;
 use service::check_service;
@@ -29,7 +29,7 @@ pub struct Config {
     pub policies: Vec<Policy>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Node {
     pub name: Arc<str>,
     pub capture_address: Ipv4Addr,
@@ -41,35 +41,7 @@ pub struct Node {
     pub host_cgroup_namespace: std::path::PathBuf,
 }
 
-/// A validated authorization policy.
-#[derive(Debug, Clone)]
-pub struct Policy {
-    pub name: Arc<str>,
-    /// Index into `Config::services`.
-    pub service: usize,
-    pub action: PolicyAction,
-    pub from: Vec<PolicySource>,
-    pub ports: Vec<u16>,
-    /// L7 conditions; a policy with any is an HTTP policy.
-    pub methods: Vec<hyper::Method>,
-    pub paths: Vec<String>,
-    pub headers: Vec<(hyper::header::HeaderName, String)>,
-}
-
-impl Policy {
-    /// Whether the policy says anything about HTTP requests.
-    pub fn is_http(&self) -> bool {
-        !(self.methods.is_empty() && self.paths.is_empty() && self.headers.is_empty())
-    }
-}
-
-/// A source clause; every non-empty list must match.
-#[derive(Debug, Clone, Default)]
-pub struct PolicySource {
-    /// Principals (`<td>/ns/<ns>/sa/<sa>`); `*` matches any.
-    pub principals: Vec<String>,
-    pub namespaces: Vec<String>,
-}
+pub use crate::policy::authz::{Policy, PolicySource};
 
 #[derive(Debug, Clone)]
 pub struct Service {
@@ -80,19 +52,19 @@ pub struct Service {
     pub vip: Ipv4Addr,
     pub ports: Vec<ServicePort>,
     pub endpoints: Vec<Endpoint>,
-    pub load_balancer: crate::balance::Policy,
+    pub load_balancer: crate::policy::balance::Policy,
     pub timeout: Option<std::time::Duration>,
     /// Compiled routes; a service without routes gets the default one.
-    pub routes: Vec<crate::routing::Route>,
+    pub routes: Vec<crate::policy::routing::Route>,
     /// (whole service, per source workload) request limits.
     pub rate_limit: (
-        Option<crate::ratelimit::Limit>,
-        Option<crate::ratelimit::Limit>,
+        Option<crate::policy::ratelimit::Limit>,
+        Option<crate::policy::ratelimit::Limit>,
     ),
     pub circuit_breaker: super::CircuitBreakerSpec,
-    pub retries: crate::retry::Policy,
-    pub outlier: Option<crate::outlier::Settings>,
-    pub health_check: Option<crate::health::Check>,
+    pub retries: crate::policy::retry::Policy,
+    pub outlier: Option<crate::policy::outlier::Settings>,
+    pub health_check: Option<crate::policy::health::Check>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -34,11 +34,12 @@ use self::{
 use super::ProxyInputs;
 use crate::{
     config::{Protocol, Workload},
-    mesh::Path,
-    metrics::{HttpLabels, ServiceLabels},
-    retry::Outcome,
-    routing,
-    tunnel::{pool::Key as TunnelKey, Baggage},
+    hbone::{pool::Key as TunnelKey, Baggage},
+    net::clock,
+    policy::retry::Outcome,
+    policy::routing,
+    state::snapshot::Path,
+    telemetry::metrics::{HttpLabels, ServiceLabels},
 };
 
 pub(super) const UNKNOWN: &str = "unknown";
@@ -68,7 +69,7 @@ pub async fn serve(inputs: Arc<ProxyInputs>, client: TcpStream, connection: Conn
     tokio::pin!(conn);
     let served = tokio::select! {
         served = conn.as_mut() => served,
-        _ = super::stopped(&mut stop) => {
+        _ = crate::net::accept::stopped(&mut stop) => {
             conn.as_mut().graceful_shutdown();
             conn.await
         }
@@ -89,14 +90,14 @@ async fn handle(
     mut request: Request<Incoming>,
 ) -> Response<Body> {
     let started = Instant::now();
-    let mesh = inputs.mesh.load_full();
+    let mesh = inputs.snapshot.load_full();
     let Some(target) = mesh.http_target(connection.dst) else {
         // The service went away with a reload while this connection lived.
         inputs
             .metrics
             .unresolved
-            .get_or_create(&crate::metrics::ReasonLabels {
-                reason: crate::metrics::UnresolvedReason::unknown_destination,
+            .get_or_create(&crate::telemetry::metrics::ReasonLabels {
+                reason: crate::telemetry::metrics::UnresolvedReason::unknown_destination,
             })
             .inc();
         return reply(StatusCode::SERVICE_UNAVAILABLE, "NR");
@@ -131,19 +132,15 @@ async fn handle(
         None => return refuse(StatusCode::NOT_FOUND, "NR", "none", None, None),
     };
     let source_name = source.map_or(UNKNOWN, |w| &*w.name);
-    if let Err(limit) = mesh.admit(
-        target.service,
-        source_name,
-        started.duration_since(*clock_origin()),
-    ) {
+    if let Err(limit) = mesh.admit(target.service, source_name, clock::at(started)) {
         let limit = match limit {
-            crate::ratelimit::Refused::Service => "service",
-            crate::ratelimit::Refused::Source => "source",
+            crate::policy::ratelimit::Refused::Service => "service",
+            crate::policy::ratelimit::Refused::Source => "source",
         };
         inputs
             .metrics
             .rate_limited
-            .get_or_create(&crate::metrics::RateLimitLabels {
+            .get_or_create(&crate::telemetry::metrics::RateLimitLabels {
                 destination_service: service.hostname.clone(),
                 limit,
             })
@@ -181,7 +178,7 @@ async fn handle(
     let Some(head) = Head::outgoing(&parts, http2) else {
         return refuse(StatusCode::BAD_REQUEST, "DPE", &route.name, None, None);
     };
-    let l7 = crate::policy::Http {
+    let l7 = crate::policy::authz::Http {
         method: &parts.method,
         path: parts.uri.path(),
         headers: &parts.headers,
@@ -197,10 +194,10 @@ async fn handle(
             || policy
                 .conditions
                 .iter()
-                .any(|c| *c != crate::retry::Condition::ConnectFailure));
+                .any(|c| *c != crate::policy::retry::Condition::ConnectFailure));
     let mut payload = Payload::new(body, keeps_copy.then_some(policy.buffer_limit));
     let budget = mesh.retry_budget(target.service);
-    budget.deposit(started.duration_since(*clock_origin()));
+    budget.deposit(clock::at(started));
     let deadline = route.timeout.or(service.timeout).map(|t| started + t);
     let mut tried: Vec<usize> = Vec::new();
     let mut retries = 0;
@@ -211,7 +208,7 @@ async fn handle(
                 target.service,
                 route.backend(random()),
                 [random(), random()],
-                now_nanos(),
+                clock::now_nanos(),
                 &tried,
             ),
         };
@@ -329,8 +326,8 @@ async fn handle(
         drop(in_flight);
         if let Some(Err(UpstreamError::Overflow(overflow))) = &result {
             let limit = match overflow {
-                crate::breaker::Overflow::Pending => "pending",
-                crate::breaker::Overflow::Connections => "connections",
+                crate::policy::breaker::Overflow::Pending => "pending",
+                crate::policy::breaker::Overflow::Connections => "connections",
             };
             breaker_tripped(inputs, &service.hostname, limit);
             return refuse(
@@ -350,14 +347,14 @@ async fn handle(
         // Only answers teach the balancer latency: an endpoint that fails
         // fast must not look fast.
         if let Some(Ok(_)) = &result {
-            stats.observe(try_started.elapsed().as_nanos() as u64, now_nanos());
+            stats.observe(try_started.elapsed().as_nanos() as u64, clock::now_nanos());
         }
         let failed = match outcome {
             Outcome::Response(status) => status.is_server_error(),
             _ => true,
         };
         if let Some(length) =
-            mesh.record_result(target.service, endpoint_index, failed, now_nanos())
+            mesh.record_result(target.service, endpoint_index, failed, clock::now_nanos())
         {
             warn!(service = %service.hostname, endpoint = %address, seconds = length.as_secs(), "endpoint ejected after failing in a row");
             inputs
@@ -379,7 +376,7 @@ async fn handle(
         else {
             break (result, labels, address);
         };
-        if !budget.withdraw(policy, started.duration_since(*clock_origin())) {
+        if !budget.withdraw(policy, clock::at(started)) {
             inputs
                 .metrics
                 .retry_budget_exhausted
@@ -393,7 +390,7 @@ async fn handle(
         inputs
             .metrics
             .retries
-            .get_or_create(&crate::metrics::RetryLabels {
+            .get_or_create(&crate::telemetry::metrics::RetryLabels {
                 destination_service: service.hostname.clone(),
                 reason,
             })
@@ -482,10 +479,10 @@ fn finish_upgrade(
 
 /// Counts a request as outstanding on an endpoint until dropped, so a
 /// client that goes away mid-request does not leave it counted for ever.
-struct InFlight<'a>(&'a crate::balance::EndpointStats);
+struct InFlight<'a>(&'a crate::policy::balance::EndpointStats);
 
 impl<'a> InFlight<'a> {
-    fn start(stats: &'a crate::balance::EndpointStats) -> Self {
+    fn start(stats: &'a crate::policy::balance::EndpointStats) -> Self {
         stats
             .in_flight
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -499,15 +496,4 @@ impl Drop for InFlight<'_> {
             .in_flight
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
-}
-
-/// A fixed origin for the balancer's and rate limiter's clocks.
-fn clock_origin() -> &'static Instant {
-    use std::sync::OnceLock;
-    static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now)
-}
-
-pub fn now_nanos() -> u64 {
-    clock_origin().elapsed().as_nanos() as u64
 }

@@ -14,15 +14,16 @@ use tokio::{
 use tracing::{debug, warn};
 
 use super::http;
-use super::{
-    relay::{relay, Resettable},
-    ConnectionGuard, ProxyInputs,
-};
+use super::{ConnectionGuard, ProxyInputs};
 use crate::{
     config::Protocol,
-    mesh::{destination_addr, Path, Target, Unresolved},
-    metrics::{Metrics, ReasonLabels, ServiceLabels, TcpLabels, UnresolvedReason},
-    tunnel::{pool::Key, Baggage},
+    hbone::{pool::Key, Baggage},
+    net::relay::{relay, Resettable},
+    state::{
+        ids::ClientAddr,
+        snapshot::{Path, Target, Unresolved},
+    },
+    telemetry::metrics::{Metrics, ReasonLabels, ServiceLabels, TcpLabels, UnresolvedReason},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -47,7 +48,7 @@ const UNKNOWN: &str = "unknown";
 
 impl Outbound {
     pub async fn bind(address: SocketAddrV4) -> Result<Self, OutboundError> {
-        let listener = super::listen(address.into())
+        let listener = crate::net::listen::listen(address.into())
             .map_err(|source| OutboundError::Bind { address, source })?;
         Ok(Self { listener, address })
     }
@@ -74,10 +75,10 @@ impl Outbound {
     /// Accepts until `stop` turns true, then drains (see `accept_loop`).
     pub async fn run(self, inputs: Arc<ProxyInputs>, stop: watch::Receiver<bool>, drain: Duration) {
         let metrics = inputs.metrics.clone();
-        super::accept_loop(
+        crate::net::accept::accept_loop(
             self.listener,
             "outbound",
-            &metrics,
+            &metrics.accept_counters(),
             stop,
             drain,
             move |stream, peer| handle(inputs.clone(), stream, peer),
@@ -103,7 +104,7 @@ fn unresolved(metrics: &Metrics, reason: UnresolvedReason) {
 async fn handle(inputs: Arc<ProxyInputs>, client: TcpStream, peer: SocketAddr) {
     let metrics = &inputs.metrics;
     let orig = match peer {
-        SocketAddr::V4(peer) => inputs.capture.take_orig_dst(peer).map(|o| (peer, o)),
+        SocketAddr::V4(peer) => inputs.orig_dst.take(ClientAddr(peer)).map(|o| (peer, o)),
         SocketAddr::V6(_) => None,
     };
     let Some((peer, orig)) = orig else {
@@ -111,8 +112,8 @@ async fn handle(inputs: Arc<ProxyInputs>, client: TcpStream, peer: SocketAddr) {
         warn!("no original destination recorded for this client; closing");
         return refuse(client);
     };
-    let dst = destination_addr(orig.dst);
-    let mesh = inputs.mesh.load();
+    let dst = orig.dst.0;
+    let mesh = inputs.snapshot.load();
     let source = mesh.source(orig.cgroup_id, *peer.ip());
     // HTTP ports balance per request: no endpoint is chosen here.
     let declared = mesh.http_target(dst).map(|t| t.port.protocol);

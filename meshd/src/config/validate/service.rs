@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::{Checker, Endpoint, Service, ServicePort, UNKNOWN};
-use crate::{config::FieldPath, identity::Identity};
+use crate::{config::FieldPath, spiffe::Identity};
 
 pub(super) fn check_service(
     check: &mut Checker<'_>,
@@ -68,7 +68,7 @@ pub(super) fn check_service(
             labels: endpoint.labels,
         });
     }
-    let mut routes: Vec<crate::routing::Route> = spec
+    let mut routes: Vec<crate::policy::routing::Route> = spec
         .routes
         .iter()
         .enumerate()
@@ -77,13 +77,13 @@ pub(super) fn check_service(
         })
         .collect();
     if routes.is_empty() {
-        routes.push(crate::routing::Route::default_route());
+        routes.push(crate::policy::routing::Route::default_route());
     }
     let rate_limit = match &spec.rate_limit {
         None => (None, None),
         Some(limits) => {
             let field = at.clone().key("rateLimit");
-            let service_limit = limits.rps.map(|rps| crate::ratelimit::Limit {
+            let service_limit = limits.rps.map(|rps| crate::policy::ratelimit::Limit {
                 rps,
                 burst: limits.burst,
             });
@@ -119,7 +119,7 @@ pub(super) fn check_service(
     }
     let retries = match &spec.retries {
         Some(retries) => check_retries(check, file, &at.clone().key("retries"), retries),
-        None => crate::retry::Policy::default(),
+        None => crate::policy::retry::Policy::default(),
     };
     let outlier = spec
         .outlier_detection
@@ -159,8 +159,8 @@ fn check_route(
     at: &FieldPath,
     index: usize,
     spec: &crate::config::RouteSpec,
-) -> Option<crate::routing::Route> {
-    use crate::routing::{Backend, Match, PathMatch, Route};
+) -> Option<crate::policy::routing::Route> {
+    use crate::policy::routing::{Backend, Match, PathMatch, Route};
     let path_at = at.clone().key("match").key("path");
     let path = match spec
         .matches
@@ -251,8 +251,8 @@ fn check_retries(
     file: usize,
     at: &FieldPath,
     spec: &crate::config::RetrySpec,
-) -> crate::retry::Policy {
-    use crate::retry::{Condition, Policy};
+) -> crate::policy::retry::Policy {
+    use crate::policy::retry::{Condition, Policy};
     let defaults = Policy::default();
     let mut conditions = Vec::new();
     for (i, name) in spec.retry_on.iter().flatten().enumerate() {
@@ -320,9 +320,9 @@ fn check_outlier(
     file: usize,
     at: &FieldPath,
     spec: &crate::config::OutlierSpec,
-) -> crate::outlier::Settings {
+) -> crate::policy::outlier::Settings {
     use std::time::Duration;
-    let settings = crate::outlier::Settings {
+    let settings = crate::policy::outlier::Settings {
         consecutive_errors: spec.consecutive_errors.unwrap_or(5),
         base_ejection_time: spec.base_ejection_time.unwrap_or(Duration::from_secs(30)),
         max_ejection_time: spec.max_ejection_time.unwrap_or(Duration::from_secs(300)),
@@ -361,9 +361,9 @@ fn check_health(
     at: &FieldPath,
     spec: &crate::config::HealthCheckSpec,
     default_port: u16,
-) -> crate::health::Check {
+) -> crate::policy::health::Check {
     use std::time::Duration;
-    let health = crate::health::Check {
+    let health = crate::policy::health::Check {
         protocol: spec.protocol,
         path: spec.path.clone().unwrap_or_else(|| "/healthz".to_owned()),
         port: spec.port.unwrap_or(default_port),

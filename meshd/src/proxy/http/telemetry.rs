@@ -9,9 +9,9 @@ use tracing::info;
 use super::{upstream::Body, UNKNOWN};
 use crate::{
     config::Workload,
-    mesh::{Mesh, Path},
-    metrics::{HttpLabels, TcpLabels},
     proxy::ProxyInputs,
+    state::snapshot::{Path, Snapshot},
+    telemetry::metrics::{HttpLabels, TcpLabels},
 };
 
 /// "METHOD /path" for the access log, kept without formatting anything
@@ -41,7 +41,7 @@ pub fn breaker_tripped(inputs: &ProxyInputs, service: &Arc<str>, limit: &'static
     inputs
         .metrics
         .circuit_breaker_rejections
-        .get_or_create(&crate::metrics::BreakerLabels {
+        .get_or_create(&crate::telemetry::metrics::BreakerLabels {
             destination_service: service.clone(),
             limit,
         })
@@ -49,7 +49,7 @@ pub fn breaker_tripped(inputs: &ProxyInputs, service: &Arc<str>, limit: &'static
 }
 
 pub(super) fn http_labels(
-    mesh: &Mesh,
+    mesh: &Snapshot,
     source: Option<&Workload>,
     service: usize,
     endpoint: Option<usize>,

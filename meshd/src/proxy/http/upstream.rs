@@ -25,8 +25,8 @@ use tokio::{
 use tracing::debug;
 
 use crate::{
-    breaker::{ConnectionLimit, Overflow},
-    tunnel::pool::{Key as TunnelKey, Pool, TunnelError},
+    hbone::pool::{Key as TunnelKey, Pool, TunnelError},
+    policy::breaker::{ConnectionLimit, Overflow},
 };
 
 pub type Body = BoxBody<Bytes, hyper::Error>;

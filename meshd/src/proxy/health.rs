@@ -1,4 +1,4 @@
-//! Active health checks. Each meshd checks the endpoints on its own node,
+//! Active health checks, made. Each meshd checks the endpoints on its own node,
 //! which it reaches directly: an HTTP GET answered 2xx, or a TCP connection
 //! accepted, passes. An endpoint that fails `unhealthyThreshold` checks in a
 //! row leaves the rotation of this node's requests, and this node refuses
@@ -9,7 +9,6 @@
 use std::{
     net::SocketAddrV4,
     sync::{Arc, Weak},
-    time::Duration,
 };
 
 use bytes::Bytes;
@@ -21,21 +20,10 @@ use tracing::{info, warn};
 
 use crate::{
     config::HealthProtocol,
-    mesh::{Mesh, Path},
-    metrics::{HealthLabels, Metrics},
+    policy::health::{Check, Tally},
+    state::snapshot::{Path, Snapshot},
+    telemetry::metrics::{HealthLabels, Metrics},
 };
-
-/// A service's check, as validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Check {
-    pub protocol: HealthProtocol,
-    pub path: String,
-    pub port: u16,
-    pub interval: Duration,
-    pub timeout: Duration,
-    pub unhealthy_threshold: u32,
-    pub healthy_threshold: u32,
-}
 
 /// Whether one check of `address` passes.
 async fn probe(check: &Check, address: SocketAddrV4) -> Result<(), String> {
@@ -72,7 +60,7 @@ async fn probe(check: &Check, address: SocketAddrV4) -> Result<(), String> {
 
 /// Starts a checker for every checked endpoint on this node. Each stops by
 /// itself once `mesh` is replaced or dropped.
-pub fn spawn_checkers(mesh: &Arc<Mesh>, metrics: &Arc<Metrics>) {
+pub fn spawn_checkers(mesh: &Arc<Snapshot>, metrics: &Arc<Metrics>) {
     for (s, service) in mesh.config.services.iter().enumerate() {
         let Some(check) = &service.health_check else {
             continue;
@@ -94,13 +82,13 @@ pub fn spawn_checkers(mesh: &Arc<Mesh>, metrics: &Arc<Metrics>) {
 }
 
 async fn run(
-    mesh: Weak<Mesh>,
+    mesh: Weak<Snapshot>,
     metrics: Arc<Metrics>,
     check: Check,
     (service, endpoint): (usize, usize),
     address: SocketAddrV4,
 ) {
-    let (mut passes, mut failures) = (0u32, 0u32);
+    let mut tally = Tally::default();
     let mut ticks = tokio::time::interval(check.interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -116,23 +104,16 @@ async fn run(
             })
             .inc();
         let healthy = mesh.endpoint_healthy(service, endpoint);
-        match result {
-            Ok(()) => {
-                failures = 0;
-                passes += 1;
-                if !healthy && passes >= check.healthy_threshold {
-                    info!(service = %hostname, endpoint = %address, "endpoint healthy again: back in rotation");
-                    mesh.set_endpoint_health(service, endpoint, true);
-                }
+        match (tally.observe(&check, result.is_ok(), healthy), result) {
+            (Some(true), _) => {
+                info!(service = %hostname, endpoint = %address, "endpoint healthy again: back in rotation");
+                mesh.set_endpoint_health(service, endpoint, true);
             }
-            Err(reason) => {
-                passes = 0;
-                failures += 1;
-                if healthy && failures >= check.unhealthy_threshold {
-                    warn!(service = %hostname, endpoint = %address, %reason, "endpoint unhealthy: out of rotation");
-                    mesh.set_endpoint_health(service, endpoint, false);
-                }
+            (Some(false), Err(reason)) => {
+                warn!(service = %hostname, endpoint = %address, %reason, "endpoint unhealthy: out of rotation");
+                mesh.set_endpoint_health(service, endpoint, false);
             }
+            _ => {}
         }
     }
 }

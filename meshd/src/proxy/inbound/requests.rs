@@ -24,7 +24,7 @@ use tracing::{debug, warn};
 
 use crate::{
     identity::Identity,
-    policy::{self, Decision},
+    policy::authz::{self, Decision},
     proxy::{
         http::{reply, splice_upgrade, upstream::Body},
         ProxyInputs,
@@ -71,14 +71,14 @@ async fn one(
     target: SocketAddrV4,
     mut request: Request<Incoming>,
 ) -> Response<Body> {
-    let mesh = inputs.mesh.load();
-    let decision = policy::authorize(
+    let mesh = inputs.snapshot.load();
+    let decision = authz::authorize(
         &mesh.config.policies,
-        &policy::Request {
+        &authz::Request {
             source: Some(source),
             services: mesh.services_of(*target.ip()),
             port: target.port(),
-            http: Some(policy::Http {
+            http: Some(authz::Http {
                 method: request.method(),
                 path: request.uri().path(),
                 headers: request.headers(),

@@ -1,8 +1,8 @@
 //! Tunnels between nodes, HBONE-style: HTTP/2 CONNECT over mutual TLS 1.3,
 //! `:authority` = the endpoint's `ip:port`, many streams per connection.
-//! `pool` is the source side, `inbound` the destination side (:15008).
+//! `pool` is the source side; the destination side (:15008) is
+//! `proxy::inbound`. The HTTP/2 settings both sides use live here.
 
-pub mod inbound;
 pub mod pool;
 
 use std::{sync::Arc, time::Duration};

@@ -6,6 +6,11 @@
 //! SIGTERM/SIGINT: stop capturing new connections, close the listener,
 //! drain in-flight connections up to `proxy.drainTimeout`, detach, exit 0.
 
+#[allow(unsafe_code)]
+pub mod handover;
+pub mod host;
+pub mod reload;
+
 use std::{
     net::SocketAddrV4,
     path::PathBuf,
@@ -18,22 +23,20 @@ use tokio::{signal::unix::SignalKind, sync::watch};
 use tracing::{info, warn};
 
 use crate::{
+    admin::{BindError, StatusInputs, StatusListener},
+    app::host::HostError,
     capture::{Capture, CaptureError, CaptureSpec},
     config::{BpfLogLevel, Config, ConfigErrors},
-    host::{self, HostError},
+    hbone::pool::Pool,
     identity::{
         ca::{Authority, CaError},
         store::{self, CertStore},
         tls,
     },
-    mesh::Mesh,
-    metrics::Metrics,
+    proxy::inbound::{BindError as InboundBindError, Inbound},
     proxy::{Outbound, OutboundError, ProxyInputs},
-    status::{BindError, StatusInputs, StatusListener},
-    tunnel::{
-        inbound::{BindError as InboundBindError, Inbound},
-        pool::Pool,
-    },
+    state::snapshot::Snapshot,
+    telemetry::metrics::Metrics,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -55,7 +58,7 @@ pub enum StartError {
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
     #[error(transparent)]
-    Handover(#[from] crate::handover::HandoverError),
+    Handover(#[from] crate::app::handover::HandoverError),
 }
 
 /// The certificate store `node.identity` asks for, loaded once.
@@ -134,14 +137,14 @@ pub fn prepare(paths: &[PathBuf], overrides: &Overrides) -> Result<Prepared, Sta
 pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     let config = prepared.config.clone();
     let proxy = &config.proxy;
-    let mesh = Mesh::new(
+    let mesh = Snapshot::new(
         config.clone(),
-        &crate::reload::workload_cgroup_ids(&prepared.cgroup_root, &config),
+        &crate::app::reload::workload_cgroup_ids(&prepared.cgroup_root, &config),
     );
 
     // A meshd already running on this node hands its listeners over;
     // otherwise bind everything, before anything is served or captured.
-    let mut taken = crate::handover::request(&config.node.handover_socket)?;
+    let mut taken = crate::app::handover::request(&config.node.handover_socket)?;
     let mut take = |name: &str| taken.as_mut().and_then(|t| t.take(name));
     let outbound_addr = SocketAddrV4::new(config.node.capture_address, proxy.outbound_port);
     let outbound = match take("outbound") {
@@ -196,7 +199,7 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         capture: std::sync::OnceLock::new(),
         store: store.clone(),
         ready: Default::default(),
-        mesh: std::sync::OnceLock::new(),
+        proxy: std::sync::OnceLock::new(),
         reload: Default::default(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -233,10 +236,10 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     tokio::spawn(heartbeat(capture.clone(), stop_rx.clone()));
 
     let mesh = Arc::new(mesh);
-    crate::health::spawn_checkers(&mesh, &metrics);
+    crate::proxy::health::spawn_checkers(&mesh, &metrics);
     let inputs = Arc::new(ProxyInputs {
-        mesh: ArcSwap::new(mesh),
-        capture: capture.clone(),
+        snapshot: ArcSwap::new(mesh),
+        orig_dst: capture.clone(),
         metrics: metrics.clone(),
         connect_timeout: proxy.connect_timeout,
         buffer_size: proxy.buffer_size,
@@ -247,7 +250,7 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         upstreams: Default::default(),
         stop: stop_rx.clone(),
     });
-    let _ = status.mesh.set(inputs.clone());
+    let _ = status.proxy.set(inputs.clone());
     tokio::spawn(sweep_upstreams(inputs.upstreams.clone(), stop_rx.clone()));
     let drain = proxy.drain_timeout;
     let mut outbound_task = tokio::spawn(outbound.run(inputs.clone(), stop_rx.clone(), drain));
@@ -258,7 +261,7 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     if let Some(store) = store.clone() {
         tokio::spawn(refresh_certificates(store, stop_rx.clone()));
     }
-    let reloader = crate::reload::Reloader {
+    let reloader = crate::app::reload::Reloader {
         paths: prepared.paths.clone(),
         cgroup_root: prepared.cgroup_root.clone(),
         bpf_log_level: prepared.overrides.bpf_log_level,
@@ -279,7 +282,7 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     let (handed_tx, mut handed_rx) = tokio::sync::oneshot::channel();
     let handover_path = config.node.handover_socket.clone();
     tokio::spawn(async move {
-        crate::handover::serve(handover_path, handed).await;
+        crate::app::handover::serve(handover_path, handed).await;
         let _ = handed_tx.send(());
     });
     info!(
@@ -342,7 +345,7 @@ async fn sweep_upstreams(
     loop {
         tokio::select! {
             _ = tick.tick() => upstreams.sweep(UPSTREAM_IDLE),
-            _ = crate::proxy::stopped(&mut stop) => return,
+            _ = crate::net::accept::stopped(&mut stop) => return,
         }
     }
 }
@@ -357,7 +360,7 @@ async fn heartbeat(capture: Arc<Capture>, mut stop: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             _ = tick.tick() => capture.beat(),
-            _ = crate::proxy::stopped(&mut stop) => return,
+            _ = crate::net::accept::stopped(&mut stop) => return,
         }
     }
 }
@@ -368,7 +371,7 @@ async fn refresh_certificates(store: Arc<CertStore>, mut stop: watch::Receiver<b
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = crate::proxy::stopped(&mut stop) => return,
+            _ = crate::net::accept::stopped(&mut stop) => return,
         }
         let store = store.clone();
         let _ = tokio::task::spawn_blocking(move || store.refresh()).await;

@@ -11,16 +11,14 @@ use std::{
     },
 };
 
-use meshd_common::Destination;
-
 use crate::{
-    balance::{self, EndpointStats},
-    breaker::ConnectionLimit,
     config::{Config, Endpoint, Protocol, Service, ServicePort, Workload},
-    outlier::Detector,
-    ratelimit::{Refused, ServiceLimiter},
-    retry::Budget,
-    routing::Backend,
+    policy::balance::{self, EndpointStats},
+    policy::breaker::ConnectionLimit,
+    policy::outlier::Detector,
+    policy::ratelimit::{Refused, ServiceLimiter},
+    policy::retry::Budget,
+    policy::routing::Backend,
 };
 
 /// Value stored in the `DESTINATIONS` BPF map, for whoever inspects it.
@@ -84,7 +82,7 @@ pub enum Unresolved {
     UnknownNode,
 }
 
-pub struct Mesh {
+pub struct Snapshot {
     pub config: Arc<Config>,
     entries: HashMap<SocketAddrV4, Entry>,
     /// Round-robin position per service.
@@ -133,7 +131,7 @@ fn take(counter: &std::sync::atomic::AtomicU32, limit: Option<u32>) -> Option<Pe
     }
 }
 
-impl Mesh {
+impl Snapshot {
     /// Builds the snapshot. `cgroup_ids` maps workload cgroup paths to the
     /// ids the kernel reports for them (found by the caller).
     pub fn new(config: Arc<Config>, cgroup_ids: &HashMap<String, u64>) -> Self {
@@ -236,13 +234,13 @@ impl Mesh {
     }
 
     /// Every destination the kernel should capture.
-    pub fn destinations(&self) -> impl Iterator<Item = (Destination, DestinationKind)> + '_ {
+    pub fn destinations(&self) -> impl Iterator<Item = (SocketAddrV4, DestinationKind)> + '_ {
         self.entries.iter().map(|(addr, entry)| {
             let kind = match entry {
                 Entry::Vip { .. } => DestinationKind::ServiceVip,
                 Entry::Pod { .. } => DestinationKind::Pod,
             };
-            (destination_key(*addr), kind)
+            (*addr, kind)
         })
     }
 
@@ -421,9 +419,9 @@ impl Mesh {
 
     /// Sets the gauges that describe the state right now: open circuit
     /// breakers, ejected and unhealthy endpoints.
-    pub fn export_state(&self, metrics: &crate::metrics::Metrics) {
-        use crate::metrics::{BreakerLabels, ServiceLabels};
-        let now = crate::proxy::http::now_nanos();
+    pub fn export_state(&self, metrics: &crate::telemetry::metrics::Metrics) {
+        use crate::telemetry::metrics::{BreakerLabels, ServiceLabels};
+        let now = crate::net::clock::now_nanos();
         for (s, service) in self.config.services.iter().enumerate() {
             let labels = ServiceLabels {
                 destination_service: service.hostname.clone(),
@@ -510,16 +508,6 @@ impl Mesh {
     }
 }
 
-/// The BPF map key for `addr`.
-pub fn destination_key(addr: SocketAddrV4) -> Destination {
-    Destination::new(u32::from_ne_bytes(addr.ip().octets()), addr.port())
-}
-
-/// The address a BPF map key stands for.
-pub fn destination_addr(key: Destination) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::from(key.ip.to_ne_bytes()), key.port)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -540,10 +528,10 @@ workloads:
   - { name: other, addresses: [10.77.0.3] }
 ";
 
-    fn mesh() -> Mesh {
+    fn mesh() -> Snapshot {
         let config = Arc::new(load_str("t.yaml", YAML).expect("valid"));
         let ids = HashMap::from([("/pods/pp".to_owned(), 42)]);
-        Mesh::new(config, &ids)
+        Snapshot::new(config, &ids)
     }
 
     fn addr(s: &str) -> SocketAddrV4 {
@@ -572,10 +560,7 @@ workloads:
     #[test]
     fn captures_vips_and_pod_target_ports() {
         let mesh = mesh();
-        let mut got: Vec<_> = mesh
-            .destinations()
-            .map(|(d, _)| destination_addr(d))
-            .collect();
+        let mut got: Vec<_> = mesh.destinations().map(|(d, _)| d).collect();
         got.sort();
         let mut want: Vec<_> = [
             "10.96.0.20:80",
@@ -606,13 +591,5 @@ workloads:
             Some("other")
         );
         assert!(mesh.source(7, ip("10.77.0.99")).is_none());
-    }
-
-    #[test]
-    fn map_keys_round_trip() {
-        let a = addr("10.96.0.20:80");
-        let key = destination_key(a);
-        assert_eq!(key.ip.to_ne_bytes(), [10, 96, 0, 20]);
-        assert_eq!(destination_addr(key), a);
     }
 }

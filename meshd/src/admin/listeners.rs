@@ -18,7 +18,7 @@ use prometheus_client::registry::Registry;
 use tokio::{net::TcpListener, sync::watch};
 use tracing::{debug, warn};
 
-use crate::{capture::Capture, metrics::Metrics};
+use crate::{capture::Capture, telemetry::metrics::Metrics};
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen on {address} for {what}: {source}")]
@@ -37,8 +37,8 @@ pub struct StatusInputs {
     pub store: Option<Arc<crate::identity::store::CertStore>>,
     pub ready: AtomicBool,
     /// The proxy's state, for the gauges read at each scrape.
-    pub mesh: std::sync::OnceLock<Arc<crate::proxy::ProxyInputs>>,
-    pub reload: Arc<crate::reload::ReloadState>,
+    pub proxy: std::sync::OnceLock<Arc<crate::proxy::ProxyInputs>>,
+    pub reload: Arc<crate::admin::ReloadState>,
 }
 
 impl StatusInputs {
@@ -49,13 +49,13 @@ impl StatusInputs {
             for (map, entries) in stats.map_entries {
                 self.metrics
                     .bpf_map_entries
-                    .get_or_create(&crate::metrics::MapLabels { map })
+                    .get_or_create(&crate::telemetry::metrics::MapLabels { map })
                     .set(entries);
             }
             for (event, total) in stats.events {
                 self.metrics
                     .bpf_events
-                    .get_or_create(&crate::metrics::CounterLabels { event })
+                    .get_or_create(&crate::telemetry::metrics::CounterLabels { event })
                     .set(total);
             }
         }
@@ -64,17 +64,17 @@ impl StatusInputs {
             for (identity, cert) in &store.current().by_identity {
                 self.metrics
                     .certificate_expiry
-                    .get_or_create(&crate::metrics::IdentityLabels {
+                    .get_or_create(&crate::telemetry::metrics::IdentityLabels {
                         identity: identity.uri().clone(),
                     })
                     .set(cert.seconds_left(now));
             }
         }
-        if let Some(inputs) = self.mesh.get() {
-            inputs.mesh.load().export_state(&self.metrics);
+        if let Some(inputs) = self.proxy.get() {
+            inputs.snapshot.load().export_state(&self.metrics);
         }
         self.export_process();
-        crate::metrics::render(&self.registry)
+        crate::telemetry::metrics::render(&self.registry)
     }
 }
 
@@ -153,7 +153,7 @@ impl StatusListener {
                         continue;
                     }
                 },
-                _ = crate::proxy::stopped(&mut stop) => return,
+                _ = crate::net::accept::stopped(&mut stop) => return,
             };
             let inputs = inputs.clone();
             tokio::spawn(async move {
@@ -179,7 +179,7 @@ fn route(
     request: &Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     if what == "admin" {
-        let (code, body) = crate::admin::answer(
+        let (code, body) = crate::admin::api::answer(
             inputs,
             request.method(),
             request.uri().path(),

@@ -75,7 +75,7 @@ pub struct Route {
     /// Overrides the service's request timeout.
     pub timeout: Option<Duration>,
     /// Overrides the service's retry policy.
-    pub retries: Option<crate::retry::Policy>,
+    pub retries: Option<crate::policy::retry::Policy>,
 }
 
 impl Route {

@@ -21,14 +21,16 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn, Instrument as _};
 
-use super::{
-    Baggage, BAGGAGE, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW,
-};
 use crate::{
+    hbone::{
+        Baggage, BAGGAGE, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, MAX_STREAMS,
+        STREAM_WINDOW,
+    },
     identity::{tls, Identity},
-    metrics::{HandshakeLabels, TcpLabels},
-    policy::{self, Decision},
-    proxy::{relay::relay, ProxyInputs},
+    net::relay::relay,
+    policy::authz::{self, Decision},
+    proxy::ProxyInputs,
+    telemetry::metrics::{HandshakeLabels, TcpLabels},
 };
 
 mod requests;
@@ -58,7 +60,7 @@ const TLS_HANDSHAKE: u8 = 0x16;
 impl Inbound {
     pub async fn bind(address: SocketAddr) -> Result<Self, BindError> {
         let listener =
-            crate::proxy::listen(address).map_err(|source| BindError { address, source })?;
+            crate::net::listen::listen(address).map_err(|source| BindError { address, source })?;
         Ok(Self { listener, address })
     }
 
@@ -82,10 +84,10 @@ impl Inbound {
     pub async fn run(self, inputs: Arc<ProxyInputs>, stop: watch::Receiver<bool>, drain: Duration) {
         let tls = Arc::new(ServerTls::default());
         let metrics = inputs.metrics.clone();
-        crate::proxy::accept_loop(
+        crate::net::accept::accept_loop(
             self.listener,
             "inbound",
-            &metrics,
+            &metrics.accept_counters(),
             stop,
             drain,
             move |stream, _| serve(tls.clone(), inputs.clone(), stream),
@@ -164,7 +166,7 @@ async fn serve(tls_cache: Arc<ServerTls>, inputs: Arc<ProxyInputs>, stream: TcpS
             }
             Err(_) => return failed("timeout"),
         };
-    let trust_domain = inputs.mesh.load().config.mesh.trust_domain.clone();
+    let trust_domain = inputs.snapshot.load().config.mesh.trust_domain.clone();
     let peer = tls
         .get_ref()
         .1
@@ -198,7 +200,7 @@ async fn serve(tls_cache: Arc<ServerTls>, inputs: Arc<ProxyInputs>, stream: TcpS
     // the streams in flight finish.
     let served = tokio::select! {
         served = conn.as_mut() => served,
-        _ = crate::proxy::stopped(&mut stop) => {
+        _ = crate::net::accept::stopped(&mut stop) => {
             conn.as_mut().graceful_shutdown();
             conn.await
         }
@@ -236,7 +238,7 @@ async fn stream_request(
         .and_then(|v| v.to_str().ok())
         .map(Baggage::decode)
         .unwrap_or_default();
-    let mesh = inputs.mesh.load();
+    let mesh = inputs.snapshot.load();
     let Some(workload) = mesh.local_workload(*target.ip()) else {
         warn!(%source, %target, "tunnel stream to an address that is no workload of this node");
         return status(StatusCode::NOT_FOUND);
@@ -244,14 +246,14 @@ async fn stream_request(
     let services = mesh.services_of(*target.ip());
     // Policies with HTTP conditions on an HTTP port: each request is
     // decided on its own, once the stream is open.
-    let per_request = policy::needs_requests(&mesh.config.policies, services)
+    let per_request = authz::needs_requests(&mesh.config.policies, services)
         && serves_http(&mesh, services, target.port());
     let decision = if per_request {
         Decision::Allow
     } else {
-        policy::authorize(
+        authz::authorize(
             &mesh.config.policies,
-            &policy::Request {
+            &authz::Request {
                 source: Some(&source),
                 services,
                 port: target.port(),
@@ -346,7 +348,7 @@ async fn stream_request(
 }
 
 /// Whether `port` (a target port) of these services speaks HTTP.
-fn serves_http(mesh: &crate::mesh::Mesh, services: &[usize], port: u16) -> bool {
+fn serves_http(mesh: &crate::state::snapshot::Snapshot, services: &[usize], port: u16) -> bool {
     use crate::config::Protocol;
     services.iter().any(|s| {
         mesh.config.services[*s].ports.iter().any(|p| {

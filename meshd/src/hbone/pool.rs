@@ -28,8 +28,8 @@ use tracing::{debug, warn};
 use super::{BAGGAGE, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, KEEPALIVE, MAX_FRAME, STREAM_WINDOW};
 use crate::{
     identity::{store::CertStore, tls, Identity},
-    metrics::{HandshakeLabels, Metrics},
-    proxy::relay::Resettable,
+    net::relay::Resettable,
+    telemetry::metrics::{HandshakeLabels, Metrics},
 };
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

@@ -12,7 +12,7 @@
 use std::{
     collections::HashMap,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -22,9 +22,9 @@ use crate::{
     capture::Capture,
     config::{BpfLogLevel, Config, ConfigErrors, Source},
     identity::store::CertStore,
-    mesh::Mesh,
-    metrics::{Metrics, ResultLabels},
     proxy::ProxyInputs,
+    state::snapshot::Snapshot,
+    telemetry::metrics::{Metrics, ResultLabels},
 };
 
 /// How often the files are checked for changes.
@@ -42,42 +42,6 @@ pub enum ReloadError {
     Capture(#[from] crate::capture::CaptureError),
 }
 
-/// What the admin API shows about reloads.
-#[derive(Debug, Default)]
-pub struct ReloadState {
-    inner: Mutex<StateInner>,
-}
-
-#[derive(Debug, Default, Clone)]
-pub struct StateInner {
-    /// Reloads applied since start.
-    pub generation: u64,
-    pub last_applied: Option<SystemTime>,
-    /// The last refused reload's error, until a reload succeeds.
-    pub last_error: Option<String>,
-    /// The files of the config in force, as read.
-    pub files: Vec<(PathBuf, String)>,
-}
-
-impl ReloadState {
-    pub fn snapshot(&self) -> StateInner {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    fn update(&self, f: impl FnOnce(&mut StateInner)) {
-        f(&mut self.inner.lock().unwrap_or_else(|p| p.into_inner()));
-    }
-
-    /// Records `sources` as the files of the config in force.
-    pub fn record_files(&self, sources: &[Source]) {
-        let files = sources
-            .iter()
-            .map(|s| (s.path.clone(), s.text.clone()))
-            .collect();
-        self.update(|s| s.files = files);
-    }
-}
-
 /// Everything a reload needs.
 pub struct Reloader {
     pub paths: Vec<PathBuf>,
@@ -87,7 +51,7 @@ pub struct Reloader {
     pub capture: Arc<Capture>,
     pub store: Option<Arc<CertStore>>,
     pub metrics: Arc<Metrics>,
-    pub state: Arc<ReloadState>,
+    pub state: Arc<crate::admin::ReloadState>,
 }
 
 impl Reloader {
@@ -112,7 +76,7 @@ impl Reloader {
             let forced = tokio::select! {
                 _ = tick.tick() => false,
                 Some(()) = async { match &mut hangup { Some(h) => h.recv().await, None => None } } => true,
-                _ = crate::proxy::stopped(&mut stop) => return,
+                _ = crate::net::accept::stopped(&mut stop) => return,
             };
             // Read once; what was read is what is validated and recorded.
             // A file that cannot be read counts as changed.
@@ -167,19 +131,19 @@ impl Reloader {
         if let Some(level) = self.bpf_log_level {
             config.proxy.bpf_log_level = level;
         }
-        let running = self.inputs.mesh.load_full();
+        let running = self.inputs.snapshot.load_full();
         restart_only_change(&running.config, &config)
             .map_or(Ok(()), |what| Err(ReloadError::NeedsRestart(what)))?;
         let config = Arc::new(config);
         let ids = workload_cgroup_ids(&self.cgroup_root, &config);
-        let mesh = Arc::new(Mesh::new(config.clone(), &ids));
+        let mesh = Arc::new(Snapshot::new(config.clone(), &ids));
         self.capture.sync_destinations(&mesh)?;
         if let Some(store) = &self.store {
             store.set_identities(config.workloads.iter().map(|w| w.identity.clone()));
             store.refresh();
         }
-        crate::health::spawn_checkers(&mesh, &self.metrics);
-        self.inputs.mesh.store(mesh);
+        crate::proxy::health::spawn_checkers(&mesh, &self.metrics);
+        self.inputs.snapshot.store(mesh);
         Ok(config)
     }
 }
@@ -187,13 +151,11 @@ impl Reloader {
 /// The first setting that differs between `running` and `next` and that
 /// only a restart applies: listeners, cgroups, capture, identity.
 fn restart_only_change(running: &Config, next: &Config) -> Option<&'static str> {
-    let same =
-        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
     let own = |c: &Config| c.nodes.get(&c.node.name).copied();
     [
-        ("node", same(&running.node, &next.node)),
-        ("proxy", same(&running.proxy, &next.proxy)),
-        ("mesh", same(&running.mesh, &next.mesh)),
+        ("node", running.node == next.node),
+        ("proxy", running.proxy == next.proxy),
+        ("mesh", running.mesh == next.mesh),
         ("this node's address in nodes", own(running) == own(next)),
     ]
     .into_iter()
@@ -209,7 +171,7 @@ pub fn workload_cgroup_ids(cgroup_root: &std::path::Path, config: &Config) -> Ha
         let Some(path) = &workload.cgroup else {
             continue;
         };
-        match crate::host::cgroup_id(&crate::host::cgroup_dir(cgroup_root, path)) {
+        match crate::app::host::cgroup_id(&crate::app::host::cgroup_dir(cgroup_root, path)) {
             Ok(id) => {
                 ids.insert(path.clone(), id);
             }

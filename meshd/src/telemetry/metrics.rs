@@ -419,6 +419,21 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// The counters an accept loop feeds.
+    pub fn accept_counters(&self) -> crate::net::accept::AcceptCounters {
+        crate::net::accept::AcceptCounters {
+            errors: self.accept_errors.clone(),
+            shed: self
+                .connections_shed
+                .get_or_create(&ShedLabels {
+                    reason: "fd_exhausted",
+                })
+                .clone(),
+        }
+    }
+}
+
 /// Renders `registry` in the Prometheus text format (0.0.4), which every
 /// Prometheus, promtool and agent reads.
 pub fn render(registry: &Registry) -> String {

@@ -1,0 +1,314 @@
+//! The admin API (`proxy.adminAddress`, loopback `:15000` by default):
+//! read-only JSON about what meshd runs with — the config and the last
+//! reload error, workloads, services with their endpoints' health,
+//! certificates with their expiry — and the one write, the log level.
+//! `meshd status` reads it and prints a summary.
+//!
+//! | path | |
+//! |---|---|
+//! | `GET /status` | everything below in one document |
+//! | `GET /config` | the files last applied, reload generation and last error |
+//! | `GET /services`, `/workloads`, `/certificates` | one part each |
+//! | `GET /logging`, `PUT /logging?level=FILTER` | the log filter, e.g. `debug` or `info,meshd::access=off` |
+
+use std::{
+    sync::{Mutex, OnceLock},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use serde_json::{json, Value};
+
+use crate::{admin::StatusInputs, state::snapshot::Snapshot};
+
+/// Changes the log filter at run time; installed by the binary.
+pub struct LogControl {
+    pub current: Mutex<String>,
+    #[allow(clippy::type_complexity)]
+    pub set: Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>,
+}
+
+static LOG: OnceLock<LogControl> = OnceLock::new();
+
+/// Installs the log-level control (once, at start-up).
+pub fn install_log_control(control: LogControl) {
+    let _ = LOG.set(control);
+}
+
+/// Sets the log filter; returns the filter now in force.
+pub fn set_log_level(filter: &str) -> Result<String, String> {
+    let control = LOG
+        .get()
+        .ok_or("this process cannot change its log level")?;
+    (control.set)(filter)?;
+    *control.current.lock().unwrap_or_else(|p| p.into_inner()) = filter.to_owned();
+    tracing::info!(filter, "log level changed");
+    Ok(filter.to_owned())
+}
+
+fn log_level() -> String {
+    LOG.get().map_or_else(
+        || "unknown".to_owned(),
+        |c| c.current.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+    )
+}
+
+fn seconds(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Answers one admin request: (status code, JSON).
+pub fn answer(
+    inputs: &StatusInputs,
+    method: &hyper::Method,
+    path: &str,
+    query: &str,
+) -> (u16, Value) {
+    let Some(proxy) = inputs.proxy.get() else {
+        return (503, json!({ "error": "meshd is starting" }));
+    };
+    let mesh = proxy.snapshot.load_full();
+    match (method.as_str(), path) {
+        ("GET", "/status") => (
+            200,
+            json!({
+                "node": &*mesh.config.node.name,
+                "ready": inputs.ready.load(std::sync::atomic::Ordering::Acquire),
+                "config": config(inputs, false),
+                "services": services(&mesh),
+                "workloads": workloads(&mesh),
+                "certificates": certificates(inputs),
+                "logLevel": log_level(),
+            }),
+        ),
+        ("GET", "/config") => (200, config(inputs, true)),
+        ("GET", "/services") => (200, services(&mesh)),
+        ("GET", "/workloads") => (200, workloads(&mesh)),
+        ("GET", "/certificates") => (200, certificates(inputs)),
+        ("GET", "/logging") => (200, json!({ "level": log_level() })),
+        ("PUT" | "POST", "/logging") => {
+            let level = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("level="))
+                .map(|v| v.replace("%2C", ",").replace("%3D", "="));
+            match level.map(|l| set_log_level(&l)) {
+                Some(Ok(level)) => (200, json!({ "level": level })),
+                Some(Err(err)) => (400, json!({ "error": err })),
+                None => (400, json!({ "error": "give ?level=<filter>, e.g. debug" })),
+            }
+        }
+        (_, "/status" | "/config" | "/services" | "/workloads" | "/certificates" | "/logging") => {
+            (405, json!({ "error": "method not allowed" }))
+        }
+        _ => (
+            404,
+            json!({ "error": "not found", "paths": ["/status", "/config", "/services", "/workloads", "/certificates", "/logging"] }),
+        ),
+    }
+}
+
+fn config(inputs: &StatusInputs, with_files: bool) -> Value {
+    let state = inputs.reload.snapshot();
+    let files: Vec<Value> = state
+        .files
+        .iter()
+        .map(|(path, text)| {
+            if with_files {
+                json!({ "path": path.display().to_string(), "contents": text })
+            } else {
+                json!(path.display().to_string())
+            }
+        })
+        .collect();
+    json!({
+        "generation": state.generation,
+        "lastApplied": state.last_applied.map(seconds),
+        "lastError": state.last_error,
+        "files": files,
+    })
+}
+
+fn services(mesh: &Snapshot) -> Value {
+    let now = crate::net::clock::now_nanos();
+    let services: Vec<Value> = mesh
+        .config
+        .services
+        .iter()
+        .enumerate()
+        .map(|(s, service)| {
+            let endpoints: Vec<Value> = service
+                .endpoints
+                .iter()
+                .enumerate()
+                .map(|(e, endpoint)| {
+                    let (healthy, ejected, in_flight) = mesh.endpoint_state(s, e, now);
+                    json!({
+                        "address": endpoint.address.to_string(),
+                        "node": endpoint.node.as_deref(),
+                        "workload": &*endpoint.workload,
+                        "identity": &**endpoint.identity.uri(),
+                        "healthy": healthy,
+                        "ejected": ejected,
+                        "inFlight": in_flight,
+                    })
+                })
+                .collect();
+            let ports: Vec<Value> = service
+                .ports
+                .iter()
+                .map(|p| json!({ "port": p.port, "targetPort": p.target_port, "protocol": format!("{:?}", p.protocol).to_lowercase() }))
+                .collect();
+            json!({
+                "name": &*service.name,
+                "namespace": &*service.namespace,
+                "vip": service.vip.to_string(),
+                "ports": ports,
+                "endpoints": endpoints,
+            })
+        })
+        .collect();
+    Value::Array(services)
+}
+
+fn workloads(mesh: &Snapshot) -> Value {
+    Value::Array(
+        mesh.config
+            .workloads
+            .iter()
+            .map(|w| {
+                json!({
+                    "name": &*w.name,
+                    "namespace": &*w.namespace,
+                    "identity": &**w.identity.uri(),
+                    "cgroup": w.cgroup,
+                    "addresses": w.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                })
+            })
+            .collect(),
+    )
+}
+
+fn certificates(inputs: &StatusInputs) -> Value {
+    let Some(store) = &inputs.store else {
+        return Value::Array(vec![]);
+    };
+    let now = SystemTime::now();
+    Value::Array(
+        store
+            .current()
+            .by_identity
+            .iter()
+            .map(|(identity, cert)| {
+                json!({
+                    "identity": &**identity.uri(),
+                    "notAfter": seconds(cert.not_after),
+                    "expiresInSeconds": cert.seconds_left(now),
+                })
+            })
+            .collect(),
+    )
+}
+
+/// `meshd status`: fetches `/status` from `admin` and renders it.
+pub fn status_command(admin: std::net::SocketAddr) -> anyhow::Result<String> {
+    use std::io::{Read as _, Write as _};
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&admin, std::time::Duration::from_secs(3))
+            .map_err(|e| anyhow::anyhow!("cannot reach meshd's admin API at {admin}: {e}"))?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    write!(stream, "GET /status HTTP/1.0\r\nHost: {admin}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .ok_or_else(|| anyhow::anyhow!("malformed answer from {admin}"))?;
+    let status: Value = serde_json::from_str(body)?;
+    Ok(render(&status))
+}
+
+/// A readable summary of a `/status` document.
+pub fn render(status: &Value) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let s = |v: &Value| v.as_str().unwrap_or("-").to_owned();
+    let _ = writeln!(
+        out,
+        "node {}  {}  log level {}",
+        s(&status["node"]),
+        if status["ready"].as_bool() == Some(true) {
+            "ready"
+        } else {
+            "NOT READY"
+        },
+        s(&status["logLevel"])
+    );
+    let config = &status["config"];
+    let _ = writeln!(
+        out,
+        "config: reload generation {}, files {}",
+        config["generation"],
+        config["files"]
+            .as_array()
+            .map(|f| f.iter().map(s).collect::<Vec<_>>().join(", "))
+            .unwrap_or_default()
+    );
+    if let Some(error) = config["lastError"].as_str() {
+        let _ = writeln!(
+            out,
+            "  LAST RELOAD REFUSED (still serving the previous config):\n  {error}"
+        );
+    }
+    let _ = writeln!(out, "services:");
+    for service in status["services"].as_array().into_iter().flatten() {
+        let endpoints = service["endpoints"].as_array().cloned().unwrap_or_default();
+        let up = endpoints
+            .iter()
+            .filter(|e| e["healthy"] == true && e["ejected"] == false)
+            .count();
+        let _ = writeln!(
+            out,
+            "  {}/{} {}  {}/{} endpoints in rotation",
+            s(&service["namespace"]),
+            s(&service["name"]),
+            s(&service["vip"]),
+            up,
+            endpoints.len()
+        );
+        for e in &endpoints {
+            let state = match (e["healthy"].as_bool(), e["ejected"].as_bool()) {
+                (Some(false), _) => "UNHEALTHY",
+                (_, Some(true)) => "EJECTED",
+                _ => "ok",
+            };
+            let _ = writeln!(
+                out,
+                "    {:<15} {:<10} {:<9} in flight {}",
+                s(&e["address"]),
+                e["node"].as_str().unwrap_or("this node"),
+                state,
+                e["inFlight"]
+            );
+        }
+    }
+    let _ = writeln!(out, "workloads:");
+    for w in status["workloads"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "  {}/{}  {}",
+            s(&w["namespace"]),
+            s(&w["name"]),
+            s(&w["identity"])
+        );
+    }
+    let _ = writeln!(out, "certificates:");
+    for c in status["certificates"].as_array().into_iter().flatten() {
+        let left = c["expiresInSeconds"].as_i64().unwrap_or(0);
+        let when = if left < 0 {
+            format!("EXPIRED {}s ago", -left)
+        } else {
+            format!("expires in {}h{:02}m", left / 3600, (left % 3600) / 60)
+        };
+        let _ = writeln!(out, "  {}  {when}", s(&c["identity"]));
+    }
+    out
+}

@@ -1,0 +1,7 @@
+//! The lowest layer: listening sockets, the accept loop with its drain,
+//! the byte relay, and the clock the decisions use. No mesh knowledge.
+
+pub mod accept;
+pub mod clock;
+pub mod listen;
+pub mod relay;

@@ -1,0 +1,344 @@
+//! Authorization, with Istio's semantics, evaluated where the destination
+//! runs: a workload no policy selects allows everything; a matching `deny`
+//! wins; once an `allow` policy selects a workload, only matches pass.
+//! Policies may name HTTP methods, paths and headers (L7); those are
+//! checked per request on HTTP ports. On a plain TCP connection (no request
+//! to look at) Istio's rule holds: an `allow` with L7 conditions never
+//! matches, a `deny` with L7 conditions matches on its other conditions.
+//! Pure: a snapshot in, a decision out.
+
+use std::sync::Arc;
+
+use crate::spiffe::Identity;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyAction {
+    Allow,
+    Deny,
+}
+
+/// A validated authorization policy.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub name: Arc<str>,
+    /// Index into `Config::services`.
+    pub service: usize,
+    pub action: PolicyAction,
+    pub from: Vec<PolicySource>,
+    pub ports: Vec<u16>,
+    /// L7 conditions; a policy with any is an HTTP policy.
+    pub methods: Vec<hyper::Method>,
+    pub paths: Vec<String>,
+    pub headers: Vec<(hyper::header::HeaderName, String)>,
+}
+
+impl Policy {
+    /// Whether the policy says anything about HTTP requests.
+    pub fn is_http(&self) -> bool {
+        !(self.methods.is_empty() && self.paths.is_empty() && self.headers.is_empty())
+    }
+}
+
+/// A source clause; every non-empty list must match.
+#[derive(Debug, Clone, Default)]
+pub struct PolicySource {
+    /// Principals (`<td>/ns/<ns>/sa/<sa>`); `*` matches any.
+    pub principals: Vec<String>,
+    pub namespaces: Vec<String>,
+}
+
+/// What is being decided: who connects, to which services' endpoint, on
+/// which (target) port.
+pub struct Request<'a> {
+    /// The peer's proven identity; `None` for plaintext.
+    pub source: Option<&'a Identity>,
+    /// Indexes of the services the destination endpoint belongs to.
+    pub services: &'a [usize],
+    pub port: u16,
+    /// The HTTP request, when one is being decided (L7).
+    pub http: Option<Http<'a>>,
+}
+
+/// What L7 rules look at.
+#[derive(Clone, Copy)]
+pub struct Http<'a> {
+    pub method: &'a hyper::Method,
+    pub path: &'a str,
+    pub headers: &'a hyper::HeaderMap,
+}
+
+/// Whether the policies for `services` need each HTTP request decided on
+/// its own (some policy there has L7 conditions).
+pub fn needs_requests(policies: &[Policy], services: &[usize]) -> bool {
+    policies
+        .iter()
+        .any(|p| services.contains(&p.service) && p.is_http())
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Allow,
+    /// Denied by a matching deny policy, or by no allow policy matching.
+    Deny {
+        reason: Arc<str>,
+    },
+}
+
+pub fn authorize(policies: &[Policy], request: &Request<'_>) -> Decision {
+    let selected = || {
+        policies
+            .iter()
+            .filter(|p| request.services.contains(&p.service))
+    };
+    if let Some(deny) = selected()
+        .filter(|p| p.action == PolicyAction::Deny)
+        .find(|p| matches(p, request))
+    {
+        return Decision::Deny {
+            reason: format!("denied by policy {}", deny.name).into(),
+        };
+    }
+    let mut allows = selected()
+        .filter(|p| p.action == PolicyAction::Allow)
+        .peekable();
+    if allows.peek().is_none() {
+        return Decision::Allow;
+    }
+    if allows.any(|p| matches(p, request)) {
+        Decision::Allow
+    } else {
+        Decision::Deny {
+            reason: "no allow policy matched".into(),
+        }
+    }
+}
+
+fn matches(policy: &Policy, request: &Request<'_>) -> bool {
+    let port = policy.ports.is_empty() || policy.ports.contains(&request.port);
+    let from = policy.from.is_empty()
+        || policy
+            .from
+            .iter()
+            .any(|f| source_matches(f, request.source));
+    let l7 = !policy.is_http()
+        || match &request.http {
+            Some(http) => http_matches(policy, http),
+            None => policy.action == PolicyAction::Deny,
+        };
+    port && from && l7
+}
+
+fn http_matches(policy: &Policy, http: &Http<'_>) -> bool {
+    let method = policy.methods.is_empty() || policy.methods.contains(http.method);
+    let path = policy.paths.is_empty() || policy.paths.iter().any(|p| path_matches(p, http.path));
+    let headers = policy.headers.iter().all(|(name, want)| {
+        http.headers
+            .get_all(name)
+            .iter()
+            .any(|v| want == "*" || v.as_bytes() == want.as_bytes())
+    });
+    method && path && headers
+}
+
+/// Istio's path forms: exact, `/prefix/*`, `*suffix`, or `*`.
+fn path_matches(pattern: &str, path: &str) -> bool {
+    if pattern == "*" {
+        true
+    } else if let Some(prefix) = pattern.strip_suffix('*') {
+        path.starts_with(prefix)
+    } else if let Some(suffix) = pattern.strip_prefix('*') {
+        path.ends_with(suffix)
+    } else {
+        pattern == path
+    }
+}
+
+fn source_matches(clause: &PolicySource, source: Option<&Identity>) -> bool {
+    let principal = clause.principals.is_empty()
+        || source.is_some_and(|id| {
+            clause
+                .principals
+                .iter()
+                .any(|p| p == "*" || p == id.principal())
+        });
+    let namespace = clause.namespaces.is_empty()
+        || source.is_some_and(|id| clause.namespaces.iter().any(|n| n == id.namespace()));
+    principal && namespace
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(
+        name: &str,
+        service: usize,
+        action: PolicyAction,
+        principals: &[&str],
+        namespaces: &[&str],
+        ports: &[u16],
+    ) -> Policy {
+        let from = if principals.is_empty() && namespaces.is_empty() {
+            vec![]
+        } else {
+            vec![PolicySource {
+                principals: principals.iter().map(|s| s.to_string()).collect(),
+                namespaces: namespaces.iter().map(|s| s.to_string()).collect(),
+            }]
+        };
+        Policy {
+            name: name.into(),
+            service,
+            action,
+            from,
+            ports: ports.to_vec(),
+            methods: vec![],
+            paths: vec![],
+            headers: vec![],
+        }
+    }
+
+    fn id(ns: &str, sa: &str) -> Identity {
+        Identity::new("cluster.local", ns, sa)
+    }
+
+    #[test]
+    fn istio_semantics_table() {
+        use PolicyAction::*;
+        let a = id("default", "a");
+        let x = id("other", "x");
+        let allow_a = policy(
+            "allow-a",
+            0,
+            Allow,
+            &["cluster.local/ns/default/sa/a"],
+            &[],
+            &[],
+        );
+        let deny_a_9090 = policy(
+            "deny-a-9090",
+            0,
+            Deny,
+            &["cluster.local/ns/default/sa/a"],
+            &[],
+            &[9090],
+        );
+        let allow_ns_other = policy("allow-other", 1, Allow, &[], &["other"], &[]);
+        let deny_all_svc2 = policy("deny-all", 2, Deny, &[], &[], &[]);
+        let allow_any = policy("allow-any", 3, Allow, &["*"], &[], &[]);
+        let policies = vec![
+            allow_a,
+            deny_a_9090,
+            allow_ns_other,
+            deny_all_svc2,
+            allow_any,
+        ];
+        let cases: &[(Option<&Identity>, &[usize], u16, bool)] = &[
+            // service 0: only a, and not on 9090 (deny wins over allow)
+            (Some(&a), &[0], 80, true),
+            (Some(&x), &[0], 80, false),
+            (Some(&a), &[0], 9090, false),
+            (None, &[0], 80, false),
+            // service 1: namespace "other" only
+            (Some(&x), &[1], 80, true),
+            (Some(&a), &[1], 80, false),
+            // service 2: deny everyone
+            (Some(&a), &[2], 80, false),
+            // service 3: any authenticated source
+            (Some(&x), &[3], 80, true),
+            (None, &[3], 80, false),
+            // service 4: no policy selects it
+            (Some(&a), &[4], 80, true),
+            (None, &[4], 80, true),
+            // an endpoint behind services 1 and 2: the deny applies
+            (Some(&x), &[1, 2], 80, false),
+        ];
+        for (source, services, port, allowed) in cases {
+            let request = Request {
+                source: *source,
+                services,
+                port: *port,
+                http: None,
+            };
+            let decision = authorize(&policies, &request);
+            assert_eq!(
+                decision == Decision::Allow,
+                *allowed,
+                "{source:?} → {services:?}:{port}: {decision:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn denials_name_their_reason() {
+        let policies = vec![policy("block", 0, PolicyAction::Deny, &[], &[], &[])];
+        let decision = authorize(
+            &policies,
+            &Request {
+                source: None,
+                services: &[0],
+                port: 1,
+                http: None,
+            },
+        );
+        assert_eq!(
+            decision,
+            Decision::Deny {
+                reason: "denied by policy block".into()
+            }
+        );
+    }
+
+    #[test]
+    fn l7_rules_match_methods_paths_and_headers() {
+        use hyper::{HeaderMap, Method};
+        let a = id("default", "a");
+        let mut read_only = policy("read-only", 0, PolicyAction::Allow, &["*"], &[], &[]);
+        read_only.methods = vec![Method::GET, Method::HEAD];
+        read_only.paths = vec!["/api/*".into(), "/healthz".into(), "*.css".into()];
+        let mut no_debug = policy("no-debug", 0, PolicyAction::Deny, &[], &[], &[]);
+        no_debug.headers = vec![("x-debug".parse().expect("name"), "*".into())];
+        let policies = vec![read_only, no_debug];
+        let plain = HeaderMap::new();
+        let mut debug = HeaderMap::new();
+        debug.insert("x-debug", "1".parse().expect("value"));
+        let cases: &[(Method, &str, &HeaderMap, bool)] = &[
+            (Method::GET, "/api/v1/items", &plain, true),
+            (Method::HEAD, "/healthz", &plain, true),
+            (Method::GET, "/static/site.css", &plain, true),
+            (Method::POST, "/api/v1/items", &plain, false),
+            (Method::GET, "/admin", &plain, false),
+            (Method::GET, "/healthz/x", &plain, false),
+            (Method::GET, "/api/v1/items", &debug, false),
+        ];
+        for (method, path, headers, allowed) in cases {
+            let request = Request {
+                source: Some(&a),
+                services: &[0],
+                port: 80,
+                http: Some(Http {
+                    method,
+                    path,
+                    headers,
+                }),
+            };
+            let decision = authorize(&policies, &request);
+            assert_eq!(
+                decision == Decision::Allow,
+                *allowed,
+                "{method} {path}: {decision:?}"
+            );
+        }
+        // A plain TCP connection: the L7 allow cannot match, so it is denied.
+        let tcp = Request {
+            source: Some(&a),
+            services: &[0],
+            port: 80,
+            http: None,
+        };
+        assert_ne!(authorize(&policies, &tcp), Decision::Allow);
+        assert!(needs_requests(&policies, &[0]));
+        assert!(!needs_requests(&policies, &[1]));
+    }
+}
