@@ -140,6 +140,7 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     let mesh = Snapshot::new(
         config.clone(),
         &crate::app::reload::workload_cgroup_ids(&prepared.cgroup_root, &config),
+        None,
     );
 
     // A meshd already running on this node hands its listeners over;
@@ -236,7 +237,8 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     tokio::spawn(heartbeat(capture.clone(), stop_rx.clone()));
 
     let mesh = Arc::new(mesh);
-    crate::proxy::health::spawn_checkers(&mesh, &metrics);
+    let checkers = Arc::new(crate::proxy::health::HealthCheckers::default());
+    checkers.sync(&mesh, &metrics);
     let inputs = Arc::new(ProxyInputs {
         snapshot: ArcSwap::new(mesh),
         orig_dst: capture.clone(),
@@ -270,6 +272,7 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         store: store.clone(),
         metrics: metrics.clone(),
         state: status.reload.clone(),
+        checkers,
     };
     tokio::spawn(reloader.run(stop_rx.clone()));
 

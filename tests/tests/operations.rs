@@ -207,6 +207,160 @@ fn reloads_apply_changes_and_refuse_mistakes_while_the_last_good_config_serves()
     assert!(hello().starts_with("hello from v1"));
 }
 
+/// `(healthy, ejected)` of the endpoint at `address` of service `name`,
+/// from the admin API.
+fn endpoint_state(meshd: &Meshd, name: &str, address: &str) -> (bool, bool) {
+    let services: serde_json::Value =
+        serde_json::from_str(&meshd.admin("/services")).expect("JSON from /services");
+    let endpoint = services
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["name"] == name)
+        .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
+        .find(|e| e["address"] == address)
+        .unwrap_or_else(|| panic!("no endpoint {address} of {name} in {services:#}"));
+    (
+        endpoint["healthy"].as_bool().expect("healthy"),
+        endpoint["ejected"].as_bool().expect("ejected"),
+    )
+}
+
+#[test]
+fn a_reload_keeps_what_meshd_learned_about_endpoints_still_configured() {
+    let bed = Testbed::new(&["client", "v1", "v2", "v3"]);
+    serve_hello(&bed, "v1", &["--fail-first", "3"]);
+    serve_hello(&bed, "v2", &[]);
+    serve_hello(&bed, "v3", &[]);
+    // web: v1 fails three in a row and is ejected for a minute. checked:
+    // v3 serves, but its check looks at a port nobody listens on; checks
+    // every 2 s, two failures take it out — so an endpoint whose health a
+    // reload forgot would read healthy for seconds afterwards.
+    let services = |extra: &str| {
+        format!(
+            "services:
+  - name: web
+    vip: 10.96.0.20
+    ports: [{{ port: 80, targetPort: 8080, protocol: http }}]
+    endpoints: [{V1}, {V2}]
+    loadBalancer: round-robin
+    retries: {{ maxRetries: 0 }}
+    outlierDetection: {{ consecutiveErrors: 3, baseEjectionTime: 60s }}
+  - name: checked
+    vip: 10.96.0.21
+    ports: [{{ port: 80, targetPort: 8080, protocol: tcp }}]
+    endpoints: [{V2}, {{ address: 10.77.0.13, workload: v3 }}]
+    healthCheck: {{ protocol: tcp, port: 9999, interval: 2s, unhealthyThreshold: 2 }}
+{extra}"
+        )
+    };
+    let mut map = ConfigMap::new(&bed, &bed.config(&services("")));
+    let meshd = Meshd::spawn(&bed, &[map.file()], &[]);
+    meshd.wait_ready();
+    assert!(
+        eventually(Duration::from_secs(15), || endpoint_state(
+            &meshd,
+            "checked",
+            "10.77.0.13"
+        ) == (false, false)),
+        "{}",
+        meshd.admin("/services")
+    );
+    let (code, out) =
+        meshd_tests::clients::curl_args(&bed, bed.pod("client"), &["http://10.96.0.20/[1-6]"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(endpoint_state(&meshd, "web", "10.77.0.11"), (true, true));
+
+    // An unrelated service added: nothing learned about the others is lost.
+    let unrelated = "  - name: unrelated
+    vip: 10.96.0.22
+    ports: [{ port: 80, targetPort: 8080, protocol: http }]
+    endpoints: [{ address: 10.77.0.12, workload: v2 }]
+";
+    map.update(&bed.config(&services(unrelated)));
+    assert!(
+        eventually(Duration::from_secs(10), || reloads(&meshd, "ok") == 1.0),
+        "{}",
+        meshd.log()
+    );
+    assert_eq!(
+        endpoint_state(&meshd, "checked", "10.77.0.13"),
+        (false, false),
+        "the failing endpoint came back healthy after the reload"
+    );
+    assert_eq!(
+        endpoint_state(&meshd, "web", "10.77.0.11"),
+        (true, true),
+        "the ejected endpoint came back after the reload"
+    );
+    // Traffic agrees: the ejected v1 still gets none.
+    let (_, out) =
+        meshd_tests::clients::curl_args(&bed, bed.pod("client"), &["http://10.96.0.20/[1-6]"]);
+    assert_eq!(
+        out.matches("hello from v2").count(),
+        6,
+        "{out}\n{}",
+        meshd.log()
+    );
+    assert_eq!(
+        meshd.metric(
+            "meshd_outlier_ejected_endpoints",
+            &[("destination_service", "web.default.svc.cluster.local")]
+        ),
+        1.0
+    );
+}
+
+#[test]
+fn a_tcp_service_sends_no_new_connections_to_an_endpoint_failing_its_check() {
+    // client 10.77.0.10, v2 10.77.0.11, v3 10.77.0.12.
+    let bed = Testbed::new(&["client", "v2", "v3"]);
+    serve_hello(&bed, "v2", &[]);
+    serve_hello(&bed, "v3", &[]);
+    let meshd = bed.start_meshd(&bed.config(
+        "services:
+  - name: plain
+    vip: 10.96.0.21
+    ports: [{ port: 80, targetPort: 8080, protocol: tcp }]
+    endpoints: [{ address: 10.77.0.11, workload: v2 }, { address: 10.77.0.12, workload: v3 }]
+    healthCheck: { protocol: tcp, port: 9999, interval: 200ms, unhealthyThreshold: 2 }
+",
+    ));
+    assert!(
+        eventually(Duration::from_secs(10), || meshd.metric(
+            "meshd_unhealthy_endpoints",
+            &[("destination_service", "plain.default.svc.cluster.local")]
+        ) == 2.0),
+        "both endpoints fail the check on port 9999: {}",
+        meshd.metrics()
+    );
+    // One new TCP connection per request.
+    let answers = |n: usize| -> String {
+        (0..n)
+            .map(|_| {
+                let (code, out) = curl(&bed, bed.pod("client"), "http://10.96.0.21/");
+                format!("{code} {out}\n")
+            })
+            .collect()
+    };
+    // Both out of rotation: panic routing still serves, from both.
+    let out = answers(4);
+    assert_eq!(out.matches("hello from v2").count(), 2, "{out}");
+    assert_eq!(out.matches("hello from v3").count(), 2, "{out}");
+    // v2's check passes once it listens on 9999 too; v3 stays out.
+    serve(&bed, bed.pod("v2"), 9999, &["--mode", "echo"]);
+    assert!(eventually(Duration::from_secs(10), || meshd.metric(
+        "meshd_unhealthy_endpoints",
+        &[("destination_service", "plain.default.svc.cluster.local")]
+    ) == 1.0));
+    let out = answers(10);
+    assert_eq!(
+        out.matches("hello from v2").count(),
+        10,
+        "a new connection reached the unhealthy v3: {out}"
+    );
+}
+
 #[test]
 fn the_admin_api_and_meshd_status_show_config_health_certificates_and_change_the_log_level() {
     let bed = Testbed::new(&["client", "v1", "v2"]);

@@ -140,15 +140,15 @@ fn services(mesh: &Snapshot) -> Value {
                 .iter()
                 .enumerate()
                 .map(|(e, endpoint)| {
-                    let (healthy, ejected, in_flight) = mesh.endpoint_state(s, e, now);
+                    let state = mesh.endpoint_state(s, e, now);
                     json!({
                         "address": endpoint.address.to_string(),
                         "node": endpoint.node.as_deref(),
                         "workload": &*endpoint.workload,
                         "identity": &**endpoint.identity.uri(),
-                        "healthy": healthy,
-                        "ejected": ejected,
-                        "inFlight": in_flight,
+                        "healthy": state.healthy,
+                        "ejected": state.ejected,
+                        "inFlight": state.in_flight,
                     })
                 })
                 .collect();

@@ -71,7 +71,8 @@ impl StatusInputs {
             }
         }
         if let Some(inputs) = self.proxy.get() {
-            inputs.snapshot.load().export_state(&self.metrics);
+            self.metrics
+                .export_state(&inputs.snapshot.load(), crate::net::clock::now_nanos());
         }
         self.export_process();
         crate::telemetry::metrics::render(&self.registry)

@@ -1,9 +1,11 @@
 //! Config hot reload. The config files are re-read every second (their
 //! contents, so Kubernetes ConfigMap symlink swaps are seen like any edit)
 //! and on SIGHUP. A changed config is validated exactly as at start-up and
-//! applied at once: a new routing snapshot, the kernel's capture map
-//! brought in line with it, certificates for new identities, health checks
-//! for its endpoints. A config that fails validation — or changes what
+//! applied at once: a new snapshot, the kernel's capture map brought in
+//! line with it, certificates for new identities, health checks for its
+//! endpoints. What meshd learned at run time — endpoint health, ejections,
+//! latency, breaker counts, budgets, rate-limit buckets — carries over to
+//! the new snapshot for every service and endpoint still configured. A config that fails validation — or changes what
 //! only a restart can change — is refused: the error (file, line, field) is
 //! logged and kept for the admin API, counted, and the last good config
 //! keeps serving. Connections already established are never touched: one
@@ -52,6 +54,7 @@ pub struct Reloader {
     pub store: Option<Arc<CertStore>>,
     pub metrics: Arc<Metrics>,
     pub state: Arc<crate::admin::ReloadState>,
+    pub checkers: Arc<crate::proxy::health::HealthCheckers>,
 }
 
 impl Reloader {
@@ -136,13 +139,14 @@ impl Reloader {
             .map_or(Ok(()), |what| Err(ReloadError::NeedsRestart(what)))?;
         let config = Arc::new(config);
         let ids = workload_cgroup_ids(&self.cgroup_root, &config);
-        let mesh = Arc::new(Snapshot::new(config.clone(), &ids));
+        let mesh = Arc::new(Snapshot::new(config.clone(), &ids, Some(&running)));
         self.capture.sync_destinations(&mesh)?;
         if let Some(store) = &self.store {
             store.set_identities(config.workloads.iter().map(|w| w.identity.clone()));
             store.refresh();
         }
-        crate::proxy::health::spawn_checkers(&mesh, &self.metrics);
+        mesh.apply_limits();
+        self.checkers.sync(&mesh, &self.metrics);
         self.inputs.snapshot.store(mesh);
         Ok(config)
     }

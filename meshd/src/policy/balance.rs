@@ -60,6 +60,11 @@ impl EndpointStats {
         self.ewma_nanos.store(next.max(1), Ordering::Relaxed);
     }
 
+    /// Requests outstanding on the endpoint now.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
     /// Linkerd's cost: expected latency scaled by the queue it would join.
     fn cost(&self) -> u64 {
         self.ewma_nanos
@@ -68,12 +73,13 @@ impl EndpointStats {
     }
 }
 
-/// Picks one of `candidates` (indexes into `stats`). `next` is the service's
-/// round-robin position; `random` two independent random numbers.
-pub fn pick(
+/// Picks one of `candidates` (endpoint indexes; `stats` gives each one's
+/// statistics). `next` is the service's round-robin position; `random` two
+/// independent random numbers.
+pub fn pick<'a>(
     policy: Policy,
     candidates: &[usize],
-    stats: &[EndpointStats],
+    stats: impl Fn(usize) -> &'a EndpointStats,
     next: &AtomicUsize,
     random: [u64; 2],
 ) -> Option<usize> {
@@ -92,7 +98,7 @@ pub fn pick(
             let a = (random[0] % n as u64) as usize;
             let b = (a + 1 + (random[1] % (n as u64 - 1)) as usize) % n;
             let cost = |i: usize| {
-                let s = &stats[candidates[i]];
+                let s = stats(candidates[i]);
                 match policy {
                     Policy::LeastRequest => s.in_flight.load(Ordering::Relaxed),
                     _ => s.cost(),
@@ -135,7 +141,7 @@ mod tests {
         let s = stats(3);
         let next = AtomicUsize::new(0);
         let picks: Vec<_> = (0..6)
-            .map(|_| pick(Policy::RoundRobin, &[0, 1, 2], &s, &next, [0, 0]).expect("pick"))
+            .map(|_| pick(Policy::RoundRobin, &[0, 1, 2], |e| &s[e], &next, [0, 0]).expect("pick"))
             .collect();
         assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
     }
@@ -151,7 +157,7 @@ mod tests {
         let mut roll = rolls(7);
         let mut counts = [0; 3];
         for _ in 0..3000 {
-            counts[pick(Policy::P2cEwma, &[0, 1, 2], &s, &next, roll()).expect("pick")] += 1;
+            counts[pick(Policy::P2cEwma, &[0, 1, 2], |e| &s[e], &next, roll()).expect("pick")] += 1;
         }
         // The slow one is only chosen when it is drawn twice — never, as
         // the two draws are distinct.
@@ -166,7 +172,7 @@ mod tests {
         let next = AtomicUsize::new(0);
         for r in 0..10 {
             assert_eq!(
-                pick(Policy::LeastRequest, &[0, 1], &s, &next, [r, r * 3]),
+                pick(Policy::LeastRequest, &[0, 1], |e| &s[e], &next, [r, r * 3]),
                 Some(1)
             );
         }
@@ -186,7 +192,13 @@ mod tests {
     #[test]
     fn no_candidates_no_pick() {
         assert_eq!(
-            pick(Policy::Random, &[], &stats(0), &AtomicUsize::new(0), [1, 2]),
+            pick(
+                Policy::Random,
+                &[],
+                |_| unreachable!("no candidate to look at"),
+                &AtomicUsize::new(0),
+                [1, 2]
+            ),
             None
         );
     }

@@ -14,11 +14,15 @@ use std::{
 
 use tokio::sync::Notify;
 
-/// The connection limits of one service.
+/// No limit.
+const UNLIMITED: u32 = u32::MAX;
+
+/// The connection count and limits of one service. The limits can change
+/// while connections are open (a reload); the counts stay.
 #[derive(Debug)]
 pub struct ConnectionLimit {
-    max: u32,
-    max_pending: Option<u32>,
+    max: AtomicU32,
+    max_pending: AtomicU32,
     open: AtomicU32,
     pending: AtomicU32,
     /// Wakes waiters when a connection closes or goes idle.
@@ -46,21 +50,33 @@ pub enum Overflow {
 }
 
 impl ConnectionLimit {
-    pub fn new(max: u32, max_pending: Option<u32>) -> Arc<Self> {
-        Arc::new(Self {
-            max,
-            max_pending,
+    /// `None`: no limit.
+    pub fn new(max: Option<u32>, max_pending: Option<u32>) -> Arc<Self> {
+        let limit = Arc::new(Self {
+            max: AtomicU32::new(UNLIMITED),
+            max_pending: AtomicU32::new(UNLIMITED),
             open: AtomicU32::new(0),
             pending: AtomicU32::new(0),
             freed: Notify::new(),
-        })
+        });
+        limit.set_limits(max, max_pending);
+        limit
+    }
+
+    /// Makes these the limits from now on (`None`: no limit); waiters
+    /// look again.
+    pub fn set_limits(&self, max: Option<u32>, max_pending: Option<u32>) {
+        self.max.store(max.unwrap_or(UNLIMITED), Ordering::Release);
+        self.max_pending
+            .store(max_pending.unwrap_or(UNLIMITED), Ordering::Release);
+        self.freed.notify_waiters();
     }
 
     /// A place for one more connection, if the limit has one now.
     pub fn try_open(self: &Arc<Self>) -> Option<Slot> {
         self.open
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
-                (open < self.max).then_some(open + 1)
+                (open < self.max.load(Ordering::Acquire)).then_some(open + 1)
             })
             .ok()
             .map(|_| Slot(self.clone()))
@@ -80,7 +96,7 @@ impl ConnectionLimit {
     ) -> Result<T, Overflow> {
         let pending = self.pending.fetch_add(1, Ordering::AcqRel);
         let _pending = Pending(&self.pending);
-        if self.max_pending.is_some_and(|max| pending >= max) {
+        if pending >= self.max_pending.load(Ordering::Acquire) {
             return Err(Overflow::Pending);
         }
         let deadline = tokio::time::Instant::now() + wait;
@@ -99,11 +115,15 @@ impl ConnectionLimit {
 
     /// (connections at the limit, pending requests at theirs)
     pub fn state(&self) -> (bool, bool) {
-        let open = self.open.load(Ordering::Acquire) >= self.max;
-        let pending = self
-            .max_pending
-            .is_some_and(|max| self.pending.load(Ordering::Acquire) >= max);
+        let open = self.open.load(Ordering::Acquire) >= self.max.load(Ordering::Acquire);
+        let pending =
+            self.pending.load(Ordering::Acquire) >= self.max_pending.load(Ordering::Acquire);
         (open, pending)
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> u32 {
+        self.open.load(Ordering::Acquire)
     }
 }
 
@@ -121,7 +141,7 @@ mod tests {
 
     #[test]
     fn slots_are_limited_and_given_back() {
-        let limit = ConnectionLimit::new(2, None);
+        let limit = ConnectionLimit::new(Some(2), None);
         let a = limit.try_open().expect("first");
         let _b = limit.try_open().expect("second");
         assert!(limit.try_open().is_none());
@@ -132,7 +152,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_waiter_gets_the_freed_slot_and_extra_waiters_are_shed() {
-        let limit = ConnectionLimit::new(1, Some(1));
+        let limit = ConnectionLimit::new(Some(1), Some(1));
         let held = limit.try_open().expect("slot");
         let waiter = {
             let limit = limit.clone();
@@ -156,11 +176,27 @@ mod tests {
 
     #[tokio::test]
     async fn waiting_ends_at_its_limit() {
-        let limit = ConnectionLimit::new(1, None);
+        let limit = ConnectionLimit::new(Some(1), None);
         let _held = limit.try_open().expect("slot");
         let got = limit
             .wait_for(Duration::from_millis(50), || limit.try_open())
             .await;
         assert_eq!(got.err(), Some(Overflow::Connections));
+    }
+
+    #[test]
+    fn limits_change_in_place_and_counts_stay() {
+        let limit = ConnectionLimit::new(None, None);
+        let held: Vec<_> = (0..3)
+            .map(|_| limit.try_open().expect("unlimited"))
+            .collect();
+        limit.set_limits(Some(3), None);
+        assert!(limit.try_open().is_none(), "the open ones count");
+        limit.set_limits(Some(4), None);
+        assert!(limit.try_open().is_some());
+        limit.set_limits(None, None);
+        assert_eq!(limit.state(), (false, false));
+        drop(held);
+        assert_eq!(limit.open(), 0);
     }
 }

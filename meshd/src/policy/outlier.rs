@@ -5,10 +5,7 @@
 //! when its time is up. Atomics and an explicit clock; no I/O.
 
 use std::{
-    sync::{
-        atomic::{AtomicU32, AtomicU64, Ordering},
-        Mutex,
-    },
+    sync::atomic::{AtomicU32, AtomicU64, Ordering},
     time::Duration,
 };
 
@@ -25,8 +22,10 @@ pub struct Settings {
     pub max_ejection_percent: u32,
 }
 
+/// The outlier state of one endpoint. Kept in the endpoint's runtime, so
+/// it outlives config reloads.
 #[derive(Debug, Default)]
-struct State {
+pub struct State {
     consecutive: AtomicU32,
     /// Ejected until this time (nanoseconds on the caller's clock); 0: never.
     until: AtomicU64,
@@ -35,71 +34,49 @@ struct State {
     ejections: AtomicU32,
 }
 
-/// The outlier state of one service's endpoints.
-#[derive(Debug)]
-pub struct Detector {
-    settings: Option<Settings>,
-    endpoints: Vec<State>,
-    /// Serialises ejections, so the maximum share holds.
-    ejecting: Mutex<()>,
-}
-
-impl Detector {
-    pub fn new(settings: Option<Settings>, endpoints: usize) -> Self {
-        Self {
-            settings,
-            endpoints: (0..endpoints).map(|_| State::default()).collect(),
-            ejecting: Mutex::new(()),
-        }
+impl State {
+    /// Whether the endpoint is out of the rotation at `now`.
+    pub fn ejected(&self, now: u64) -> bool {
+        self.until.load(Ordering::Relaxed) > now
     }
 
-    /// Whether `endpoint` is out of the rotation at `now`.
-    pub fn ejected(&self, endpoint: usize, now: u64) -> bool {
-        self.endpoints[endpoint].until.load(Ordering::Relaxed) > now
-    }
-
-    /// How many endpoints are ejected at `now`.
-    pub fn ejected_count(&self, now: u64) -> usize {
-        (0..self.endpoints.len())
-            .filter(|e| self.ejected(*e, now))
-            .count()
-    }
-
-    /// Records how a request to `endpoint` ended. Returns the ejection's
-    /// length when this failure ejected the endpoint.
-    pub fn record(&self, endpoint: usize, failed: bool, now: u64) -> Option<Duration> {
-        let settings = self.settings?;
-        let state = &self.endpoints[endpoint];
+    /// Records how a request ended. Returns true when this failure makes
+    /// the endpoint due for ejection; the caller then checks the service's
+    /// share (`may_eject`) and calls `eject`, one ejection at a time.
+    pub fn record(&self, settings: &Settings, failed: bool, now: u64) -> bool {
         if !failed {
-            state.consecutive.store(0, Ordering::Relaxed);
-            let until = state.until.load(Ordering::Relaxed);
+            self.consecutive.store(0, Ordering::Relaxed);
+            let until = self.until.load(Ordering::Relaxed);
             let settled = until + settings.base_ejection_time.as_nanos() as u64;
             if until != 0 && now >= settled {
-                state.ejections.store(0, Ordering::Relaxed);
-                state.until.store(0, Ordering::Relaxed);
+                self.ejections.store(0, Ordering::Relaxed);
+                self.until.store(0, Ordering::Relaxed);
             }
-            return None;
+            return false;
         }
-        let failures = state.consecutive.fetch_add(1, Ordering::Relaxed) + 1;
-        if failures < settings.consecutive_errors || self.ejected(endpoint, now) {
-            return None;
-        }
-        let _one_at_a_time = self.ejecting.lock().unwrap_or_else(|p| p.into_inner());
-        let share = self.endpoints.len() * settings.max_ejection_percent as usize / 100;
-        if self.ejected_count(now) >= share.max(1) {
-            return None;
-        }
-        let times = state.ejections.fetch_add(1, Ordering::Relaxed) + 1;
+        let failures = self.consecutive.fetch_add(1, Ordering::Relaxed) + 1;
+        failures >= settings.consecutive_errors && !self.ejected(now)
+    }
+
+    /// Ejects the endpoint from `now`; returns for how long.
+    pub fn eject(&self, settings: &Settings, now: u64) -> Duration {
+        let times = self.ejections.fetch_add(1, Ordering::Relaxed) + 1;
         let length = settings
             .base_ejection_time
             .saturating_mul(times)
             .min(settings.max_ejection_time);
-        state
-            .until
+        self.until
             .store(now + length.as_nanos() as u64, Ordering::Relaxed);
-        state.consecutive.store(0, Ordering::Relaxed);
-        Some(length)
+        self.consecutive.store(0, Ordering::Relaxed);
+        length
     }
+}
+
+/// Whether one more of a service's `endpoints` may be ejected while
+/// `ejected` already are. One endpoint may always be ejected.
+pub fn may_eject(settings: &Settings, ejected: usize, endpoints: usize) -> bool {
+    let share = endpoints * settings.max_ejection_percent as usize / 100;
+    ejected < share.max(1)
 }
 
 #[cfg(test)]
@@ -108,21 +85,42 @@ mod tests {
 
     const SECOND: u64 = 1_000_000_000;
 
-    fn detector(endpoints: usize, percent: u32) -> Detector {
-        Detector::new(
-            Some(Settings {
-                consecutive_errors: 3,
-                base_ejection_time: Duration::from_secs(10),
-                max_ejection_time: Duration::from_secs(25),
-                max_ejection_percent: percent,
-            }),
-            endpoints,
-        )
+    /// One service's endpoints, as the snapshot drives them.
+    struct Service {
+        settings: Settings,
+        endpoints: Vec<State>,
+    }
+
+    impl Service {
+        fn new(endpoints: usize, percent: u32) -> Self {
+            Self {
+                settings: Settings {
+                    consecutive_errors: 3,
+                    base_ejection_time: Duration::from_secs(10),
+                    max_ejection_time: Duration::from_secs(25),
+                    max_ejection_percent: percent,
+                },
+                endpoints: (0..endpoints).map(|_| State::default()).collect(),
+            }
+        }
+
+        fn record(&self, endpoint: usize, failed: bool, now: u64) -> Option<Duration> {
+            if !self.endpoints[endpoint].record(&self.settings, failed, now) {
+                return None;
+            }
+            let ejected = self.endpoints.iter().filter(|e| e.ejected(now)).count();
+            may_eject(&self.settings, ejected, self.endpoints.len())
+                .then(|| self.endpoints[endpoint].eject(&self.settings, now))
+        }
+
+        fn ejected(&self, endpoint: usize, now: u64) -> bool {
+            self.endpoints[endpoint].ejected(now)
+        }
     }
 
     #[test]
     fn consecutive_failures_eject_and_time_brings_it_back() {
-        let d = detector(4, 50);
+        let d = Service::new(4, 50);
         assert_eq!(d.record(0, true, SECOND), None);
         assert_eq!(d.record(0, false, SECOND), None, "a success resets the run");
         assert_eq!(d.record(0, true, SECOND), None);
@@ -138,7 +136,7 @@ mod tests {
 
     #[test]
     fn each_ejection_lasts_longer_up_to_the_maximum() {
-        let d = detector(4, 50);
+        let d = Service::new(4, 50);
         let mut now = SECOND;
         let mut lengths = vec![];
         for _ in 0..4 {
@@ -157,21 +155,14 @@ mod tests {
 
     #[test]
     fn never_more_than_the_maximum_share_at_once() {
-        let d = detector(4, 50);
+        let d = Service::new(4, 50);
         let ejected = (0..4)
             .filter(|e| (0..3).any(|_| d.record(*e, true, SECOND).is_some()))
             .count();
         assert_eq!(ejected, 2);
-        assert_eq!(d.ejected_count(SECOND), 2);
         // One endpoint may always go, however small the share.
-        let d = detector(3, 10);
+        let d = Service::new(3, 10);
         assert!((0..3).any(|_| d.record(2, true, SECOND).is_some()));
         assert!(!(0..3).any(|_| d.record(1, true, SECOND).is_some()));
-    }
-
-    #[test]
-    fn without_settings_nothing_is_ejected() {
-        let d = Detector::new(None, 2);
-        assert!((0..100).all(|_| d.record(0, true, SECOND).is_none()));
     }
 }

@@ -56,42 +56,63 @@ pub enum Refused {
     Source,
 }
 
-/// The buckets of one service.
+/// The buckets of one service. The limits can change (a reload): the
+/// buckets keep their tokens, and the new rate and burst apply from then on.
 #[derive(Debug, Default)]
 pub struct ServiceLimiter {
-    service: Option<(Limit, Mutex<Bucket>)>,
-    per_source: Option<(Limit, Mutex<HashMap<String, Bucket>>)>,
+    service: Mutex<Option<(Limit, Bucket)>>,
+    per_source: Mutex<Option<(Limit, HashMap<String, Bucket>)>>,
 }
 
 impl ServiceLimiter {
     pub fn new(service: Option<Limit>, per_source: Option<Limit>) -> Self {
-        Self {
-            service: service.map(|l| (l, Mutex::new(Bucket::full(&l)))),
-            per_source: per_source.map(|l| (l, Mutex::new(HashMap::new()))),
-        }
+        let limiter = Self::default();
+        limiter.set_limits(service, per_source);
+        limiter
+    }
+
+    /// Makes these the limits from now on. A limit that was already set
+    /// keeps its buckets (no refill); a new one starts full; a removed one
+    /// is forgotten.
+    pub fn set_limits(&self, service: Option<Limit>, per_source: Option<Limit>) {
+        let mut current = lock(&self.service);
+        *current = service.map(|limit| match current.take() {
+            Some((_, bucket)) => (limit, bucket),
+            None => (limit, Bucket::full(&limit)),
+        });
+        drop(current);
+        let mut current = lock(&self.per_source);
+        *current = per_source.map(|limit| match current.take() {
+            Some((_, buckets)) => (limit, buckets),
+            None => (limit, HashMap::new()),
+        });
     }
 
     /// Admits a request from `source` at `now`, or says which limit
     /// refused it. The source's own bucket is checked first, so a noisy
     /// source spends its tokens before it can drain the shared ones.
     pub fn admit(&self, source: &str, now: Duration) -> Result<(), Refused> {
-        if let Some((limit, buckets)) = &self.per_source {
-            let mut buckets = buckets.lock().unwrap_or_else(|p| p.into_inner());
-            let bucket = buckets
-                .entry(source.to_owned())
-                .or_insert_with(|| Bucket::full(limit));
+        if let Some((limit, buckets)) = &mut *lock(&self.per_source) {
+            // Allocates a key only the first time a source is seen.
+            if !buckets.contains_key(source) {
+                buckets.insert(source.to_owned(), Bucket::full(limit));
+            }
+            let bucket = buckets.get_mut(source).expect("inserted above");
             if !bucket.try_take(limit, now) {
                 return Err(Refused::Source);
             }
         }
-        if let Some((limit, bucket)) = &self.service {
-            let mut bucket = bucket.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((limit, bucket)) = &mut *lock(&self.service) {
             if !bucket.try_take(limit, now) {
                 return Err(Refused::Service);
             }
         }
         Ok(())
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]
@@ -143,5 +164,28 @@ mod tests {
             .count();
         assert_eq!(admitted, 3);
         assert_eq!(limiter.admit("f", now), Err(Refused::Service));
+    }
+
+    #[test]
+    fn changed_limits_keep_the_tokens_left() {
+        let limiter = ServiceLimiter::new(Some(limit(1.0, 3.0)), None);
+        let now = Duration::from_secs(5);
+        assert_eq!(
+            (0..3).filter(|_| limiter.admit("a", now).is_ok()).count(),
+            3
+        );
+        // A reload that raises the burst does not refill the bucket...
+        limiter.set_limits(Some(limit(1.0, 10.0)), None);
+        assert_eq!(limiter.admit("a", now), Err(Refused::Service));
+        // ...but the new rate fills it from now on, up to the new burst.
+        let later = now + Duration::from_secs(20);
+        assert_eq!(
+            (0..20)
+                .filter(|_| limiter.admit("a", later).is_ok())
+                .count(),
+            10
+        );
+        limiter.set_limits(None, None);
+        assert!((0..20).all(|_| limiter.admit("a", later).is_ok()));
     }
 }

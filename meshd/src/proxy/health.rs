@@ -7,8 +7,9 @@
 //! row bring it back.
 
 use std::{
+    collections::HashMap,
     net::SocketAddrV4,
-    sync::{Arc, Weak},
+    sync::{Arc, Mutex},
 };
 
 use bytes::Bytes;
@@ -21,7 +22,11 @@ use tracing::{info, warn};
 use crate::{
     config::HealthProtocol,
     policy::health::{Check, Tally},
-    state::snapshot::{Path, Snapshot},
+    state::{
+        ids::{EndpointId, ServiceId},
+        runtime::EndpointRuntime,
+        snapshot::{Path, Snapshot},
+    },
     telemetry::metrics::{HealthLabels, Metrics},
 };
 
@@ -58,34 +63,94 @@ async fn probe(check: &Check, address: SocketAddrV4) -> Result<(), String> {
         .unwrap_or_else(|_| Err(format!("no answer within {:?}", check.timeout)))
 }
 
-/// Starts a checker for every checked endpoint on this node. Each stops by
-/// itself once `mesh` is replaced or dropped.
-pub fn spawn_checkers(mesh: &Arc<Snapshot>, metrics: &Arc<Metrics>) {
-    for (s, service) in mesh.config.services.iter().enumerate() {
-        let Some(check) = &service.health_check else {
-            continue;
-        };
-        for (e, endpoint) in service.endpoints.iter().enumerate() {
-            if mesh.path(endpoint) != Ok(Path::Local) {
+/// One checker that runs.
+struct Checker {
+    check: Check,
+    hostname: Arc<str>,
+    runtime: Arc<EndpointRuntime>,
+    task: tokio::task::AbortHandle,
+}
+
+/// The checkers of this node's checked endpoints, by service and endpoint.
+/// They outlive config snapshots: a reload that leaves an endpoint and its
+/// check as they were leaves its checker running, counts and all.
+#[derive(Default)]
+pub struct HealthCheckers {
+    running: Mutex<HashMap<(ServiceId, EndpointId), Checker>>,
+}
+
+impl HealthCheckers {
+    /// Makes the running checkers those `snapshot` asks for: one whose
+    /// endpoint, check and service name are unchanged keeps running; a
+    /// changed one restarts (its endpoint keeps the health it has); one no
+    /// longer wanted stops.
+    pub fn sync(&self, snapshot: &Snapshot, metrics: &Arc<Metrics>) {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let mut wanted = HashMap::new();
+        for (s, service) in snapshot.config.services.iter().enumerate() {
+            let Some(check) = &service.health_check else {
                 continue;
+            };
+            for (e, endpoint) in service.endpoints.iter().enumerate() {
+                if snapshot.path(endpoint) != Ok(Path::Local) {
+                    continue;
+                }
+                let runtime = snapshot.endpoint_runtime(s, e);
+                let key = (snapshot.service_id(s).clone(), runtime.id);
+                let kept = running.remove(&key).filter(|c| {
+                    c.check == *check
+                        && c.hostname == service.hostname
+                        && Arc::ptr_eq(&c.runtime, runtime)
+                });
+                let checker = kept.unwrap_or_else(|| {
+                    let address = SocketAddrV4::new(endpoint.address, check.port);
+                    let task = tokio::spawn(run(
+                        runtime.clone(),
+                        service.hostname.clone(),
+                        metrics.clone(),
+                        check.clone(),
+                        address,
+                    ));
+                    Checker {
+                        check: check.clone(),
+                        hostname: service.hostname.clone(),
+                        runtime: runtime.clone(),
+                        task: task.abort_handle(),
+                    }
+                });
+                wanted.insert(key, checker);
             }
-            let address = SocketAddrV4::new(endpoint.address, check.port);
-            tokio::spawn(run(
-                Arc::downgrade(mesh),
-                metrics.clone(),
-                check.clone(),
-                (s, e),
-                address,
-            ));
+        }
+        for (_, stale) in running.drain() {
+            stale.task.abort();
+        }
+        *running = wanted;
+    }
+
+    /// How many checkers run now.
+    pub fn len(&self) -> usize {
+        self.running.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Drop for HealthCheckers {
+    fn drop(&mut self) {
+        let running = self.running.get_mut().unwrap_or_else(|p| p.into_inner());
+        for (_, checker) in running.drain() {
+            checker.task.abort();
         }
     }
 }
 
 async fn run(
-    mesh: Weak<Snapshot>,
+    endpoint: Arc<EndpointRuntime>,
+    hostname: Arc<str>,
     metrics: Arc<Metrics>,
     check: Check,
-    (service, endpoint): (usize, usize),
     address: SocketAddrV4,
 ) {
     let mut tally = Tally::default();
@@ -94,8 +159,6 @@ async fn run(
     loop {
         ticks.tick().await;
         let result = probe(&check, address).await;
-        let Some(mesh) = mesh.upgrade() else { return };
-        let hostname = mesh.config.services[service].hostname.clone();
         metrics
             .health_checks
             .get_or_create(&HealthLabels {
@@ -103,15 +166,17 @@ async fn run(
                 result: if result.is_ok() { "pass" } else { "fail" },
             })
             .inc();
-        let healthy = mesh.endpoint_healthy(service, endpoint);
-        match (tally.observe(&check, result.is_ok(), healthy), result) {
+        match (
+            tally.observe(&check, result.is_ok(), endpoint.healthy()),
+            result,
+        ) {
             (Some(true), _) => {
                 info!(service = %hostname, endpoint = %address, "endpoint healthy again: back in rotation");
-                mesh.set_endpoint_health(service, endpoint, true);
+                endpoint.set_healthy(true);
             }
             (Some(false), Err(reason)) => {
                 warn!(service = %hostname, endpoint = %address, %reason, "endpoint unhealthy: out of rotation");
-                mesh.set_endpoint_health(service, endpoint, false);
+                endpoint.set_healthy(false);
             }
             _ => {}
         }

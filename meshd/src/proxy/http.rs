@@ -38,6 +38,7 @@ use crate::{
     net::clock,
     policy::retry::Outcome,
     policy::routing,
+    state::ids::OrigDstAddr,
     state::snapshot::Path,
     telemetry::metrics::{HttpLabels, ServiceLabels},
 };
@@ -46,7 +47,7 @@ pub(super) const UNKNOWN: &str = "unknown";
 
 /// What every request of one captured connection shares.
 pub struct Connection {
-    pub dst: SocketAddrV4,
+    pub dst: OrigDstAddr,
     pub source: Option<Workload>,
     /// The client's HTTP version decides the upstream's on `auto` ports.
     pub protocol: Protocol,
@@ -204,13 +205,17 @@ async fn handle(
     let (result, mut labels, address) = loop {
         let endpoint = match target.pinned {
             Some(endpoint) => Some(endpoint),
-            None => mesh.pick_endpoint(
-                target.service,
-                route.backend(random()),
-                [random(), random()],
-                clock::now_nanos(),
-                &tried,
-            ),
+            None => {
+                let backend = route.backend(random());
+                mesh.pick_endpoint(
+                    target.service,
+                    |e| backend.admits(&e.labels),
+                    service.load_balancer,
+                    [random(), random()],
+                    clock::now_nanos(),
+                    &tried,
+                )
+            }
         };
         let Some(endpoint_index) = endpoint else {
             return refuse(
@@ -285,12 +290,12 @@ async fn handle(
             _ => "",
         };
         let key = UpstreamKey {
-            service: target.service,
+            service: mesh.service_id(target.service).clone(),
             address,
             via,
             http2,
         };
-        let stats = mesh.endpoint_stats(target.service, endpoint_index);
+        let stats = &mesh.endpoint_runtime(target.service, endpoint_index).stats;
         let in_flight = InFlight::start(stats);
         let try_started = Instant::now();
         let attempt = async {

@@ -112,7 +112,7 @@ async fn handle(inputs: Arc<ProxyInputs>, client: TcpStream, peer: SocketAddr) {
         warn!("no original destination recorded for this client; closing");
         return refuse(client);
     };
-    let dst = orig.dst.0;
+    let dst = orig.dst;
     let mesh = inputs.snapshot.load();
     let source = mesh.source(orig.cgroup_id, *peer.ip());
     // HTTP ports balance per request: no endpoint is chosen here.
@@ -132,7 +132,7 @@ async fn handle(inputs: Arc<ProxyInputs>, client: TcpStream, peer: SocketAddr) {
         let _ = client.set_nodelay(true);
         return http::serve(inputs.clone(), client, connection).await;
     }
-    let target = match mesh.resolve(dst) {
+    let target = match mesh.resolve(dst, crate::net::clock::now_nanos()) {
         Ok(target) => target,
         Err(reason) => {
             let reason = match reason {
@@ -141,26 +141,20 @@ async fn handle(inputs: Arc<ProxyInputs>, client: TcpStream, peer: SocketAddr) {
                 Unresolved::UnknownNode => UnresolvedReason::unknown_node,
             };
             unresolved(metrics, reason);
-            warn!(%dst, ?reason, "cannot resolve destination; closing");
+            warn!(dst = %dst.0, ?reason, "cannot resolve destination; closing");
             return refuse(client);
         }
     };
     let mut labels = tcp_labels(source, &target);
     let upstream_addr = target.upstream;
     let service = target.service.hostname.clone();
-    debug!(%dst, upstream = %upstream_addr, path = ?target.path, "relaying");
+    debug!(dst = %dst.0, upstream = %upstream_addr, path = ?target.path, "relaying");
 
     // The service's connection limit holds for the connection's life.
-    let _slot = match mesh.connection_limit(target.service_index) {
-        None => None,
-        Some(limit) => match limit.try_open() {
-            Some(slot) => Some(slot),
-            None => {
-                warn!(%dst, "circuit breaker: the service's connection limit is reached; refusing");
-                http::breaker_tripped(&inputs, &service, "connections");
-                return refuse(client);
-            }
-        },
+    let Some(_slot) = mesh.connection_limit(target.service_index).try_open() else {
+        warn!(dst = %dst.0, "circuit breaker: the service's connection limit is reached; refusing");
+        http::breaker_tripped(&inputs, &service, "connections");
+        return refuse(client);
     };
     let mut client = client;
     let _ = client.set_nodelay(true);

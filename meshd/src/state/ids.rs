@@ -16,6 +16,15 @@ pub struct ServiceId {
     pub name: Arc<str>,
 }
 
+impl ServiceId {
+    pub fn of(service: &crate::config::Service) -> Self {
+        Self {
+            namespace: service.namespace.clone(),
+            name: service.name.clone(),
+        }
+    }
+}
+
 impl fmt::Display for ServiceId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.namespace, self.name)

@@ -1,27 +1,26 @@
-//! The routing snapshot built from a validated config: which destinations
-//! are captured, where a captured connection goes, and who made it.
-//! Pure: lookups and decisions only, no I/O.
+//! The snapshot built from a validated config: which destinations are
+//! captured, where a captured connection goes, who made it, and which
+//! endpoints are in rotation. Lookups only; a reload builds a new one and
+//! swaps it in whole. The runtime state it points to (see `runtime`) is
+//! carried over from the snapshot it replaces.
 
 use std::{
     collections::HashMap,
     net::{Ipv4Addr, SocketAddrV4},
-    sync::{
-        atomic::{AtomicBool, AtomicUsize, Ordering},
-        Arc,
-    },
+    sync::Arc,
+    time::Duration,
 };
 
+use super::{
+    ids::{OrigDstAddr, ServiceId},
+    runtime::{carry_over, EndpointRuntime, Permit, ServiceRuntime, ServiceState},
+};
 use crate::{
     config::{Config, Endpoint, Protocol, Service, ServicePort, Workload},
-    policy::balance::{self, EndpointStats},
-    policy::breaker::ConnectionLimit,
-    policy::outlier::Detector,
-    policy::ratelimit::{Refused, ServiceLimiter},
-    policy::retry::Budget,
-    policy::routing::Backend,
+    policy::{balance, breaker::ConnectionLimit, outlier, ratelimit::Refused, retry::Budget},
 };
 
-/// Value stored in the `DESTINATIONS` BPF map, for whoever inspects it.
+/// What a captured destination is, as the `DESTINATIONS` BPF map records it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u32)]
 pub enum DestinationKind {
@@ -42,11 +41,11 @@ enum Entry {
     },
 }
 
-/// Where one captured connection is relayed to.
+/// Where one captured TCP connection is relayed to.
 #[derive(Debug)]
 pub struct Target<'a> {
     pub service: &'a Service,
-    /// Index of `service` in the config.
+    /// Index of `service` in this snapshot.
     pub service_index: usize,
     pub endpoint: &'a Endpoint,
     pub upstream: SocketAddrV4,
@@ -55,7 +54,8 @@ pub struct Target<'a> {
 }
 
 /// Where the requests of an HTTP connection go: a service port, and the
-/// endpoint when the client addressed a pod directly.
+/// endpoint when the client addressed a pod directly (indexes into this
+/// snapshot).
 #[derive(Debug, Clone, Copy)]
 pub struct HttpTarget {
     pub service: usize,
@@ -82,59 +82,34 @@ pub enum Unresolved {
     UnknownNode,
 }
 
+/// How one endpoint stands right now, for the admin API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EndpointState {
+    pub healthy: bool,
+    pub ejected: bool,
+    pub in_flight: u64,
+}
+
 pub struct Snapshot {
     pub config: Arc<Config>,
     entries: HashMap<SocketAddrV4, Entry>,
-    /// Round-robin position per service.
-    next: Vec<AtomicUsize>,
     by_cgroup: HashMap<u64, usize>,
     by_address: HashMap<Ipv4Addr, usize>,
     /// Services each endpoint address belongs to, for policy.
     services_by_address: HashMap<Ipv4Addr, Vec<usize>>,
-    /// Load-balancing statistics per service, per endpoint.
-    stats: Vec<Vec<EndpointStats>>,
-    /// Rate-limit buckets per service.
-    limiters: Vec<ServiceLimiter>,
-    /// Requests and connections in flight per service, for circuit breaking.
-    breakers: Vec<Breaker>,
-    /// Outlier detection per service.
-    outliers: Vec<Detector>,
-    /// Active health per service, per endpoint (true until a check fails).
-    health: Vec<Vec<AtomicBool>>,
-    /// Retry budget per service.
-    budgets: Vec<Budget>,
-}
-
-/// What is in flight to one service from this node.
-#[derive(Debug, Default)]
-pub struct Breaker {
-    requests: std::sync::atomic::AtomicU32,
-    connections: Option<Arc<ConnectionLimit>>,
-}
-
-/// Holds a place under a circuit-breaker limit until dropped.
-pub struct Permit<'a>(&'a std::sync::atomic::AtomicU32);
-
-impl Drop for Permit<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Takes a place under `limit` (none: always), or refuses.
-fn take(counter: &std::sync::atomic::AtomicU32, limit: Option<u32>) -> Option<Permit<'_>> {
-    let previous = counter.fetch_add(1, Ordering::Relaxed);
-    let permit = Permit(counter);
-    match limit {
-        Some(limit) if previous >= limit => None,
-        _ => Some(permit),
-    }
+    /// Runtime state per service, in config order.
+    runtime: Vec<ServiceState>,
 }
 
 impl Snapshot {
-    /// Builds the snapshot. `cgroup_ids` maps workload cgroup paths to the
-    /// ids the kernel reports for them (found by the caller).
-    pub fn new(config: Arc<Config>, cgroup_ids: &HashMap<String, u64>) -> Self {
+    /// Builds the snapshot, taking runtime state over from `previous`.
+    /// `cgroup_ids` maps workload cgroup paths to the ids the kernel
+    /// reports for them (found by the caller).
+    pub fn new(
+        config: Arc<Config>,
+        cgroup_ids: &HashMap<String, u64>,
+        previous: Option<&Snapshot>,
+    ) -> Self {
         let mut entries = HashMap::new();
         for (s, service) in config.services.iter().enumerate() {
             for (p, port) in service.ports.iter().enumerate() {
@@ -175,61 +150,26 @@ impl Snapshot {
                     .push(s);
             }
         }
-        let next = config
-            .services
-            .iter()
-            .map(|_| AtomicUsize::new(0))
-            .collect();
-        let stats = config
-            .services
-            .iter()
-            .map(|s| {
-                s.endpoints
-                    .iter()
-                    .map(|_| EndpointStats::default())
-                    .collect()
-            })
-            .collect();
-        let limiters = config
-            .services
-            .iter()
-            .map(|s| ServiceLimiter::new(s.rate_limit.0, s.rate_limit.1))
-            .collect();
-        let breakers = config
-            .services
-            .iter()
-            .map(|s| Breaker {
-                requests: Default::default(),
-                connections: s
-                    .circuit_breaker
-                    .max_connections
-                    .map(|max| ConnectionLimit::new(max, s.circuit_breaker.max_pending_requests)),
-            })
-            .collect();
-        let outliers = config
-            .services
-            .iter()
-            .map(|s| Detector::new(s.outlier, s.endpoints.len()))
-            .collect();
-        let health = config
-            .services
-            .iter()
-            .map(|s| s.endpoints.iter().map(|_| AtomicBool::new(true)).collect())
-            .collect();
-        let budgets = config.services.iter().map(|_| Budget::default()).collect();
+        let runtime = carry_over(
+            previous.map_or(&[][..], |p| &p.runtime[..]),
+            &config.services,
+        );
         Self {
-            outliers,
-            health,
-            budgets,
-            breakers,
-            limiters,
             config,
             entries,
-            next,
             by_cgroup,
             by_address,
             services_by_address,
-            stats,
+            runtime,
+        }
+    }
+
+    /// Makes this snapshot's limits (circuit breaker, rate limits) the ones
+    /// in force for the runtime state it shares with the snapshot it
+    /// replaces; counts and buckets stay.
+    pub fn apply_limits(&self) {
+        for (service, state) in self.config.services.iter().zip(&self.runtime) {
+            state.runtime.apply(service);
         }
     }
 
@@ -244,53 +184,50 @@ impl Snapshot {
         })
     }
 
-    /// Picks the endpoint for a connection to `dst` (round robin over a
-    /// service's endpoints; a pod address goes to that pod).
-    pub fn resolve(&self, dst: SocketAddrV4) -> Result<Target<'_>, Unresolved> {
-        match *self
+    /// Picks the endpoint for a TCP connection to `dst`: round robin over
+    /// the service's endpoints in rotation (see `pick_endpoint`); a pod
+    /// address goes to that pod.
+    pub fn resolve(&self, dst: OrigDstAddr, now: u64) -> Result<Target<'_>, Unresolved> {
+        let dst = dst.0;
+        let (service, port, endpoint) = match *self
             .entries
             .get(&dst)
             .ok_or(Unresolved::UnknownDestination)?
         {
             Entry::Vip { service, port } => {
-                let svc = &self.config.services[service];
-                let count = svc.endpoints.len();
-                if count == 0 {
-                    return Err(Unresolved::NoEndpoints);
-                }
-                let turn = self.next[service].fetch_add(1, Ordering::Relaxed) % count;
-                let endpoint = &svc.endpoints[turn];
-                Ok(Target {
-                    service: svc,
-                    service_index: service,
-                    endpoint,
-                    upstream: SocketAddrV4::new(endpoint.address, svc.ports[port].target_port),
-                    path: self.path(endpoint)?,
-                    protocol: svc.ports[port].protocol,
-                })
+                let endpoint = self
+                    .pick_endpoint(
+                        service,
+                        |_| true,
+                        balance::Policy::RoundRobin,
+                        [0, 0],
+                        now,
+                        &[],
+                    )
+                    .ok_or(Unresolved::NoEndpoints)?;
+                (service, port, endpoint)
             }
             Entry::Pod {
                 service,
                 port,
                 endpoint,
-            } => {
-                let svc = &self.config.services[service];
-                let endpoint = &svc.endpoints[endpoint];
-                Ok(Target {
-                    service: svc,
-                    service_index: service,
-                    endpoint,
-                    upstream: dst,
-                    path: self.path(endpoint)?,
-                    protocol: svc.ports[port].protocol,
-                })
-            }
-        }
+            } => (service, port, endpoint),
+        };
+        let svc = &self.config.services[service];
+        let endpoint = &svc.endpoints[endpoint];
+        Ok(Target {
+            service: svc,
+            service_index: service,
+            endpoint,
+            upstream: SocketAddrV4::new(endpoint.address, svc.ports[port].target_port),
+            path: self.path(endpoint)?,
+            protocol: svc.ports[port].protocol,
+        })
     }
 
     /// The service port (and pinned endpoint) behind `dst`, for HTTP.
-    pub fn http_target(&self, dst: SocketAddrV4) -> Option<HttpTarget> {
-        let (service, port, pinned) = match *self.entries.get(&dst)? {
+    pub fn http_target(&self, dst: OrigDstAddr) -> Option<HttpTarget> {
+        let (service, port, pinned) = match *self.entries.get(&dst.0)? {
             Entry::Vip { service, port } => (service, port, None),
             Entry::Pod {
                 service,
@@ -305,26 +242,26 @@ impl Snapshot {
         })
     }
 
-    /// Balances one request of `service` over the endpoints `backend`
-    /// admits, leaving out ejected and unhealthy ones and those already
-    /// `tried` — unless that leaves none: then every admitted endpoint is a
-    /// candidate again (Envoy's "panic" routing), as failing over to a
-    /// doubtful endpoint beats failing for certain.
+    /// The one endpoint selection, for TCP connections and HTTP requests:
+    /// balances with `policy` over the endpoints `admits` lets in, leaving
+    /// out ejected and unhealthy ones and those already `tried` — unless
+    /// that leaves none: then every admitted endpoint in rotation is a
+    /// candidate again, and if none is, every admitted one (Envoy's
+    /// "panic" routing: failing over to a doubtful endpoint beats failing
+    /// for certain).
     pub fn pick_endpoint(
         &self,
         service: usize,
-        backend: &Backend,
+        admits: impl Fn(&Endpoint) -> bool,
+        policy: balance::Policy,
         random: [u64; 2],
         now: u64,
         tried: &[usize],
     ) -> Option<usize> {
         let svc = &self.config.services[service];
-        let admitted =
-            || (0..svc.endpoints.len()).filter(|e| backend.admits(&svc.endpoints[*e].labels));
-        let available = |e: &usize| {
-            self.health[service][*e].load(Ordering::Relaxed)
-                && !self.outliers[service].ejected(*e, now)
-        };
+        let state = &self.runtime[service];
+        let admitted = || (0..svc.endpoints.len()).filter(|e| admits(&svc.endpoints[*e]));
+        let available = |e: &usize| in_rotation(&state.endpoints[*e], now);
         let mut candidates: Vec<usize> = admitted()
             .filter(available)
             .filter(|e| !tried.contains(e))
@@ -336,38 +273,44 @@ impl Snapshot {
             candidates = admitted().collect();
         }
         balance::pick(
-            svc.load_balancer,
+            policy,
             &candidates,
-            &self.stats[service],
-            &self.next[service],
+            |e| &state.endpoints[e].stats,
+            &state.runtime.next,
             random,
         )
+    }
+
+    /// The runtime state of `service`.
+    pub fn service_runtime(&self, service: usize) -> &Arc<ServiceRuntime> {
+        &self.runtime[service].runtime
+    }
+
+    /// The runtime state of one endpoint of `service`.
+    pub fn endpoint_runtime(&self, service: usize, endpoint: usize) -> &Arc<EndpointRuntime> {
+        &self.runtime[service].endpoints[endpoint]
+    }
+
+    /// The stable id of `service`.
+    pub fn service_id(&self, service: usize) -> &ServiceId {
+        &self.runtime[service].runtime.id
     }
 
     /// A place for one more HTTP request to `service`, if its circuit
     /// breaker has one.
     pub fn request_permit(&self, service: usize) -> Option<Permit<'_>> {
         let limit = self.config.services[service].circuit_breaker.max_requests;
-        take(&self.breakers[service].requests, limit)
+        self.runtime[service].runtime.request_permit(limit)
     }
 
-    /// The connection limits of `service`, if it has any.
-    pub fn connection_limit(&self, service: usize) -> Option<&Arc<ConnectionLimit>> {
-        self.breakers[service].connections.as_ref()
+    /// The connection count and limits of `service`.
+    pub fn connection_limit(&self, service: usize) -> &Arc<ConnectionLimit> {
+        &self.runtime[service].runtime.connections
     }
 
     /// Admits one request of `service` from `source` under its rate limits.
-    pub fn admit(
-        &self,
-        service: usize,
-        source: &str,
-        now: std::time::Duration,
-    ) -> Result<(), Refused> {
-        self.limiters[service].admit(source, now)
-    }
-
-    pub fn endpoint_stats(&self, service: usize, endpoint: usize) -> &EndpointStats {
-        &self.stats[service][endpoint]
+    pub fn admit(&self, service: usize, source: &str, now: Duration) -> Result<(), Refused> {
+        self.runtime[service].runtime.limiter.admit(source, now)
     }
 
     /// Feeds outlier detection; returns the ejection's length when this
@@ -378,31 +321,55 @@ impl Snapshot {
         endpoint: usize,
         failed: bool,
         now: u64,
-    ) -> Option<std::time::Duration> {
-        self.outliers[service].record(endpoint, failed, now)
+    ) -> Option<Duration> {
+        let settings = self.config.services[service].outlier.as_ref()?;
+        let state = &self.runtime[service];
+        if !state.endpoints[endpoint]
+            .outlier
+            .record(settings, failed, now)
+        {
+            return None;
+        }
+        let _one_at_a_time = state
+            .runtime
+            .ejecting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let ejected = self.ejected_count(service, now);
+        outlier::may_eject(settings, ejected, state.endpoints.len())
+            .then(|| state.endpoints[endpoint].outlier.eject(settings, now))
+    }
+
+    /// How many of `service`'s endpoints are ejected at `now`.
+    pub fn ejected_count(&self, service: usize, now: u64) -> usize {
+        self.runtime[service]
+            .endpoints
+            .iter()
+            .filter(|e| e.outlier.ejected(now))
+            .count()
+    }
+
+    /// How many of `service`'s endpoints fail their health check now.
+    pub fn unhealthy_count(&self, service: usize) -> usize {
+        self.runtime[service]
+            .endpoints
+            .iter()
+            .filter(|e| !e.healthy())
+            .count()
     }
 
     pub fn retry_budget(&self, service: usize) -> &Budget {
-        &self.budgets[service]
+        &self.runtime[service].runtime.budget
     }
 
-    /// (healthy, ejected, requests in flight) of one endpoint at `now`.
-    pub fn endpoint_state(&self, service: usize, endpoint: usize, now: u64) -> (bool, bool, u64) {
-        (
-            self.endpoint_healthy(service, endpoint),
-            self.outliers[service].ejected(endpoint, now),
-            self.stats[service][endpoint]
-                .in_flight
-                .load(Ordering::Relaxed),
-        )
-    }
-
-    pub fn endpoint_healthy(&self, service: usize, endpoint: usize) -> bool {
-        self.health[service][endpoint].load(Ordering::Relaxed)
-    }
-
-    pub fn set_endpoint_health(&self, service: usize, endpoint: usize, healthy: bool) {
-        self.health[service][endpoint].store(healthy, Ordering::Relaxed);
+    /// How one endpoint stands at `now`.
+    pub fn endpoint_state(&self, service: usize, endpoint: usize, now: u64) -> EndpointState {
+        let runtime = &self.runtime[service].endpoints[endpoint];
+        EndpointState {
+            healthy: runtime.healthy(),
+            ejected: runtime.outlier.ejected(now),
+            in_flight: runtime.stats.in_flight(),
+        }
     }
 
     /// Whether a local endpoint address passes every health check that
@@ -413,57 +380,8 @@ impl Snapshot {
                 .endpoints
                 .iter()
                 .position(|e| e.address == address)
-                .is_none_or(|e| self.endpoint_healthy(*s, e))
+                .is_none_or(|e| self.runtime[*s].endpoints[e].healthy())
         })
-    }
-
-    /// Sets the gauges that describe the state right now: open circuit
-    /// breakers, ejected and unhealthy endpoints.
-    pub fn export_state(&self, metrics: &crate::telemetry::metrics::Metrics) {
-        use crate::telemetry::metrics::{BreakerLabels, ServiceLabels};
-        let now = crate::net::clock::now_nanos();
-        for (s, service) in self.config.services.iter().enumerate() {
-            let labels = ServiceLabels {
-                destination_service: service.hostname.clone(),
-            };
-            if let Some(limit) = service.circuit_breaker.max_requests {
-                let open = self.breakers[s].requests.load(Ordering::Relaxed) >= limit;
-                metrics
-                    .circuit_breaker_open
-                    .get_or_create(&BreakerLabels {
-                        destination_service: service.hostname.clone(),
-                        limit: "requests",
-                    })
-                    .set(i64::from(open));
-            }
-            if let Some(limit) = &self.breakers[s].connections {
-                let (connections, pending) = limit.state();
-                for (name, open) in [("connections", connections), ("pending", pending)] {
-                    metrics
-                        .circuit_breaker_open
-                        .get_or_create(&BreakerLabels {
-                            destination_service: service.hostname.clone(),
-                            limit: name,
-                        })
-                        .set(i64::from(open));
-                }
-            }
-            if service.outlier.is_some() {
-                metrics
-                    .outlier_ejected
-                    .get_or_create(&labels)
-                    .set(self.outliers[s].ejected_count(now) as i64);
-            }
-            if service.health_check.is_some() {
-                let unhealthy = (0..service.endpoints.len())
-                    .filter(|e| !self.endpoint_healthy(s, *e))
-                    .count();
-                metrics
-                    .unhealthy_endpoints
-                    .get_or_create(&labels)
-                    .set(unhealthy as i64);
-            }
-        }
     }
 
     /// How `endpoint` is reached from this node.
@@ -508,6 +426,11 @@ impl Snapshot {
     }
 }
 
+/// Whether an endpoint takes new traffic at `now`: healthy and not ejected.
+fn in_rotation(endpoint: &EndpointRuntime, now: u64) -> bool {
+    endpoint.healthy() && !endpoint.outlier.ejected(now)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -528,19 +451,25 @@ workloads:
   - { name: other, addresses: [10.77.0.3] }
 ";
 
-    fn mesh() -> Snapshot {
+    fn snapshot() -> Snapshot {
         let config = Arc::new(load_str("t.yaml", YAML).expect("valid"));
         let ids = HashMap::from([("/pods/pp".to_owned(), 42)]);
-        Snapshot::new(config, &ids)
+        Snapshot::new(config, &ids, None)
     }
 
     fn addr(s: &str) -> SocketAddrV4 {
         s.parse().expect("address")
     }
 
+    fn resolve(snapshot: &Snapshot, dst: &str) -> Result<SocketAddrV4, Unresolved> {
+        snapshot
+            .resolve(OrigDstAddr(addr(dst)), 1)
+            .map(|t| t.upstream)
+    }
+
     #[test]
     fn resolves_vips_round_robin_and_pods_directly() {
-        let mesh = mesh();
+        let snapshot = snapshot();
         let cases = [
             ("10.96.0.20:80", Ok("10.77.0.7:9080")),
             ("10.96.0.20:80", Ok("10.77.0.8:9080")),
@@ -552,15 +481,32 @@ workloads:
             ("10.96.0.21:80", Err(Unresolved::NoEndpoints)),
         ];
         for (dst, want) in cases {
-            let got = mesh.resolve(addr(dst)).map(|t| t.upstream);
-            assert_eq!(got, want.map(addr), "{dst}");
+            assert_eq!(resolve(&snapshot, dst), want.map(addr), "{dst}");
         }
     }
 
     #[test]
+    fn tcp_skips_endpoints_out_of_rotation_unless_none_is_left() {
+        let snapshot = snapshot();
+        snapshot.endpoint_runtime(0, 0).set_healthy(false);
+        for _ in 0..4 {
+            assert_eq!(
+                resolve(&snapshot, "10.96.0.20:80"),
+                Ok(addr("10.77.0.8:9080"))
+            );
+        }
+        // Both out: panic routing spreads over both again.
+        snapshot.endpoint_runtime(0, 1).set_healthy(false);
+        let picks: std::collections::HashSet<_> = (0..4)
+            .map(|_| resolve(&snapshot, "10.96.0.20:80").expect("panic routing"))
+            .collect();
+        assert_eq!(picks.len(), 2, "{picks:?}");
+    }
+
+    #[test]
     fn captures_vips_and_pod_target_ports() {
-        let mesh = mesh();
-        let mut got: Vec<_> = mesh.destinations().map(|(d, _)| d).collect();
+        let snapshot = snapshot();
+        let mut got: Vec<_> = snapshot.destinations().map(|(d, _)| d).collect();
         got.sort();
         let mut want: Vec<_> = [
             "10.96.0.20:80",
@@ -580,16 +526,16 @@ workloads:
 
     #[test]
     fn identifies_source_by_cgroup_then_address() {
-        let mesh = mesh();
+        let snapshot = snapshot();
         let ip = |s: &str| s.parse::<Ipv4Addr>().expect("ip");
         assert_eq!(
-            mesh.source(42, ip("10.77.0.99")).map(|w| &*w.name),
+            snapshot.source(42, ip("10.77.0.99")).map(|w| &*w.name),
             Some("pp")
         );
         assert_eq!(
-            mesh.source(7, ip("10.77.0.3")).map(|w| &*w.name),
+            snapshot.source(7, ip("10.77.0.3")).map(|w| &*w.name),
             Some("other")
         );
-        assert!(mesh.source(7, ip("10.77.0.99")).is_none());
+        assert!(snapshot.source(7, ip("10.77.0.99")).is_none());
     }
 }

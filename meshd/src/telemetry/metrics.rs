@@ -6,6 +6,8 @@
 
 use std::sync::Arc;
 
+use crate::state::snapshot::Snapshot;
+
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue},
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -420,6 +422,49 @@ impl Metrics {
 }
 
 impl Metrics {
+    /// Sets the gauges that describe the state at `now`: open circuit
+    /// breakers, ejected and unhealthy endpoints.
+    pub fn export_state(&self, snapshot: &Snapshot, now: u64) {
+        for (s, service) in snapshot.config.services.iter().enumerate() {
+            let labels = ServiceLabels {
+                destination_service: service.hostname.clone(),
+            };
+            let breaker = |limit| BreakerLabels {
+                destination_service: service.hostname.clone(),
+                limit,
+            };
+            let runtime = snapshot.service_runtime(s);
+            let limits = &service.circuit_breaker;
+            if let Some(limit) = limits.max_requests {
+                let open = runtime.requests_in_flight() >= limit;
+                self.circuit_breaker_open
+                    .get_or_create(&breaker("requests"))
+                    .set(i64::from(open));
+            }
+            let (connections, pending) = runtime.connections.state();
+            if limits.max_connections.is_some() {
+                self.circuit_breaker_open
+                    .get_or_create(&breaker("connections"))
+                    .set(i64::from(connections));
+            }
+            if limits.max_pending_requests.is_some() {
+                self.circuit_breaker_open
+                    .get_or_create(&breaker("pending"))
+                    .set(i64::from(pending));
+            }
+            if service.outlier.is_some() {
+                self.outlier_ejected
+                    .get_or_create(&labels)
+                    .set(snapshot.ejected_count(s, now) as i64);
+            }
+            if service.health_check.is_some() {
+                self.unhealthy_endpoints
+                    .get_or_create(&labels)
+                    .set(snapshot.unhealthy_count(s) as i64);
+            }
+        }
+    }
+
     /// The counters an accept loop feeds.
     pub fn accept_counters(&self) -> crate::net::accept::AcceptCounters {
         crate::net::accept::AcceptCounters {

@@ -27,6 +27,7 @@ use tracing::debug;
 use crate::{
     hbone::pool::{Key as TunnelKey, Pool, TunnelError},
     policy::breaker::{ConnectionLimit, Overflow},
+    state::ids::ServiceId,
 };
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -40,8 +41,8 @@ pub enum Via {
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct UpstreamKey {
-    /// Index of the service the connection is for (its limits apply).
-    pub service: usize,
+    /// The service the connection is for (its limits apply).
+    pub service: ServiceId,
     pub address: SocketAddrV4,
     pub via: Via,
     pub http2: bool,
@@ -89,30 +90,24 @@ impl Upstreams {
         tunnels: Option<&Pool>,
         baggage: &str,
         connect_timeout: Duration,
-        limit: Option<&Arc<ConnectionLimit>>,
+        limit: &Arc<ConnectionLimit>,
     ) -> Result<Sender, UpstreamError> {
         if let Some(sender) = self.reuse(key, limit) {
             return Ok(sender);
         }
-        let slot = match limit {
-            None => None,
-            Some(limit) => {
-                let slot = limit.try_open();
-                match slot {
-                    Some(slot) => Some(slot),
-                    None => {
-                        let wait = limit.wait_for(connect_timeout, || {
-                            if let Some(sender) = self.reuse(key, Some(limit)) {
-                                return Some(Err(sender));
-                            }
-                            self.close_idle_of(key.service);
-                            limit.try_open().map(Ok)
-                        });
-                        match wait.await.map_err(UpstreamError::Overflow)? {
-                            Ok(slot) => Some(slot),
-                            Err(sender) => return Ok(sender),
-                        }
+        let slot = match limit.try_open() {
+            Some(slot) => slot,
+            None => {
+                let wait = limit.wait_for(connect_timeout, || {
+                    if let Some(sender) = self.reuse(key, limit) {
+                        return Some(Err(sender));
                     }
+                    self.close_idle_of(&key.service);
+                    limit.try_open().map(Ok)
+                });
+                match wait.await.map_err(UpstreamError::Overflow)? {
+                    Ok(slot) => slot,
+                    Err(sender) => return Ok(sender),
                 }
             }
         };
@@ -150,16 +145,12 @@ impl Upstreams {
             sender,
             pool: Arc::downgrade(self),
             key: key.clone(),
-            limit: limit.cloned(),
+            limit: limit.clone(),
         }))
     }
 
     /// A pooled connection to `key` that can take a request now.
-    fn reuse(
-        self: &Arc<Self>,
-        key: &UpstreamKey,
-        limit: Option<&Arc<ConnectionLimit>>,
-    ) -> Option<Sender> {
+    fn reuse(self: &Arc<Self>, key: &UpstreamKey, limit: &Arc<ConnectionLimit>) -> Option<Sender> {
         if key.http2 {
             let shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
             return shared
@@ -175,7 +166,7 @@ impl Upstreams {
                     sender,
                     pool: Arc::downgrade(self),
                     key: key.clone(),
-                    limit: limit.cloned(),
+                    limit: limit.clone(),
                 }));
             }
         }
@@ -203,11 +194,11 @@ impl Upstreams {
 
     /// Closes one idle HTTP/1.1 connection of `service` (to any of its
     /// endpoints), freeing its place under the connection limit.
-    fn close_idle_of(&self, service: usize) {
+    fn close_idle_of(&self, service: &ServiceId) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(list) = idle
             .iter_mut()
-            .find(|(k, list)| k.service == service && !list.is_empty())
+            .find(|(k, list)| k.service == *service && !list.is_empty())
             .map(|(_, list)| list)
         {
             list.pop();
@@ -221,7 +212,7 @@ pub struct Reusable {
     sender: http1::SendRequest<Body>,
     pool: std::sync::Weak<Upstreams>,
     key: UpstreamKey,
-    limit: Option<Arc<ConnectionLimit>>,
+    limit: Arc<ConnectionLimit>,
 }
 
 /// A checked-out upstream connection.
@@ -252,9 +243,7 @@ impl Sender {
                                 .entry(conn.key)
                                 .or_default()
                                 .push((conn.sender, Instant::now()));
-                            if let Some(limit) = conn.limit {
-                                limit.idle();
-                            }
+                            conn.limit.idle();
                         }
                     }
                 });
