@@ -1,9 +1,12 @@
-//! The node proxy: listeners and the per-connection work behind them.
+//! The node proxy: the outbound listener (captured connections: TCP
+//! relayed in `outbound`, HTTP through the stages of `http`), the inbound
+//! tunnel listener, and active health checks of this node's endpoints.
 
 pub mod health;
 pub mod http;
 pub mod inbound;
 pub mod outbound;
+pub mod tcp;
 
 use std::{sync::Arc, time::Duration};
 
@@ -15,7 +18,7 @@ use crate::{
     hbone::pool::Pool,
     identity::store::CertStore,
     state::{ids::OrigDstSource, snapshot::Snapshot},
-    telemetry::metrics::{Metrics, TcpLabels},
+    telemetry::metrics::Metrics,
 };
 
 /// Everything a connection handler reads, shared by all of them.
@@ -73,33 +76,5 @@ pub fn authorized_locally(
 /// Logs a denial with both identities and counts it.
 pub fn denied(metrics: &Metrics, source: Arc<str>, destination: Arc<str>, reason: &str) {
     tracing::warn!(%source, %destination, reason, "authorization denied");
-    metrics
-        .authorization_denied
-        .get_or_create(&crate::telemetry::metrics::DenyLabels {
-            source_principal: source,
-            destination_principal: destination,
-        })
-        .inc();
-}
-
-/// Counts a connection opened now and closed when dropped, whichever way
-/// the handler ends.
-pub struct ConnectionGuard<'a> {
-    metrics: &'a Metrics,
-    labels: &'a TcpLabels,
-}
-
-impl<'a> ConnectionGuard<'a> {
-    pub fn open(metrics: &'a Metrics, labels: &'a TcpLabels) -> Self {
-        metrics.tcp_opened.get_or_create(labels).inc();
-        metrics.active_connections.inc();
-        Self { metrics, labels }
-    }
-}
-
-impl Drop for ConnectionGuard<'_> {
-    fn drop(&mut self) {
-        self.metrics.tcp_closed.get_or_create(self.labels).inc();
-        self.metrics.active_connections.dec();
-    }
+    metrics.denied(source, destination);
 }

@@ -415,13 +415,20 @@ fn l7_policies_decide_each_request_on_the_same_node_and_across_nodes() {
     };
     assert_eq!(denied(&nodes.a, "local"), 3.0, "{}", nodes.a.metrics());
     assert_eq!(denied(&nodes.b, "remote"), 3.0, "{}", nodes.b.metrics());
-    assert_eq!(
+    // The source counts what it got, a 403 — with no flag of its own: a
+    // flag is only ever what this meshd decided, never read from an
+    // answer (the destination's, or a pod's posing as one).
+    let remote = |flags: &str| {
         nodes.a.metric(
             "istio_requests_total",
-            &[("destination_service", REMOTE), ("response_flags", "RBAC")]
-        ),
-        3.0
-    );
+            &[
+                ("destination_service", REMOTE),
+                ("response_code", "403"),
+                ("response_flags", flags),
+            ],
+        )
+    };
+    assert_eq!((remote("-"), remote("RBAC")), (3.0, 0.0));
 }
 
 #[test]

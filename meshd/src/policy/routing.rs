@@ -2,7 +2,7 @@
 //! (a subset of a service's endpoints, chosen by labels) serves it.
 //! Pure: a request's parts in, a decision out.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use hyper::{HeaderMap, Method};
 
@@ -69,7 +69,7 @@ impl Backend {
 
 #[derive(Debug, Clone)]
 pub struct Route {
-    pub name: String,
+    pub name: Arc<str>,
     pub matcher: Match,
     pub backends: Vec<Backend>,
     /// Overrides the service's request timeout.
@@ -216,7 +216,7 @@ mod tests {
             (Method::GET, "/", &none, "split"),
         ];
         for (method, path, headers, want) in cases {
-            let got = select(&routes, method, path, headers).map(|r| r.name.as_str());
+            let got = select(&routes, method, path, headers).map(|r| &*r.name);
             assert_eq!(got, Some(*want), "{method} {path}");
         }
     }

@@ -30,7 +30,7 @@ use crate::{
     net::relay::relay,
     policy::authz::{self, Decision},
     proxy::ProxyInputs,
-    telemetry::metrics::{HandshakeLabels, TcpLabels},
+    telemetry::{labels, metrics::HandshakeLabels, ConnectionResult, ResponseFlag},
 };
 
 mod requests;
@@ -216,7 +216,9 @@ fn status(code: StatusCode) -> Response<Empty<Bytes>> {
     response
 }
 
-/// One CONNECT stream: authorize, connect to the pod, relay.
+/// One CONNECT stream: authorize, connect to the pod, relay. Every stream
+/// that names a workload of this node is counted (`reporter=destination`),
+/// refused ones with their flag.
 async fn stream_request(
     inputs: Arc<ProxyInputs>,
     source: Identity,
@@ -238,21 +240,29 @@ async fn stream_request(
         .and_then(|v| v.to_str().ok())
         .map(Baggage::decode)
         .unwrap_or_default();
-    let mesh = inputs.snapshot.load();
-    let Some(workload) = mesh.local_workload(*target.ip()) else {
+    let snapshot = inputs.snapshot.load();
+    let Some(workload) = snapshot.local_workload(*target.ip()) else {
         warn!(%source, %target, "tunnel stream to an address that is no workload of this node");
         return status(StatusCode::NOT_FOUND);
     };
-    let services = mesh.services_of(*target.ip());
+    let services = snapshot.services_of(*target.ip());
+    let service = addressed(&snapshot, services, &baggage);
+    let says = labels::PeerSays {
+        workload: baggage.workload.as_ref(),
+        app: baggage.app.as_ref(),
+        version: baggage.version.as_ref(),
+    };
+    let labels = labels::destination(&source, says, workload, service);
+    let result = ConnectionResult::new(&inputs.metrics, labels);
     // Policies with HTTP conditions on an HTTP port: each request is
     // decided on its own, once the stream is open.
-    let per_request = authz::needs_requests(&mesh.config.policies, services)
-        && serves_http(&mesh, services, target.port());
+    let per_request = authz::needs_requests(&snapshot.config.policies, services)
+        && serves_http(&snapshot, services, target.port());
     let decision = if per_request {
         Decision::Allow
     } else {
         authz::authorize(
-            &mesh.config.policies,
+            &snapshot.config.policies,
             &authz::Request {
                 source: Some(&source),
                 services,
@@ -262,96 +272,116 @@ async fn stream_request(
         )
     };
     if let Decision::Deny { reason } = decision {
-        crate::proxy::denied(
-            &inputs.metrics,
-            source.uri().clone(),
-            workload.identity.uri().clone(),
-            &reason,
-        );
+        let destination = workload.identity.uri().clone();
+        crate::proxy::denied(&inputs.metrics, source.uri().clone(), destination, &reason);
+        result.end(ResponseFlag::Rbac);
         return status(StatusCode::FORBIDDEN);
     }
-    // The service the source addressed, if this endpoint really backs it.
-    let service = baggage
+    if !snapshot.local_endpoint_healthy(*target.ip()) {
+        warn!(%source, %target, "refusing a tunnel stream to an endpoint failing its health check");
+        result.end(ResponseFlag::NoHealthyUpstream);
+        return status(StatusCode::SERVICE_UNAVAILABLE);
+    }
+    drop(snapshot);
+
+    let connect = tokio::time::timeout(inputs.connect_timeout, TcpStream::connect(target)).await;
+    let pod = match connect {
+        Ok(Ok(pod)) => pod,
+        failed => {
+            let code = match failed {
+                Ok(Err(err)) => {
+                    warn!(%target, error = %err, "connecting to the pod failed");
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+                _ => {
+                    warn!(%target, "connecting to the pod timed out");
+                    StatusCode::GATEWAY_TIMEOUT
+                }
+            };
+            result.end(ResponseFlag::UpstreamConnectFailure);
+            return status(code);
+        }
+    };
+    let _ = pod.set_nodelay(true);
+    let stream = Stream {
+        pod,
+        source,
+        target,
+        per_request,
+    };
+    tokio::spawn(stream.relay(inputs, request, result).in_current_span());
+    status(StatusCode::OK)
+}
+
+/// The service the source says it addressed, if this endpoint really
+/// backs it; else the endpoint's first service.
+fn addressed<'a>(
+    snapshot: &'a crate::state::snapshot::Snapshot,
+    services: &[usize],
+    baggage: &Baggage,
+) -> Option<&'a crate::config::Service> {
+    let of = |s: &usize| &snapshot.config.services[*s];
+    baggage
         .service
         .as_ref()
         .and_then(|(ns, name)| {
             services
                 .iter()
-                .map(|s| &mesh.config.services[*s])
+                .map(of)
                 .find(|s| s.namespace == *ns && s.name == *name)
         })
-        .or_else(|| services.first().map(|s| &mesh.config.services[*s]));
-    let unknown: Arc<str> = Arc::from("unknown");
-    let labels = TcpLabels {
-        reporter: "destination",
-        source_workload: baggage.workload.clone().unwrap_or_else(|| unknown.clone()),
-        source_workload_namespace: source.namespace().into(),
-        source_principal: source.uri().clone(),
-        source_app: baggage.app.clone().unwrap_or_else(|| unknown.clone()),
-        source_version: baggage.version.clone().unwrap_or_else(|| unknown.clone()),
-        destination_workload: workload.name.clone(),
-        destination_workload_namespace: workload.namespace.clone(),
-        destination_principal: workload.identity.uri().clone(),
-        destination_service: service.map_or_else(|| unknown.clone(), |s| s.hostname.clone()),
-        destination_service_name: service.map_or_else(|| unknown.clone(), |s| s.name.clone()),
-        destination_service_namespace: service
-            .map_or_else(|| unknown.clone(), |s| s.namespace.clone()),
-        request_protocol: "tcp",
-        response_flags: "-",
-        connection_security_policy: "mutual_tls",
-    };
-    if !mesh.local_endpoint_healthy(*target.ip()) {
-        warn!(%source, %target, "refusing a tunnel stream to an endpoint failing its health check");
-        return status(StatusCode::SERVICE_UNAVAILABLE);
-    }
-    drop(mesh);
+        .or_else(|| services.first().map(of))
+}
 
-    let connect = tokio::time::timeout(inputs.connect_timeout, TcpStream::connect(target)).await;
-    let mut pod = match connect {
-        Ok(Ok(pod)) => pod,
-        Ok(Err(err)) => {
-            warn!(%target, error = %err, "connecting to the pod failed");
-            return status(StatusCode::SERVICE_UNAVAILABLE);
-        }
-        Err(_) => {
-            warn!(%target, "connecting to the pod timed out");
-            return status(StatusCode::GATEWAY_TIMEOUT);
-        }
-    };
-    let _ = pod.set_nodelay(true);
-    tokio::spawn(
-        async move {
-            let metrics = &inputs.metrics;
-            let upgraded = match hyper::upgrade::on(request).await {
-                Ok(upgraded) => upgraded,
-                Err(err) => {
-                    debug!(error = %err, "stream upgrade failed");
-                    return;
-                }
-            };
-            let mut stream = TokioIo::new(upgraded);
-            let _guard = crate::proxy::ConnectionGuard::open(metrics, &labels);
-            if per_request {
-                return requests::serve(inputs.clone(), stream, pod, source, target).await;
+/// An accepted tunnel stream and the pod connection it goes to.
+struct Stream {
+    pod: TcpStream,
+    source: Identity,
+    target: SocketAddrV4,
+    /// Served as HTTP, each request authorized on its own.
+    per_request: bool,
+}
+
+impl Stream {
+    /// Once the stream is open, relays it (or serves its requests).
+    async fn relay(
+        mut self,
+        inputs: Arc<ProxyInputs>,
+        request: Request<Incoming>,
+        mut result: ConnectionResult,
+    ) {
+        let upgraded = match hyper::upgrade::on(request).await {
+            Ok(upgraded) => upgraded,
+            Err(err) => {
+                debug!(error = %err, "stream upgrade failed");
+                return result.end(ResponseFlag::DownstreamConnectionTermination);
             }
-            let received = metrics.tcp_received_bytes.get_or_create(&labels).clone();
-            let sent = metrics.tcp_sent_bytes.get_or_create(&labels).clone();
-            if let Err(err) =
-                relay(&mut stream, &mut pod, inputs.buffer_size, &received, &sent).await
-            {
-                debug!(error = %err, "stream closed with an error");
-            }
+        };
+        let mut stream = TokioIo::new(upgraded);
+        let (received, sent) = result.open();
+        if self.per_request {
+            return requests::serve(inputs.clone(), stream, self.pod, self.source, self.target)
+                .await;
         }
-        .in_current_span(),
-    );
-    status(StatusCode::OK)
+        if let Err(err) = relay(
+            &mut stream,
+            &mut self.pod,
+            inputs.buffer_size,
+            &received,
+            &sent,
+        )
+        .await
+        {
+            debug!(error = %err, "stream closed with an error");
+        }
+    }
 }
 
 /// Whether `port` (a target port) of these services speaks HTTP.
-fn serves_http(mesh: &crate::state::snapshot::Snapshot, services: &[usize], port: u16) -> bool {
+fn serves_http(snapshot: &crate::state::snapshot::Snapshot, services: &[usize], port: u16) -> bool {
     use crate::config::Protocol;
     services.iter().any(|s| {
-        mesh.config.services[*s].ports.iter().any(|p| {
+        snapshot.config.services[*s].ports.iter().any(|p| {
             p.target_port == port
                 && matches!(
                     p.protocol,

@@ -60,7 +60,7 @@ pub struct TcpLabels {
     pub destination_service_name: Arc<str>,
     pub destination_service_namespace: Arc<str>,
     pub request_protocol: &'static str,
-    pub response_flags: &'static str,
+    pub response_flags: crate::telemetry::ResponseFlag,
     pub connection_security_policy: &'static str,
 }
 
@@ -465,6 +465,86 @@ impl Metrics {
         }
     }
 
+    /// A captured connection or request whose destination could not be
+    /// resolved.
+    pub fn unresolved(&self, reason: UnresolvedReason) {
+        self.unresolved
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// A request refused by one of `service`'s rate limits.
+    pub fn rate_limited(&self, service: &Arc<str>, limit: crate::policy::ratelimit::Refused) {
+        let limit = match limit {
+            crate::policy::ratelimit::Refused::Service => "service",
+            crate::policy::ratelimit::Refused::Source => "source",
+        };
+        self.rate_limited
+            .get_or_create(&RateLimitLabels {
+                destination_service: service.clone(),
+                limit,
+            })
+            .inc();
+    }
+
+    /// A request or connection shed by `service`'s circuit-breaker `limit`
+    /// (`requests`, `pending` or `connections`).
+    pub fn breaker_tripped(&self, service: &Arc<str>, limit: &'static str) {
+        self.circuit_breaker_rejections
+            .get_or_create(&BreakerLabels {
+                destination_service: service.clone(),
+                limit,
+            })
+            .inc();
+    }
+
+    /// A request of `service` tried again, for `reason`.
+    pub fn retried(&self, service: &Arc<str>, reason: &'static str) {
+        self.retries
+            .get_or_create(&RetryLabels {
+                destination_service: service.clone(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// A retriable failure of `service` not retried: the budget is spent.
+    pub fn retry_budget_exhausted(&self, service: &Arc<str>) {
+        self.retry_budget_exhausted
+            .get_or_create(&ServiceLabels {
+                destination_service: service.clone(),
+            })
+            .inc();
+    }
+
+    /// An endpoint of `service` ejected by outlier detection.
+    pub fn ejected(&self, service: &Arc<str>) {
+        self.outlier_ejections
+            .get_or_create(&ServiceLabels {
+                destination_service: service.clone(),
+            })
+            .inc();
+    }
+
+    /// A connection to an endpoint of `service` that failed or timed out.
+    pub fn upstream_connect_failed(&self, service: &Arc<str>) {
+        self.upstream_connect_failures
+            .get_or_create(&ServiceLabels {
+                destination_service: service.clone(),
+            })
+            .inc();
+    }
+
+    /// A connection or request refused by authorization policy.
+    pub fn denied(&self, source: Arc<str>, destination: Arc<str>) {
+        self.authorization_denied
+            .get_or_create(&DenyLabels {
+                source_principal: source,
+                destination_principal: destination,
+            })
+            .inc();
+    }
+
     /// The counters an accept loop feeds.
     pub fn accept_counters(&self) -> crate::net::accept::AcceptCounters {
         crate::net::accept::AcceptCounters {
@@ -541,7 +621,7 @@ mod tests {
             destination_service_name: "reviews".into(),
             destination_service_namespace: "default".into(),
             request_protocol: "tcp",
-            response_flags: "-",
+            response_flags: crate::telemetry::ResponseFlag::None,
             connection_security_policy: "unknown",
         };
         metrics.tcp_opened.get_or_create(&labels).inc();

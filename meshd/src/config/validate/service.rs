@@ -224,7 +224,8 @@ fn check_route(
         name: spec
             .name
             .clone()
-            .unwrap_or_else(|| format!("route-{index}")),
+            .unwrap_or_else(|| format!("route-{index}"))
+            .into(),
         matcher: Match {
             path,
             method,

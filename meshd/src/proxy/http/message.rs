@@ -5,12 +5,10 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full};
 use hyper::{
     body::Incoming,
     header::{self, HeaderName, HeaderValue},
-    HeaderMap, Request, Response, StatusCode, Uri, Version,
+    HeaderMap, Request, Response, Uri, Version,
 };
 use hyper_util::rt::TokioIo;
 use tracing::debug;
@@ -63,22 +61,6 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
     } else {
         headers.remove(header::UPGRADE);
     }
-}
-
-pub fn reply(status: StatusCode, flags: &'static str) -> Response<Body> {
-    let mut response = Response::new(
-        Full::new(Bytes::from(format!(
-            "meshd: {}\n",
-            status.canonical_reason().unwrap_or("error")
-        )))
-        .map_err(|never| match never {})
-        .boxed(),
-    );
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert("x-meshd-response-flags", HeaderValue::from_static(flags));
-    response
 }
 
 /// Joins a client's connection to an upstream's once both have switched
@@ -140,6 +122,11 @@ impl Head {
             version,
             headers,
         })
+    }
+
+    /// Whether the head is for an HTTP/2 upstream.
+    pub(super) fn http2(&self) -> bool {
+        self.version == Version::HTTP_2
     }
 
     pub(super) fn request(&self, body: Body) -> Request<Body> {

@@ -29,16 +29,20 @@ struct Copy {
     too_large: bool,
 }
 
-/// One request's body across its tries.
-pub struct Payload {
-    first: Option<Incoming>,
+/// One request's body across its tries (the client's body, `Incoming`,
+/// when serving).
+pub struct Payload<B = Incoming> {
+    first: Option<B>,
     /// The copy, when retries may need it; `None`: stream only.
     copy: Option<(Arc<Mutex<Copy>>, usize)>,
 }
 
-impl Payload {
+impl<B> Payload<B>
+where
+    B: hyper::body::Body<Data = Bytes, Error = hyper::Error> + Send + Sync + Unpin + 'static,
+{
     /// `limit`: keep a copy of up to this many bytes for replay.
-    pub fn new(body: Incoming, limit: Option<usize>) -> Self {
+    pub fn new(body: B, limit: Option<usize>) -> Self {
         Self {
             first: Some(body),
             copy: limit.map(|limit| (Arc::default(), limit)),
@@ -83,13 +87,16 @@ impl Payload {
 }
 
 /// Passes the client's body through, copying it.
-struct Tee {
-    inner: Incoming,
+struct Tee<B> {
+    inner: B,
     copy: Arc<Mutex<Copy>>,
     limit: usize,
 }
 
-impl hyper::body::Body for Tee {
+impl<B> hyper::body::Body for Tee<B>
+where
+    B: hyper::body::Body<Data = Bytes, Error = hyper::Error> + Unpin,
+{
     type Data = Bytes;
     type Error = hyper::Error;
 
@@ -157,5 +164,63 @@ impl hyper::body::Body for Replay {
             .filter_map(Frame::data_ref)
             .map(|d| d.len() as u64);
         SizeHint::with_exact(bytes.sum())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client body of `chunks`, then trailers if asked (a queued body is
+    /// all the tee needs).
+    fn body(chunks: &[&'static str], trailers: bool) -> Replay {
+        let mut frames: VecDeque<Frame<Bytes>> = chunks
+            .iter()
+            .map(|c| Frame::data(Bytes::from_static(c.as_bytes())))
+            .collect();
+        if trailers {
+            let mut map = HeaderMap::new();
+            map.insert("grpc-status", "0".parse().expect("value"));
+            frames.push_back(Frame::trailers(map));
+        }
+        Replay(frames)
+    }
+
+    async fn read(body: Body) -> (Vec<u8>, bool) {
+        let collected = body.collect().await.expect("body");
+        let trailers = collected.trailers().is_some();
+        (collected.to_bytes().to_vec(), trailers)
+    }
+
+    #[tokio::test]
+    async fn the_first_try_streams_and_a_retry_replays_the_same_bytes() {
+        let mut payload = Payload::new(body(&["hello ", "world"], true), Some(1024));
+        assert!(payload.replayable(), "nothing sent yet");
+        let first = read(payload.for_next_try().expect("first")).await;
+        assert_eq!(first, (b"hello world".to_vec(), true));
+        assert!(payload.replayable());
+        let again = read(payload.for_next_try().expect("replay")).await;
+        assert_eq!(again, first);
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_or_not_read_to_its_end_is_not_replayed() {
+        let mut payload = Payload::new(body(&["0123456789", "0123456789"], false), Some(15));
+        let _ = read(payload.for_next_try().expect("first")).await;
+        assert!(!payload.replayable(), "20 bytes over a 15-byte limit");
+        assert!(payload.for_next_try().is_none());
+
+        let mut payload = Payload::new(body(&["abc", "def"], false), Some(1024));
+        let mut first = payload.for_next_try().expect("first");
+        let _ = first.frame().await;
+        assert!(!payload.replayable(), "the try read only part of the body");
+    }
+
+    #[tokio::test]
+    async fn without_a_copy_the_body_goes_once() {
+        let mut payload = Payload::new(body(&["abc"], false), None);
+        let _ = read(payload.for_next_try().expect("first")).await;
+        assert!(!payload.replayable());
+        assert!(payload.for_next_try().is_none());
     }
 }

@@ -26,9 +26,10 @@ use crate::{
     identity::Identity,
     policy::authz::{self, Decision},
     proxy::{
-        http::{reply, splice_upgrade, upstream::Body},
+        http::{respond::reply, splice_upgrade, upstream::Body},
         ProxyInputs,
     },
+    telemetry::ResponseFlag,
 };
 
 /// The stream's connection to the pod, in the HTTP version the source
@@ -91,7 +92,7 @@ async fn one(
             .map_or_else(|| Arc::from("unknown"), |w| w.identity.uri().clone());
         let reason = format!("{reason} ({} {})", request.method(), request.uri().path());
         crate::proxy::denied(&inputs.metrics, source.uri().clone(), destination, &reason);
-        return reply(StatusCode::FORBIDDEN, "RBAC");
+        return reply(StatusCode::FORBIDDEN, ResponseFlag::Rbac);
     }
     drop(mesh);
     let upgrade = request
@@ -115,7 +116,10 @@ async fn one(
         },
         Err(err) => {
             warn!(%target, error = %err, "forwarding to the pod failed");
-            reply(StatusCode::SERVICE_UNAVAILABLE, "UC")
+            reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ResponseFlag::UpstreamConnectionTermination,
+            )
         }
     }
 }
