@@ -9,7 +9,10 @@
 #[allow(unsafe_code)]
 pub mod handover;
 pub mod host;
+pub mod listeners;
 pub mod reload;
+
+use listeners::Listeners;
 
 use std::{
     net::SocketAddrV4,
@@ -23,7 +26,7 @@ use tokio::{signal::unix::SignalKind, sync::watch};
 use tracing::{info, warn};
 
 use crate::{
-    admin::{BindError, StatusInputs, StatusListener},
+    admin::{BindError, StatusInputs},
     app::host::HostError,
     capture::{Capture, CaptureError, CaptureSpec},
     config::{BpfLogLevel, Config, ConfigErrors},
@@ -33,8 +36,8 @@ use crate::{
         store::{self, CertStore},
         tls,
     },
-    proxy::inbound::{BindError as InboundBindError, Inbound},
-    proxy::{Outbound, OutboundError, ProxyInputs},
+    proxy::inbound::BindError as InboundBindError,
+    proxy::{OutboundError, ProxyInputs},
     state::snapshot::Snapshot,
     telemetry::metrics::Metrics,
 };
@@ -146,46 +149,17 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     // A meshd already running on this node hands its listeners over;
     // otherwise bind everything, before anything is served or captured.
     let mut taken = crate::app::handover::request(&config.node.handover_socket)?;
-    let mut take = |name: &str| taken.as_mut().and_then(|t| t.take(name));
-    let outbound_addr = SocketAddrV4::new(config.node.capture_address, proxy.outbound_port);
-    let outbound = match take("outbound") {
-        Some(listener) => Outbound::adopt(listener, outbound_addr)?,
-        None => Outbound::bind(outbound_addr).await?,
-    };
-    let mut status_listener = async |address, what: &'static str| match take(what) {
-        Some(listener) => StatusListener::adopt(listener, address, what),
-        None => StatusListener::bind(address, what).await,
-    };
-    let metrics_listener = status_listener(proxy.metrics_address, "metrics").await?;
-    let ready_listener = status_listener(proxy.readiness_address, "readiness").await?;
-    let admin_listener = status_listener(proxy.admin_address, "admin").await?;
     let store = cert_store(&config)?;
-    let inbound = match &store {
-        Some(_) => {
-            let ip = mesh
-                .own_tunnel_address()
-                .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
-            let address = SocketAddrV4::new(ip, proxy.inbound_port).into();
-            Some(match take("inbound") {
-                Some(listener) => Inbound::adopt(listener, address)?,
-                None => Inbound::bind(address).await?,
-            })
-        }
-        None => None,
-    };
-    // Duplicates of every listener, for the meshd that takes over from this one.
-    let mut handed: Vec<(String, std::os::fd::OwnedFd)> = Vec::new();
-    let mut keep = |name: &str, fd: std::io::Result<std::os::fd::OwnedFd>| match fd {
-        Ok(fd) => handed.push((name.to_owned(), fd)),
-        Err(err) => warn!(listener = name, error = %err, "cannot keep a listener for hand-over"),
-    };
-    keep("outbound", outbound.duplicate());
-    keep("metrics", metrics_listener.duplicate());
-    keep("readiness", ready_listener.duplicate());
-    keep("admin", admin_listener.duplicate());
-    if let Some(inbound) = &inbound {
-        keep("inbound", inbound.duplicate());
-    }
+    let listeners = Listeners::open(&config, &mesh, store.is_some(), &mut taken).await?;
+    let handed = listeners.duplicates();
+    let Listeners {
+        outbound,
+        metrics: metrics_listener,
+        readiness: ready_listener,
+        admin: admin_listener,
+        inbound,
+    } = listeners;
+    let outbound_addr = outbound.address();
     let mut terminate =
         tokio::signal::unix::signal(SignalKind::terminate()).map_err(StartError::Signals)?;
     let mut interrupt =
@@ -212,26 +186,7 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     status.reload.record_files(&prepared.sources);
 
     let pod_cgroup = host::cgroup_dir(&prepared.cgroup_root, &config.node.pod_cgroup);
-    let proxy_cgroup = host::cgroup_dir(&prepared.cgroup_root, &config.node.proxy_cgroup);
-    let capture = Capture::start(
-        &CaptureSpec {
-            pod_cgroup: &pod_cgroup,
-            proxy_cgroup: &proxy_cgroup,
-            proxy_cgroup_id: prepared.proxy_cgroup_id,
-            proxy: outbound.address(),
-            sk_msg: proxy.sk_msg,
-            strict: config.mesh.mode == crate::config::MeshMode::Strict,
-            trusted: [Some(config.node.capture_address), mesh.own_tunnel_address()]
-                .into_iter()
-                .flatten()
-                .collect(),
-            log_level: proxy.bpf_log_level,
-            pin_dir: &config.node.pin_dir,
-            heartbeat_timeout: proxy.fail_timeout,
-            fail_closed: proxy.fail_mode == crate::config::FailMode::Closed,
-        },
-        &mesh,
-    )?;
+    let capture = start_capture(&prepared, &mesh, outbound_addr)?;
     let capture = Arc::new(capture);
     let _ = status.capture.set(capture.clone());
     tokio::spawn(heartbeat(capture.clone(), stop_rx.clone()));
@@ -334,6 +289,39 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     drop(capture);
     info!("stopped");
     Ok(())
+}
+
+/// Loads and attaches the eBPF programs for `config`, capturing into the
+/// outbound listener at `outbound`.
+fn start_capture(
+    prepared: &Prepared,
+    snapshot: &Snapshot,
+    outbound: SocketAddrV4,
+) -> Result<Capture, StartError> {
+    let config = &prepared.config;
+    let proxy = &config.proxy;
+    let pod_cgroup = host::cgroup_dir(&prepared.cgroup_root, &config.node.pod_cgroup);
+    let proxy_cgroup = host::cgroup_dir(&prepared.cgroup_root, &config.node.proxy_cgroup);
+    let spec = CaptureSpec {
+        pod_cgroup: &pod_cgroup,
+        proxy_cgroup: &proxy_cgroup,
+        proxy_cgroup_id: prepared.proxy_cgroup_id,
+        proxy: outbound,
+        sk_msg: proxy.sk_msg,
+        strict: config.mesh.mode == crate::config::MeshMode::Strict,
+        trusted: [
+            Some(config.node.capture_address),
+            snapshot.own_tunnel_address(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
+        log_level: proxy.bpf_log_level,
+        pin_dir: &config.node.pin_dir,
+        heartbeat_timeout: proxy.fail_timeout,
+        fail_closed: proxy.fail_mode == crate::config::FailMode::Closed,
+    };
+    Ok(Capture::start(&spec, snapshot)?)
 }
 
 /// Upstream HTTP/1.1 connections idle longer than this are closed.

@@ -207,6 +207,115 @@ fn reloads_apply_changes_and_refuse_mistakes_while_the_last_good_config_serves()
     assert!(hello().starts_with("hello from v1"));
 }
 
+/// Additions to a config that used to panic meshd (exit 101, or a reload
+/// task dead for good), and the field each must be refused at.
+const PANICKING: [(&str, &str); 4] = [
+    (
+        "  - { name: bad, vip: 10.96.0.60, ports: [{ port: 80 }], endpoints: [{ address: 10.77.0.60, serviceAccount: \"\" }] }\n",
+        "services[2].endpoints[0].serviceAccount",
+    ),
+    (
+        "  - { name: bad, vip: 10.96.0.60, ports: [{ port: 80 }], endpoints: [{ address: 10.77.0.60, serviceAccount: a/b }] }\n",
+        "services[2].endpoints[0].serviceAccount",
+    ),
+    (
+        "  - { name: bad, namespace: \"\", vip: 10.96.0.60, ports: [{ port: 80 }], endpoints: [{ address: 10.77.0.60 }] }\n",
+        "services[2].namespace",
+    ),
+    ("mesh: { trustDomain: \"\" }\n", "mesh.trustDomain"),
+];
+
+/// `meshd check` on `text`: (exit code, stderr).
+fn check(bed: &Testbed, name: &str, text: &str) -> (Option<i32>, String) {
+    let file = bed.write(name, text);
+    let out = std::process::Command::new(workspace_binary("meshd"))
+        .args(["check", "--config"])
+        .arg(&file)
+        .output()
+        .expect("meshd check");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn values_that_used_to_panic_are_refused_with_their_place() {
+    let bed = Testbed::new(&["client", "v1"]);
+    let mut cases: Vec<(String, &str)> = PANICKING
+        .iter()
+        .map(|(extra, field)| (bed.config(&web(V1, extra)), *field))
+        .collect();
+    for timeout in ["0s", "100ms"] {
+        let text = bed.config(&format!(
+            "proxy: {{ failTimeout: {timeout} }}\n{}",
+            web(V1, "")
+        ));
+        cases.push((text, "proxy.failTimeout"));
+    }
+    // More captured destinations than the kernel's map holds: 256 ports
+    // on 257 endpoints.
+    let ports: Vec<String> = (1..=256).map(|p| format!("{{ port: {p} }}")).collect();
+    let endpoints: Vec<String> = (0..257)
+        .map(|i| format!("{{ address: 10.100.{}.{} }}", i / 200, 1 + i % 200))
+        .collect();
+    let huge = format!(
+        "  - {{ name: huge, vip: 10.96.0.61, ports: [{}], endpoints: [{}] }}\n",
+        ports.join(", "),
+        endpoints.join(", ")
+    );
+    cases.push((bed.config(&web(V1, &huge)), "services[2]"));
+    for (i, (text, field)) in cases.iter().enumerate() {
+        let (code, stderr) = check(&bed, &format!("bad-{i}.yaml"), text);
+        assert_eq!(code, Some(2), "case {i} ({field}): {stderr}");
+        assert!(
+            stderr.contains(&format!("bad-{i}.yaml:")) && stderr.contains(field),
+            "case {i}: no file:line at {field}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn a_reload_that_used_to_panic_is_refused_and_the_next_good_change_applies() {
+    let bed = Testbed::new(&["client", "v1", "v2"]);
+    for name in ["v1", "v2"] {
+        serve_hello(&bed, name, &[]);
+    }
+    let mut map = ConfigMap::new(&bed, &bed.config(&web(V1, "")));
+    let meshd = Meshd::spawn(&bed, &[map.file()], &[]);
+    meshd.wait_ready();
+    let hello = || curl(&bed, bed.pod("client"), "http://10.96.0.20/").1;
+    assert!(hello().starts_with("hello from v1"));
+    for (i, (extra, field)) in PANICKING.iter().enumerate() {
+        map.update(&bed.config(&web(V1, extra)));
+        let refused = (i + 1) as f64;
+        assert!(
+            eventually(Duration::from_secs(10), || reloads(&meshd, "error")
+                == refused),
+            "case {i} ({field}) was not refused: {}",
+            meshd.log()
+        );
+        assert!(meshd.log().contains(field), "{}", meshd.log());
+        assert!(
+            hello().starts_with("hello from v1"),
+            "the last good config stopped serving"
+        );
+    }
+    // The reloader is alive: a good change applies.
+    map.update(&bed.config(&web(V2, "")));
+    assert!(
+        eventually(Duration::from_secs(10), || reloads(&meshd, "ok") == 1.0),
+        "a good change after the refused ones never applied: {}",
+        meshd.log()
+    );
+    assert!(hello().starts_with("hello from v2"));
+    assert_eq!(
+        meshd.metric("meshd_config_last_reload_successful", &[]),
+        1.0
+    );
+    assert!(!meshd.log().contains("panicked"), "{}", meshd.log());
+}
+
 /// `(healthy, ejected)` of the endpoint at `address` of service `name`,
 /// from the admin API.
 fn endpoint_state(meshd: &Meshd, name: &str, address: &str) -> (bool, bool) {

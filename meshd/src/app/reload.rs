@@ -42,6 +42,8 @@ pub enum ReloadError {
     NeedsRestart(&'static str),
     #[error("updating the capture map: {0}")]
     Capture(#[from] crate::capture::CaptureError),
+    #[error("internal error while applying the config (please report it): {0}")]
+    Panicked(String),
 }
 
 /// Everything a reload needs.
@@ -95,9 +97,14 @@ impl Reloader {
 
     /// Validates and applies files just read; records the outcome.
     fn reload(&self, read: Result<Vec<Source>, ConfigErrors>) {
-        let result = read
-            .map_err(ReloadError::from)
-            .and_then(|sources| self.apply(&sources).map(|config| (config, sources)));
+        let result = read.map_err(ReloadError::from).and_then(|sources| {
+            // A bug that panics while applying must not end reloading for
+            // good: it is this reload's error, and the next one runs.
+            let applied =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.apply(&sources)))
+                    .unwrap_or_else(|panic| Err(ReloadError::Panicked(panic_message(&*panic))));
+            applied.map(|config| (config, sources))
+        });
         let label = if result.is_ok() { "ok" } else { "error" };
         self.metrics
             .config_reloads
@@ -140,7 +147,13 @@ impl Reloader {
         let config = Arc::new(config);
         let ids = workload_cgroup_ids(&self.cgroup_root, &config);
         let mesh = Arc::new(Snapshot::new(config.clone(), &ids, Some(&running)));
-        self.capture.sync_destinations(&mesh)?;
+        if let Err(err) = self.capture.sync_destinations(&mesh) {
+            // The running config keeps serving: so must its map.
+            if let Err(again) = self.capture.sync_destinations(&running) {
+                warn!(error = %again, "restoring the capture map of the running config failed");
+            }
+            return Err(err.into());
+        }
         if let Some(store) = &self.store {
             store.set_identities(config.workloads.iter().map(|w| w.identity.clone()));
             store.refresh();
@@ -150,6 +163,15 @@ impl Reloader {
         self.inputs.snapshot.store(mesh);
         Ok(config)
     }
+}
+
+/// What a panic said, as text.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
 }
 
 /// The first setting that differs between `running` and `next` and that

@@ -160,6 +160,27 @@ impl Checker<'_> {
         }
     }
 
+    /// The SPIFFE ID of `service_account` in `namespace`. The service
+    /// account must be a DNS label (as the namespace and trust domain are
+    /// checked to be); anything that does not make a well-formed ID is an
+    /// error at `field`, never a panic.
+    fn identity(
+        &mut self,
+        file: usize,
+        field: &FieldPath,
+        trust_domain: &str,
+        namespace: &str,
+        service_account: &str,
+    ) -> Identity {
+        self.dns_label(file, field, service_account);
+        let uri = format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}");
+        Identity::parse(&uri).unwrap_or_else(|_| {
+            // Reported above (or at the namespace or trust domain); this
+            // config is refused, so the stand-in never serves.
+            Identity::parse("spiffe://invalid/ns/invalid/sa/invalid").expect("a well-formed ID")
+        })
+    }
+
     fn cgroup_path(&mut self, file: usize, field: &FieldPath, value: &str) {
         let ok = value.starts_with('/')
             && !value.split('/').any(|part| part == ".." || part == ".")
@@ -291,6 +312,7 @@ pub(super) fn validate(sources: &[Source], files: Vec<ConfigFile>) -> Result<Con
         })
         .collect();
     check_uniqueness(&mut check, &services, &workloads);
+    check_capture_size(&mut check, &services);
     let policies = policies
         .into_iter()
         .filter_map(|(file, index, spec)| {
@@ -404,6 +426,33 @@ fn check_node(check: &mut Checker<'_>, file: usize, spec: NodeSpec) -> Node {
         pod_cgroup: spec.pod_cgroup,
         proxy_cgroup: spec.proxy_cgroup,
         identity: spec.identity,
+    }
+}
+
+/// Refuses more captured destinations (VIP ports and endpoint target
+/// ports) than the kernel's map holds: the rest would silently go
+/// uncaptured.
+fn check_capture_size(check: &mut Checker<'_>, services: &[(usize, FieldPath, Service)]) {
+    let mut destinations = HashSet::new();
+    for (_, _, service) in services {
+        for port in &service.ports {
+            destinations.insert((service.vip, port.port));
+            for endpoint in &service.endpoints {
+                destinations.insert((endpoint.address, port.target_port));
+            }
+        }
+    }
+    let capacity = meshd_common::DESTINATIONS_CAPACITY as usize;
+    if let Some((file, at, _)) = services.last().filter(|_| destinations.len() > capacity) {
+        check.fail(
+            *file,
+            at,
+            format!(
+                "the services capture {} destinations (VIP ports and endpoint target ports); \
+                 the kernel's map holds {capacity}",
+                destinations.len()
+            ),
+        );
     }
 }
 
@@ -540,6 +589,9 @@ fn check_policy(
     })
 }
 
+/// The shortest `proxy.failTimeout`: two and a half heartbeats.
+const MIN_FAIL_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
+
 fn check_proxy(check: &mut Checker<'_>, file: usize, spec: &ProxySpec) {
     let at = FieldPath::default().key("proxy");
     if spec.outbound_port == 0 {
@@ -550,6 +602,17 @@ fn check_proxy(check: &mut Checker<'_>, file: usize, spec: &ProxySpec) {
             file,
             &at.clone().key("bufferSize"),
             format!("{} is outside 1024..=1048576 bytes", spec.buffer_size),
+        );
+    }
+    if spec.fail_timeout < MIN_FAIL_TIMEOUT {
+        check.fail(
+            file,
+            &at.clone().key("failTimeout"),
+            format!(
+                "{:?} is under {MIN_FAIL_TIMEOUT:?}: meshd beats every 200 ms, so a shorter \
+                 timeout flaps into failMode while meshd is fine (and 0 would never fail open)",
+                spec.fail_timeout
+            ),
         );
     }
     if spec.connect_timeout.is_zero() {
@@ -618,8 +681,15 @@ fn check_workload(
         .collect();
     let label =
         |key: &str| -> Arc<str> { spec.labels.get(key).map_or(UNKNOWN, String::as_str).into() };
+    let identity = check.identity(
+        file,
+        &at.clone().key("serviceAccount"),
+        trust_domain,
+        &spec.namespace,
+        &spec.service_account,
+    );
     let workload = Workload {
-        identity: Identity::new(trust_domain, &spec.namespace, &spec.service_account),
+        identity,
         app: label("app"),
         version: label("version"),
         name: spec.name.as_str().into(),

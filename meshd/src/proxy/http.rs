@@ -137,9 +137,7 @@ async fn handle(
         path: parts.uri.path(),
         headers: &parts.headers,
     };
-    let mut attempt = HttpAttempt::new(
-        inputs, &snapshot, connection, &admitted, request, payload, protocol,
-    );
+    let mut attempt = HttpAttempt::new(inputs, &snapshot, connection, &admitted, request, payload);
     let retry = Retry {
         policy: admitted.retries,
         budget: snapshot.retry_budget(target.service),
@@ -147,8 +145,8 @@ async fn handle(
         deadline: admitted.deadline,
     };
     let tried = retry.run(&mut attempt, || fastrand::u64(..)).await;
-    if let Some((labels, upstream)) = attempt.last_endpoint() {
-        result.set_endpoint(labels, upstream);
+    if let Some((endpoint, path, upstream)) = attempt.last_endpoint() {
+        result.set_endpoint(endpoint, path, upstream);
     }
     respond::ended(tried, upgrade, result)
 }

@@ -95,6 +95,15 @@ pub fn destination(
     }
 }
 
+/// Makes `labels` (a source node's, built before an endpoint was chosen)
+/// those of `endpoint`, reached by `path`: only what the endpoint decides
+/// changes.
+pub fn to_endpoint(labels: &mut TcpLabels, endpoint: &Endpoint, path: Option<Path>) {
+    labels.destination_workload = endpoint.workload.clone();
+    labels.destination_principal = endpoint.identity.uri().clone();
+    labels.connection_security_policy = security(path);
+}
+
 /// A request's labels on top of its connection's.
 pub fn http(connection: TcpLabels) -> HttpLabels {
     HttpLabels {

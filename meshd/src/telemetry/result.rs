@@ -14,6 +14,7 @@ use super::{
     metrics::{HttpLabels, Metrics, TcpLabels},
     ResponseFlag,
 };
+use crate::{config::Endpoint, state::snapshot::Path};
 
 // === impl ConnectionResult ===
 
@@ -99,8 +100,8 @@ impl std::fmt::Display for RequestLine {
 
 /// One HTTP request: `istio_requests_total`, its duration and sizes, and
 /// one access-log line.
-pub struct RequestResult {
-    metrics: Arc<Metrics>,
+pub struct RequestResult<'a> {
+    metrics: &'a Metrics,
     labels: HttpLabels,
     started: Instant,
     line: RequestLine,
@@ -110,15 +111,15 @@ pub struct RequestResult {
     recorded: bool,
 }
 
-impl RequestResult {
+impl<'a> RequestResult<'a> {
     pub fn new(
-        metrics: &Arc<Metrics>,
+        metrics: &'a Metrics,
         labels: HttpLabels,
         line: RequestLine,
         started: Instant,
     ) -> Self {
         Self {
-            metrics: metrics.clone(),
+            metrics,
             labels,
             started,
             line,
@@ -141,9 +142,14 @@ impl RequestResult {
         self.request_bytes = bytes;
     }
 
-    /// The endpoint the (last) try went to, and the labels that go with it.
-    pub fn set_endpoint(&mut self, labels: TcpLabels, upstream: SocketAddrV4) {
-        self.labels.connection = labels;
+    /// The endpoint the (last) try went to, reached by `path`.
+    pub fn set_endpoint(
+        &mut self,
+        endpoint: &Endpoint,
+        path: Option<Path>,
+        upstream: SocketAddrV4,
+    ) {
+        super::labels::to_endpoint(&mut self.labels.connection, endpoint, path);
         self.upstream = Some(upstream);
     }
 
@@ -195,7 +201,7 @@ impl RequestResult {
     }
 }
 
-impl Drop for RequestResult {
+impl Drop for RequestResult<'_> {
     fn drop(&mut self) {
         if !self.recorded {
             // The client went away (or a path forgot to finish).

@@ -43,6 +43,11 @@ struct Misbehave {
     /// counted as a request).
     #[arg(long)]
     health_file: Option<std::path::PathBuf>,
+    /// A hostile upstream: every answer carries a `grpc-status` header of
+    /// this many bytes, different each time (an attempt to blow up the
+    /// proxy's metric labels).
+    #[arg(long, default_value_t = 0)]
+    hostile_grpc_status: usize,
 }
 
 /// Requests `hello` has seen, for `--fail-first`.
@@ -492,6 +497,20 @@ fn serve_hello(
             thread::sleep(delay);
         }
         let body = format!("hello from {name} to {peer}\n");
+        if misbehave.hostile_grpc_status > 0 {
+            let seen = REQUESTS.load(Ordering::Relaxed);
+            let junk: String = format!("{seen}-")
+                .chars()
+                .chain(std::iter::repeat('x'))
+                .take(misbehave.hostile_grpc_status)
+                .collect();
+            let response = format!(
+                "HTTP/1.1 200 OK\r\ngrpc-status: {junk}\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            stream.write_all(response.as_bytes())?;
+            continue;
+        }
         respond(&mut stream, "200 OK", &body, close)?;
         if close {
             return stream.shutdown(Shutdown::Write);

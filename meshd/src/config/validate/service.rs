@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::{Checker, Endpoint, Service, ServicePort, UNKNOWN};
-use crate::{config::FieldPath, spiffe::Identity};
+use crate::config::FieldPath;
 
 pub(super) fn check_service(
     check: &mut Checker<'_>,
@@ -60,11 +60,18 @@ pub(super) fn check_service(
         if endpoints.iter().any(|e| e.address == address) {
             check.fail(file, &field, format!("endpoint {address} is listed twice"));
         }
+        let identity = check.identity(
+            file,
+            &at.clone().key("endpoints").index(i).key("serviceAccount"),
+            trust_domain,
+            &spec.namespace,
+            &endpoint.service_account,
+        );
         endpoints.push(Endpoint {
             address,
             node: endpoint.node.map(Arc::from),
             workload: endpoint.workload.as_deref().unwrap_or(UNKNOWN).into(),
-            identity: Identity::new(trust_domain, &spec.namespace, &endpoint.service_account),
+            identity,
             labels: endpoint.labels,
         });
     }

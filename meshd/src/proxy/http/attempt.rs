@@ -25,7 +25,6 @@ use crate::{
     policy::{authz, balance::EndpointStats, retry::Outcome},
     proxy::ProxyInputs,
     state::snapshot::{Path, Snapshot},
-    telemetry::{labels, metrics::TcpLabels},
 };
 
 /// The endpoint a try went to.
@@ -45,8 +44,6 @@ pub struct HttpAttempt<'a> {
     /// What L7 policy looks at.
     request: authz::Http<'a>,
     payload: Payload,
-    /// `http` or `grpc`, for the labels.
-    protocol: &'static str,
     tried: Vec<usize>,
     /// Only a tunnel stream carries baggage: made once, when first needed.
     baggage: Option<String>,
@@ -61,7 +58,6 @@ impl<'a> HttpAttempt<'a> {
         admitted: &'a Admitted<'a>,
         request: authz::Http<'a>,
         payload: Payload,
-        protocol: &'static str,
     ) -> Self {
         Self {
             inputs,
@@ -70,25 +66,19 @@ impl<'a> HttpAttempt<'a> {
             admitted,
             request,
             payload,
-            protocol,
             tried: Vec::new(),
             baggage: None,
             last: None,
         }
     }
 
-    /// The labels and address of the endpoint the last try went to.
-    pub fn last_endpoint(&self) -> Option<(TcpLabels, SocketAddrV4)> {
+    /// The endpoint the last try went to, how, and its address.
+    pub fn last_endpoint(
+        &self,
+    ) -> Option<(&'a crate::config::Endpoint, Option<Path>, SocketAddrV4)> {
         let chosen = self.last?;
-        let service = self.admitted.service;
-        let labels = labels::source(
-            self.connection.source.as_ref(),
-            service,
-            Some(&service.endpoints[chosen.endpoint]),
-            chosen.path,
-            self.protocol,
-        );
-        Some((labels, chosen.address))
+        let endpoint = &self.admitted.service.endpoints[chosen.endpoint];
+        Some((endpoint, chosen.path, chosen.address))
     }
 
     /// The endpoint for the next try: the pinned one, else one balanced
