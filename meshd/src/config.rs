@@ -309,6 +309,11 @@ pub struct ProxySpec {
     /// Where the admin API is served. Default `127.0.0.1:15000` (loopback:
     /// it shows the config and changes the log level).
     pub admin_address: SocketAddr,
+    /// A file holding the token that changes through the admin API (`PUT
+    /// /logging`) must present as `Authorization: Bearer <token>`; read at
+    /// each change, so it can be rotated. Default none: the admin API is
+    /// read-only.
+    pub admin_token_file: Option<std::path::PathBuf>,
     /// Same-node acceleration: move app⇄meshd bytes with sk_msg instead of
     /// the TCP stack. Default `false`: an accelerated socket reads through
     /// the kernel's sockmap path, which can hand a *blocking* reader a
@@ -352,6 +357,7 @@ impl Default for ProxySpec {
             metrics_address: SocketAddr::from(([0, 0, 0, 0], 15020)),
             readiness_address: SocketAddr::from(([0, 0, 0, 0], 15021)),
             admin_address: SocketAddr::from(([127, 0, 0, 1], 15000)),
+            admin_token_file: None,
             sk_msg: false,
             connect_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(30),

@@ -4,6 +4,19 @@
 
 use std::{fmt, sync::Arc};
 
+/// Whether `value` is a DNS label (RFC 1123, as Kubernetes names
+/// namespaces and service accounts): 1–63 lowercase letters, digits or
+/// `-`, not starting or ending with `-`.
+pub fn is_dns_label(value: &str) -> bool {
+    !value.is_empty()
+        && value.len() <= 63
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !value.starts_with('-')
+        && !value.ends_with('-')
+}
+
 /// A SPIFFE ID of the form `spiffe://<trust-domain>/ns/<namespace>/sa/<sa>`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Identity {

@@ -274,6 +274,123 @@ fn the_tunnel_port_speaks_only_tls_1_3_and_demands_a_client_certificate() {
     );
 }
 
+/// A certificate from `ca` (its `ca.crt` and `ca.key`) with exactly the
+/// URI SANs `uris`, made with openssl, in `out` (`tls.crt`, `tls.key`).
+fn forge(ca: &Path, out: &Path, uris: &[&str]) {
+    std::fs::create_dir_all(out).expect("cert dir");
+    let san: Vec<String> = uris.iter().map(|u| format!("URI:{u}")).collect();
+    let ext = out.join("ext.cnf");
+    std::fs::write(
+        &ext,
+        format!(
+            "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth,serverAuth\nsubjectAltName={}\n",
+            san.join(",")
+        ),
+    )
+    .expect("extensions");
+    let path = |name: &str| out.join(name).display().to_string();
+    let ca_file = |name: &str| ca.join(name).display().to_string();
+    let run = |args: &[&str]| {
+        let status = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("openssl");
+        assert!(status.status.success(), "openssl {args:?}: {status:?}");
+    };
+    run(&[
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        &path("tls.key"),
+        "-subj",
+        "/CN=forged",
+        "-out",
+        &path("req.csr"),
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        &path("req.csr"),
+        "-CA",
+        &ca_file("ca.crt"),
+        "-CAkey",
+        &ca_file("ca.key"),
+        "-CAcreateserial",
+        "-CAserial",
+        &path("ca.srl"),
+        "-days",
+        "1",
+        "-extfile",
+        &ext.display().to_string(),
+        "-out",
+        &path("tls.crt"),
+    ]);
+}
+
+#[test]
+fn a_certificate_must_carry_exactly_one_well_formed_spiffe_id() {
+    let mesh = Mesh::new(&[PodSpec::named("client")], &[PodSpec::named("server")]);
+    let bed = &mesh.bed;
+    let services = format!(
+        "services:\n{}",
+        service("server", "10.96.0.20", "10.78.0.10", "server")
+    );
+    let (_a, b) = mesh.start(&services);
+    let refused = || {
+        b.metric(
+            "meshd_tls_handshake_failures_total",
+            &[("direction", "inbound"), ("reason", "bad_identity")],
+        )
+    };
+    // Signed by the mesh's own CA, so only the identity rules refuse them.
+    let cases: [(&str, &[&str]); 3] = [
+        (
+            "two SPIFFE IDs (which one would the peer be?)",
+            &[
+                "spiffe://cluster.local/ns/default/sa/client",
+                "spiffe://cluster.local/ns/default/sa/server",
+            ],
+        ),
+        (
+            "a service account that is no DNS label",
+            &["spiffe://cluster.local/ns/default/sa/Client_1"],
+        ),
+        (
+            "a namespace that is no DNS label",
+            &["spiffe://cluster.local/ns/-default/sa/client"],
+        ),
+    ];
+    let well_formed = bed.dir.join("well-formed");
+    forge(
+        &mesh.ca,
+        &well_formed,
+        &["spiffe://cluster.local/ns/default/sa/client"],
+    );
+    let out = s_client(bed, Some(&well_formed), &mesh.ca, &[]);
+    assert!(
+        out.contains("TLSv1.3"),
+        "the forging itself is sound: {out}"
+    );
+    for (i, (what, uris)) in cases.iter().enumerate() {
+        let dir = bed.dir.join(format!("forged-{i}"));
+        forge(&mesh.ca, &dir, uris);
+        let out = s_client(bed, Some(&dir), &mesh.ca, &[]);
+        let want = (i + 1) as f64;
+        assert!(
+            eventually(Duration::from_secs(5), || refused() == want),
+            "{what}: not refused\n{out}\n{}",
+            b.metrics()
+        );
+    }
+    assert_eq!(refused(), 3.0, "the well-formed one was accepted");
+}
+
 #[test]
 fn bad_peers_are_refused_each_with_its_own_counted_reason() {
     let mesh = Mesh::new(&[PodSpec::named("client")], &[PodSpec::named("server")]);

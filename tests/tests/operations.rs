@@ -476,8 +476,10 @@ fn the_admin_api_and_meshd_status_show_config_health_certificates_and_change_the
     serve_hello(&bed, "v1", &[]);
     // v2 runs nothing: its health check fails.
     let identity = meshd_tests::clients::issuer_identity(&bed);
+    let token = bed.write("admin-token", "s3cret-token\n");
     let services = format!(
-        "{}    healthCheck: {{ protocol: tcp, interval: 200ms }}\n",
+        "proxy: {{ adminTokenFile: {} }}\n{}    healthCheck: {{ protocol: tcp, interval: 200ms }}\n",
+        token.display(),
         web(&format!("{V1}, {V2}"), "").replace(
             "  - name: echo\n    vip: 10.96.0.40\n    ports: [{ port: 9000 }]\n    endpoints: [{ address: 10.77.0.11, workload: v1 }, { address: 10.77.0.12, workload: v2 }]\n",
             ""
@@ -540,16 +542,23 @@ fn the_admin_api_and_meshd_status_show_config_health_certificates_and_change_the
         assert!(summary.contains(want), "no {want:?} in:\n{summary}");
     }
 
-    // The log level changes at run time.
-    let out = meshd.run_in_node(
-        std::path::Path::new("curl"),
-        &[
-            "-sS",
-            "-X",
-            "PUT",
-            "http://127.0.0.1:15000/logging?level=warn",
-        ],
-    );
+    // The log level changes at run time — for whoever holds the token.
+    let put = |extra: &[&str]| {
+        let mut args = vec!["-sS", "-X", "PUT"];
+        args.extend_from_slice(extra);
+        args.push("http://127.0.0.1:15000/logging?level=warn");
+        meshd.run_in_node(std::path::Path::new("curl"), &args)
+    };
+    for refused in [
+        put(&[]),
+        put(&["-H", "Authorization: Bearer wrong-token!"]),
+        put(&["-H", "Authorization: Bearer s3cret-toke"]),
+    ] {
+        assert!(refused.contains("\"error\""), "{refused}");
+        assert!(!meshd.admin("/logging").contains("\"warn\""), "{refused}");
+    }
+    assert!(meshd.log().contains("a log level change was refused"));
+    let out = put(&["-H", "Authorization: Bearer s3cret-token"]);
     assert!(out.contains("\"level\": \"warn\""), "{out}");
     assert!(meshd.admin("/logging").contains("\"warn\""));
 }

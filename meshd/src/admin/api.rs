@@ -57,11 +57,13 @@ fn seconds(time: SystemTime) -> u64 {
 }
 
 /// Answers one admin request: (status code, JSON).
+/// `authorization` is the request's `Authorization` header, if any.
 pub fn answer(
     inputs: &StatusInputs,
     method: &hyper::Method,
     path: &str,
     query: &str,
+    authorization: Option<&[u8]>,
 ) -> (u16, Value) {
     let Some(proxy) = inputs.proxy.get() else {
         return (503, json!({ "error": "meshd is starting" }));
@@ -86,6 +88,14 @@ pub fn answer(
         ("GET", "/certificates") => (200, certificates(inputs)),
         ("GET", "/logging") => (200, json!({ "level": log_level() })),
         ("PUT" | "POST", "/logging") => {
+            let token = mesh.config.proxy.admin_token_file.as_deref();
+            if let Err(refused) = authorized(token, authorization) {
+                tracing::warn!(
+                    reason = refused,
+                    "admin API: a log level change was refused"
+                );
+                return (403, json!({ "error": refused }));
+            }
             let level = query
                 .split('&')
                 .find_map(|kv| kv.strip_prefix("level="))
@@ -103,6 +113,36 @@ pub fn answer(
             404,
             json!({ "error": "not found", "paths": ["/status", "/config", "/services", "/workloads", "/certificates", "/logging"] }),
         ),
+    }
+}
+
+/// Whether a change may be made: the request presents the token in
+/// `token_file` as `Bearer <token>`. Without a token file no change may.
+fn authorized(
+    token_file: Option<&std::path::Path>,
+    authorization: Option<&[u8]>,
+) -> Result<(), &'static str> {
+    let file =
+        token_file.ok_or("changes need proxy.adminTokenFile set (the admin API is read-only)")?;
+    let token = std::fs::read_to_string(file).map_err(|_| "the admin token file cannot be read")?;
+    let token = token.trim();
+    if token.is_empty() {
+        return Err("the admin token file is empty");
+    }
+    let presented = authorization
+        .and_then(|v| v.strip_prefix(b"Bearer "))
+        .ok_or("no Authorization: Bearer token")?;
+    // Compared in full whatever the first difference, so timing tells nothing.
+    let same = presented.len() == token.len()
+        && presented
+            .iter()
+            .zip(token.as_bytes())
+            .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+            == 0;
+    if same {
+        Ok(())
+    } else {
+        Err("wrong admin token")
     }
 }
 

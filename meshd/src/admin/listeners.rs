@@ -185,6 +185,10 @@ fn route(
             request.method(),
             request.uri().path(),
             request.uri().query().unwrap_or(""),
+            request
+                .headers()
+                .get(header::AUTHORIZATION)
+                .map(|v| v.as_bytes()),
         );
         let mut response = text(
             StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),

@@ -144,12 +144,7 @@ pub fn request(path: &Path) -> Result<Option<Taken>, HandoverError> {
 /// ones in use) to the first meshd that asks and confirms it is ready.
 /// Returns once that happened; never, if nobody asks.
 pub async fn serve(path: PathBuf, listeners: Vec<(String, OwnedFd)>) {
-    // A socket file left by an earlier meshd is stale: this one serves now.
-    let _ = std::fs::remove_file(&path);
-    if let Some(dir) = path.parent() {
-        let _ = std::fs::create_dir_all(dir);
-    }
-    let listener = match tokio::net::UnixListener::bind(&path) {
+    let listener = match bind_private(&path) {
         Ok(listener) => listener,
         Err(err) => {
             warn!(path = %path.display(), error = %err, "no hand-over socket: a restart will have to rebind");
@@ -160,6 +155,10 @@ pub async fn serve(path: PathBuf, listeners: Vec<(String, OwnedFd)>) {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
+        if let Err(reason) = trusted_peer(&stream) {
+            warn!(path = %path.display(), %reason, "refusing a hand-over request");
+            continue;
+        }
         let Ok(stream) = stream.into_std() else {
             continue;
         };
@@ -177,6 +176,57 @@ pub async fn serve(path: PathBuf, listeners: Vec<(String, OwnedFd)>) {
             Ok(Err(err)) => warn!(error = %err, "hand-over abandoned; still serving"),
             Err(err) => warn!(error = %err, "hand-over task failed; still serving"),
         }
+    }
+}
+
+/// Binds the hand-over socket so that only this user can reach it: the
+/// socket 0600, in a directory that only its owner may change (created
+/// 0700 when missing). Whoever may connect gets every listener, or makes
+/// this meshd drain and exit.
+fn bind_private(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, PermissionsExt as _};
+    if let Some(dir) = path.parent() {
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+        }
+        let meta = std::fs::metadata(dir)?;
+        if meta.mode() & 0o022 != 0 || meta.uid() != nix::unistd::geteuid().as_raw() {
+            return Err(std::io::Error::other(format!(
+                "{} is writable by others or not ours: anyone could replace the socket",
+                dir.display()
+            )));
+        }
+    }
+    // A socket file left by an earlier meshd is stale: this one serves now.
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Whether the peer may take the listeners: the same user, running the
+/// same program (a meshd binary: its executable has this one's name).
+fn trusted_peer(stream: &tokio::net::UnixStream) -> Result<(), String> {
+    let cred = stream
+        .peer_cred()
+        .map_err(|e| format!("no peer credentials: {e}"))?;
+    let uid = nix::unistd::geteuid().as_raw();
+    if cred.uid() != uid {
+        return Err(format!("peer uid {} is not {uid}", cred.uid()));
+    }
+    let pid = cred.pid().ok_or("the peer's pid is unknown")?;
+    let name = |exe: std::io::Result<PathBuf>| {
+        exe.ok()
+            .and_then(|p| p.file_name().map(|n| n.to_os_string()))
+    };
+    let theirs = name(std::fs::read_link(format!("/proc/{pid}/exe")));
+    let ours = name(std::env::current_exe());
+    match (theirs, ours) {
+        (Some(theirs), Some(ours)) if theirs == ours => Ok(()),
+        (theirs, _) => Err(format!("peer pid {pid} runs {theirs:?}, not meshd")),
     }
 }
 

@@ -202,7 +202,7 @@ pub fn workload_cgroup_ids(cgroup_root: &std::path::Path, config: &Config) -> Ha
                 ids.insert(path.clone(), id);
             }
             Err(err) => {
-                warn!(workload = %workload.name, error = %err, "identifying this workload by address only")
+                warn!(workload = %workload.name, error = %err, "its cgroup does not exist (yet): connections from it are not identified until a reload finds it")
             }
         }
     }

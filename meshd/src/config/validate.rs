@@ -141,14 +141,7 @@ impl Checker<'_> {
     }
 
     fn dns_label(&mut self, file: usize, field: &FieldPath, value: &str) {
-        let ok = !value.is_empty()
-            && value.len() <= 63
-            && value
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !value.starts_with('-')
-            && !value.ends_with('-');
-        if !ok {
+        if !crate::spiffe::is_dns_label(value) {
             self.fail(
                 file,
                 field,

@@ -18,6 +18,7 @@ use rustls::{
 };
 
 use super::{store::Certificates, Identity};
+use crate::spiffe::is_dns_label;
 
 pub const ALPN_H2: &[u8] = b"h2";
 
@@ -79,14 +80,30 @@ impl ResolvesServerCert for BySni {
 pub fn peer_identity(certs: &[CertificateDer<'_>], trust_domain: &str) -> Result<Identity, String> {
     let leaf = certs.first().ok_or("no peer certificate")?;
     let (uris, _) = super::store::leaf_facts(leaf)?;
-    let mut last = format!("no SPIFFE ID among the certificate's URIs {uris:?}");
-    for uri in &uris {
-        match Identity::parse_in(uri, trust_domain) {
-            Ok(id) => return Ok(id),
-            Err(err) => last = err.to_string(),
+    // SPIFFE: an SVID carries exactly one SPIFFE ID. With two, which one
+    // the peer "is" would be meshd's guess; it is refused instead.
+    let ids: Vec<&String> = uris.iter().filter(|u| u.starts_with("spiffe://")).collect();
+    let uri = match ids[..] {
+        [one] => one,
+        [] => {
+            return Err(format!(
+                "no SPIFFE ID among the certificate's URIs {uris:?}"
+            ))
         }
+        _ => {
+            return Err(format!(
+                "{} SPIFFE IDs in one certificate: {ids:?}",
+                ids.len()
+            ))
+        }
+    };
+    let id = Identity::parse_in(uri, trust_domain).map_err(|e| e.to_string())?;
+    if !is_dns_label(id.namespace()) || !is_dns_label(id.service_account()) {
+        return Err(format!(
+            "{uri}: the namespace and service account must be DNS labels"
+        ));
     }
-    Err(last)
+    Ok(id)
 }
 
 // === client ===

@@ -2,7 +2,14 @@
 //! (service, source workload), so one noisy pod cannot starve its
 //! neighbours. Pure arithmetic over an explicit clock.
 
-use std::{collections::HashMap, sync::Mutex, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Mutex,
+    },
+    time::Duration,
+};
 
 /// Limits as configured: a steady rate and a burst allowance.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize)]
@@ -60,6 +67,8 @@ pub enum Refused {
 /// buckets keep their tokens, and the new rate and burst apply from then on.
 #[derive(Debug, Default)]
 pub struct ServiceLimiter {
+    /// Whether any limit is set: a service without limits takes no lock.
+    limited: AtomicBool,
     service: Mutex<Option<(Limit, Bucket)>>,
     per_source: Mutex<Option<(Limit, HashMap<String, Bucket>)>>,
 }
@@ -75,6 +84,8 @@ impl ServiceLimiter {
     /// keeps its buckets (no refill); a new one starts full; a removed one
     /// is forgotten.
     pub fn set_limits(&self, service: Option<Limit>, per_source: Option<Limit>) {
+        self.limited
+            .store(service.is_some() || per_source.is_some(), Ordering::Release);
         let mut current = lock(&self.service);
         *current = service.map(|limit| match current.take() {
             Some((_, bucket)) => (limit, bucket),
@@ -92,6 +103,9 @@ impl ServiceLimiter {
     /// refused it. The source's own bucket is checked first, so a noisy
     /// source spends its tokens before it can drain the shared ones.
     pub fn admit(&self, source: &str, now: Duration) -> Result<(), Refused> {
+        if !self.limited.load(Ordering::Acquire) {
+            return Ok(());
+        }
         if let Some((limit, buckets)) = &mut *lock(&self.per_source) {
             // Allocates a key only the first time a source is seen.
             if !buckets.contains_key(source) {

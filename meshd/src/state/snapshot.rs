@@ -94,7 +94,10 @@ pub struct Snapshot {
     pub config: Arc<Config>,
     entries: HashMap<SocketAddrV4, Entry>,
     by_cgroup: HashMap<u64, usize>,
+    /// Every local workload by address (the destination side's lookup).
     by_address: HashMap<Ipv4Addr, usize>,
+    /// Workloads without a cgroup by address (the source side's fallback).
+    by_address_only: HashMap<Ipv4Addr, usize>,
     /// Services each endpoint address belongs to, for policy.
     services_by_address: HashMap<Ipv4Addr, Vec<usize>>,
     /// Runtime state per service, in config order.
@@ -133,12 +136,21 @@ impl Snapshot {
         }
         let mut by_cgroup = HashMap::new();
         let mut by_address = HashMap::new();
+        let mut by_address_only = HashMap::new();
         for (w, workload) in config.workloads.iter().enumerate() {
             if let Some(id) = workload.cgroup.as_ref().and_then(|c| cgroup_ids.get(c)) {
                 by_cgroup.insert(*id, w);
             }
             for address in &workload.addresses {
                 by_address.insert(*address, w);
+            }
+            // A workload with a cgroup is known by it alone: a process in
+            // another cgroup that shares its address (its network
+            // namespace) is not that workload.
+            if workload.cgroup.is_none() {
+                for address in &workload.addresses {
+                    by_address_only.insert(*address, w);
+                }
             }
         }
         let mut services_by_address: HashMap<Ipv4Addr, Vec<usize>> = HashMap::new();
@@ -159,6 +171,7 @@ impl Snapshot {
             entries,
             by_cgroup,
             by_address,
+            by_address_only,
             services_by_address,
             runtime,
         }
@@ -417,11 +430,12 @@ impl Snapshot {
     }
 
     /// The workload a connection came from: by the cgroup `connect` ran in,
-    /// else by the client's address.
+    /// else — for a workload configured without a cgroup — by the client's
+    /// address.
     pub fn source(&self, cgroup_id: u64, client: Ipv4Addr) -> Option<&Workload> {
         self.by_cgroup
             .get(&cgroup_id)
-            .or_else(|| self.by_address.get(&client))
+            .or_else(|| self.by_address_only.get(&client))
             .map(|w| &self.config.workloads[*w])
     }
 }
@@ -537,5 +551,7 @@ workloads:
             Some("other")
         );
         assert!(snapshot.source(7, ip("10.77.0.99")).is_none());
+        // pp has a cgroup: another cgroup at its address is not pp.
+        assert!(snapshot.source(7, ip("10.77.0.2")).is_none());
     }
 }

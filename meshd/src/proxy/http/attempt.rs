@@ -208,6 +208,10 @@ impl<'a> HttpAttempt<'a> {
                     .observe(took.as_nanos() as u64, clock::now_nanos());
                 response.status().is_server_error()
             }
+            // A try that ended while the client was still sending its body
+            // may be the client's doing (a slow upload outlasting the
+            // timeout, a client gone): it counts neither way.
+            _ if !self.payload.received() => return,
             _ => true,
         };
         let hostname = &self.admitted.service.hostname;

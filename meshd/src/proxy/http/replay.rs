@@ -7,7 +7,10 @@
 use std::{
     collections::VecDeque,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
     task::{Context, Poll},
 };
 
@@ -35,6 +38,9 @@ pub struct Payload<B = Incoming> {
     first: Option<B>,
     /// The copy, when retries may need it; `None`: stream only.
     copy: Option<(Arc<Mutex<Copy>>, usize)>,
+    /// Set once the client's body has been read to its end; `None` for a
+    /// body that was empty from the start.
+    received: Option<Arc<AtomicBool>>,
 }
 
 impl<B> Payload<B>
@@ -43,10 +49,30 @@ where
 {
     /// `limit`: keep a copy of up to this many bytes for replay.
     pub fn new(body: B, limit: Option<usize>) -> Self {
+        let empty = body.is_end_stream();
+        // An empty body is complete (and its copy too) before any try.
+        let copy = limit.map(|limit| {
+            let copy = Copy {
+                complete: empty,
+                ..Copy::default()
+            };
+            (Arc::new(Mutex::new(copy)), limit)
+        });
         Self {
             first: Some(body),
-            copy: limit.map(|limit| (Arc::default(), limit)),
+            copy,
+            received: (!empty).then(Arc::default),
         }
+    }
+
+    /// Whether the client has sent its whole body. A try that failed
+    /// before then may have failed because of the client (a slow upload
+    /// outlasting the timeout, a client that went away): that is no
+    /// failure of the endpoint's.
+    pub fn received(&self) -> bool {
+        self.received
+            .as_ref()
+            .is_none_or(|r| r.load(Ordering::Relaxed))
     }
 
     /// Whether another try can have the body: it was never sent, or a
@@ -62,14 +88,22 @@ where
     /// The body for the next try, if there can be one.
     pub fn for_next_try(&mut self) -> Option<Body> {
         if let Some(body) = self.first.take() {
+            let Some(received) = self.received.clone() else {
+                return Some(body.boxed());
+            };
             return Some(match &self.copy {
                 Some((copy, limit)) => Tee {
                     inner: body,
                     copy: copy.clone(),
                     limit: *limit,
+                    received,
                 }
                 .boxed(),
-                None => body.boxed(),
+                None => Watched {
+                    inner: body,
+                    received,
+                }
+                .boxed(),
             });
         }
         if !self.replayable() {
@@ -86,11 +120,49 @@ where
     }
 }
 
+/// Passes the client's body through, noting when it ends.
+struct Watched<B> {
+    inner: B,
+    received: Arc<AtomicBool>,
+}
+
+impl<B> hyper::body::Body for Watched<B>
+where
+    B: hyper::body::Body<Data = Bytes, Error = hyper::Error> + Unpin,
+{
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream() {
+            self.received.store(true, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let end = self.inner.is_end_stream();
+        if end {
+            self.received.store(true, Ordering::Relaxed);
+        }
+        end
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Passes the client's body through, copying it.
 struct Tee<B> {
     inner: B,
     copy: Arc<Mutex<Copy>>,
     limit: usize,
+    received: Arc<AtomicBool>,
 }
 
 impl<B> hyper::body::Body for Tee<B>
@@ -123,6 +195,9 @@ where
             Poll::Ready(None) => copy.complete = true,
             _ => {}
         }
+        if copy.complete || self.inner.is_end_stream() {
+            self.received.store(true, Ordering::Relaxed);
+        }
         polled
     }
 
@@ -130,6 +205,7 @@ where
         let end = self.inner.is_end_stream();
         if end {
             self.copy.lock().unwrap_or_else(|p| p.into_inner()).complete = true;
+            self.received.store(true, Ordering::Relaxed);
         }
         end
     }
@@ -214,6 +290,37 @@ mod tests {
         let mut first = payload.for_next_try().expect("first");
         let _ = first.frame().await;
         assert!(!payload.replayable(), "the try read only part of the body");
+    }
+
+    #[tokio::test]
+    async fn the_client_has_sent_its_body_once_it_was_read_to_the_end() {
+        assert!(
+            Payload::new(body(&[], false), None).received(),
+            "an empty body"
+        );
+        for limit in [None, Some(1024)] {
+            let mut payload = Payload::new(body(&["abc", "def"], false), limit);
+            assert!(!payload.received(), "{limit:?}: nothing read yet");
+            let mut first = payload.for_next_try().expect("first");
+            let _ = first.frame().await;
+            assert!(!payload.received(), "{limit:?}: half read");
+            let _ = read(first).await;
+            assert!(payload.received(), "{limit:?}: read to the end");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_empty_body_is_replayed_empty() {
+        let mut payload = Payload::new(body(&[], false), Some(1024));
+        assert_eq!(
+            read(payload.for_next_try().expect("first")).await,
+            (vec![], false)
+        );
+        assert!(payload.replayable());
+        assert_eq!(
+            read(payload.for_next_try().expect("again")).await,
+            (vec![], false)
+        );
     }
 
     #[tokio::test]
