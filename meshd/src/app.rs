@@ -62,6 +62,10 @@ pub enum StartError {
     Signals(std::io::Error),
     #[error(transparent)]
     Handover(#[from] crate::app::handover::HandoverError),
+    #[error(
+        "node.identity.trustBundle {0:?} holds no root certificate: this node would trust no peer"
+    )]
+    NoTrust(PathBuf),
 }
 
 /// The certificate store `node.identity` asks for, loaded once.
@@ -94,6 +98,10 @@ fn cert_store(config: &Config) -> Result<Option<Arc<CertStore>>, StartError> {
         tls::provider(),
     );
     store.refresh();
+    if store.current().roots.is_empty() {
+        let bundle = identity.trust_bundle.clone().unwrap_or_default();
+        return Err(StartError::NoTrust(bundle));
+    }
     Ok(Some(Arc::new(store)))
 }
 

@@ -188,8 +188,9 @@ pub struct IdentitySpec {
     /// Default `24h`.
     #[serde(default = "default_certificate_ttl", with = "humantime_serde")]
     pub ttl: Duration,
-    /// Extra trusted roots (PEM) added to the trust bundle, e.g. the next CA
-    /// during a rotation.
+    /// The roots this node trusts (PEM; several during a CA rotation).
+    /// Required with `certificates`: a directory's own `ca.crt` is never
+    /// trusted mesh-wide. With `issuer`, added to the issuer's root.
     pub trust_bundle: Option<PathBuf>,
 }
 

@@ -300,3 +300,31 @@ fn probe_vip(bed: &Testbed) -> String {
     let (_, body) = curl(bed, bed.pod("client"), "http://10.96.0.20/");
     body.split(" to ").next().unwrap_or_default().to_owned()
 }
+
+#[test]
+fn a_new_meshd_with_another_outbound_port_binds_it_and_capture_follows() {
+    let bed = Testbed::new(&["client", "v1"]);
+    serve_hello(&bed, "v1", &[]);
+    let services = "services:
+  - name: web
+    vip: 10.96.0.20
+    ports: [{ port: 80, targetPort: 8080, protocol: http }]
+    endpoints: [{ address: 10.77.0.11, workload: v1 }]
+";
+    let mut old = bed.start_meshd(&bed.config(services));
+    assert_eq!(probe_vip(&bed), "hello from v1");
+    // The next meshd's config moves the outbound listener to 15006: the
+    // listener handed over (15001) is not what it asks for.
+    let moved = bed.config(&format!("proxy: {{ outboundPort: 15006 }}\n{services}"));
+    let new = bed.start_meshd(&moved);
+    let exited = old.wait_exit(Duration::from_secs(40));
+    assert!(exited.success(), "old meshd: {exited}\n{}", old.log());
+    assert!(
+        new.log().contains("the address changed: binding anew"),
+        "{}",
+        new.log()
+    );
+    for _ in 0..5 {
+        assert_eq!(probe_vip(&bed), "hello from v1", "{}", new.log());
+    }
+}

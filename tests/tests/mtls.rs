@@ -74,10 +74,12 @@ impl Mesh {
     fn new(node_a: &[PodSpec<'_>], node_b: &[PodSpec<'_>]) -> Self {
         let bed = Testbed::nodes(&[("node-a", node_a), ("node-b", node_b)]);
         let ca = ca(&bed, "ca");
+        // Each node trusts the mesh CA's root, and only what its bundle says.
+        let identity = format!("    trustBundle: {}\n", ca.join("ca.crt").display());
         let mesh = Self {
             bed,
             ca,
-            identity: String::new(),
+            identity,
             version: std::cell::Cell::new(0),
         };
         mesh.rotate(&mesh.ca, &[]);
@@ -172,9 +174,19 @@ fn a_cross_node_request_goes_through_mutual_tls_with_principals_on_both_sides() 
             "server.default.svc.cluster.local".to_owned(),
         ),
     ];
+    // The destination believes a peer's word for its workload only where
+    // its config knows that workload as that identity: `client` is no
+    // workload node-b's config describes, so there it is `unknown`.
     let labels = |reporter: &'static str| {
-        let mut l: Vec<(&str, &str)> = principals.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let mut l: Vec<(&str, &str)> = principals
+            .iter()
+            .filter(|(k, _)| reporter == "source" || *k != "source_workload")
+            .map(|(k, v)| (*k, v.as_str()))
+            .collect();
         l.push(("reporter", reporter));
+        if reporter == "destination" {
+            l.push(("source_workload", "unknown"));
+        }
         l
     };
     assert_eq!(
@@ -389,6 +401,132 @@ fn a_certificate_must_carry_exactly_one_well_formed_spiffe_id() {
         );
     }
     assert_eq!(refused(), 3.0, "the well-formed one was accepted");
+}
+
+#[test]
+fn a_ca_dropped_into_one_identity_directory_is_not_trusted_for_the_node() {
+    let mesh = Mesh::new(&[PodSpec::named("client")], &[PodSpec::named("server")]);
+    let bed = &mesh.bed;
+    // An attacker who can write one identity directory on node-b drops a
+    // CA of its own there, next to a certificate that still loads.
+    let evil = ca(bed, "evil-ca");
+    let dir = bed.dir.join("certs-node-b").join("default").join("server");
+    std::fs::copy(evil.join("ca.crt"), dir.join("ca.crt")).expect("plant the CA");
+    let services = format!(
+        "services:\n{}",
+        service("server", "10.96.0.20", "10.78.0.10", "server")
+    );
+    let (_a, b) = mesh.start(&services);
+    // ...and presents a certificate that CA made for another identity.
+    let forged = bed.dir.join("evil-client");
+    issue(&evil, &forged, "default", "client", &[]);
+    let out = s_client(bed, Some(&forged), &mesh.ca, &[]);
+    assert!(
+        eventually(Duration::from_secs(5), || b.metric(
+            "meshd_tls_handshake_failures_total",
+            &[("direction", "inbound"), ("reason", "untrusted")],
+        ) == 1.0),
+        "a CA from one directory authenticated a peer:\n{out}\n{}",
+        b.metrics()
+    );
+}
+
+#[test]
+fn certificate_directories_without_a_trust_bundle_are_refused() {
+    let mut mesh = Mesh::new(&[PodSpec::named("client")], &[PodSpec::named("server")]);
+    let services = format!(
+        "services:\n{}",
+        service("server", "10.96.0.20", "10.78.0.10", "server")
+    );
+    mesh.identity = String::new();
+    let file = mesh.bed.write("no-bundle.yaml", &mesh.config(0, &services));
+    let out = Command::new(sys::workspace_binary("meshd"))
+        .args(["check", "--config"])
+        .arg(&file)
+        .output()
+        .expect("meshd check");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("node.identity.trustBundle"), "{stderr}");
+    // An empty bundle: meshd refuses to start rather than trust nobody.
+    let empty = mesh.bed.write("empty.pem", "");
+    mesh.identity = format!("    trustBundle: {}\n", empty.display());
+    let config = mesh
+        .bed
+        .write("empty-bundle.yaml", &mesh.config(0, &services));
+    let mut meshd = Meshd::spawn_on(&mesh.bed, 0, &[config], &[]);
+    let status = meshd.wait_exit(Duration::from_secs(20));
+    assert!(!status.success());
+    assert!(
+        meshd.log().contains("holds no root certificate"),
+        "{}",
+        meshd.log()
+    );
+}
+
+#[test]
+fn a_peers_baggage_cannot_name_its_workload_in_the_metrics() {
+    let mesh = Mesh::new(&[PodSpec::named("client")], &[PodSpec::named("server")]);
+    let bed = &mesh.bed;
+    serve_hello(bed, "server", &[]);
+    let services = format!(
+        "services:\n{}",
+        service("server", "10.96.0.20", "10.78.0.10", "server")
+    );
+    let (_a, b) = mesh.start(&services);
+    // A peer with a valid certificate (the client's) that says it is
+    // someone else, with a fresh name each time.
+    let cert = bed.dir.join("certs-node-a").join("default").join("client");
+    for i in 0..3 {
+        let baggage = format!("k8s.workload.name=evil-{i},app.name=evil,app.version=v{i}");
+        let output = on_node_a(
+            bed,
+            &meshd_tests::clients::testkit().display().to_string(),
+            &[
+                "hbone",
+                "--node",
+                TUNNEL_B,
+                "--cert",
+                &cert.display().to_string(),
+                "--target",
+                "10.78.0.10:8080",
+                "--server-name",
+                "server.default.cluster.local",
+                "--baggage",
+                &baggage,
+                "--request",
+                "GET / HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n",
+            ],
+            b"",
+        );
+        let out = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            out.contains("status 200") && out.contains("hello from server"),
+            "{out}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let text = b.metrics();
+    let from_peer: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("istio_tcp_connections_opened_total{")
+                && l.contains("reporter=\"destination\"")
+        })
+        .collect();
+    assert!(!from_peer.is_empty(), "{text}");
+    for line in from_peer {
+        assert!(
+            !line.contains("evil"),
+            "a peer named itself in the labels: {line}"
+        );
+        // The client is no workload the mesh config describes: unknown.
+        assert!(line.contains("source_workload=\"unknown\""), "{line}");
+        assert!(
+            line.contains("source_principal=\"spiffe://cluster.local/ns/default/sa/client\""),
+            "{line}"
+        );
+    }
 }
 
 #[test]
@@ -680,10 +818,11 @@ fn certificate_rotation_under_load_fails_no_request() {
 #[test]
 fn ca_rotation_under_load_fails_no_request() {
     let mut mesh = Mesh::new(&[PodSpec::named("client")], &[PodSpec::named("server")]);
-    // Each node reads an extra trust bundle, empty for now.
+    // Each node reads its own trust bundle, the old root for now.
     let bundle = |node: usize| mesh.bed.dir.join(format!("bundle-{node}.pem"));
+    let old_root = std::fs::read_to_string(mesh.ca.join("ca.crt")).expect("ca.crt");
     for node in 0..2 {
-        std::fs::write(bundle(node), "").expect("bundle");
+        std::fs::write(bundle(node), &old_root).expect("bundle");
     }
     mesh.identity = format!(
         "    trustBundle: {}\n",

@@ -2,9 +2,12 @@
 //! captured — taken over from the meshd handing over when there is one,
 //! else bound — so a port conflict fails start-up instead of half-starting.
 
-use std::{net::SocketAddrV4, os::fd::OwnedFd};
+use std::{
+    net::{SocketAddr, SocketAddrV4},
+    os::fd::OwnedFd,
+};
 
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::{handover::Taken, StartError};
 use crate::{
@@ -23,6 +26,12 @@ pub struct Listeners {
     pub inbound: Option<Inbound>,
 }
 
+/// Whether a socket bound to `bound` serves `wanted` (the same port, and
+/// the same address — an unspecified one stands for any).
+fn same_address(bound: SocketAddr, wanted: SocketAddr) -> bool {
+    bound.port() == wanted.port() && bound.ip() == wanted.ip()
+}
+
 impl Listeners {
     /// Opens every listener `config` asks for; `tunnels`: this node has
     /// certificates, so it serves `:15008`.
@@ -33,13 +42,24 @@ impl Listeners {
         taken: &mut Option<Taken>,
     ) -> Result<Self, StartError> {
         let proxy = &config.proxy;
-        let mut take = |name: &str| taken.as_mut().and_then(|t| t.take(name));
+        // A listener handed over is used only where it is bound to what
+        // this config asks for; where the address changed, bind anew.
+        let mut take = |name: &str, wanted: SocketAddr| {
+            let listener = taken.as_mut().and_then(|t| t.take(name))?;
+            match listener.local_addr() {
+                Ok(bound) if same_address(bound, wanted) => Some(listener),
+                bound => {
+                    info!(listener = name, ?bound, %wanted, "the address changed: binding anew");
+                    None
+                }
+            }
+        };
         let outbound_addr = SocketAddrV4::new(config.node.capture_address, proxy.outbound_port);
-        let outbound = match take("outbound") {
+        let outbound = match take("outbound", outbound_addr.into()) {
             Some(listener) => Outbound::adopt(listener, outbound_addr)?,
             None => Outbound::bind(outbound_addr).await?,
         };
-        let mut status = async |address, what: &'static str| match take(what) {
+        let mut status = async |address, what: &'static str| match take(what, address) {
             Some(listener) => StatusListener::adopt(listener, address, what),
             None => StatusListener::bind(address, what).await,
         };
@@ -51,7 +71,7 @@ impl Listeners {
                 .own_tunnel_address()
                 .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
             let address = SocketAddrV4::new(ip, proxy.inbound_port).into();
-            Some(match take("inbound") {
+            Some(match take("inbound", address) {
                 Some(listener) => Inbound::adopt(listener, address)?,
                 None => Inbound::bind(address).await?,
             })

@@ -393,6 +393,12 @@ fn check_node(check: &mut Checker<'_>, file: usize, spec: NodeSpec) -> Node {
                 &field,
                 "needs certificates (a directory) or issuer (a CA directory)",
             ),
+            (Some(_), None) if identity.trust_bundle.is_none() => check.fail(
+                file,
+                &field.clone().key("trustBundle"),
+                "certificate directories need a trust bundle (the roots this node trusts, PEM): \
+                 a directory's own ca.crt is never trusted mesh-wide",
+            ),
             _ => {}
         }
         if identity.ttl < std::time::Duration::from_secs(10) {

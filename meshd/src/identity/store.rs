@@ -25,6 +25,7 @@ use super::{
     ca::{Authority, CA_CERT, TLS_CERT, TLS_KEY},
     Identity,
 };
+use crate::spiffe::is_dns_label;
 
 /// How often certificate files are checked for changes, and issued
 /// certificates for renewal.
@@ -222,40 +223,53 @@ impl CertStore {
         roots
     }
 
+    /// Loads every identity directory. What is trusted is the configured
+    /// trust bundle only: a directory's `ca.crt` names its own issuer for
+    /// whoever reads it, but whoever can write one directory must not
+    /// decide whom the whole node trusts.
     fn load_files(&self, dir: &Path, previous: &Certificates) -> Certificates {
         let mut by_identity = BTreeMap::new();
-        let mut ca_pems = Vec::new();
         for (namespace, service_account, path) in identity_dirs(dir) {
-            let identity = Identity::new(&self.trust_domain, &namespace, &service_account);
+            let uri = format!(
+                "spiffe://{}/ns/{namespace}/sa/{service_account}",
+                self.trust_domain
+            );
+            let identity = match Identity::parse(&uri) {
+                Ok(identity)
+                    if is_dns_label(identity.namespace())
+                        && is_dns_label(identity.service_account()) =>
+                {
+                    identity
+                }
+                _ => {
+                    warn!(path = %path.display(), "not an identity directory (<namespace>/<serviceAccount>, DNS labels); skipped");
+                    continue;
+                }
+            };
             match self.load_one(&path, &identity) {
-                Ok((cert, ca)) => {
+                Ok(cert) => {
                     by_identity.insert(identity, cert);
-                    ca_pems.push((path.join(CA_CERT), ca));
                 }
                 Err(err) => {
-                    // A half-written update: keep serving what we had, and
-                    // keep trusting its CA.
+                    // A half-written update: keep serving what we had.
                     warn!(%identity, error = %err, "certificate not loaded; keeping the previous one");
-                    if let Ok(ca) = fs::read(path.join(CA_CERT)) {
-                        ca_pems.push((path.join(CA_CERT), ca));
-                    }
                     if let Some(old) = previous.by_identity.get(&identity) {
                         by_identity.insert(identity, old.clone());
                     }
                 }
             }
         }
-        self.snapshot(by_identity, self.roots(ca_pems), previous)
+        let mut roots = self.roots(Vec::new());
+        if roots.is_empty() && !previous.roots.is_empty() {
+            warn!("the trust bundle holds no root now; keeping the roots trusted so far");
+            roots = (*previous.roots).clone();
+        }
+        self.snapshot(by_identity, roots, previous)
     }
 
-    fn load_one(
-        &self,
-        dir: &Path,
-        identity: &Identity,
-    ) -> Result<(WorkloadCert, Vec<u8>), StoreError> {
+    fn load_one(&self, dir: &Path, identity: &Identity) -> Result<WorkloadCert, StoreError> {
         let cert_path = dir.join(TLS_CERT);
         let key_path = dir.join(TLS_KEY);
-        let ca_path = dir.join(CA_CERT);
         let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert_path)
             .and_then(|certs| certs.collect::<Result<_, _>>())
             .map_err(|e| file_error(&cert_path, e))?;
@@ -272,15 +286,11 @@ impl CertStore {
         let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| file_error(&key_path, e))?;
         let key = CertifiedKey::from_der(chain, key, &self.provider)
             .map_err(|e| file_error(&key_path, e))?;
-        let ca = fs::read(&ca_path).map_err(|e| file_error(&ca_path, e))?;
-        Ok((
-            WorkloadCert {
-                key: Arc::new(key),
-                not_after,
-                issued: SystemTime::now(),
-            },
-            ca,
-        ))
+        Ok(WorkloadCert {
+            key: Arc::new(key),
+            not_after,
+            issued: SystemTime::now(),
+        })
     }
 
     /// Mints certificates that are missing or past half their life.

@@ -247,10 +247,17 @@ async fn stream_request(
     };
     let services = snapshot.services_of(*target.ip());
     let service = addressed(&snapshot, services, &baggage);
+    // The peer's baggage names its workload; believed only when the
+    // config knows that workload to run as the identity the peer proved,
+    // and then the config's app and version are used, not the baggage's.
+    let known = baggage
+        .workload
+        .as_ref()
+        .and_then(|name| snapshot.known_workload(&source, name));
     let says = labels::PeerSays {
-        workload: baggage.workload.as_ref(),
-        app: baggage.app.as_ref(),
-        version: baggage.version.as_ref(),
+        workload: known.map(|k| &k.name),
+        app: known.map(|k| &k.app),
+        version: known.map(|k| &k.version),
     };
     let labels = labels::destination(&source, says, workload, service);
     let result = ConnectionResult::new(&inputs.metrics, labels);

@@ -18,6 +18,7 @@ use super::{
 use crate::{
     config::{Config, Endpoint, Protocol, Service, ServicePort, Workload},
     policy::{balance, breaker::ConnectionLimit, outlier, ratelimit::Refused, retry::Budget},
+    spiffe::Identity,
 };
 
 /// What a captured destination is, as the `DESTINATIONS` BPF map records it.
@@ -82,6 +83,15 @@ pub enum Unresolved {
     UnknownNode,
 }
 
+/// A workload of the mesh as the config describes it, for the labels of
+/// connections from it.
+#[derive(Debug, Clone)]
+pub struct KnownWorkload {
+    pub name: Arc<str>,
+    pub app: Arc<str>,
+    pub version: Arc<str>,
+}
+
 /// How one endpoint stands right now, for the admin API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EndpointState {
@@ -102,6 +112,9 @@ pub struct Snapshot {
     services_by_address: HashMap<Ipv4Addr, Vec<usize>>,
     /// Runtime state per service, in config order.
     runtime: Vec<ServiceState>,
+    /// Every workload the config names (endpoints of any node, this node's
+    /// workloads), by identity and name.
+    known: HashMap<(Identity, Arc<str>), KnownWorkload>,
 }
 
 impl Snapshot {
@@ -162,6 +175,29 @@ impl Snapshot {
                     .push(s);
             }
         }
+        let mut known = HashMap::new();
+        let label = |labels: &std::collections::BTreeMap<String, String>, key: &str| -> Arc<str> {
+            Arc::from(labels.get(key).map_or("unknown", String::as_str))
+        };
+        for endpoint in config.services.iter().flat_map(|s| &s.endpoints) {
+            known
+                .entry((endpoint.identity.clone(), endpoint.workload.clone()))
+                .or_insert_with(|| KnownWorkload {
+                    name: endpoint.workload.clone(),
+                    app: label(&endpoint.labels, "app"),
+                    version: label(&endpoint.labels, "version"),
+                });
+        }
+        for workload in &config.workloads {
+            known.insert(
+                (workload.identity.clone(), workload.name.clone()),
+                KnownWorkload {
+                    name: workload.name.clone(),
+                    app: workload.app.clone(),
+                    version: workload.version.clone(),
+                },
+            );
+        }
         let runtime = carry_over(
             previous.map_or(&[][..], |p| &p.runtime[..]),
             &config.services,
@@ -174,7 +210,15 @@ impl Snapshot {
             by_address_only,
             services_by_address,
             runtime,
+            known,
         }
+    }
+
+    /// The workload `name` that `identity` proved, if the config knows that
+    /// workload to run as that identity: what a peer says of itself is
+    /// believed only so far.
+    pub fn known_workload(&self, identity: &Identity, name: &Arc<str>) -> Option<&KnownWorkload> {
+        self.known.get(&(identity.clone(), name.clone()))
     }
 
     /// Makes this snapshot's limits (circuit breaker, rate limits) the ones

@@ -58,8 +58,8 @@ pub fn source(
     }
 }
 
-/// What a peer says of its workload (the tunnel's baggage, checked tokens;
-/// for metrics only).
+/// What is known of a peer's workload: what its baggage said, where the
+/// config confirms it (for metrics only).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PeerSays<'a> {
     pub workload: Option<&'a Arc<str>>,

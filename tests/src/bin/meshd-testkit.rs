@@ -167,6 +167,29 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         stream_messages: usize,
     },
+    /// A peer of meshd's tunnel with a certificate of its own: opens an
+    /// HTTP/2 CONNECT stream to TARGET through NODE's :15008 (mutual TLS
+    /// 1.3), with BAGGAGE, sends REQUEST and prints the status and what
+    /// came back — what a hostile peer with a valid certificate can do.
+    Hbone {
+        /// The destination meshd's tunnel address.
+        #[arg(long)]
+        node: SocketAddr,
+        /// A directory with `tls.crt` and `tls.key`.
+        #[arg(long)]
+        cert: std::path::PathBuf,
+        #[arg(long)]
+        target: SocketAddr,
+        /// The TLS server name: which of the node's identities answers
+        /// (`<serviceAccount>.<namespace>.<trustDomain>`).
+        #[arg(long)]
+        server_name: String,
+        #[arg(long, default_value = "")]
+        baggage: String,
+        /// Sent on the stream (`\r\n` escapes allowed).
+        #[arg(long, default_value = "")]
+        request: String,
+    },
     /// Request/response latency at a fixed rate over one connection to an
     /// echo server; prints percentiles in microseconds.
     Rr {
@@ -247,6 +270,21 @@ fn main() -> anyhow::Result<()> {
             seconds,
             size,
         } => rr(connect, rate, seconds, size),
+        Command::Hbone {
+            node,
+            cert,
+            target,
+            server_name,
+            baggage,
+            request,
+        } => hbone::run(
+            node,
+            &cert,
+            target,
+            &server_name,
+            &baggage,
+            &request.replace("\\r\\n", "\r\n"),
+        ),
     }
 }
 
@@ -827,6 +865,127 @@ fn load(connect: SocketAddr, rate: u64, seconds: u64) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+mod hbone {
+    //! A tunnel peer that says what it likes (its baggage) over a valid
+    //! certificate.
+
+    use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
+
+    use anyhow::Context as _;
+    use bytes::Bytes;
+    use http_body_util::Empty;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use rustls::{
+        client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+        pki_types::{pem::PemObject as _, CertificateDer, PrivateKeyDer, ServerName, UnixTime},
+        DigitallySignedStruct, SignatureScheme,
+    };
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    /// Accepts any server: this client tests the server's side.
+    #[derive(Debug)]
+    struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+    impl ServerCertVerifier for AnyServer {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+
+    pub fn run(
+        node: SocketAddr,
+        cert: &Path,
+        target: SocketAddr,
+        server_name: &str,
+        baggage: &str,
+        request: &str,
+    ) -> anyhow::Result<()> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(async {
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let chain = CertificateDer::pem_file_iter(cert.join("tls.crt"))?
+                .collect::<Result<Vec<_>, _>>()?;
+            let key = PrivateKeyDer::from_pem_file(cert.join("tls.key"))?;
+            let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+                .with_protocol_versions(&[&rustls::version::TLS13])?
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
+                .with_client_auth_cert(chain, key)?;
+            config.alpn_protocols = vec![b"h2".to_vec()];
+            let tcp = tokio::net::TcpStream::connect(node).await?;
+            let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+                .connect(ServerName::try_from(server_name.to_owned())?, tcp)
+                .await
+                .context("TLS handshake")?;
+            let (mut sender, connection) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                    .await?;
+            tokio::spawn(connection);
+            let mut connect = hyper::Request::builder()
+                .method(hyper::Method::CONNECT)
+                .uri(target.to_string());
+            if !baggage.is_empty() {
+                connect = connect.header("baggage", baggage);
+            }
+            let response = sender
+                .send_request(connect.body(Empty::<Bytes>::new())?)
+                .await?;
+            println!("status {}", response.status().as_u16());
+            if !response.status().is_success() {
+                return Ok(());
+            }
+            let mut stream = TokioIo::new(hyper::upgrade::on(response).await?);
+            stream.write_all(request.as_bytes()).await?;
+            let mut answer = Vec::new();
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+            println!("{}", String::from_utf8_lossy(&answer));
+            Ok(())
+        })
+    }
 }
 
 /// gRPC with tonic, over the standard health service.
