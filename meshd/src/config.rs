@@ -210,6 +210,11 @@ pub struct MeshSpec {
     /// `permissive`.
     #[serde(default)]
     pub mode: MeshMode,
+    /// How request paths are normalized before routes and policies see them
+    /// (and as they are forwarded): `base`, `merge-slashes` or
+    /// `decode-and-merge-slashes`. Default `merge-slashes`.
+    #[serde(default)]
+    pub path_normalization: crate::policy::path::Normalization,
 }
 
 impl Default for MeshSpec {
@@ -217,6 +222,7 @@ impl Default for MeshSpec {
         Self {
             trust_domain: default_trust_domain(),
             mode: MeshMode::default(),
+            path_normalization: Default::default(),
         }
     }
 }

@@ -8,6 +8,7 @@ pub mod balance;
 pub mod breaker;
 pub mod health;
 pub mod outlier;
+pub mod path;
 pub mod ratelimit;
 pub mod retry;
 pub mod routing;

@@ -536,3 +536,51 @@ fn the_circuit_breaker_sheds_overload_to_another_node_and_recovers() {
     );
     assert_eq!(codes(1), (1, 0), "recovered");
 }
+
+#[test]
+fn l7_policy_sees_the_path_the_backend_will_see_on_the_same_node_and_across_nodes() {
+    let mut policies = String::from("policies:\n");
+    for service in ["local", "remote"] {
+        policies.push_str(&format!(
+            "  - name: {service}-client
+    target: {{ service: default/{service} }}
+    action: allow
+    from: [{{ principals: [cluster.local/ns/default/sa/client] }}]
+    paths: [\"*\"]
+  - name: {service}-no-admin
+    target: {{ service: default/{service} }}
+    action: deny
+    paths: [/admin, /admin/*]
+"
+        ));
+    }
+    let nodes = TwoNodes::start(&[], &[], "", &policies);
+    // Each spelling of /admin a backend may take for /admin.
+    let cases: [(&[&str], &str, &str); 9] = [
+        (&[], "/public", "200"),
+        (&[], "/admin", "403"),
+        (&[], "//admin", "403"),
+        (&[], "/./admin", "403"),
+        (&[], "/public/../admin", "403"),
+        (&[], "/%61dmin/x", "403"),
+        (&[], "/ADMIN", "403"),
+        // Not forwarded at all: an encoded slash, a lower-case method.
+        (&[], "/x%2f..%2fadmin", "400"),
+        (&["-X", "delete"], "/public", "400"),
+    ];
+    for vip in ["10.96.0.30", "10.96.0.31"] {
+        for (extra, path, want) in cases {
+            let url = format!("http://{vip}{path}");
+            let mut args = vec!["--path-as-is", "-o", "/dev/null", "-w", "%{http_code}\n"];
+            args.extend_from_slice(extra);
+            args.push(&url);
+            let (code, out) = nodes.curl(&args);
+            assert_eq!(
+                (code, out.trim()),
+                (0, want),
+                "{extra:?} {url}\n{}",
+                nodes.logs()
+            );
+        }
+    }
+}

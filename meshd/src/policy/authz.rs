@@ -131,7 +131,18 @@ fn matches(policy: &Policy, request: &Request<'_>) -> bool {
 
 fn http_matches(policy: &Policy, http: &Http<'_>) -> bool {
     let method = policy.methods.is_empty() || policy.methods.contains(http.method);
-    let path = policy.paths.is_empty() || policy.paths.iter().any(|p| path_matches(p, http.path));
+    // A deny rule's paths match whatever the case: a backend that serves
+    // `/ADMIN` as `/admin` must not be a way around it. (An allow rule
+    // matches exactly: allowing more than written is no safe default.)
+    let deny = policy.action == PolicyAction::Deny;
+    let path = policy.paths.is_empty()
+        || policy.paths.iter().any(|p| {
+            if deny {
+                path_matches(&p.to_ascii_lowercase(), &http.path.to_ascii_lowercase())
+            } else {
+                path_matches(p, http.path)
+            }
+        });
     let headers = policy.headers.iter().all(|(name, want)| {
         http.headers
             .get_all(name)

@@ -134,7 +134,7 @@ async fn handle(
     let payload = Payload::new(body, keeps.then_some(admitted.retries.buffer_limit));
     let request = authz::Http {
         method: &parts.method,
-        path: parts.uri.path(),
+        path: &admitted.path,
         headers: &parts.headers,
     };
     let mut attempt = HttpAttempt::new(inputs, &snapshot, connection, &admitted, request, payload);

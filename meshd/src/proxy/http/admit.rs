@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use super::{message::Head, respond::Refusal, Connection};
 use crate::{
     config::{Protocol, Service},
-    policy::{retry, routing},
+    policy::{path, retry, routing},
     state::{
         runtime::Permit,
         snapshot::{HttpTarget, Snapshot},
@@ -21,6 +21,9 @@ use crate::{
 pub struct Admitted<'a> {
     pub target: HttpTarget,
     pub service: &'a Service,
+    /// The request's path, normalized (see `policy::path`): what routes
+    /// and policies matched, and what the upstream gets.
+    pub path: String,
     pub route: &'a routing::Route,
     /// The route's retry policy, else the service's.
     pub retries: &'a retry::Policy,
@@ -43,13 +46,15 @@ pub fn admit<'a>(
     started: Instant,
 ) -> Result<Admitted<'a>, Refusal> {
     let service = &snapshot.config.services[target.service];
-    let route = routing::select(
-        &service.routes,
-        &parts.method,
-        parts.uri.path(),
-        &parts.headers,
-    )
-    .ok_or(Refusal::NO_ROUTE)?;
+    // What routes and policies match is what the backend will get.
+    if path::miscased_method(parts.method.as_str()) {
+        return Err(Refusal::BAD_REQUEST);
+    }
+    let normalization = snapshot.config.mesh.path_normalization;
+    let path =
+        path::normalize(parts.uri.path(), normalization).map_err(|_| Refusal::BAD_REQUEST)?;
+    let route = routing::select(&service.routes, &parts.method, &path, &parts.headers)
+        .ok_or(Refusal::NO_ROUTE)?;
     let source = connection.source.as_ref().map_or(UNKNOWN, |w| &*w.name);
     if let Err(limit) = snapshot.admit(target.service, source, crate::net::clock::since_origin()) {
         metrics.rate_limited(&service.hostname, limit);
@@ -64,10 +69,11 @@ pub fn admit<'a>(
         Protocol::Http2 | Protocol::Grpc => true,
         _ => connection.protocol == Protocol::Http2,
     };
-    let head = Head::outgoing(parts, http2).ok_or(Refusal::BAD_REQUEST)?;
+    let head = Head::outgoing(parts, &path, http2).ok_or(Refusal::BAD_REQUEST)?;
     Ok(Admitted {
         target,
         service,
+        path,
         route,
         retries: route.retries.as_ref().unwrap_or(&service.retries),
         deadline: route.timeout.or(service.timeout).map(|t| started + t),

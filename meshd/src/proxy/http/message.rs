@@ -89,7 +89,13 @@ pub(super) struct Head {
 }
 
 impl Head {
-    pub(super) fn outgoing(parts: &hyper::http::request::Parts, http2: bool) -> Option<Self> {
+    /// `path`: the request's path as it goes out (normalized), its query
+    /// kept.
+    pub(super) fn outgoing(
+        parts: &hyper::http::request::Parts,
+        path: &str,
+        http2: bool,
+    ) -> Option<Self> {
         let mut headers = parts.headers.clone();
         let upgrading = headers.contains_key(header::UPGRADE) && !http2;
         strip_hop_by_hop(&mut headers, upgrading);
@@ -99,13 +105,16 @@ impl Head {
                 .and_then(|h| h.to_str().ok())
                 .map(str::to_owned)
         })?;
-        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let path = match parts.uri.query() {
+            Some(query) => format!("{path}?{query}"),
+            None => path.to_owned(),
+        };
         let (version, uri) = if http2 {
             headers.remove(header::HOST);
             let uri = Uri::builder()
                 .scheme("http")
                 .authority(authority)
-                .path_and_query(path)
+                .path_and_query(path.as_str())
                 .build()
                 .ok()?;
             (Version::HTTP_2, uri)
@@ -113,7 +122,7 @@ impl Head {
             if !headers.contains_key(header::HOST) {
                 headers.insert(header::HOST, HeaderValue::from_str(&authority).ok()?);
             }
-            let uri = Uri::builder().path_and_query(path).build().ok()?;
+            let uri = Uri::builder().path_and_query(path.as_str()).build().ok()?;
             (Version::HTTP_11, uri)
         };
         Some(Self {

@@ -24,7 +24,10 @@ use tracing::{debug, warn};
 
 use crate::{
     identity::Identity,
-    policy::authz::{self, Decision},
+    policy::{
+        authz::{self, Decision},
+        path,
+    },
     proxy::{
         http::{respond::reply, splice_upgrade, upstream::Body},
         ProxyInputs,
@@ -73,6 +76,26 @@ async fn one(
     mut request: Request<Incoming>,
 ) -> Response<Body> {
     let mesh = inputs.snapshot.load();
+    // Decided on the path the pod will get, and forwarded as decided.
+    let normalization = mesh.config.mesh.path_normalization;
+    let normalized = match path::normalize(request.uri().path(), normalization) {
+        Ok(path) if !path::miscased_method(request.method().as_str()) => path,
+        _ => {
+            return reply(
+                StatusCode::BAD_REQUEST,
+                ResponseFlag::DownstreamProtocolError,
+            )
+        }
+    };
+    if normalized != request.uri().path() {
+        let Some(uri) = with_path(request.uri(), &normalized) else {
+            return reply(
+                StatusCode::BAD_REQUEST,
+                ResponseFlag::DownstreamProtocolError,
+            );
+        };
+        *request.uri_mut() = uri;
+    }
     let decision = authz::authorize(
         &mesh.config.policies,
         &authz::Request {
@@ -122,6 +145,17 @@ async fn one(
             )
         }
     }
+}
+
+/// `uri` with its path replaced by `path` (its query kept).
+fn with_path(uri: &hyper::Uri, path: &str) -> Option<hyper::Uri> {
+    let path_and_query = match uri.query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path.to_owned(),
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(path_and_query.parse().ok()?);
+    hyper::Uri::from_parts(parts).ok()
 }
 
 type SendError = Box<dyn std::error::Error + Send + Sync>;
