@@ -58,6 +58,13 @@ pub fn normalize(path: &str, mode: Normalization) -> Result<String, Invalid> {
     if !path.starts_with('/') {
         return Err(Invalid::NotAbsolute);
     }
+    // Most paths are normal already: nothing to decode, merge or resolve.
+    let plain = path
+        .bytes()
+        .all(|b| b > 0x20 && b != 0x7f && b != b'%' && b != b'\\');
+    if plain && !path.contains("//") && !path.contains("/.") {
+        return Ok(path.to_owned());
+    }
     // 1. Escapes: unreserved ones decoded (and slashes, when the mode says);
     //    the rest kept, upper-cased.
     let bytes = path.as_bytes();
