@@ -187,9 +187,21 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let status_tasks = [
-        tokio::spawn(metrics_listener.run(status.clone(), stop_rx.clone())),
-        tokio::spawn(ready_listener.run(status.clone(), stop_rx.clone())),
-        tokio::spawn(admin_listener.run(status.clone(), stop_rx.clone())),
+        tokio::spawn(metrics_listener.run(
+            status.clone(),
+            stop_rx.clone(),
+            proxy.header_read_timeout,
+        )),
+        tokio::spawn(ready_listener.run(
+            status.clone(),
+            stop_rx.clone(),
+            proxy.header_read_timeout,
+        )),
+        tokio::spawn(admin_listener.run(
+            status.clone(),
+            stop_rx.clone(),
+            proxy.header_read_timeout,
+        )),
     ];
     status.reload.record_files(&prepared.sources);
 
@@ -207,6 +219,7 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         orig_dst: capture.clone(),
         metrics: metrics.clone(),
         connect_timeout: proxy.connect_timeout,
+        header_read_timeout: proxy.header_read_timeout,
         buffer_size: proxy.buffer_size,
         pool: store
             .clone()

@@ -333,6 +333,11 @@ pub struct ProxySpec {
     /// them. Default `30s`.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// How long an HTTP client (a pod on a captured connection, a scraper
+    /// on the status ports) may take to send a request's headers before
+    /// the connection is closed. Default `10s`.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
     /// Bytes buffered per direction per connection. Default 16384.
     pub buffer_size: usize,
     /// Level of the eBPF programs' own log (forwarded into meshd's log):
@@ -365,6 +370,7 @@ impl Default for ProxySpec {
             readiness_address: SocketAddr::from(([0, 0, 0, 0], 15021)),
             admin_address: SocketAddr::from(([127, 0, 0, 1], 15000)),
             admin_token_file: None,
+            header_read_timeout: Duration::from_secs(10),
             sk_msg: false,
             connect_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(30),

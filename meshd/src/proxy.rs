@@ -28,6 +28,8 @@ pub struct ProxyInputs {
     pub orig_dst: Arc<dyn OrigDstSource>,
     pub metrics: Arc<Metrics>,
     pub connect_timeout: Duration,
+    /// How long a client may take to send a request's headers.
+    pub header_read_timeout: Duration,
     pub buffer_size: usize,
     /// Tunnels to other nodes; `None` without `node.identity`.
     pub pool: Option<Pool>,

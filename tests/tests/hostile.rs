@@ -203,3 +203,66 @@ fn slow_uploads_from_a_client_do_not_eject_a_healthy_endpoint() {
     let (_, out) = curl_args(&bed, bed.pod("client"), &["http://10.96.0.20/"]);
     assert!(out.starts_with("hello from web"), "{out}");
 }
+
+/// Connects from inside a pod (its cgroup and network namespace, so
+/// capture applies), sends a request's headers but never their end
+/// (slowloris), and prints `closed` once meshd closes the connection, or
+/// `open` after the given seconds.
+const SLOWLORIS: &str = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: 1\r\n")
+s.settimeout(float(sys.argv[3]))
+try:
+    while s.recv(256):
+        pass
+    print("closed")
+except socket.timeout:
+    print("open")
+except OSError:
+    print("closed")
+"#;
+
+/// Whether meshd closed a slowloris connection from `pod` to `host:port`
+/// within `seconds`.
+fn slowloris(bed: &Testbed, pod: &str, host: &str, port: &str, seconds: &str) -> bool {
+    let child = meshd_tests::clients::spawn_in(
+        bed,
+        bed.pod(pod),
+        Path::new("/usr/bin/python3"),
+        &["-c", SLOWLORIS, host, port, seconds],
+    );
+    let out = wait_with_timeout(child, Duration::from_secs(30), "slowloris");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("closed") || said.contains("open"),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    said.contains("closed")
+}
+
+#[test]
+fn a_client_that_never_finishes_its_headers_is_cut_off() {
+    let bed = Testbed::new(&["client", "web"]);
+    serve_hello(&bed, "web", &[]);
+    let _meshd = bed.start_meshd(&bed.config(
+        "proxy: { headerReadTimeout: 1s }
+services:
+  - name: web
+    vip: 10.96.0.20
+    ports: [{ port: 80, targetPort: 8080, protocol: http }]
+    endpoints: [{ address: 10.77.0.11, workload: web }]
+",
+    ));
+    // The metrics port listens on every address, so a pod reaches it;
+    // and a captured HTTP connection.
+    for (host, port) in [("10.77.0.1", "15020"), ("10.96.0.20", "80")] {
+        assert!(
+            slowloris(&bed, "client", host, port, "8"),
+            "{host}:{port}: a connection without the end of its headers is still open after 8 s"
+        );
+    }
+    let (_, out) = curl_args(&bed, bed.pod("client"), &["http://10.96.0.20/"]);
+    assert!(out.starts_with("hello from web"), "{out}");
+}

@@ -142,8 +142,14 @@ impl StatusListener {
         std::os::fd::AsFd::as_fd(&self.listener).try_clone_to_owned()
     }
 
-    /// Serves until `stop` turns true.
-    pub async fn run(self, inputs: Arc<StatusInputs>, mut stop: watch::Receiver<bool>) {
+    /// Serves until `stop` turns true. A client gets `header_timeout` to
+    /// send each request's headers.
+    pub async fn run(
+        self,
+        inputs: Arc<StatusInputs>,
+        mut stop: watch::Receiver<bool>,
+        header_timeout: std::time::Duration,
+    ) {
         loop {
             let (stream, _) = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
@@ -164,6 +170,8 @@ impl StatusListener {
                     async move { Ok::<_, Infallible>(route(&inputs, what, &request)) }
                 });
                 let served = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(header_timeout)
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
                 if let Err(err) = served {

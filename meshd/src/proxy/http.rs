@@ -20,7 +20,7 @@ use std::{convert::Infallible, sync::Arc};
 
 use hyper::{body::Incoming, header, service::service_fn, Request, Response};
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
 use tokio::{net::TcpStream, time::Instant};
@@ -56,13 +56,19 @@ pub struct Connection {
 /// current response) instead of holding the drain open while idle.
 pub async fn serve(inputs: Arc<ProxyInputs>, client: TcpStream, connection: Connection) {
     let mut stop = inputs.stop.clone();
+    let header_timeout = inputs.header_read_timeout;
     let connection = Arc::new(connection);
     let service = service_fn(move |request| {
         let inputs = inputs.clone();
         let connection = connection.clone();
         async move { Ok::<_, Infallible>(handle(&inputs, &connection, request).await) }
     });
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // hyper only enforces a header-read timeout with a timer.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(client), service);
     tokio::pin!(conn);
     let served = tokio::select! {

@@ -72,6 +72,7 @@ workloads:
             orig_dst: table.clone(),
             metrics,
             connect_timeout: Duration::from_secs(1),
+            header_read_timeout: Duration::from_secs(1),
             buffer_size: 16 * 1024,
             pool: None,
             store: None,

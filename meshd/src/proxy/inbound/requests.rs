@@ -55,11 +55,16 @@ pub async fn serve<S>(
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let pod = Arc::new(Mutex::new(Pod::Unopened(pod)));
+    let header_timeout = inputs.header_read_timeout;
     let service = service_fn(move |request| {
         let (inputs, pod, source) = (inputs.clone(), pod.clone(), source.clone());
         async move { Ok::<_, Infallible>(one(&inputs, &pod, &source, target, request).await) }
     });
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
     if let Err(err) = builder
         .serve_connection_with_upgrades(TokioIo::new(stream), service)
         .await
