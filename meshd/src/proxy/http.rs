@@ -63,12 +63,7 @@ pub async fn serve(inputs: Arc<ProxyInputs>, client: TcpStream, connection: Conn
         let connection = connection.clone();
         async move { Ok::<_, Infallible>(handle(&inputs, &connection, request).await) }
     });
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // hyper only enforces a header-read timeout with a timer.
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
+    let builder = server(header_timeout);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(client), service);
     tokio::pin!(conn);
     let served = tokio::select! {
@@ -81,6 +76,18 @@ pub async fn serve(inputs: Arc<ProxyInputs>, client: TcpStream, connection: Conn
     if let Err(err) = served {
         debug!(error = %err, "HTTP connection ended with an error");
     }
+}
+
+/// The HTTP server for a pod's connection (or a tunnel stream served as
+/// HTTP): either version, a client given `header_timeout` to send each
+/// request's headers (hyper enforces it only with a timer).
+pub(super) fn server(header_timeout: std::time::Duration) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    builder
 }
 
 /// One request through the stages: admit, then tries (attempt, retry),

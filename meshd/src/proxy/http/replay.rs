@@ -91,20 +91,14 @@ where
             let Some(received) = self.received.clone() else {
                 return Some(body.boxed());
             };
-            return Some(match &self.copy {
-                Some((copy, limit)) => Tee {
+            return Some(
+                Tee {
                     inner: body,
-                    copy: copy.clone(),
-                    limit: *limit,
+                    copy: self.copy.clone(),
                     received,
                 }
                 .boxed(),
-                None => Watched {
-                    inner: body,
-                    received,
-                }
-                .boxed(),
-            });
+            );
         }
         if !self.replayable() {
             return None;
@@ -120,48 +114,11 @@ where
     }
 }
 
-/// Passes the client's body through, noting when it ends.
-struct Watched<B> {
-    inner: B,
-    received: Arc<AtomicBool>,
-}
-
-impl<B> hyper::body::Body for Watched<B>
-where
-    B: hyper::body::Body<Data = Bytes, Error = hyper::Error> + Unpin,
-{
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream() {
-            self.received.store(true, Ordering::Relaxed);
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        let end = self.inner.is_end_stream();
-        if end {
-            self.received.store(true, Ordering::Relaxed);
-        }
-        end
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// Passes the client's body through, copying it.
+/// Passes the client's body through, noting when it ends — and copying
+/// it, up to a limit, when retries may need it.
 struct Tee<B> {
     inner: B,
-    copy: Arc<Mutex<Copy>>,
-    limit: usize,
+    copy: Option<(Arc<Mutex<Copy>>, usize)>,
     received: Arc<AtomicBool>,
 }
 
@@ -177,12 +134,13 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        let mut copy = self.copy.lock().unwrap_or_else(|p| p.into_inner());
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
+        let ended = matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream();
+        if let Some((copy, limit)) = &self.copy {
+            let mut copy = copy.lock().unwrap_or_else(|p| p.into_inner());
+            if let Poll::Ready(Some(Ok(frame))) = &polled {
                 if let Some(data) = frame.data_ref() {
                     copy.size += data.len();
-                    if copy.size > self.limit {
+                    if copy.size > *limit {
                         copy.too_large = true;
                         copy.data.clear();
                     } else {
@@ -192,10 +150,9 @@ where
                     copy.trailers = Some(trailers.clone());
                 }
             }
-            Poll::Ready(None) => copy.complete = true,
-            _ => {}
+            copy.complete |= ended;
         }
-        if copy.complete || self.inner.is_end_stream() {
+        if ended {
             self.received.store(true, Ordering::Relaxed);
         }
         polled
@@ -204,7 +161,9 @@ where
     fn is_end_stream(&self) -> bool {
         let end = self.inner.is_end_stream();
         if end {
-            self.copy.lock().unwrap_or_else(|p| p.into_inner()).complete = true;
+            if let Some((copy, _)) = &self.copy {
+                copy.lock().unwrap_or_else(|p| p.into_inner()).complete = true;
+            }
             self.received.store(true, Ordering::Relaxed);
         }
         end

@@ -15,10 +15,7 @@ use hyper::{
     service::service_fn,
     Request, Response, StatusCode, Version,
 };
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::conn::auto,
-};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{net::TcpStream, sync::Mutex};
 use tracing::{debug, warn};
 
@@ -60,12 +57,7 @@ pub async fn serve<S>(
         let (inputs, pod, source) = (inputs.clone(), pod.clone(), source.clone());
         async move { Ok::<_, Infallible>(one(&inputs, &pod, &source, target, request).await) }
     });
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
-    if let Err(err) = builder
+    if let Err(err) = crate::proxy::http::server(header_timeout)
         .serve_connection_with_upgrades(TokioIo::new(stream), service)
         .await
     {
