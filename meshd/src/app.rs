@@ -189,16 +189,19 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     let status_tasks = [
         tokio::spawn(metrics_listener.run(
             status.clone(),
+            limits(proxy, proxy.connection_limits.metrics),
             stop_rx.clone(),
             proxy.header_read_timeout,
         )),
         tokio::spawn(ready_listener.run(
             status.clone(),
+            limits(proxy, proxy.connection_limits.readiness),
             stop_rx.clone(),
             proxy.header_read_timeout,
         )),
         tokio::spawn(admin_listener.run(
             status.clone(),
+            limits(proxy, proxy.connection_limits.admin),
             stop_rx.clone(),
             proxy.header_read_timeout,
         )),
@@ -220,10 +223,16 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         metrics: metrics.clone(),
         connect_timeout: proxy.connect_timeout,
         header_read_timeout: proxy.header_read_timeout,
+        idle_timeout: proxy.idle_timeout,
         buffer_size: proxy.buffer_size,
-        pool: store
-            .clone()
-            .map(|store| Pool::new(store, metrics.clone(), proxy.inbound_port)),
+        pool: store.clone().map(|store| {
+            Pool::new(
+                store,
+                metrics.clone(),
+                proxy.inbound_port,
+                proxy.connect_timeout,
+            )
+        }),
         store: store.clone(),
         upstreams: Default::default(),
         stop: stop_rx.clone(),
@@ -231,10 +240,21 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     let _ = status.proxy.set(inputs.clone());
     tokio::spawn(sweep_upstreams(inputs.upstreams.clone(), stop_rx.clone()));
     let drain = proxy.drain_timeout;
-    let mut outbound_task = tokio::spawn(outbound.run(inputs.clone(), stop_rx.clone(), drain));
+    let mut outbound_task = tokio::spawn(outbound.run(
+        inputs.clone(),
+        limits(proxy, proxy.connection_limits.outbound),
+        stop_rx.clone(),
+        drain,
+    ));
     let inbound_task = inbound.map(|inbound| {
         info!(address = %inbound.address(), "accepting tunnels");
-        tokio::spawn(inbound.run(inputs.clone(), stop_rx.clone(), drain))
+        tokio::spawn(inbound.run(
+            inputs.clone(),
+            limits(proxy, proxy.connection_limits.inbound),
+            crate::proxy::inbound::Handshakes::new(proxy.max_handshakes, proxy.handshake_timeout),
+            stop_rx.clone(),
+            drain,
+        ))
     });
     if let Some(store) = store.clone() {
         tokio::spawn(refresh_certificates(store, stop_rx.clone()));
@@ -343,6 +363,18 @@ fn start_capture(
         fail_closed: proxy.fail_mode == crate::config::FailMode::Closed,
     };
     Ok(Capture::start(&spec, snapshot)?)
+}
+
+/// What one listener takes, from its `proxy.connectionLimits` entry.
+fn limits(
+    proxy: &crate::config::ProxySpec,
+    limit: crate::config::ConnectionLimit,
+) -> crate::net::accept::Limits {
+    crate::net::accept::Limits {
+        max: limit.max,
+        per_source: limit.per_source,
+        idle: proxy.idle_timeout,
+    }
 }
 
 /// Upstream HTTP/1.1 connections idle longer than this are closed.

@@ -338,6 +338,21 @@ pub struct ProxySpec {
     /// the connection is closed. Default `10s`.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// How long a connection on any listener (and a relayed connection)
+    /// may move no byte either way before it is closed. Default `1h`
+    /// (Envoy's TCP proxy and HTTP connection idle timeout).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// How long a peer connecting to the tunnel port has to complete its
+    /// TLS handshake. Default `5s`.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Handshakes in progress on the tunnel port, before anyone is
+    /// authenticated; one source address may hold a quarter. Default 64.
+    pub max_handshakes: usize,
+    /// Concurrent connections each listener takes, in all and from one
+    /// source address; beyond them a new connection is reset at once.
+    pub connection_limits: ConnectionLimitsSpec,
     /// Bytes buffered per direction per connection. Default 16384.
     pub buffer_size: usize,
     /// Level of the eBPF programs' own log (forwarded into meshd's log):
@@ -351,6 +366,60 @@ pub struct ProxySpec {
     /// Default `1s` (meshd beats every 200 ms).
     #[serde(with = "humantime_serde")]
     pub fail_timeout: Duration,
+}
+
+/// Per listener: `max` connections at once, `perSource` of them from one
+/// source address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ConnectionLimit {
+    pub max: usize,
+    pub per_source: usize,
+}
+
+impl ConnectionLimit {
+    const fn new(max: usize, per_source: usize) -> Self {
+        Self { max, per_source }
+    }
+}
+
+/// The connection caps of each listener. Defaults: `outbound` (pods'
+/// captured connections, two descriptors each) 16384 / 8192 per pod
+/// address; `inbound` (tunnels from other nodes, pooled, so few per node)
+/// 4096 / 512; `metrics`, `readiness` 128 / 32; `admin` 32 / 32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct ConnectionLimitsSpec {
+    pub outbound: ConnectionLimit,
+    pub inbound: ConnectionLimit,
+    pub metrics: ConnectionLimit,
+    pub readiness: ConnectionLimit,
+    pub admin: ConnectionLimit,
+}
+
+impl Default for ConnectionLimitsSpec {
+    fn default() -> Self {
+        Self {
+            outbound: ConnectionLimit::new(16384, 8192),
+            inbound: ConnectionLimit::new(4096, 512),
+            metrics: ConnectionLimit::new(128, 32),
+            readiness: ConnectionLimit::new(128, 32),
+            admin: ConnectionLimit::new(32, 32),
+        }
+    }
+}
+
+impl ConnectionLimitsSpec {
+    /// Each listener's limit with its field name.
+    pub fn each(&self) -> [(&'static str, ConnectionLimit); 5] {
+        [
+            ("outbound", self.outbound),
+            ("inbound", self.inbound),
+            ("metrics", self.metrics),
+            ("readiness", self.readiness),
+            ("admin", self.admin),
+        ]
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -371,6 +440,10 @@ impl Default for ProxySpec {
             admin_address: SocketAddr::from(([127, 0, 0, 1], 15000)),
             admin_token_file: None,
             header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(3600),
+            handshake_timeout: Duration::from_secs(5),
+            max_handshakes: 64,
+            connection_limits: ConnectionLimitsSpec::default(),
             sk_msg: false,
             connect_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(30),

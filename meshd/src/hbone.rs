@@ -7,18 +7,24 @@ pub mod pool;
 
 use std::{sync::Arc, time::Duration};
 
-/// HTTP/2 flow-control windows: large enough that one stream can fill a
-/// fast link without waiting for window updates.
-pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
-pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// HTTP/2 flow control. A stream's window is large enough for one stream
+/// to fill a fast link; the connection's is the sum of all its streams'
+/// windows, so streams whose reader stopped (their windows full, released
+/// only as the reader reads) can never use up the connection's window and
+/// stall their neighbours. Each side buffers at most a stream's window per
+/// stream.
+pub const STREAM_WINDOW: u32 = 1024 * 1024;
+pub const CONNECTION_WINDOW: u32 = STREAM_WINDOW * STREAMS_PER_CONNECTION as u32;
+/// Streams one tunnel connection carries at once (ztunnel's pool default);
+/// the source opens another connection to the same peer beyond them.
+pub const STREAMS_PER_CONNECTION: usize = 100;
 /// Largest HTTP/2 DATA frame either side accepts: fewer, larger frames
 /// for bulk streams.
 pub const MAX_FRAME: u32 = 256 * 1024;
-/// Streams one tunnel connection may carry at once: every captured
-/// connection between two identities on two nodes is a stream, so the
-/// HTTP/2 default of 200 would queue the 201st.
-pub const MAX_STREAMS: u32 = 65_536;
-/// Limit for TCP connect plus TLS handshake on either side.
+/// Streams the destination lets one tunnel connection carry at once: as
+/// many as the source opens on one, so the connection window holds.
+pub const MAX_STREAMS: u32 = STREAMS_PER_CONNECTION as u32;
+/// Limit for the answer to a CONNECT (a stream opening).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 PINGs keep idle pooled connections alive and detect dead peers.
 pub const KEEPALIVE: Duration = Duration::from_secs(30);

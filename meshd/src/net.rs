@@ -3,5 +3,6 @@
 
 pub mod accept;
 pub mod clock;
+pub mod idle;
 pub mod listen;
 pub mod relay;

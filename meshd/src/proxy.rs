@@ -30,6 +30,8 @@ pub struct ProxyInputs {
     pub connect_timeout: Duration,
     /// How long a client may take to send a request's headers.
     pub header_read_timeout: Duration,
+    /// How long a relayed stream may move no byte before it is closed.
+    pub idle_timeout: Duration,
     pub buffer_size: usize,
     /// Tunnels to other nodes; `None` without `node.identity`.
     pub pool: Option<Pool>,

@@ -214,3 +214,114 @@ async fn a_tcp_connection_over_the_limit_is_refused_and_counted() {
     );
     drop(held);
 }
+
+/// A TCP service on `net` whose endpoint answers HTTP.
+fn tcp_service(net: u8) -> String {
+    format!(
+        "services:
+  - name: db
+    vip: 10.96.{net}.20
+    ports: [{{ port: 9000, protocol: tcp }}]
+    endpoints: [{{ address: 127.0.{net}.2, workload: db }}]
+"
+    )
+}
+
+/// Whether a request through `stream` is answered.
+async fn answered(stream: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let sent = stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: db\r\nconnection: close\r\n\r\n")
+        .await;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+    sent.is_ok() && matches!(read, Ok(Ok(_))) && answer.starts_with(b"HTTP/1.1 200")
+}
+
+#[tokio::test]
+async fn one_source_cannot_take_more_than_its_share_of_a_listener() {
+    let _upstream = serve_http("127.0.6.2:9000", |_| Reply::ok("hi")).await;
+    let limits = meshd::net::accept::Limits {
+        max: 100,
+        per_source: 3,
+        idle: Duration::from_secs(60),
+    };
+    let proxy = Proxy::start_with(6, &tcp_service(6), limits).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(proxy.connect("10.96.6.20:9000").await);
+    }
+    assert!(
+        proxy
+            .eventually(|t| metric(t, "meshd_active_connections", &[]) == 3.0)
+            .await
+    );
+    let mut fourth = proxy.connect("10.96.6.20:9000").await;
+    assert!(
+        !answered(&mut fourth).await,
+        "a fourth connection was served"
+    );
+    let shed = [("listener", "outbound"), ("reason", "max_per_source")];
+    assert_eq!(
+        metric(&proxy.metrics(), "meshd_connections_shed_total", &shed),
+        1.0
+    );
+    // A place given back is taken again.
+    let mut first = held.remove(0);
+    assert!(answered(&mut first).await);
+    drop(first);
+    assert!(
+        proxy
+            .eventually(|t| metric(t, "meshd_active_connections", &[]) == 2.0)
+            .await
+    );
+    let mut again = proxy.connect("10.96.6.20:9000").await;
+    assert!(answered(&mut again).await, "a freed place was not taken");
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_and_a_busy_one_is_not() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let _upstream = serve_http("127.0.7.2:9000", |_| Reply::ok("hi")).await;
+    let limits = meshd::net::accept::Limits {
+        max: 100,
+        per_source: 100,
+        idle: Duration::from_secs(1),
+    };
+    let proxy = Proxy::start_with(7, &tcp_service(7), limits).await;
+    let mut idle = proxy.connect("10.96.7.20:9000").await;
+    let mut busy = proxy.connect("10.96.7.20:9000").await;
+    // The busy one sends a header line every 300 ms for 2.4 s: never idle
+    // for the timeout, while the idle one passes it twice.
+    busy.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    for i in 0..8 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        busy.write_all(format!("x-tick: {i}\r\n").as_bytes())
+            .await
+            .unwrap();
+    }
+    busy.write_all(b"host: db\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), busy.read_to_end(&mut answer)).await;
+    assert!(
+        matches!(read, Ok(Ok(_))) && answer.starts_with(b"HTTP/1.1 200"),
+        "the busy connection was cut: {read:?} {:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the idle connection is still open: {read:?}"
+    );
+    assert_eq!(
+        metric(
+            &proxy.metrics(),
+            "meshd_connections_idle_closed_total",
+            &[("listener", "outbound")]
+        ),
+        1.0
+    );
+}

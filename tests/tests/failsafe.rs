@@ -328,3 +328,93 @@ fn a_new_meshd_with_another_outbound_port_binds_it_and_capture_follows() {
         assert_eq!(probe_vip(&bed), "hello from v1", "{}", new.log());
     }
 }
+
+/// A keep-alive HTTP/1.1 client that neither retries nor checks a pooled
+/// connection before reusing it (Python's `http.client`): one GET every
+/// 250 ms until the stop file appears (at most 120 s), then prints
+/// `ok <n> failed <n> reconnects <n>` and the first failures.
+const KEEP_ALIVE: &str = r#"
+import http.client, os, sys, time
+host, stop = sys.argv[1], sys.argv[2]
+conn = http.client.HTTPConnection(host, 80, timeout=5)
+ok = failed = reconnects = 0
+errors = []
+deadline = time.time() + 120
+while time.time() < deadline and not os.path.exists(stop):
+    try:
+        if conn.sock is None and ok + failed > 0:
+            reconnects += 1
+        conn.request("GET", "/")
+        answer = conn.getresponse()
+        answer.read()
+        if answer.status == 200:
+            ok += 1
+        else:
+            failed += 1
+            errors.append("status %d" % answer.status)
+    except Exception as e:
+        failed += 1
+        errors.append(repr(e))
+        conn.close()
+    time.sleep(0.25)
+print("ok", ok, "failed", failed, "reconnects", reconnects)
+print(errors[:5])
+"#;
+
+#[test]
+fn ten_hand_overs_under_keep_alive_fail_no_request_and_the_old_meshd_leaves_once_drained() {
+    use meshd_tests::clients::spawn_in;
+    use meshd_tests::sys::wait_with_timeout;
+    let bed = Testbed::new(&["client", "v1"]);
+    serve_hello(&bed, "v1", &[]);
+    // The default drainTimeout (30 s): an old meshd that waited for it
+    // would fail the exit bound below.
+    let config = bed.config(
+        "services:
+  - name: web
+    vip: 10.96.0.20
+    ports: [{ port: 80, targetPort: 8080, protocol: http }]
+    endpoints: [{ address: 10.77.0.11, workload: v1 }]
+",
+    );
+    let mut old = bed.start_meshd(&config);
+    let stop = bed.dir.join("keep-alive.stop");
+    let stop_arg = stop.display().to_string();
+    let client = spawn_in(
+        &bed,
+        bed.pod("client"),
+        Path::new("/usr/bin/python3"),
+        &["-c", KEEP_ALIVE, "10.96.0.20", &stop_arg],
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    for round in 0..10 {
+        let new = bed.start_meshd(&config);
+        let exited = old.wait_exit(Duration::from_secs(15));
+        assert!(
+            exited.success(),
+            "hand-over {round}: the old meshd did not leave once drained: {exited}\n{}",
+            old.log()
+        );
+        old = new;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    std::fs::write(&stop, "stop").expect("stop file");
+    let out = wait_with_timeout(client, Duration::from_secs(30), "keep-alive client");
+    let said = String::from_utf8_lossy(&out.stdout);
+    let count = |word: &str| -> u64 {
+        said.split_whitespace()
+            .skip_while(|w| *w != word)
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| {
+                panic!(
+                    "no {word} in {said:?}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })
+    };
+    assert_eq!(count("failed"), 0, "{said}\nlast meshd:\n{}", old.log());
+    assert!(count("ok") >= 20, "{said}");
+    // Each hand-over moved the client to the new meshd by Connection: close.
+    assert!(count("reconnects") >= 10, "{said}");
+}

@@ -1001,3 +1001,367 @@ policies:
     );
     assert_eq!(meshd.metric("meshd_tunnel_connections", &[]), 0.0);
 }
+
+/// Opens `count` connections to each `host:port` and sends nothing; once
+/// all are open, writes `holding` to the marker file; after `hold` seconds
+/// prints, per target, how many it opened and how many meshd had closed
+/// (reset at a cap, or by a timeout).
+const IDLE_FLOOD: &str = r#"
+import json, resource, socket, sys, time
+marker, count, hold = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+targets = sys.argv[4:]
+held = {t: [] for t in targets}
+failed = {t: "" for t in targets}
+for _ in range(count):
+    for target in targets:
+        host, port = target.rsplit(":", 1)
+        try:
+            held[target].append(socket.create_connection((host, int(port)), timeout=2))
+        except OSError as e:
+            failed[target] = str(e)
+open(marker, "w").write("holding")
+time.sleep(hold)
+report = {}
+for target, socks in held.items():
+    closed = 0
+    for s in socks:
+        s.setblocking(False)
+        try:
+            if s.recv(1) == b"":
+                closed += 1
+        except BlockingIOError:
+            pass
+        except OSError:
+            closed += 1
+    report[target] = [len(socks), closed, failed[target]]
+print(json.dumps(report))
+"#;
+
+/// Descriptors `pid` holds.
+fn descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("list descriptors")
+        .count()
+}
+
+/// Starts the idle flood against `targets`, in `pod` (its cgroup and
+/// network namespace) or else in node-a's network namespace.
+fn idle_flood(
+    bed: &Testbed,
+    pod: Option<&str>,
+    targets: &[String],
+) -> (PathBuf, std::process::Child) {
+    let name = pod.unwrap_or("node");
+    let marker = bed.dir.join(format!("{name}.holding"));
+    let mut args = vec![
+        "-c".to_owned(),
+        IDLE_FLOOD.to_owned(),
+        marker.display().to_string(),
+        "1500".into(),
+        "15".into(),
+    ];
+    args.extend(targets.iter().cloned());
+    let python = Path::new("/usr/bin/python3");
+    let mut command = match pod {
+        Some(pod) => {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            bed.command(bed.pod(pod), python, &args)
+        }
+        None => {
+            let mut command = Command::new("nsenter");
+            command
+                .arg(format!("--net={}", bed.nodes[0].netns.path().display()))
+                .arg("--")
+                .arg(python)
+                .args(&args);
+            command
+        }
+    };
+    let child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the flood");
+    (marker, child)
+}
+
+#[test]
+fn thousands_of_idle_connections_are_shed_and_closed_while_real_requests_pass() {
+    let mesh = Mesh::new(
+        &[PodSpec::named("client"), PodSpec::named("attacker")],
+        &[PodSpec::named("server")],
+    );
+    let bed = &mesh.bed;
+    serve_hello(bed, "server", &[]);
+    let services = format!(
+        "proxy:
+  idleTimeout: 5s
+  handshakeTimeout: 5s
+  maxHandshakes: 8
+  connectionLimits:
+    outbound: {{ max: 1000, perSource: 100 }}
+    inbound: {{ max: 1000, perSource: 100 }}
+    metrics: {{ max: 100, perSource: 20 }}
+    readiness: {{ max: 100, perSource: 20 }}
+    admin: {{ max: 10, perSource: 10 }}
+services:\n{}",
+        service("server", "10.96.0.20", "10.78.0.10", "server")
+    );
+    let (a, b) = mesh.start(&services);
+    let before = (descriptors(a.pid()), descriptors(b.pid()));
+
+    // A pod floods its own node's captured path and status ports and the
+    // other node's tunnel port (pre-authentication); a process on the node
+    // floods the admin port.
+    let node_a = bed.nodes[0].ip;
+    let pod_targets = [
+        "10.96.0.20:80".to_owned(),
+        format!("{node_a}:15020"),
+        format!("{node_a}:15021"),
+        TUNNEL_B.to_owned(),
+    ];
+    // As on a real cluster, the pod can reach the other node's address.
+    bed.pod("attacker").netns.ip(&[
+        "route",
+        "add",
+        "192.168.77.0/24",
+        "via",
+        &node_a.to_string(),
+    ]);
+    let (pod_marker, pod_flood) = idle_flood(bed, Some("attacker"), &pod_targets);
+    let admin = ["127.0.0.1:15000".to_owned()];
+    let (node_marker, node_flood) = idle_flood(bed, None, &admin);
+    assert!(
+        eventually(Duration::from_secs(60), || pod_marker.exists()
+            && node_marker.exists()),
+        "the flood did not get its connections opened"
+    );
+
+    // While the flood holds its connections: a real cross-node request
+    // (whose tunnel handshake happens now) and the kubelet's probe pass
+    // within a second, and meshd's descriptors stay bounded by its caps.
+    let (code, body) =
+        meshd_tests::clients::curl_args(bed, bed.pod("client"), &["-m", "1", "http://10.96.0.20/"]);
+    assert_eq!(
+        code,
+        0,
+        "{body}\nnode-a:\n{}\nnode-b:\n{}",
+        a.log(),
+        b.log()
+    );
+    assert!(body.starts_with("hello from server"), "{body}");
+    let probe = bed.nodes[0]
+        .netns
+        .run(move || sys::http_get(SocketAddr::from((node_a, 15021)), "/healthz/ready"));
+    assert!(
+        matches!(probe, Some((200, _))),
+        "readiness probe: {probe:?}"
+    );
+    let during = (descriptors(a.pid()), descriptors(b.pid()));
+    // Caps: 100 captured + 20 + 20 (status) + 10 (admin) on node-a; on
+    // node-b the pod's share of 8 handshakes and the 100 admitted captured
+    // connections' streams to the server. The flood opened 7 500.
+    assert!(
+        during.0 <= before.0 + 200 && during.1 <= before.1 + 150,
+        "descriptors before {before:?}, during the flood {during:?}\n{}\n{}",
+        a.metrics(),
+        b.metrics()
+    );
+    // Every connection the flood kept was closed by a timeout.
+    for (flood, targets) in [(pod_flood, &pod_targets[..]), (node_flood, &admin[..])] {
+        let out = wait_with_timeout(flood, Duration::from_secs(90), "idle flood");
+        let report = String::from_utf8_lossy(&out.stdout);
+        let report: serde_json::Value = serde_json::from_str(report.trim())
+            .unwrap_or_else(|e| panic!("{e}: {report}{}", String::from_utf8_lossy(&out.stderr)));
+        for target in targets {
+            let [opened, closed] = [0, 1].map(|i| report[target][i].as_u64().unwrap_or(0));
+            assert!(
+                opened >= 1000,
+                "{target}: only {opened} connections opened: {report}"
+            );
+            assert_eq!(opened, closed, "{target}: connections left open: {report}");
+        }
+    }
+    for (meshd, listener, reason) in [
+        (&a, "outbound", "max_per_source"),
+        (&a, "metrics", "max_per_source"),
+        (&a, "readiness", "max_per_source"),
+        (&a, "admin", "max_connections"),
+        (&b, "inbound", "max_handshakes"),
+    ] {
+        let shed = meshd.metric(
+            "meshd_connections_shed_total",
+            &[("listener", listener), ("reason", reason)],
+        );
+        assert!(shed > 0.0, "{listener}: nothing shed for {reason}");
+    }
+
+    assert!(
+        a.metric(
+            "meshd_connections_idle_closed_total",
+            &[("listener", "outbound")]
+        ) > 0.0,
+        "no idle connection was closed by the idle timeout"
+    );
+    let (code, body) = curl(bed, bed.pod("client"), "http://10.96.0.20/");
+    assert_eq!(code, 0, "after the flood: {body}");
+}
+
+/// Opens `count` connections to the stopped reader at argv[1] and fills
+/// each until nothing more is taken, then asks the echo at argv[2] for
+/// 100 bytes back, waiting at most a second.
+const STALL: &str = r#"
+import socket, sys, time
+sink, echo, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+def addr(a):
+    host, port = a.rsplit(":", 1)
+    return host, int(port)
+held, pushed = [], 0
+chunk = b"x" * 65536
+for _ in range(count):
+    s = socket.create_connection(addr(sink), timeout=5)
+    s.setblocking(False)
+    held.append(s)
+deadline = time.time() + 6
+while time.time() < deadline:
+    moved = 0
+    for s in held:
+        try:
+            moved += s.send(chunk)
+        except BlockingIOError:
+            pass
+    pushed += moved
+    if moved == 0:
+        time.sleep(0.05)
+print("pushed", pushed)
+e = socket.create_connection(addr(echo), timeout=1)
+e.settimeout(1.0)
+started = time.time()
+try:
+    e.sendall(b"y" * 100)
+    got = b""
+    while len(got) < 100:
+        part = e.recv(100 - len(got))
+        if not part:
+            break
+        got += part
+    print("echo", len(got), "in", round(time.time() - started, 3))
+except socket.timeout:
+    print("echo stalled")
+"#;
+
+fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill {signal} {pid}");
+}
+
+#[test]
+fn a_stopped_reader_does_not_stall_the_streams_sharing_its_tunnel_connection() {
+    let mesh = Mesh::new(&[PodSpec::named("client")], &[PodSpec::named("server")]);
+    let bed = &mesh.bed;
+    let server = bed.pod("server");
+    serve(bed, server, 9000, &["--mode", "echo"]);
+    // The reader that stops, in the same pod: the same identity, so its
+    // streams share the echo's tunnel connection.
+    let sink = bed.spawn(
+        server,
+        &meshd_tests::clients::testkit(),
+        &["serve", "--listen", "10.78.0.10:9001", "--mode", "echo"],
+    );
+    bed.wait_listening(server, "10.78.0.10:9001".parse().expect("address"));
+    let services = "services:
+  - name: echo
+    vip: 10.96.0.40
+    ports: [{ port: 9000, protocol: tcp }]
+    endpoints: [{ address: 10.78.0.10, node: node-b, workload: server, serviceAccount: server }]
+  - name: sink
+    vip: 10.96.0.41
+    ports: [{ port: 9001, protocol: tcp }]
+    endpoints: [{ address: 10.78.0.10, node: node-b, workload: server, serviceAccount: server }]
+";
+    let (a, b) = mesh.start(services);
+    signal(sink, "-STOP");
+    let child = bed
+        .command(
+            bed.pod("client"),
+            Path::new("/usr/bin/python3"),
+            &["-c", STALL, "10.96.0.41:9001", "10.96.0.40:9000", "8"],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the stall");
+    let out = wait_with_timeout(child, Duration::from_secs(60), "stall");
+    signal(sink, "-CONT");
+    let said = String::from_utf8_lossy(&out.stdout);
+    let pushed: u64 = said
+        .split_whitespace()
+        .skip_while(|w| *w != "pushed")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{said}{}", String::from_utf8_lossy(&out.stderr)));
+    // Eight stopped streams took more than the old 16 MiB connection window.
+    assert!(pushed > 24 << 20, "only {pushed} bytes pushed: {said}");
+    assert!(
+        said.contains("echo 100 in"),
+        "the echo sharing the tunnel stalled: {said}{}\nnode-a:\n{}\nnode-b:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        a.log(),
+        b.log()
+    );
+}
+
+#[test]
+fn callers_waiting_for_a_tunnel_share_one_attempt_bounded_by_the_connect_timeout() {
+    let mesh = Mesh::new(&[PodSpec::named("client")], &[PodSpec::named("server")]);
+    let bed = &mesh.bed;
+    serve_hello(bed, "server", &[]);
+    // TCP: no retries, so each caller waits for exactly one attempt.
+    let services = "proxy: { connectTimeout: 1s }
+services:
+  - name: server
+    vip: 10.96.0.20
+    ports: [{ port: 80, targetPort: 8080, protocol: tcp }]
+    endpoints: [{ address: 10.78.0.10, node: node-b, workload: server, serviceAccount: server }]
+";
+    let (a, b) = mesh.start(services);
+    // node-b's meshd stops: its kernel still completes TCP handshakes on
+    // :15008, but no TLS handshake ever finishes.
+    signal(b.pid(), "-STOP");
+    let curls: Vec<_> = (0..5)
+        .map(|_| {
+            meshd_tests::clients::spawn_in(
+                bed,
+                bed.pod("client"),
+                Path::new("curl"),
+                &["-sS", "-m", "8", "-o", "/dev/null", "http://10.96.0.20/"],
+            )
+        })
+        .collect();
+    let codes: Vec<Option<i32>> = curls
+        .into_iter()
+        .map(|c| {
+            wait_with_timeout(c, Duration::from_secs(20), "curl")
+                .status
+                .code()
+        })
+        .collect();
+    signal(b.pid(), "-CONT");
+    // Each was reset once the one shared attempt gave up after
+    // connectTimeout, not left to curl's own 8 s limit (28).
+    assert!(
+        codes.iter().all(|c| *c != Some(28)),
+        "a caller waited past the connect timeout: {codes:?}\n{}",
+        a.log()
+    );
+    let timeouts = a.metric(
+        "meshd_tls_handshake_failures_total",
+        &[("direction", "outbound"), ("reason", "timeout")],
+    );
+    assert_eq!(timeouts, 1.0, "attempts that timed out: {timeouts}");
+}

@@ -16,7 +16,7 @@ use hyper::{body::Incoming, header, service::service_fn, Method, Request, Respon
 use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
 use tokio::{net::TcpListener, sync::watch};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::{capture::Capture, telemetry::metrics::Metrics};
 
@@ -142,43 +142,43 @@ impl StatusListener {
         std::os::fd::AsFd::as_fd(&self.listener).try_clone_to_owned()
     }
 
-    /// Serves until `stop` turns true. A client gets `header_timeout` to
-    /// send each request's headers.
+    /// Serves until `stop` turns true, within `limits`. A client gets
+    /// `header_timeout` to send each request's headers.
     pub async fn run(
         self,
         inputs: Arc<StatusInputs>,
-        mut stop: watch::Receiver<bool>,
+        limits: crate::net::accept::Limits,
+        stop: watch::Receiver<bool>,
         header_timeout: std::time::Duration,
     ) {
-        loop {
-            let (stream, _) = tokio::select! {
-                accepted = self.listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(err) => {
-                        warn!(listener = self.what, error = %err, "accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        continue;
+        let what = self.what;
+        let counters = inputs.metrics.accept_counters(what);
+        crate::net::accept::accept_loop(
+            self.listener,
+            what,
+            limits,
+            &counters,
+            stop,
+            std::time::Duration::ZERO,
+            move |stream, _| {
+                let inputs = inputs.clone();
+                async move {
+                    let service = service_fn(move |request| {
+                        let inputs = inputs.clone();
+                        async move { Ok::<_, Infallible>(route(&inputs, what, &request)) }
+                    });
+                    let served = hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(header_timeout)
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                    if let Err(err) = served {
+                        debug!(error = %err, "status connection ended with an error");
                     }
-                },
-                _ = crate::net::accept::stopped(&mut stop) => return,
-            };
-            let inputs = inputs.clone();
-            tokio::spawn(async move {
-                let what = self.what;
-                let service = service_fn(move |request| {
-                    let inputs = inputs.clone();
-                    async move { Ok::<_, Infallible>(route(&inputs, what, &request)) }
-                });
-                let served = hyper::server::conn::http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(header_timeout)
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-                if let Err(err) = served {
-                    debug!(error = %err, "status connection ended with an error");
                 }
-            });
-        }
+            },
+        )
+        .await;
     }
 }
 

@@ -614,12 +614,31 @@ fn check_proxy(check: &mut Checker<'_>, file: usize, spec: &ProxySpec) {
             ),
         );
     }
-    if spec.connect_timeout.is_zero() {
-        check.fail(
-            file,
-            &at.clone().key("connectTimeout"),
-            "must be more than 0",
-        );
+    let timeouts = [
+        ("connectTimeout", spec.connect_timeout),
+        ("headerReadTimeout", spec.header_read_timeout),
+        ("idleTimeout", spec.idle_timeout),
+        ("handshakeTimeout", spec.handshake_timeout),
+    ];
+    for (name, timeout) in timeouts {
+        if timeout.is_zero() {
+            check.fail(file, &at.clone().key(name), "must be more than 0");
+        }
+    }
+    if spec.max_handshakes == 0 {
+        check.fail(file, &at.clone().key("maxHandshakes"), "must be at least 1");
+    }
+    for (name, limit) in spec.connection_limits.each() {
+        let field = at.clone().key("connectionLimits").key(name);
+        if limit.max == 0 || limit.per_source == 0 {
+            check.fail(file, &field, "max and perSource must be at least 1");
+        } else if limit.per_source > limit.max {
+            check.fail(
+                file,
+                &field.key("perSource"),
+                format!("{} is more than max ({})", limit.per_source, limit.max),
+            );
+        }
     }
     let ports = [
         ("outboundPort", spec.outbound_port),
@@ -796,6 +815,30 @@ node:
         assert_eq!(&*config.node.name, "node-a");
         assert_eq!(config.proxy.outbound_port, 15001);
         assert!(!config.proxy.sk_msg);
+    }
+
+    #[test]
+    fn connection_limits_and_timeouts_are_checked() {
+        let text = errors(&format!(
+            "{NODE}proxy:
+  idleTimeout: 0s
+  maxHandshakes: 0
+  connectionLimits:
+    outbound: {{ max: 10, perSource: 20 }}
+    admin: {{ max: 0, perSource: 0 }}
+"
+        ));
+        for expected in [
+            "mesh.yaml:7: proxy.idleTimeout: must be more than 0",
+            "mesh.yaml:8: proxy.maxHandshakes: must be at least 1",
+            "mesh.yaml:10: proxy.connectionLimits.outbound.perSource: 20 is more than max (10)",
+            "mesh.yaml:11: proxy.connectionLimits.admin: max and perSource must be at least 1",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+        }
+        let config = load_str("mesh.yaml", NODE).expect("valid");
+        assert_eq!(config.proxy.connection_limits.outbound.max, 16384);
+        assert_eq!(config.proxy.max_handshakes, 64);
     }
 
     #[test]

@@ -8,7 +8,12 @@ use std::{
     collections::HashMap,
     io,
     net::{Ipv4Addr, SocketAddrV4},
-    sync::{Arc, Mutex},
+    pin::Pin,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    task::{Context, Poll},
     time::Duration,
 };
 
@@ -21,11 +26,14 @@ use hyper::{
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
-use tokio::net::TcpStream;
+use tokio::{net::TcpStream, sync::watch};
 use tokio_rustls::TlsConnector;
 use tracing::{debug, warn};
 
-use super::{BAGGAGE, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, KEEPALIVE, MAX_FRAME, STREAM_WINDOW};
+use super::{
+    BAGGAGE, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, KEEPALIVE, MAX_FRAME, STREAMS_PER_CONNECTION,
+    STREAM_WINDOW,
+};
 use crate::{
     identity::{store::CertStore, tls, Identity},
     net::relay::Resettable,
@@ -57,6 +65,9 @@ pub enum TunnelError {
     ServerName(String),
     #[error("HTTP/2 with {0}: {1}")]
     Http(SocketAddrV4, hyper::Error),
+    /// The shared attempt to connect, which another caller started, failed.
+    #[error(transparent)]
+    Attempt(Arc<TunnelError>),
     #[error("{node} refused the stream to {target}: {status}")]
     Refused {
         node: SocketAddrV4,
@@ -65,35 +76,110 @@ pub enum TunnelError {
     },
 }
 
-/// A pooled connection and the certificate generation it was made with.
-type Slot = Arc<tokio::sync::Mutex<Option<(u64, SendRequest<Empty<Bytes>>)>>>;
+/// One pooled connection: the certificate generation it was made with and
+/// how many streams it carries now.
+#[derive(Clone)]
+struct Connection {
+    generation: u64,
+    sender: SendRequest<Empty<Bytes>>,
+    streams: Arc<AtomicUsize>,
+}
+
+/// What one key has: its connections, and the attempt in progress to make
+/// another, which every caller waiting for one shares.
+#[derive(Default)]
+struct Entry {
+    connections: Vec<Connection>,
+    connecting: Option<watch::Receiver<Option<Attempt>>>,
+}
+
+type Attempt = Result<Connection, Arc<TunnelError>>;
 
 pub struct Pool {
-    slots: Mutex<HashMap<Key, Slot>>,
+    entries: Arc<Mutex<HashMap<Key, Entry>>>,
     store: Arc<CertStore>,
     metrics: Arc<Metrics>,
     port: u16,
+    /// Limit for TCP connect, TLS and HTTP/2 handshakes together.
+    connect_timeout: Duration,
 }
 
-/// An open stream through a tunnel.
-pub type Stream = TokioIo<Upgraded>;
+/// An open stream through a tunnel; its connection counts it until dropped.
+pub struct Stream {
+    io: TokioIo<Upgraded>,
+    _counted: Counted,
+}
+
+struct Counted(Arc<AtomicUsize>);
+
+impl Counted {
+    fn new(streams: &Arc<AtomicUsize>) -> Self {
+        streams.fetch_add(1, Ordering::AcqRel);
+        Self(streams.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl tokio::io::AsyncRead for Stream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Stream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
 
 impl Resettable for Stream {
     /// Dropping the stream resets it (RST_STREAM); nothing to arrange.
     fn reset_on_close(&self) {}
 }
 
+impl Resettable for TokioIo<Upgraded> {
+    /// As for a `Stream`: the destination's end of one.
+    fn reset_on_close(&self) {}
+}
+
 impl Pool {
-    pub fn new(store: Arc<CertStore>, metrics: Arc<Metrics>, port: u16) -> Self {
+    pub fn new(
+        store: Arc<CertStore>,
+        metrics: Arc<Metrics>,
+        port: u16,
+        connect_timeout: Duration,
+    ) -> Self {
         Self {
-            slots: Mutex::new(HashMap::new()),
+            entries: Default::default(),
             store,
             metrics,
             port,
+            connect_timeout,
         }
     }
 
-    /// Opens a CONNECT stream to `target` through the connection for `key`.
+    /// Opens a CONNECT stream to `target` through a connection for `key`.
     pub async fn open(
         &self,
         key: &Key,
@@ -101,7 +187,7 @@ impl Pool {
         baggage: &str,
     ) -> Result<Stream, TunnelError> {
         let node = SocketAddrV4::new(key.node, self.port);
-        let mut sender = self.sender(key).await?;
+        let (mut sender, counted) = self.sender(key).await?;
         let request = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
@@ -122,36 +208,103 @@ impl Pool {
         let upgraded = hyper::upgrade::on(response)
             .await
             .map_err(|e| TunnelError::Http(node, e))?;
-        Ok(TokioIo::new(upgraded))
+        Ok(Stream {
+            io: TokioIo::new(upgraded),
+            _counted: counted,
+        })
     }
 
-    /// The pooled connection for `key`, (re)connecting when there is none,
-    /// it has closed, or certificates or trust changed since it was made (new
-    /// streams then use the new ones; old streams finish on the old
-    /// connection). Concurrent callers for one key share one handshake.
-    async fn sender(&self, key: &Key) -> Result<SendRequest<Empty<Bytes>>, TunnelError> {
-        let slot = {
-            let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-            slots.entry(key.clone()).or_default().clone()
-        };
-        let mut slot = slot.lock().await;
-        let generation = self.store.current().generation;
-        if let Some((_, sender)) = slot
-            .as_ref()
-            .filter(|(made, sender)| *made == generation && !sender.is_closed())
-        {
-            return Ok(sender.clone());
+    /// A pooled connection for `key` with room for one more stream (the
+    /// stream counted on it), connecting when there is none: none yet, all
+    /// closed or full, or certificates or trust changed since they were
+    /// made (new streams then use new ones; old streams finish on the old).
+    /// Callers waiting for the same key share one attempt, bounded by the
+    /// connect timeout; a caller that goes away does not cancel it.
+    async fn sender(&self, key: &Key) -> Result<(SendRequest<Empty<Bytes>>, Counted), TunnelError> {
+        loop {
+            let mut attempt = {
+                let generation = self.store.current().generation;
+                let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+                let entry = entries.entry(key.clone()).or_default();
+                entry
+                    .connections
+                    .retain(|c| c.generation == generation && !c.sender.is_closed());
+                let open = entry
+                    .connections
+                    .iter()
+                    .find(|c| c.streams.load(Ordering::Acquire) < STREAMS_PER_CONNECTION);
+                if let Some(connection) = open {
+                    return Ok((connection.sender.clone(), Counted::new(&connection.streams)));
+                }
+                match &entry.connecting {
+                    Some(attempt) => attempt.clone(),
+                    None => {
+                        let attempt = self.start_connecting(key, generation);
+                        entry.connecting = Some(attempt.clone());
+                        attempt
+                    }
+                }
+            };
+            let done = attempt.wait_for(Option::is_some).await.map(|d| d.clone());
+            match done {
+                Ok(Some(Ok(_))) => continue,
+                Ok(Some(Err(err))) => return Err(TunnelError::Attempt(err)),
+                _ => return Err(TunnelError::Timeout(SocketAddrV4::new(key.node, self.port))),
+            }
         }
-        let sender = self.connect(key).await?;
-        *slot = Some((generation, sender.clone()));
-        Ok(sender)
     }
 
+    /// Connects for `key` in a task of its own; the connection joins the
+    /// key's entry and the attempt's outcome is published to its waiters.
+    fn start_connecting(&self, key: &Key, generation: u64) -> watch::Receiver<Option<Attempt>> {
+        let (done, attempt) = watch::channel(None);
+        let connector = Connector {
+            store: self.store.clone(),
+            metrics: self.metrics.clone(),
+            node: SocketAddrV4::new(key.node, self.port),
+        };
+        let (entries, key, timeout) = (self.entries.clone(), key.clone(), self.connect_timeout);
+        tokio::spawn(async move {
+            let connected = match tokio::time::timeout(timeout, connector.connect(&key)).await {
+                Ok(connected) => connected,
+                Err(_) => {
+                    connector.handshake_failed("timeout");
+                    Err(TunnelError::Timeout(connector.node))
+                }
+            };
+            let outcome = connected
+                .map(|sender| Connection {
+                    generation,
+                    sender,
+                    streams: Default::default(),
+                })
+                .map_err(Arc::new);
+            {
+                let mut entries = entries.lock().unwrap_or_else(|p| p.into_inner());
+                let entry = entries.entry(key).or_default();
+                if let Ok(connection) = &outcome {
+                    entry.connections.push(connection.clone());
+                }
+                entry.connecting = None;
+            }
+            let _ = done.send(Some(outcome));
+        });
+        attempt
+    }
+}
+
+/// What making one tunnel connection needs.
+struct Connector {
+    store: Arc<CertStore>,
+    metrics: Arc<Metrics>,
+    node: SocketAddrV4,
+}
+
+impl Connector {
     async fn connect(&self, key: &Key) -> Result<SendRequest<Empty<Bytes>>, TunnelError> {
-        let node = SocketAddrV4::new(key.node, self.port);
-        let tcp = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(node))
+        let node = self.node;
+        let tcp = TcpStream::connect(node)
             .await
-            .map_err(|_| TunnelError::Timeout(node))?
             .map_err(|e| TunnelError::Connect(node, e))?;
         let _ = tcp.set_nodelay(true);
         let certs = self.store.current();
@@ -159,10 +312,9 @@ impl Pool {
             tls::client_config(&certs, &key.source, &key.destination, self.store.provider())?;
         let name = ServerName::try_from(key.destination.server_name())
             .map_err(|_| TunnelError::ServerName(key.destination.server_name()))?;
-        let handshake = TlsConnector::from(config).connect(name, tcp);
-        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(source)) => {
+        let tls = match TlsConnector::from(config).connect(name, tcp).await {
+            Ok(tls) => tls,
+            Err(source) => {
                 let reason = tls::failure_reason(&source);
                 self.handshake_failed(reason);
                 return Err(TunnelError::Handshake {
@@ -170,10 +322,6 @@ impl Pool {
                     reason,
                     source,
                 });
-            }
-            Err(_) => {
-                self.handshake_failed("timeout");
-                return Err(TunnelError::Timeout(node));
             }
         };
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())

@@ -1,9 +1,17 @@
-//! The accept loop every listener runs: a span per connection, shedding
-//! when descriptors run out, and a bounded drain when meshd stops.
+//! The accept loop every listener runs: a span per connection, caps on
+//! connections in all and per source address, shedding when descriptors
+//! run out, an idle timeout, and a bounded drain when meshd stops.
 
-use std::time::Duration;
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use prometheus_client::metrics::counter::Counter;
+
+use super::idle::Idle;
 
 /// What an accept loop counts.
 #[derive(Clone, Default)]
@@ -12,37 +20,142 @@ pub struct AcceptCounters {
     pub errors: Counter,
     /// Connections reset at once because no descriptor was left.
     pub shed: Counter,
+    /// Connections reset at once because the listener had `max` of them.
+    pub over_max: Counter,
+    /// Connections reset at once because their source had `per_source`.
+    pub over_per_source: Counter,
+    /// Connections closed after `idle` without a byte either way.
+    pub idle_closed: Counter,
+}
+
+/// How much one listener takes.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max: usize,
+    pub per_source: usize,
+    pub idle: Duration,
+}
+
+/// Counted places, in all and per source address; a taken `Slot` gives
+/// its place back when dropped (also when its task panics or is aborted).
+#[derive(Clone)]
+pub struct Slots {
+    max: usize,
+    per_source: usize,
+    taken: Arc<Mutex<Taken>>,
+}
+
+#[derive(Default)]
+struct Taken {
+    all: usize,
+    by_source: HashMap<IpAddr, usize>,
+}
+
+/// Why a slot was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Full {
+    All,
+    Source,
+}
+
+pub struct Slot {
+    taken: Arc<Mutex<Taken>>,
+    source: IpAddr,
+}
+
+impl Slots {
+    pub fn new(max: usize, per_source: usize) -> Self {
+        Self {
+            max,
+            per_source,
+            taken: Default::default(),
+        }
+    }
+
+    pub fn take(&self, source: IpAddr) -> Result<Slot, Full> {
+        let mut taken = self.taken.lock().unwrap_or_else(|p| p.into_inner());
+        if taken.all >= self.max {
+            return Err(Full::All);
+        }
+        let mine = taken.by_source.entry(source).or_default();
+        if *mine >= self.per_source {
+            return Err(Full::Source);
+        }
+        *mine += 1;
+        taken.all += 1;
+        Ok(Slot {
+            taken: self.taken.clone(),
+            source,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut taken = self.taken.lock().unwrap_or_else(|p| p.into_inner());
+        taken.all -= 1;
+        if let Some(mine) = taken.by_source.get_mut(&self.source) {
+            *mine -= 1;
+            if *mine == 0 {
+                taken.by_source.remove(&self.source);
+            }
+        }
+    }
 }
 
 /// Pause after an accept error (such as running out of descriptors) so the
 /// loop does not spin while the condition lasts.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
+/// A connection as `serve` gets it: closed once idle for the limit.
+pub type Accepted = Idle<tokio::net::TcpStream>;
+
 /// Accepts on `listener` until `stop` turns true, running `serve` for each
-/// connection in a span of its own; then closes the listener and waits up
-/// to `drain` for the connections in flight before cutting the rest.
+/// connection in a span of its own, within `limits` (a connection over a
+/// cap is reset at once and counted); then closes the listener and waits
+/// up to `drain` for the connections in flight before cutting the rest.
 pub async fn accept_loop<F, Fut>(
     listener: tokio::net::TcpListener,
     what: &'static str,
+    limits: Limits,
     counters: &AcceptCounters,
     mut stop: tokio::sync::watch::Receiver<bool>,
     drain: Duration,
     mut serve: F,
 ) where
-    F: FnMut(tokio::net::TcpStream, std::net::SocketAddr) -> Fut,
+    F: FnMut(Accepted, SocketAddr) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     use tracing::Instrument as _;
     let mut next_id = 0u64;
     let mut connections = tokio::task::JoinSet::new();
     let mut shedder = Shedder::new(what);
+    let slots = Slots::new(limits.max, limits.per_source);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    let slot = match slots.take(peer.ip()) {
+                        Ok(slot) => slot,
+                        Err(full) => {
+                            let (counter, cap) = match full {
+                                Full::All => (&counters.over_max, "max"),
+                                Full::Source => (&counters.over_per_source, "perSource"),
+                            };
+                            counter.inc();
+                            shedder.refused(cap, &peer);
+                            let _ = stream.set_zero_linger();
+                            continue;
+                        }
+                    };
                     next_id += 1;
                     let span = tracing::info_span!("conn", listener = what, id = next_id, peer = %peer);
-                    connections.spawn(serve(stream, peer).instrument(span));
+                    let stream = Idle::new(stream, limits.idle, counters.idle_closed.clone());
+                    let served = serve(stream, peer);
+                    connections.spawn(async move {
+                        served.await;
+                        drop(slot);
+                    }.instrument(span));
                 }
                 Err(err) => {
                     counters.errors.inc();
@@ -93,7 +206,11 @@ struct Shedder {
     reserve: Option<std::fs::File>,
     shed: u64,
     last_log: Option<std::time::Instant>,
+    refused: u64,
 }
+
+/// At most one warning per listener and cause in this long.
+const QUIET: Duration = Duration::from_secs(5);
 
 impl Shedder {
     fn new(what: &'static str) -> Self {
@@ -102,6 +219,29 @@ impl Shedder {
             reserve: std::fs::File::open("/dev/null").ok(),
             shed: 0,
             last_log: None,
+            refused: 0,
+        }
+    }
+
+    fn quiet(&mut self) -> bool {
+        let quiet = self.last_log.is_some_and(|t| t.elapsed() < QUIET);
+        if !quiet {
+            self.last_log = Some(std::time::Instant::now());
+        }
+        quiet
+    }
+
+    /// A connection over one of the listener's caps.
+    fn refused(&mut self, cap: &'static str, peer: &SocketAddr) {
+        self.refused += 1;
+        if !self.quiet() {
+            tracing::warn!(
+                listener = self.what,
+                cap,
+                %peer,
+                refused = self.refused,
+                "connection limit reached: resetting new connections"
+            );
         }
     }
 
@@ -117,11 +257,7 @@ impl Shedder {
             counters.shed.inc();
         }
         self.reserve = std::fs::File::open("/dev/null").ok();
-        let quiet = self
-            .last_log
-            .is_some_and(|t| t.elapsed() < Duration::from_secs(5));
-        if !quiet {
-            self.last_log = Some(std::time::Instant::now());
+        if !self.quiet() {
             tracing::warn!(
                 listener = self.what,
                 shed = self.shed,

@@ -8,6 +8,7 @@
 
 mod admit;
 mod attempt;
+pub mod drain;
 mod message;
 pub mod replay;
 pub mod respond;
@@ -23,7 +24,7 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
-use tokio::{net::TcpStream, time::Instant};
+use tokio::time::Instant;
 use tracing::debug;
 
 use self::{
@@ -33,6 +34,7 @@ use self::{
 use super::ProxyInputs;
 use crate::{
     config::{Protocol, Workload},
+    net::accept::Accepted,
     policy::authz,
     state::ids::OrigDstAddr,
     telemetry::{
@@ -50,30 +52,28 @@ pub struct Connection {
     pub protocol: Protocol,
 }
 
-/// Serves one captured connection as HTTP until the client closes it.
-/// When meshd stops, the connection is shut down gracefully: requests in
-/// flight finish, then it closes (HTTP/2 GOAWAY; HTTP/1.1 closes after the
-/// current response) instead of holding the drain open while idle.
-pub async fn serve(inputs: Arc<ProxyInputs>, client: TcpStream, connection: Connection) {
-    let mut stop = inputs.stop.clone();
+/// Serves one captured connection as HTTP until the client closes it, or
+/// meshd stops and it is drained (see `drain`).
+pub async fn serve(inputs: Arc<ProxyInputs>, client: Accepted, connection: Connection) {
     let header_timeout = inputs.header_read_timeout;
+    let activity = Arc::new(drain::Activity::new(inputs.stop.clone()));
     let connection = Arc::new(connection);
-    let service = service_fn(move |request| {
+    let tracked = activity.clone();
+    let service = service_fn(move |request: Request<Incoming>| {
         let inputs = inputs.clone();
         let connection = connection.clone();
-        async move { Ok::<_, Infallible>(handle(&inputs, &connection, request).await) }
+        let activity = tracked.clone();
+        async move {
+            let version = request.version();
+            activity.begin(version);
+            let mut response = handle(&inputs, &connection, request).await;
+            activity.end(version, &mut response);
+            Ok::<_, Infallible>(response)
+        }
     });
     let builder = server(header_timeout);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(client), service);
-    tokio::pin!(conn);
-    let served = tokio::select! {
-        served = conn.as_mut() => served,
-        _ = crate::net::accept::stopped(&mut stop) => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
-    if let Err(err) = served {
+    if let Err(err) = drain::serve(conn, &activity).await {
         debug!(error = %err, "HTTP connection ended with an error");
     }
 }

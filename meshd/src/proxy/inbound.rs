@@ -22,11 +22,9 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn, Instrument as _};
 
 use crate::{
-    hbone::{
-        Baggage, BAGGAGE, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, MAX_STREAMS,
-        STREAM_WINDOW,
-    },
+    hbone::{Baggage, BAGGAGE, CONNECTION_WINDOW, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW},
     identity::{tls, Identity},
+    net::accept::{Accepted, Limits, Slot, Slots},
     net::relay::relay,
     policy::authz::{self, Decision},
     proxy::ProxyInputs,
@@ -81,18 +79,63 @@ impl Inbound {
     }
 
     /// Accepts until `stop` turns true, then drains (see `accept_loop`).
-    pub async fn run(self, inputs: Arc<ProxyInputs>, stop: watch::Receiver<bool>, drain: Duration) {
+    /// Connections not yet authenticated also take one of `handshakes`.
+    pub async fn run(
+        self,
+        inputs: Arc<ProxyInputs>,
+        limits: Limits,
+        handshakes: Handshakes,
+        stop: watch::Receiver<bool>,
+        drain: Duration,
+    ) {
         let tls = Arc::new(ServerTls::default());
         let metrics = inputs.metrics.clone();
+        let handshakes = Arc::new(handshakes);
+        let over = metrics.shed("inbound", "max_handshakes");
         crate::net::accept::accept_loop(
             self.listener,
             "inbound",
-            &metrics.accept_counters(),
+            limits,
+            &metrics.accept_counters("inbound"),
             stop,
             drain,
-            move |stream, _| serve(tls.clone(), inputs.clone(), stream),
+            move |stream, peer| {
+                let slot = handshakes.slots.take(peer.ip());
+                let (tls, inputs, handshakes, over) = (
+                    tls.clone(),
+                    inputs.clone(),
+                    handshakes.clone(),
+                    over.clone(),
+                );
+                async move {
+                    let Ok(slot) = slot else {
+                        over.inc();
+                        debug!(%peer, "too many handshakes in progress; resetting");
+                        let _ = stream.get_ref().set_zero_linger();
+                        return;
+                    };
+                    serve(tls, inputs, stream, slot, handshakes.timeout).await
+                }
+            },
         )
         .await;
+    }
+}
+
+/// Handshakes in progress on the tunnel port: before a peer is
+/// authenticated it holds one of few places (a quarter of them at most
+/// from one source address) for at most `timeout`.
+pub struct Handshakes {
+    pub slots: Slots,
+    pub timeout: Duration,
+}
+
+impl Handshakes {
+    pub fn new(max: usize, timeout: Duration) -> Self {
+        Self {
+            slots: Slots::new(max, max.div_ceil(4)),
+            timeout,
+        }
     }
 }
 
@@ -114,11 +157,18 @@ impl ServerTls {
     }
 }
 
-async fn serve(tls_cache: Arc<ServerTls>, inputs: Arc<ProxyInputs>, stream: TcpStream) {
+async fn serve(
+    tls_cache: Arc<ServerTls>,
+    inputs: Arc<ProxyInputs>,
+    stream: Accepted,
+    handshake: Slot,
+    handshake_timeout: Duration,
+) {
     let metrics = &inputs.metrics;
     // HTTP/2 frames small writes (window updates, short replies): never
     // hold them back for Nagle.
-    let _ = stream.set_nodelay(true);
+    let _ = stream.get_ref().set_nodelay(true);
+    let deadline = tokio::time::Instant::now() + handshake_timeout;
     let failed = |reason: &'static str| {
         metrics
             .tls_handshake_failures
@@ -130,7 +180,7 @@ async fn serve(tls_cache: Arc<ServerTls>, inputs: Arc<ProxyInputs>, stream: TcpS
     };
     // Name what is plainly not TLS before rustls reads it.
     let mut first = [0u8; 1];
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
+    match tokio::time::timeout_at(deadline, stream.get_ref().peek(&mut first)).await {
         Ok(Ok(1)) if first[0] == TLS_HANDSHAKE => {}
         Ok(Ok(1)) => {
             let reason = if first[0].is_ascii_alphabetic() {
@@ -155,9 +205,7 @@ async fn serve(tls_cache: Arc<ServerTls>, inputs: Arc<ProxyInputs>, stream: TcpS
         }
     };
     let tls =
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(config).accept(stream))
-            .await
-        {
+        match tokio::time::timeout_at(deadline, TlsAcceptor::from(config).accept(stream)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(err)) => {
                 let reason = tls::failure_reason(&err);
@@ -180,6 +228,8 @@ async fn serve(tls_cache: Arc<ServerTls>, inputs: Arc<ProxyInputs>, stream: TcpS
             return failed("bad_identity");
         }
     };
+    // Authenticated: the place is free for the next peer.
+    drop(handshake);
     debug!(%source, "tunnel accepted");
     let inputs_stop = inputs.stop.clone();
     let service = service_fn(move |request| {
@@ -352,7 +402,7 @@ struct Stream {
 impl Stream {
     /// Once the stream is open, relays it (or serves its requests).
     async fn relay(
-        mut self,
+        self,
         inputs: Arc<ProxyInputs>,
         request: Request<Incoming>,
         mut result: ConnectionResult,
@@ -370,15 +420,13 @@ impl Stream {
             return requests::serve(inputs.clone(), stream, self.pod, self.source, self.target)
                 .await;
         }
-        if let Err(err) = relay(
-            &mut stream,
-            &mut self.pod,
-            inputs.buffer_size,
-            &received,
-            &sent,
-        )
-        .await
-        {
+        // A stream idle as long as a connection would be is closed too.
+        let mut pod = crate::net::idle::Idle::new(
+            self.pod,
+            inputs.idle_timeout,
+            inputs.metrics.idle_closed("inbound"),
+        );
+        if let Err(err) = relay(&mut stream, &mut pod, inputs.buffer_size, &received, &sent).await {
             debug!(error = %err, "stream closed with an error");
         }
     }

@@ -12,6 +12,8 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::watch,
 };
+
+use crate::net::accept::{Accepted, Limits};
 use tracing::warn;
 
 use super::{http, ProxyInputs};
@@ -67,12 +69,19 @@ impl Outbound {
     }
 
     /// Accepts until `stop` turns true, then drains (see `accept_loop`).
-    pub async fn run(self, inputs: Arc<ProxyInputs>, stop: watch::Receiver<bool>, drain: Duration) {
+    pub async fn run(
+        self,
+        inputs: Arc<ProxyInputs>,
+        limits: Limits,
+        stop: watch::Receiver<bool>,
+        drain: Duration,
+    ) {
         let metrics = inputs.metrics.clone();
         crate::net::accept::accept_loop(
             self.listener,
             "outbound",
-            &metrics.accept_counters(),
+            limits,
+            &metrics.accept_counters("outbound"),
             stop,
             drain,
             move |stream, peer| handle(inputs.clone(), stream, peer),
@@ -83,14 +92,14 @@ impl Outbound {
 
 /// Ends the connection at once with a reset, so the client sees a failure
 /// instead of an empty answer.
-pub(super) fn reset(stream: TcpStream) {
-    let _ = stream.set_zero_linger();
+pub(super) fn reset(stream: Accepted) {
+    let _ = stream.get_ref().set_zero_linger();
     drop(stream);
 }
 
 /// Where a captured connection was going, then: HTTP for ports that speak
 /// it (balanced per request), else a TCP relay.
-async fn handle(inputs: Arc<ProxyInputs>, client: TcpStream, peer: SocketAddr) {
+async fn handle(inputs: Arc<ProxyInputs>, client: Accepted, peer: SocketAddr) {
     let metrics = &inputs.metrics;
     let orig = match peer {
         SocketAddr::V4(peer) => inputs.orig_dst.take(ClientAddr(peer)).map(|o| (peer, o)),
@@ -104,7 +113,7 @@ async fn handle(inputs: Arc<ProxyInputs>, client: TcpStream, peer: SocketAddr) {
     let snapshot = inputs.snapshot.load_full();
     let declared = snapshot.http_target(orig.dst).map(|t| t.port.protocol);
     let protocol = match declared {
-        Some(Protocol::Auto) => sniff(&client).await,
+        Some(Protocol::Auto) => sniff(client.get_ref()).await,
         Some(declared) => declared,
         None => Protocol::Tcp,
     };
@@ -119,7 +128,7 @@ async fn handle(inputs: Arc<ProxyInputs>, client: TcpStream, peer: SocketAddr) {
         protocol,
     };
     drop(snapshot);
-    let _ = client.set_nodelay(true);
+    let _ = client.get_ref().set_nodelay(true);
     http::serve(inputs.clone(), client, connection).await
 }
 

@@ -7,6 +7,8 @@
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
+
+use crate::net::accept::Accepted;
 use tracing::{debug, warn};
 
 use super::{outbound::reset, ProxyInputs};
@@ -28,7 +30,7 @@ use crate::{
 pub async fn serve(
     inputs: &ProxyInputs,
     snapshot: Arc<Snapshot>,
-    client: TcpStream,
+    client: Accepted,
     dst: OrigDstAddr,
     source: Option<Workload>,
 ) {
@@ -64,7 +66,7 @@ pub async fn serve(
         result.end(ResponseFlag::UpstreamOverflow);
         return reset(client);
     };
-    let _ = client.set_nodelay(true);
+    let _ = client.get_ref().set_nodelay(true);
     match target.path {
         Path::Local => local(inputs, &snapshot, client, source, target, result).await,
         Path::Tunnel { node } => {
@@ -111,7 +113,7 @@ pub async fn serve(
 async fn local(
     inputs: &ProxyInputs,
     snapshot: &Snapshot,
-    client: TcpStream,
+    client: Accepted,
     source: Option<&Workload>,
     target: Target<'_>,
     result: ConnectionResult,
@@ -144,7 +146,7 @@ async fn local(
 async fn relayed<U>(
     inputs: &ProxyInputs,
     mut result: ConnectionResult,
-    mut client: TcpStream,
+    mut client: Accepted,
     upstream: &mut U,
 ) where
     U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Resettable,

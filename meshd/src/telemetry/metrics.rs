@@ -137,8 +137,17 @@ pub struct HealthLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ShedLabels {
-    /// `fd_exhausted`.
+    /// `outbound`, `inbound`, `metrics`, `readiness` or `admin`.
+    pub listener: &'static str,
+    /// `fd_exhausted`, `max_connections`, `max_per_source` or
+    /// `max_handshakes`.
     pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    /// `outbound`, `inbound`, `metrics`, `readiness` or `admin`.
+    pub listener: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -190,6 +199,7 @@ pub struct Metrics {
     pub health_checks: Family<HealthLabels, Counter>,
     pub config_reloads: Family<ResultLabels, Counter>,
     pub connections_shed: Family<ShedLabels, Counter>,
+    pub connections_idle_closed: Family<ListenerLabels, Counter>,
     /// The process's own state, read at each scrape.
     pub resident_memory: Gauge,
     pub open_fds: Gauge,
@@ -233,6 +243,7 @@ impl Metrics {
             health_checks: Family::default(),
             config_reloads: Family::default(),
             connections_shed: Family::default(),
+            connections_idle_closed: Family::default(),
             resident_memory: Gauge::default(),
             open_fds: Gauge::default(),
             max_fds: Gauge::default(),
@@ -377,8 +388,13 @@ impl Metrics {
         );
         meshd.register(
             "connections_shed",
-            "New connections reset at once because meshd could not take them (out of file descriptors)",
+            "New connections reset at once because meshd could not take them (out of file descriptors, or a listener's connection or handshake cap reached)",
             metrics.connections_shed.clone(),
+        );
+        meshd.register(
+            "connections_idle_closed",
+            "Connections closed after proxy.idleTimeout without a byte either way",
+            metrics.connections_idle_closed.clone(),
         );
         // The names every Prometheus client library uses for these.
         registry.register(
@@ -545,17 +561,29 @@ impl Metrics {
             .inc();
     }
 
-    /// The counters an accept loop feeds.
-    pub fn accept_counters(&self) -> crate::net::accept::AcceptCounters {
+    /// The counters `listener`'s accept loop feeds.
+    pub fn accept_counters(&self, listener: &'static str) -> crate::net::accept::AcceptCounters {
         crate::net::accept::AcceptCounters {
             errors: self.accept_errors.clone(),
-            shed: self
-                .connections_shed
-                .get_or_create(&ShedLabels {
-                    reason: "fd_exhausted",
-                })
-                .clone(),
+            shed: self.shed(listener, "fd_exhausted"),
+            over_max: self.shed(listener, "max_connections"),
+            over_per_source: self.shed(listener, "max_per_source"),
+            idle_closed: self.idle_closed(listener),
         }
+    }
+
+    /// The counter of `listener`'s connections closed for idleness.
+    pub fn idle_closed(&self, listener: &'static str) -> Counter {
+        self.connections_idle_closed
+            .get_or_create(&ListenerLabels { listener })
+            .clone()
+    }
+
+    /// The counter of `listener`'s connections shed for `reason`.
+    pub fn shed(&self, listener: &'static str, reason: &'static str) -> Counter {
+        self.connections_shed
+            .get_or_create(&ShedLabels { listener, reason })
+            .clone()
     }
 }
 

@@ -15,6 +15,7 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::{body::Incoming, service::service_fn, HeaderMap, Request, Response};
 use hyper_util::rt::TokioIo;
 use meshd::{
+    net::accept::Limits,
     proxy::{Outbound, ProxyInputs},
     state::{
         ids::{Captured, ClientAddr, OrigDstAddr, OrigDstSource},
@@ -53,6 +54,16 @@ impl Proxy {
     /// Serves `services` (YAML: services, policies, …) for test `net`: the
     /// client workload `client` is `127.0.<net>.1`.
     pub async fn start(net: u8, services: &str) -> Self {
+        let limits = Limits {
+            max: 1024,
+            per_source: 1024,
+            idle: Duration::from_secs(60),
+        };
+        Self::start_with(net, services, limits).await
+    }
+
+    /// As `start`, the outbound listener taking connections within `limits`.
+    pub async fn start_with(net: u8, services: &str, limits: Limits) -> Self {
         let client = Ipv4Addr::new(127, 0, net, 1);
         let yaml = format!(
             "node: {{ name: node-a, captureAddress: 127.0.0.1, podCgroup: /pods }}
@@ -73,6 +84,7 @@ workloads:
             metrics,
             connect_timeout: Duration::from_secs(1),
             header_read_timeout: Duration::from_secs(1),
+            idle_timeout: limits.idle,
             buffer_size: 16 * 1024,
             pool: None,
             store: None,
@@ -83,7 +95,7 @@ workloads:
             .await
             .expect("bind the outbound listener");
         let address = outbound.local_addr().expect("bound address");
-        let task = tokio::spawn(outbound.run(inputs, stopped, Duration::from_secs(1)));
+        let task = tokio::spawn(outbound.run(inputs, limits, stopped, Duration::from_secs(1)));
         Self {
             outbound: address,
             table,

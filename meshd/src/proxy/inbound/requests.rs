@@ -26,7 +26,7 @@ use crate::{
         path,
     },
     proxy::{
-        http::{respond::reply, splice_upgrade, upstream::Body},
+        http::{drain, respond::reply, splice_upgrade, upstream::Body},
         ProxyInputs,
     },
     telemetry::ResponseFlag,
@@ -53,14 +53,22 @@ pub async fn serve<S>(
 {
     let pod = Arc::new(Mutex::new(Pod::Unopened(pod)));
     let header_timeout = inputs.header_read_timeout;
-    let service = service_fn(move |request| {
+    let activity = Arc::new(drain::Activity::new(inputs.stop.clone()));
+    let tracked = activity.clone();
+    let service = service_fn(move |request: Request<Incoming>| {
         let (inputs, pod, source) = (inputs.clone(), pod.clone(), source.clone());
-        async move { Ok::<_, Infallible>(one(&inputs, &pod, &source, target, request).await) }
+        let activity = tracked.clone();
+        async move {
+            let version = request.version();
+            activity.begin(version);
+            let mut response = one(&inputs, &pod, &source, target, request).await;
+            activity.end(version, &mut response);
+            Ok::<_, Infallible>(response)
+        }
     });
-    if let Err(err) = crate::proxy::http::server(header_timeout)
-        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-        .await
-    {
+    let builder = crate::proxy::http::server(header_timeout);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    if let Err(err) = drain::serve(conn, &activity).await {
         debug!(error = %err, "tunnel HTTP stream ended with an error");
     }
 }
