@@ -174,7 +174,10 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         tokio::signal::unix::signal(SignalKind::interrupt()).map_err(StartError::Signals)?;
 
     let mut registry = Registry::default();
-    let metrics = Arc::new(Metrics::new(&mut registry));
+    let metrics = Arc::new(Metrics::with_series_cap(
+        &mut registry,
+        proxy.max_series_per_metric,
+    ));
     metrics.sk_msg_enabled.set(i64::from(proxy.sk_msg));
     let status = Arc::new(StatusInputs {
         registry,

@@ -353,6 +353,11 @@ pub struct ProxySpec {
     /// Concurrent connections each listener takes, in all and from one
     /// source address; beyond them a new connection is reset at once.
     pub connection_limits: ConnectionLimitsSpec,
+    /// Series each metric family fed by traffic (`istio_*`,
+    /// `meshd_authorization_denied_total`) may hold; samples of further
+    /// label sets are counted in `meshd_metric_series_dropped_total`.
+    /// Default 20000.
+    pub max_series_per_metric: usize,
     /// Bytes buffered per direction per connection. Default 16384.
     pub buffer_size: usize,
     /// Level of the eBPF programs' own log (forwarded into meshd's log):
@@ -444,6 +449,7 @@ impl Default for ProxySpec {
             handshake_timeout: Duration::from_secs(5),
             max_handshakes: 64,
             connection_limits: ConnectionLimitsSpec::default(),
+            max_series_per_metric: 20_000,
             sk_msg: false,
             connect_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(30),

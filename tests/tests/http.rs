@@ -422,6 +422,54 @@ fn the_connection_limit_queues_a_pending_request_and_sheds_the_rest() {
 }
 
 #[test]
+fn an_upstream_answering_every_status_code_cannot_grow_a_family_past_its_cap() {
+    let bed = Testbed::new(&["client", "v1", "v2"]);
+    for name in ["v1", "v2"] {
+        serve_hello(&bed, name, &["--every-status"]);
+    }
+    let config = format!("proxy: {{ maxSeriesPerMetric: 20 }}\n{}", web("http", ""));
+    let meshd = bed.start_meshd(&bed.config(&config));
+    let (code, out) = curl(
+        &bed,
+        "client",
+        &[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}\n",
+            "http://10.96.0.20/[1-400]",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    let codes: std::collections::BTreeSet<&str> = out.lines().collect();
+    assert!(
+        codes.len() > 100,
+        "the upstream did not vary its codes: {codes:?}"
+    );
+    let text = meshd.metrics();
+    // Every code is a valid label value, so only the cap holds the series:
+    // at most 20 per family (a histogram's series is its ~25 lines).
+    let series = |prefix: &str| text.lines().filter(|l| l.starts_with(prefix)).count();
+    assert!(series("istio_requests_total{") <= 20, "{text}");
+    assert!(
+        series("istio_request_duration_milliseconds_count{") <= 20,
+        "{text}"
+    );
+    assert!(
+        meshd.metric(
+            "meshd_metric_series_dropped_total",
+            &[("metric", "istio_requests_total")]
+        ) > 0.0,
+        "{text}"
+    );
+    assert!(
+        text.len() < 1024 * 1024,
+        "/metrics is {} bytes with 20 series per family",
+        text.len()
+    );
+}
+
+#[test]
 fn a_hostile_upstream_cannot_grow_the_metrics_with_its_headers() {
     let bed = Testbed::new(&["client", "v1", "v2"]);
     for name in ["v1", "v2"] {

@@ -625,6 +625,13 @@ fn check_proxy(check: &mut Checker<'_>, file: usize, spec: &ProxySpec) {
             check.fail(file, &at.clone().key(name), "must be more than 0");
         }
     }
+    if spec.max_series_per_metric == 0 {
+        check.fail(
+            file,
+            &at.clone().key("maxSeriesPerMetric"),
+            "must be at least 1",
+        );
+    }
     if spec.max_handshakes == 0 {
         check.fail(file, &at.clone().key("maxHandshakes"), "must be at least 1");
     }

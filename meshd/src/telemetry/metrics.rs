@@ -34,7 +34,96 @@ pub struct HttpLabels {
     pub grpc_response_status: Arc<str>,
 }
 
-type HistogramFamily = Family<HttpLabels, Histogram, fn() -> Histogram>;
+type HistogramFamily = Capped<HttpLabels, Histogram>;
+
+/// A metric family that holds at most `cap` series. Its label values come
+/// from the config, certificates and closed sets, but their product grows
+/// with the mesh and the traffic; a label set beyond the cap is counted in
+/// `meshd_metric_series_dropped_total{metric}` and its samples go to a
+/// series that is never exported, so a scrape stays bounded.
+pub struct Capped<S, M> {
+    family: Family<S, M, fn() -> M>,
+    cap: usize,
+    /// Series created (a race may count one twice: never under).
+    series: Arc<std::sync::atomic::AtomicUsize>,
+    dropped: Counter,
+    spare: M,
+}
+
+impl<S, M: Clone> Clone for Capped<S, M> {
+    fn clone(&self) -> Self {
+        Self {
+            family: self.family.clone(),
+            cap: self.cap,
+            series: self.series.clone(),
+            dropped: self.dropped.clone(),
+            spare: self.spare.clone(),
+        }
+    }
+}
+
+impl<S, M> Capped<S, M>
+where
+    S: Clone + std::hash::Hash + Eq,
+    M: Clone,
+{
+    fn new(constructor: fn() -> M, cap: usize, dropped: Counter) -> Self {
+        Self {
+            family: Family::new_with_constructor(constructor),
+            cap,
+            series: Default::default(),
+            dropped,
+            spare: constructor(),
+        }
+    }
+
+    /// The series for `labels`, created while the family has room.
+    pub fn get_or_create(&self, labels: &S) -> M {
+        if let Some(metric) = self.family.get(labels) {
+            return metric.clone();
+        }
+        use std::sync::atomic::Ordering;
+        if self.series.load(Ordering::Relaxed) >= self.cap {
+            self.dropped.inc();
+            return self.spare.clone();
+        }
+        self.series.fetch_add(1, Ordering::Relaxed);
+        self.family.get_or_create_owned(labels)
+    }
+}
+
+impl<S, M> std::fmt::Debug for Capped<S, M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Capped").field("cap", &self.cap).finish()
+    }
+}
+
+impl<S, M> prometheus_client::encoding::EncodeMetric for Capped<S, M>
+where
+    S: Clone + std::hash::Hash + Eq + EncodeLabelSet,
+    M: prometheus_client::encoding::EncodeMetric + prometheus_client::metrics::TypedMetric,
+{
+    fn encode(
+        &self,
+        encoder: prometheus_client::encoding::MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        self.family.encode(encoder)
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        M::TYPE
+    }
+
+    fn is_empty(&self) -> bool {
+        self.family.is_empty()
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MetricLabels {
+    /// The metric family's exported name.
+    pub metric: &'static str,
+}
 
 fn duration_histogram() -> Histogram {
     Histogram::new(DURATION_BUCKETS)
@@ -168,10 +257,10 @@ pub struct CounterLabels {
 
 /// Every metric meshd exports.
 pub struct Metrics {
-    pub tcp_opened: Family<TcpLabels, Counter>,
-    pub tcp_closed: Family<TcpLabels, Counter>,
-    pub tcp_sent_bytes: Family<TcpLabels, Counter>,
-    pub tcp_received_bytes: Family<TcpLabels, Counter>,
+    pub tcp_opened: Capped<TcpLabels, Counter>,
+    pub tcp_closed: Capped<TcpLabels, Counter>,
+    pub tcp_sent_bytes: Capped<TcpLabels, Counter>,
+    pub tcp_received_bytes: Capped<TcpLabels, Counter>,
     /// Captured connections currently relayed.
     pub active_connections: Gauge,
     pub unresolved: Family<ReasonLabels, Counter>,
@@ -183,10 +272,10 @@ pub struct Metrics {
     pub ready: Gauge,
     pub tls_handshake_failures: Family<HandshakeLabels, Counter>,
     pub certificate_expiry: Family<IdentityLabels, Gauge>,
-    pub authorization_denied: Family<DenyLabels, Counter>,
+    pub authorization_denied: Capped<DenyLabels, Counter>,
     /// Pooled mTLS connections to other nodes.
     pub tunnel_connections: Gauge,
-    pub requests: Family<HttpLabels, Counter>,
+    pub requests: Capped<HttpLabels, Counter>,
     pub rate_limited: Family<RateLimitLabels, Counter>,
     pub circuit_breaker_rejections: Family<BreakerLabels, Counter>,
     /// 1 while a service's limit is reached; refreshed at each scrape.
@@ -211,15 +300,38 @@ pub struct Metrics {
     pub request_duration: HistogramFamily,
     pub request_bytes: HistogramFamily,
     pub response_bytes: HistogramFamily,
+    pub series_dropped: Family<MetricLabels, Counter>,
 }
 
 impl Metrics {
     pub fn new(registry: &mut Registry) -> Self {
+        let cap = crate::config::ProxySpec::default().max_series_per_metric;
+        Self::with_series_cap(registry, cap)
+    }
+
+    /// With at most `cap` series in each family fed by traffic.
+    pub fn with_series_cap(registry: &mut Registry, cap: usize) -> Self {
+        let series_dropped = Family::<MetricLabels, Counter>::default();
+        fn capped<S, M>(
+            dropped: &Family<MetricLabels, Counter>,
+            cap: usize,
+            metric: &'static str,
+            constructor: fn() -> M,
+        ) -> Capped<S, M>
+        where
+            S: Clone + std::hash::Hash + Eq,
+            M: Clone,
+        {
+            let dropped = dropped.get_or_create_owned(&MetricLabels { metric });
+            Capped::new(constructor, cap, dropped)
+        }
+        let counter = Counter::default as fn() -> Counter;
+        let drops = &series_dropped;
         let metrics = Self {
-            tcp_opened: Family::default(),
-            tcp_closed: Family::default(),
-            tcp_sent_bytes: Family::default(),
-            tcp_received_bytes: Family::default(),
+            tcp_opened: capped(drops, cap, "istio_tcp_connections_opened_total", counter),
+            tcp_closed: capped(drops, cap, "istio_tcp_connections_closed_total", counter),
+            tcp_sent_bytes: capped(drops, cap, "istio_tcp_sent_bytes_total", counter),
+            tcp_received_bytes: capped(drops, cap, "istio_tcp_received_bytes_total", counter),
             active_connections: Gauge::default(),
             unresolved: Family::default(),
             upstream_connect_failures: Family::default(),
@@ -230,9 +342,9 @@ impl Metrics {
             ready: Gauge::default(),
             tls_handshake_failures: Family::default(),
             certificate_expiry: Family::default(),
-            authorization_denied: Family::default(),
+            authorization_denied: capped(drops, cap, "meshd_authorization_denied_total", counter),
             tunnel_connections: Gauge::default(),
-            requests: Family::default(),
+            requests: capped(drops, cap, "istio_requests_total", counter),
             rate_limited: Family::default(),
             circuit_breaker_rejections: Family::default(),
             circuit_breaker_open: Family::default(),
@@ -249,9 +361,15 @@ impl Metrics {
             max_fds: Gauge::default(),
             config_last_reload_ok: Gauge::default(),
             unhealthy_endpoints: Family::default(),
-            request_duration: Family::new_with_constructor(duration_histogram),
-            request_bytes: Family::new_with_constructor(size_histogram),
-            response_bytes: Family::new_with_constructor(size_histogram),
+            request_duration: capped(
+                drops,
+                cap,
+                "istio_request_duration_milliseconds",
+                duration_histogram,
+            ),
+            request_bytes: capped(drops, cap, "istio_request_bytes", size_histogram),
+            response_bytes: capped(drops, cap, "istio_response_bytes", size_histogram),
+            series_dropped,
         };
         let istio = registry.sub_registry_with_prefix("istio");
         istio.register(
@@ -390,6 +508,11 @@ impl Metrics {
             "connections_shed",
             "New connections reset at once because meshd could not take them (out of file descriptors, or a listener's connection or handshake cap reached)",
             metrics.connections_shed.clone(),
+        );
+        meshd.register(
+            "metric_series_dropped",
+            "Samples not recorded because their metric family held proxy.maxSeriesPerMetric series",
+            metrics.series_dropped.clone(),
         );
         meshd.register(
             "connections_idle_closed",
@@ -629,6 +752,23 @@ fn prometheus_text(openmetrics: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_capped_family_keeps_its_series_and_counts_the_rest() {
+        let dropped = Counter::default();
+        let family: Capped<MetricLabels, Counter> =
+            Capped::new(Counter::default as fn() -> Counter, 2, dropped.clone());
+        for metric in ["a", "b", "c", "a", "d", "b"] {
+            family.get_or_create(&MetricLabels { metric }).inc();
+        }
+        let mut registry = Registry::default();
+        registry.register("capped", "test", family.clone());
+        let text = render(&registry);
+        assert!(text.contains("capped_total{metric=\"a\"} 2"), "{text}");
+        assert!(text.contains("capped_total{metric=\"b\"} 2"), "{text}");
+        assert!(!text.contains("metric=\"c\""), "{text}");
+        assert_eq!(dropped.get(), 2);
+    }
 
     #[test]
     fn istio_names_are_exported() {

@@ -48,6 +48,10 @@ struct Misbehave {
     /// proxy's metric labels).
     #[arg(long, default_value_t = 0)]
     hostile_grpc_status: usize,
+    /// Answer each request with the next status code of 200..=599 (every
+    /// one a valid label value: an attempt to multiply the series).
+    #[arg(long)]
+    every_status: bool,
 }
 
 /// Requests `hello` has seen, for `--fail-first`.
@@ -549,7 +553,18 @@ fn serve_hello(
             stream.write_all(response.as_bytes())?;
             continue;
         }
-        respond(&mut stream, "200 OK", &body, close)?;
+        if misbehave.every_status {
+            let seen = REQUESTS.load(Ordering::Relaxed);
+            // Not the codes that forbid a body.
+            let code = match 200 + seen % 400 {
+                204 | 205 | 304 => 299,
+                code => code,
+            };
+            let status = format!("{code} Whatever");
+            respond(&mut stream, &status, &body, close)?;
+        } else {
+            respond(&mut stream, "200 OK", &body, close)?;
+        }
         if close {
             return stream.shutdown(Shutdown::Write);
         }
