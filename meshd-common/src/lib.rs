@@ -31,6 +31,32 @@ pub const FLAG_STRICT: u32 = 2;
 pub const FLAG_FAIL_CLOSED: u32 = 4;
 /// Capacity of the map of trusted source addresses.
 pub const TRUSTED_CAPACITY: u32 = 64;
+/// Capacity of the map of meshd's connects to pods in progress.
+pub const OWN_CONNECTS_CAPACITY: u32 = 65_536;
+/// Capacity of the map of pod ports with their own plaintext rules.
+pub const POD_PORTS_CAPACITY: u32 = 65_536;
+
+/// `POD_PORTS` bits. `PORT_PROTECTED` (on a pod's port 0: every port):
+/// refuses plaintext even in permissive mode (an `allow` policy selects the
+/// workload that plaintext, without a principal, can never match).
+pub const PORT_PROTECTED: u32 = 1;
+/// Overrides `PORT_PROTECTED` for one port (an `allow` plaintext matches).
+pub const PORT_OPEN: u32 = 2;
+/// The node itself (its own addresses: the kubelet) may connect in
+/// plaintext, in every mode (the workload's `probePorts`).
+pub const PORT_PROBE: u32 = 4;
+
+/// A connect meshd makes to a pod, as the pod's ingress filter sees its
+/// SYN: meshd registers it just before connecting and removes it once the
+/// connection is up, so only meshd's own sockets pass strict mode.
+/// `remote_ip` in network order, ports in host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct OwnConnect {
+    pub remote_ip: u32,
+    pub local_port: u16,
+    pub remote_port: u16,
+}
 
 /// An IPv4 destination, as a map key. `ip` is in network order (octets in
 /// memory order), `port` in host order.
@@ -118,8 +144,11 @@ pub mod counter {
     /// Captured connects refused because meshd's heartbeat was stale
     /// (fail-closed).
     pub const FAILED_CLOSED: u32 = 6;
+    /// New inbound TCP connections to a pod refused in permissive mode
+    /// because the pod's policy can never admit plaintext.
+    pub const PLAINTEXT_REFUSED: u32 = 7;
     /// Number of counters.
-    pub const LEN: u32 = 7;
+    pub const LEN: u32 = 8;
 }
 
 #[cfg(feature = "user")]
@@ -133,4 +162,6 @@ mod user {
     unsafe impl aya::Pod for super::SockKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Settings {}
+    // SAFETY: as above (no padding: 4 + 2 + 2 bytes).
+    unsafe impl aya::Pod for super::OwnConnect {}
 }

@@ -11,9 +11,12 @@
 //!   ends of the app⇄meshd hop into `SOCKETS` when same-node acceleration is on.
 //! - `meshd_sk_msg` moves bytes between those two sockets directly.
 //! - `meshd_ingress` (cgroup_skb/ingress) enforces the mesh mode on the
-//!   pods: a new IPv4 TCP connection that does not come from meshd is
-//!   dropped in strict mode and counted as plaintext in permissive mode.
-//!   IPv6 is not filtered yet (meshd relays IPv4 only; see README).
+//!   pods: a new TCP connection that does not come from meshd's own socket
+//!   (its SYN from a node address with a 4-tuple meshd registered in
+//!   `OWN_CONNECTS`) is dropped in strict mode — over IPv6 always, meshd
+//!   relays IPv4 only — and in permissive mode to a port whose policy can
+//!   never admit plaintext; other plaintext is counted. A workload's probe
+//!   ports take plaintext from the node itself (the kubelet).
 #![no_std]
 #![no_main]
 
@@ -31,8 +34,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use meshd_common::{
-    counter, Destination, OrigDst, Settings, SockKey, DESTINATIONS_CAPACITY, FLAG_FAIL_CLOSED,
-    FLAG_SK_MSG, FLAG_STRICT, ORIG_DST_CAPACITY, SOCKETS_CAPACITY, TRUSTED_CAPACITY,
+    counter, Destination, OrigDst, OwnConnect, Settings, SockKey, DESTINATIONS_CAPACITY,
+    FLAG_FAIL_CLOSED, FLAG_SK_MSG, FLAG_STRICT, ORIG_DST_CAPACITY, OWN_CONNECTS_CAPACITY,
+    POD_PORTS_CAPACITY, PORT_OPEN, PORT_PROBE, PORT_PROTECTED, SOCKETS_CAPACITY, TRUSTED_CAPACITY,
 };
 
 /// `connect()` verdicts for cgroup/connect programs.
@@ -77,10 +81,18 @@ static PASSTHROUGH: LruHashMap<SockKey, u8> = LruHashMap::pinned(SOCKETS_CAPACIT
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::LEN, 0);
 
-/// Source addresses allowed to open connections to pods in strict mode:
-/// the addresses meshd connects to pods from.
+/// The node's own addresses, which meshd connects to pods from.
 #[map]
 static TRUSTED: HashMap<u32, u8> = HashMap::pinned(TRUSTED_CAPACITY, 0);
+
+/// meshd's connects to pods in progress (written by meshd only).
+#[map]
+static OWN_CONNECTS: HashMap<OwnConnect, u8> = HashMap::pinned(OWN_CONNECTS_CAPACITY, 0);
+
+/// Pod ports with their own plaintext rules (`PORT_*` bits); port 0
+/// stands for every port of the pod.
+#[map]
+static POD_PORTS: HashMap<Destination, u32> = HashMap::pinned(POD_PORTS_CAPACITY, 0);
 
 // === connect ===
 
@@ -317,24 +329,45 @@ pub fn meshd_ingress(ctx: SkBuffContext) -> i32 {
     try_ingress(&ctx).unwrap_or(PASS)
 }
 
-/// Looks only at TCP SYNs (new connections) over IPv4; everything else,
-/// including every packet of established connections, passes.
+/// Looks only at TCP SYNs (new connections); everything else, including
+/// every packet of established connections, passes.
 fn try_ingress(ctx: &SkBuffContext) -> Result<i32, i64> {
     let Some(settings) = SETTINGS.get(0) else {
         return Ok(PASS);
     };
     // cgroup_skb sees packets from the IP header on.
     let version_ihl: u8 = ctx.load(0)?;
-    if version_ihl >> 4 != 4 {
-        return Ok(PASS);
+    match version_ihl >> 4 {
+        4 => ingress4(ctx, settings, version_ihl),
+        6 => ingress6(ctx, settings),
+        _ => Ok(PASS),
     }
+}
+
+/// Whether the TCP header at `at` starts a connection (SYN without ACK).
+#[inline(always)]
+fn is_syn(ctx: &SkBuffContext, at: usize) -> Result<bool, i64> {
+    let flags: u8 = ctx.load(at + 13)?;
+    Ok(flags & TCP_SYN != 0 && flags & TCP_ACK == 0)
+}
+
+/// The rules `POD_PORTS` holds for `ip:port` (network-order ip).
+#[inline(always)]
+fn pod_port(ip: u32, port: u16) -> u32 {
+    // SAFETY: the values are copied out at once.
+    let exact = unsafe { POD_PORTS.get(&Destination::new(ip, port)) }.copied();
+    // SAFETY: as above.
+    let pod = unsafe { POD_PORTS.get(&Destination::new(ip, 0)) }.copied();
+    exact.unwrap_or(0) | pod.unwrap_or(0)
+}
+
+fn ingress4(ctx: &SkBuffContext, settings: &Settings, version_ihl: u8) -> Result<i32, i64> {
     let protocol: u8 = ctx.load(9)?;
     if protocol != IPPROTO_TCP {
         return Ok(PASS);
     }
     let header = usize::from(version_ihl & 0x0f) * 4;
-    let flags: u8 = ctx.load(header + 13)?;
-    if flags & TCP_SYN == 0 || flags & TCP_ACK != 0 {
+    if !is_syn(ctx, header)? {
         return Ok(PASS);
     }
     let source: u32 = ctx.load(12)?;
@@ -343,14 +376,32 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<i32, i64> {
     if source.to_ne_bytes()[0] == 127 || source == destination {
         return Ok(PASS);
     }
+    let source_port = u16::from_be(ctx.load::<u16>(header)?);
+    let destination_port = u16::from_be(ctx.load::<u16>(header + 2)?);
     // SAFETY: only presence is checked.
-    if unsafe { TRUSTED.get(&source) }.is_some() {
+    let from_node = unsafe { TRUSTED.get(&source) }.is_some();
+    let own = OwnConnect {
+        remote_ip: destination,
+        local_port: source_port,
+        remote_port: destination_port,
+    };
+    // SAFETY: only presence is checked.
+    if from_node && unsafe { OWN_CONNECTS.get(&own) }.is_some() {
+        return Ok(PASS);
+    }
+    let rules = pod_port(destination, destination_port);
+    if from_node && rules & PORT_PROBE != 0 {
+        count(counter::PLAINTEXT_ACCEPTED);
         return Ok(PASS);
     }
     // With meshd gone and the mesh failing open, connections that would
     // have gone through it come straight here: let them in.
     let failing_open = settings.flags & FLAG_FAIL_CLOSED == 0 && meshd_gone(settings);
-    if settings.flags & FLAG_STRICT != 0 && !failing_open {
+    if failing_open {
+        count(counter::PLAINTEXT_ACCEPTED);
+        return Ok(PASS);
+    }
+    if settings.flags & FLAG_STRICT != 0 {
         count(counter::STRICT_DROPPED);
         debug!(
             ctx,
@@ -359,8 +410,70 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<i32, i64> {
         );
         return Ok(DROP);
     }
+    if rules & PORT_PROTECTED != 0 && rules & PORT_OPEN == 0 {
+        count(counter::PLAINTEXT_REFUSED);
+        debug!(
+            ctx,
+            "permissive: refused plaintext from {:i} to a port its policy closes to it",
+            u32::from_be(source)
+        );
+        return Ok(DROP);
+    }
     count(counter::PLAINTEXT_ACCEPTED);
     Ok(PASS)
+}
+
+/// Length of the fixed IPv6 header.
+const IPV6_HEADER: usize = 40;
+
+/// Extension headers walked to find the TCP header behind them.
+const MAX_EXTENSIONS: usize = 4;
+
+/// meshd relays IPv4 only, so no IPv6 connection to a pod comes from it:
+/// strict mode drops every new one (but loopback's and the pod's own),
+/// also behind extension headers (up to `MAX_EXTENSIONS`; a SYN behind
+/// more is dropped too).
+fn ingress6(ctx: &SkBuffContext, settings: &Settings) -> Result<i32, i64> {
+    if settings.flags & FLAG_STRICT == 0 {
+        return Ok(PASS);
+    }
+    let mut next: u8 = ctx.load(6)?;
+    let mut at = IPV6_HEADER;
+    for _ in 0..MAX_EXTENSIONS {
+        let length = match next {
+            // Hop-by-hop, routing, destination options: 8-byte units.
+            0 | 43 | 60 => (usize::from(ctx.load::<u8>(at + 1)?) + 1) * 8,
+            // Fragment.
+            44 => 8,
+            // Authentication header: 4-byte units.
+            51 => (usize::from(ctx.load::<u8>(at + 1)?) + 2) * 4,
+            _ => break,
+        };
+        // Each extension header starts with the type of the next.
+        next = ctx.load(at)?;
+        at += length;
+    }
+    if matches!(next, 0 | 43 | 44 | 51 | 60) {
+        count(counter::STRICT_DROPPED);
+        return Ok(DROP);
+    }
+    if next != IPPROTO_TCP || !is_syn(ctx, at)? {
+        return Ok(PASS);
+    }
+    let source: [u32; 4] = [ctx.load(8)?, ctx.load(12)?, ctx.load(16)?, ctx.load(20)?];
+    let destination: [u32; 4] = [ctx.load(24)?, ctx.load(28)?, ctx.load(32)?, ctx.load(36)?];
+    let loopback = source == [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
+    if loopback || source == destination {
+        return Ok(PASS);
+    }
+    let failing_open = settings.flags & FLAG_FAIL_CLOSED == 0 && meshd_gone(settings);
+    if failing_open {
+        count(counter::PLAINTEXT_ACCEPTED);
+        return Ok(PASS);
+    }
+    count(counter::STRICT_DROPPED);
+    debug!(ctx, "strict: dropped an IPv6 connection");
+    Ok(DROP)
 }
 
 #[inline(always)]

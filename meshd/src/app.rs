@@ -219,7 +219,8 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
 
     let mesh = Arc::new(mesh);
     let checkers = Arc::new(crate::proxy::health::HealthCheckers::default());
-    checkers.sync(&mesh, &metrics);
+    let marks: Arc<dyn crate::state::ids::OrigDstSource> = capture.clone();
+    checkers.sync(&mesh, &metrics, &marks);
     let inputs = Arc::new(ProxyInputs {
         snapshot: ArcSwap::new(mesh),
         orig_dst: capture.clone(),

@@ -27,7 +27,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use meshd_common::{
-    counter, Destination, OrigDst, Settings, SockKey, FLAG_FAIL_CLOSED, FLAG_SK_MSG, FLAG_STRICT,
+    counter, Destination, OrigDst, OwnConnect, Settings, SockKey, FLAG_FAIL_CLOSED, FLAG_SK_MSG,
+    FLAG_STRICT, PORT_OPEN, PORT_PROBE, PORT_PROTECTED,
 };
 
 use crate::{
@@ -106,6 +107,8 @@ pub struct Capture {
     sockets: SockHash<MapData, SockKey>,
     counters: PerCpuArray<MapData, u64>,
     installed: Mutex<HashSet<Destination>>,
+    own_connects: Mutex<HashMap<MapData, OwnConnect, u8>>,
+    pod_ports: Mutex<HashMap<MapData, Destination, u32>>,
 }
 
 /// The loaded object and the (pinned) links that make capture live.
@@ -222,6 +225,9 @@ impl Capture {
         // below removes what this config does not want.
         let mut installed: HashSet<Destination> = destinations.keys().flatten().collect();
         install_destinations(&mut destinations, &mut installed, mesh)?;
+        let own_connects = take_map(&mut ebpf, "OWN_CONNECTS")?;
+        let mut pod_ports = take_map(&mut ebpf, "POD_PORTS")?;
+        install_pod_ports(&mut pod_ports, mesh)?;
         let mut programs = Programs {
             ebpf,
             links: Vec::new(),
@@ -240,16 +246,20 @@ impl Capture {
             sockets,
             counters,
             installed: Mutex::new(installed),
+            own_connects: Mutex::new(own_connects),
+            pod_ports: Mutex::new(pod_ports),
         })
     }
 
-    /// Makes the `DESTINATIONS` map hold exactly `mesh`'s destinations.
+    /// Makes the `DESTINATIONS` map hold exactly `mesh`'s destinations,
+    /// and `POD_PORTS` its pods' plaintext rules.
     pub fn sync_destinations(&self, mesh: &Snapshot) -> Result<(), CaptureError> {
         install_destinations(
             &mut lock(&self.destinations),
             &mut lock(&self.installed),
             mesh,
-        )
+        )?;
+        install_pod_ports(&mut lock(&self.pod_ports), mesh)
     }
 
     /// The original destination of a connection accepted from `client`,
@@ -329,6 +339,7 @@ impl Capture {
                 ("plaintext_accepted", event(counter::PLAINTEXT_ACCEPTED)),
                 ("failed_open", event(counter::FAILED_OPEN)),
                 ("failed_closed", event(counter::FAILED_CLOSED)),
+                ("plaintext_refused", event(counter::PLAINTEXT_REFUSED)),
             ],
         }
     }
@@ -341,6 +352,22 @@ impl OrigDstSource for Capture {
             dst: OrigDstAddr(destination_addr(orig.dst)),
             cgroup_id: orig.cgroup_id,
         })
+    }
+
+    fn mark_own(&self, local_port: u16, remote: SocketAddrV4, connecting: bool) {
+        let key = OwnConnect {
+            remote_ip: u32::from_ne_bytes(remote.ip().octets()),
+            local_port,
+            remote_port: remote.port(),
+        };
+        let mut map = lock(&self.own_connects);
+        if connecting {
+            if let Err(err) = map.insert(key, 1, 0) {
+                tracing::warn!(%remote, error = %err, "cannot mark meshd's connect: strict mode may drop it");
+            }
+        } else {
+            let _ = map.remove(&key);
+        }
     }
 }
 
@@ -446,6 +473,35 @@ impl Programs {
         })?;
         program.try_into().map_err(program_error(name))
     }
+}
+
+/// Makes `POD_PORTS` hold exactly `mesh`'s pods' plaintext rules.
+fn install_pod_ports(
+    map: &mut HashMap<MapData, Destination, u32>,
+    mesh: &Snapshot,
+) -> Result<(), CaptureError> {
+    let wanted: std::collections::HashMap<Destination, u32> = mesh
+        .pod_ports()
+        .into_iter()
+        .map(|(addr, rule)| {
+            let bits = if rule.refused { PORT_PROTECTED } else { 0 }
+                | if rule.admitted { PORT_OPEN } else { 0 }
+                | if rule.probe { PORT_PROBE } else { 0 };
+            (destination_key(addr), bits)
+        })
+        .collect();
+    let stale: Vec<Destination> = map
+        .keys()
+        .flatten()
+        .filter(|k| !wanted.contains_key(k))
+        .collect();
+    for key in stale {
+        let _ = map.remove(&key);
+    }
+    for (key, bits) in &wanted {
+        map.insert(key, bits, 0).map_err(map_error("POD_PORTS"))?;
+    }
+    Ok(())
 }
 
 fn install_destinations(

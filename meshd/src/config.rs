@@ -752,6 +752,11 @@ pub struct WorkloadSpec {
     /// Labels such as `app` and `version`, reported in metrics.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Ports the node itself (its own addresses: the kubelet's probes) may
+    /// connect to in plaintext, in every mode. Default none: in strict
+    /// mode a probe from the node is dropped like any other plaintext.
+    #[serde(default)]
+    pub probe_ports: Vec<u16>,
 }
 
 fn default_service_account() -> String {

@@ -21,6 +21,40 @@ use crate::{
     telemetry::metrics::Metrics,
 };
 
+/// Connects meshd to `address` (a pod of this node, usually), its SYN
+/// marked as meshd's own while the connect is in flight, so the pods'
+/// ingress filter admits it in strict mode and nothing else from the node
+/// passes (a port bound here is this socket's alone: no other process can
+/// send from it). Cancelling the future unmarks it too.
+pub async fn connect(
+    marks: &dyn OrigDstSource,
+    address: std::net::SocketAddrV4,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind((std::net::Ipv4Addr::UNSPECIFIED, 0).into())?;
+    let port = socket.local_addr()?.port();
+    let _marked = Marked {
+        marks,
+        port,
+        address,
+    };
+    marks.mark_own(port, address, true);
+    socket.connect(address.into()).await
+}
+
+/// Unmarks a connect once it is done, whichever way.
+struct Marked<'a> {
+    marks: &'a dyn OrigDstSource,
+    port: u16,
+    address: std::net::SocketAddrV4,
+}
+
+impl Drop for Marked<'_> {
+    fn drop(&mut self) {
+        self.marks.mark_own(self.port, self.address, false);
+    }
+}
+
 /// Everything a connection handler reads, shared by all of them.
 pub struct ProxyInputs {
     pub snapshot: ArcSwap<Snapshot>,

@@ -1365,3 +1365,110 @@ services:
     );
     assert_eq!(timeouts, 1.0, "attempts that timed out: {timeouts}");
 }
+
+/// Whether a plain connection from node 0's own network namespace
+/// (`bind` as its source address, if given) to `url` got an answer.
+fn from_node(bed: &Testbed, bind: Option<&str>, url: &str) -> i32 {
+    let mut args = vec!["-sS", "-g", "-m", "2", "-o", "/dev/null"];
+    if let Some(bind) = bind {
+        args.extend(["--interface", bind]);
+    }
+    args.push(url);
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", bed.nodes[0].netns.path().display()))
+        .arg("--")
+        .arg("curl")
+        .args(&args)
+        .output()
+        .expect("curl on the node");
+    out.status.code().unwrap_or(-1)
+}
+
+#[test]
+fn strict_mode_drops_plaintext_from_the_node_itself_from_the_capture_address_and_over_ipv6() {
+    let bed = Testbed::new(&["client", "server"]);
+    serve_hello(&bed, "server", &[]);
+    let server = bed.pod("server");
+    // The pod also has IPv6, and a second server on a probe port.
+    bed.nodes[0]
+        .netns
+        .ip(&["-6", "addr", "add", "fd00:77::1/64", "dev", "br0", "nodad"]);
+    server.netns.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "fd00:77::11/64",
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+    bed.spawn(
+        server,
+        Path::new("/usr/bin/python3"),
+        &["-m", "http.server", "--bind", "::", "9090"],
+    );
+    bed.wait_listening(server, "10.77.0.11:9090".parse().expect("address"));
+    let config = bed
+        .config(
+            "mesh: { mode: strict }
+services:
+  - { name: server, vip: 10.96.0.20, ports: [{ port: 80, targetPort: 8080 }], endpoints: [{ address: 10.77.0.11 }] }
+",
+        )
+        .replace(
+            "labels: { app: server } }",
+            "labels: { app: server }, probePorts: [9090] }",
+        );
+    assert!(config.contains("probePorts"), "{config}");
+    let meshd = bed.start_meshd(&config);
+    let (code, body) = curl(&bed, bed.pod("client"), "http://10.96.0.20/");
+    assert_eq!(code, 0, "meshed traffic must pass: {body}\n{}", meshd.log());
+    let node = bed.nodes[0].ip.to_string();
+    let dropped = || meshd.metric("meshd_bpf_events", &[("event", "strict_dropped")]);
+    let before = dropped();
+    // A process on the node (hostNetwork, kubelet, …), one bound to the
+    // capture address meshd connects from, and IPv6: all dropped (28:
+    // their SYNs go unanswered).
+    assert_eq!(from_node(&bed, None, "http://10.77.0.11:8080/"), 28);
+    assert_eq!(from_node(&bed, Some(&node), "http://10.77.0.11:8080/"), 28);
+    assert_eq!(from_node(&bed, None, "http://[fd00:77::11]:9090/"), 28);
+    assert!(dropped() >= before + 3.0, "{}", meshd.metrics());
+    // The probe port takes the node's plaintext; the mesh still works.
+    assert_eq!(from_node(&bed, None, "http://10.77.0.11:9090/"), 0);
+    let (code, body) = curl(&bed, bed.pod("client"), "http://10.96.0.20/");
+    assert_eq!(code, 0, "{body}");
+}
+
+#[test]
+fn permissive_mode_refuses_plaintext_to_a_workload_only_principals_may_reach() {
+    let bed = Testbed::new(&["client", "server", "open"]);
+    serve_hello(&bed, "server", &[]);
+    serve_hello(&bed, "open", &[]);
+    let meshd = bed.start_meshd(&bed.config(
+        "services:
+  - { name: server, vip: 10.96.0.20, ports: [{ port: 80, targetPort: 8080 }], endpoints: [{ address: 10.77.0.11, workload: server }] }
+  - { name: open, vip: 10.96.0.21, ports: [{ port: 80, targetPort: 8080 }], endpoints: [{ address: 10.77.0.12, workload: open }] }
+policies:
+  - name: only-client
+    target: { service: default/server }
+    action: allow
+    from: [{ principals: [cluster.local/ns/default/sa/client] }]
+",
+    ));
+    // The principal it names passes through meshd.
+    let (code, body) = curl(&bed, bed.pod("client"), "http://10.96.0.20/");
+    assert_eq!(code, 0, "{body}\n{}", meshd.log());
+    // Plaintext has no principal: it could never match, so the kernel
+    // refuses it even though the mesh is permissive...
+    let (code, _) = curl(&bed, &bed.outside, "http://10.77.0.11:8080/");
+    assert_eq!(code, 28, "plaintext reached a principal-only workload");
+    // (Each of the SYN's retransmissions is refused and counted.)
+    assert!(meshd.metric("meshd_bpf_events", &[("event", "plaintext_refused")]) >= 1.0);
+    // ...while a workload without such a policy still takes it, counted.
+    let (code, body) = curl(&bed, &bed.outside, "http://10.77.0.12:8080/");
+    assert_eq!(code, 0, "{body}");
+    assert_eq!(
+        meshd.metric("meshd_bpf_events", &[("event", "plaintext_accepted")]),
+        1.0
+    );
+}

@@ -159,7 +159,8 @@ impl Reloader {
             store.refresh();
         }
         mesh.apply_limits();
-        self.checkers.sync(&mesh, &self.metrics);
+        let marks: Arc<dyn crate::state::ids::OrigDstSource> = self.capture.clone();
+        self.checkers.sync(&mesh, &self.metrics, &marks);
         self.inputs.snapshot.store(mesh);
         Ok(config)
     }

@@ -94,6 +94,8 @@ pub struct Workload {
     pub app: Arc<str>,
     pub version: Arc<str>,
     pub identity: Identity,
+    /// Ports the node itself may reach in plaintext (kubelet probes).
+    pub probe_ports: Vec<u16>,
 }
 
 const UNKNOWN: &str = "unknown";
@@ -722,6 +724,7 @@ fn check_workload(
         service_account: spec.service_account.as_str().into(),
         cgroup: spec.cgroup,
         addresses,
+        probe_ports: spec.probe_ports,
     };
     (file, at.clone(), workload)
 }

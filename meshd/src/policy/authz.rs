@@ -85,6 +85,37 @@ pub enum Decision {
     },
 }
 
+/// How plaintext that reaches an endpoint of `services` without meshd (no
+/// principal, no request to look at) would be decided: whether it is
+/// admitted on the ports no policy names, and each named port where the
+/// answer differs. Enforced in the kernel, since meshd never sees it.
+pub fn plaintext(policies: &[Policy], services: &[usize]) -> (bool, Vec<(u16, bool)>) {
+    let admitted = |port| {
+        let request = Request {
+            source: None,
+            services,
+            port,
+            http: None,
+        };
+        authorize(policies, &request) == Decision::Allow
+    };
+    // No policy names port 0: it stands for every port none names.
+    let others = admitted(0);
+    let mut named: Vec<u16> = policies
+        .iter()
+        .filter(|p| services.contains(&p.service))
+        .flat_map(|p| p.ports.iter().copied())
+        .collect();
+    named.sort_unstable();
+    named.dedup();
+    let differing = named
+        .into_iter()
+        .map(|port| (port, admitted(port)))
+        .filter(|(_, admitted)| *admitted != others)
+        .collect();
+    (others, differing)
+}
+
 pub fn authorize(policies: &[Policy], request: &Request<'_>) -> Decision {
     let selected = || {
         policies

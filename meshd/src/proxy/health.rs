@@ -16,14 +16,13 @@ use bytes::Bytes;
 use http_body_util::Empty;
 use hyper::{client::conn::http1, Request};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use tracing::{info, warn};
 
 use crate::{
     config::HealthProtocol,
     policy::health::{Check, Tally},
     state::{
-        ids::{EndpointId, ServiceId},
+        ids::{EndpointId, OrigDstSource, ServiceId},
         runtime::EndpointRuntime,
         snapshot::{Path, Snapshot},
     },
@@ -31,9 +30,13 @@ use crate::{
 };
 
 /// Whether one check of `address` passes.
-async fn probe(check: &Check, address: SocketAddrV4) -> Result<(), String> {
+async fn probe(
+    check: &Check,
+    marks: &dyn OrigDstSource,
+    address: SocketAddrV4,
+) -> Result<(), String> {
     let attempt = async {
-        let stream = TcpStream::connect(address)
+        let stream = crate::proxy::connect(marks, address)
             .await
             .map_err(|e| format!("connect: {e}"))?;
         if check.protocol == HealthProtocol::Tcp {
@@ -84,7 +87,12 @@ impl HealthCheckers {
     /// endpoint, check and service name are unchanged keeps running; a
     /// changed one restarts (its endpoint keeps the health it has); one no
     /// longer wanted stops.
-    pub fn sync(&self, snapshot: &Snapshot, metrics: &Arc<Metrics>) {
+    pub fn sync(
+        &self,
+        snapshot: &Snapshot,
+        metrics: &Arc<Metrics>,
+        marks: &Arc<dyn OrigDstSource>,
+    ) {
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
         let mut wanted = HashMap::new();
         for (s, service) in snapshot.config.services.iter().enumerate() {
@@ -109,6 +117,7 @@ impl HealthCheckers {
                         service.hostname.clone(),
                         metrics.clone(),
                         check.clone(),
+                        marks.clone(),
                         address,
                     ));
                     Checker {
@@ -151,6 +160,7 @@ async fn run(
     hostname: Arc<str>,
     metrics: Arc<Metrics>,
     check: Check,
+    marks: Arc<dyn OrigDstSource>,
     address: SocketAddrV4,
 ) {
     let mut tally = Tally::default();
@@ -158,7 +168,7 @@ async fn run(
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        let result = probe(&check, address).await;
+        let result = probe(&check, &*marks, address).await;
         metrics
             .health_checks
             .get_or_create(&HealthLabels {

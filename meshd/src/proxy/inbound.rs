@@ -341,7 +341,11 @@ async fn stream_request(
     }
     drop(snapshot);
 
-    let connect = tokio::time::timeout(inputs.connect_timeout, TcpStream::connect(target)).await;
+    let connect = tokio::time::timeout(
+        inputs.connect_timeout,
+        crate::proxy::connect(&*inputs.orig_dst, target),
+    )
+    .await;
     let pod = match connect {
         Ok(Ok(pod)) => pod,
         failed => {

@@ -6,8 +6,6 @@
 
 use std::sync::Arc;
 
-use tokio::net::TcpStream;
-
 use crate::net::accept::Accepted;
 use tracing::{debug, warn};
 
@@ -125,7 +123,7 @@ async fn local(
     }
     let service = target.service.hostname.clone();
     let timeout = inputs.connect_timeout;
-    match tokio::time::timeout(timeout, TcpStream::connect(upstream)).await {
+    match tokio::time::timeout(timeout, super::connect(&*inputs.orig_dst, upstream)).await {
         Ok(Ok(mut stream)) => {
             let _ = stream.set_nodelay(true);
             relayed(inputs, result, client, &mut stream).await;

@@ -56,4 +56,9 @@ pub struct Captured {
 pub trait OrigDstSource: Send + Sync {
     /// What was recorded for `client`, removed as it is read.
     fn take(&self, client: ClientAddr) -> Option<Captured>;
+
+    /// Marks (while `connecting`) or unmarks meshd's own connect from
+    /// `local_port` to `remote`, so the pods' ingress filter knows its SYN
+    /// comes from meshd. Nothing to do without the kernel half.
+    fn mark_own(&self, _local_port: u16, _remote: std::net::SocketAddrV4, _connecting: bool) {}
 }

@@ -92,6 +92,18 @@ pub struct KnownWorkload {
     pub version: Arc<str>,
 }
 
+/// What the kernel does with plaintext (a connection that does not come
+/// from meshd) to a pod's port.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PlaintextRule {
+    /// Refused even in permissive mode: the pod's policy never admits it.
+    pub refused: bool,
+    /// Admitted on this port although the pod's other ports refuse it.
+    pub admitted: bool,
+    /// Admitted from the node itself (kubelet probes), in every mode.
+    pub probe: bool,
+}
+
 /// How one endpoint stands right now, for the admin API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EndpointState {
@@ -452,6 +464,36 @@ impl Snapshot {
                 .ok_or(Unresolved::UnknownNode),
             _ => Ok(Path::Local),
         }
+    }
+
+    /// The plaintext rules of this node's pods for the kernel's ingress
+    /// filter, by (address, port; port 0 for every port the others leave).
+    pub fn pod_ports(&self) -> std::collections::HashMap<SocketAddrV4, PlaintextRule> {
+        let mut rules = std::collections::HashMap::<SocketAddrV4, PlaintextRule>::new();
+        for (address, services) in &self.services_by_address {
+            let (others, differing) =
+                crate::policy::authz::plaintext(&self.config.policies, services);
+            if !others {
+                rules
+                    .entry(SocketAddrV4::new(*address, 0))
+                    .or_default()
+                    .refused = true;
+            }
+            for (port, admitted) in differing {
+                let rule = rules.entry(SocketAddrV4::new(*address, port)).or_default();
+                rule.refused = !admitted;
+                rule.admitted = admitted;
+            }
+        }
+        for workload in &self.config.workloads {
+            for address in &workload.addresses {
+                for port in &workload.probe_ports {
+                    let rule = rules.entry(SocketAddrV4::new(*address, *port)).or_default();
+                    rule.probe = true;
+                }
+            }
+        }
+        rules
     }
 
     /// The services an endpoint address belongs to.

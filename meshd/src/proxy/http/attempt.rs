@@ -166,6 +166,7 @@ impl<'a> HttpAttempt<'a> {
                 .checkout(
                     key,
                     inputs.pool.as_ref(),
+                    &*inputs.orig_dst,
                     baggage,
                     inputs.connect_timeout,
                     limit,

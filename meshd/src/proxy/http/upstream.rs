@@ -18,16 +18,13 @@ use hyper::{
     Request, Response,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::{
-    io::{AsyncRead, AsyncWrite},
-    net::TcpStream,
-};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
 use crate::{
     hbone::pool::{Key as TunnelKey, Pool, TunnelError},
     policy::breaker::{ConnectionLimit, Overflow},
-    state::ids::ServiceId,
+    state::ids::{OrigDstSource, ServiceId},
 };
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -88,6 +85,7 @@ impl Upstreams {
         self: &Arc<Self>,
         key: &UpstreamKey,
         tunnels: Option<&Pool>,
+        marks: &dyn OrigDstSource,
         baggage: &str,
         connect_timeout: Duration,
         limit: &Arc<ConnectionLimit>,
@@ -112,7 +110,7 @@ impl Upstreams {
             }
         };
         let address = key.address;
-        let io = connect(key, tunnels, baggage, connect_timeout).await?;
+        let io = connect(key, tunnels, marks, baggage, connect_timeout).await?;
         if key.http2 {
             let (sender, connection) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
@@ -263,16 +261,18 @@ impl UpstreamError {
 async fn connect(
     key: &UpstreamKey,
     tunnels: Option<&Pool>,
+    marks: &dyn OrigDstSource,
     baggage: &str,
     connect_timeout: Duration,
 ) -> Result<Box<dyn Io>, UpstreamError> {
     let address = key.address;
     match &key.via {
         Via::Direct => {
-            let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(address))
-                .await
-                .map_err(|_| UpstreamError::ConnectTimeout(address))?
-                .map_err(|e| UpstreamError::Connect(address, e))?;
+            let stream =
+                tokio::time::timeout(connect_timeout, crate::proxy::connect(marks, address))
+                    .await
+                    .map_err(|_| UpstreamError::ConnectTimeout(address))?
+                    .map_err(|e| UpstreamError::Connect(address, e))?;
             let _ = stream.set_nodelay(true);
             Ok(Box::new(stream))
         }
