@@ -213,7 +213,7 @@ fn ca(command: CaCommand) -> anyhow::Result<()> {
             ttl,
             backdate,
         } => {
-            let identity = Identity::new(&trust_domain, &namespace, &service_account);
+            let identity = Identity::new(&trust_domain, &namespace, &service_account)?;
             let not_before = std::time::SystemTime::now() - backdate;
             Authority::load(&ca)?.issue_to(&identity, &out, not_before, ttl)?;
             println!("wrote {} for {identity}", out.display());

@@ -17,6 +17,16 @@ pub fn is_dns_label(value: &str) -> bool {
         && !value.ends_with('-')
 }
 
+/// Whether `value` is a SPIFFE trust domain name: lowercase letters,
+/// digits, `.`, `-` and `_`, at most 255 bytes.
+pub fn is_trust_domain(value: &str) -> bool {
+    !value.is_empty()
+        && value.len() <= 255
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+}
+
 /// A SPIFFE ID of the form `spiffe://<trust-domain>/ns/<namespace>/sa/<sa>`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Identity {
@@ -39,12 +49,21 @@ pub enum IdentityError {
 }
 
 impl Identity {
-    pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> Self {
-        let uri = format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}");
-        Self::parse(&uri).expect("a SPIFFE ID built from its parts parses")
+    /// The ID of `namespace/service_account` in `trust_domain`, if those
+    /// are a trust domain name and DNS labels.
+    pub fn new(
+        trust_domain: &str,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<Self, IdentityError> {
+        Self::parse(&format!(
+            "spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"
+        ))
     }
 
-    /// Parses any well-formed SPIFFE workload ID.
+    /// Parses a SPIFFE workload ID: a trust domain name, then a namespace
+    /// and a service account that are DNS labels (as Kubernetes names
+    /// them; anything else is no workload's and refused).
     pub fn parse(uri: &str) -> Result<Self, IdentityError> {
         let malformed = || IdentityError::Malformed(uri.to_owned());
         let rest = uri.strip_prefix("spiffe://").ok_or_else(malformed)?;
@@ -52,10 +71,7 @@ impl Identity {
         let [domain, "ns", namespace, "sa", service_account] = parts[..] else {
             return Err(malformed());
         };
-        if [domain, namespace, service_account]
-            .iter()
-            .any(|p| p.is_empty())
-        {
+        if !is_trust_domain(domain) || !is_dns_label(namespace) || !is_dns_label(service_account) {
             return Err(malformed());
         }
         let ns_start = "spiffe://".len() + domain.len() + "/ns/".len();
@@ -131,7 +147,10 @@ mod tests {
         assert_eq!(id.service_account(), "reviews");
         assert_eq!(id.principal(), "cluster.local/ns/default/sa/reviews");
         assert_eq!(id.server_name(), "reviews.default.cluster.local");
-        assert_eq!(id, Identity::new("cluster.local", "default", "reviews"));
+        assert_eq!(
+            id,
+            Identity::new("cluster.local", "default", "reviews").expect("valid")
+        );
     }
 
     #[test]
@@ -142,9 +161,17 @@ mod tests {
             "spiffe://cluster.local/ns//sa/b",
             "spiffe://cluster.local/ns/a/sa/b/extra",
             "spiffe:///ns/a/sa/b",
+            // Found by fuzzing (`cargo xtask fuzz --target spiffe`): parts
+            // that are no DNS label, and a trust domain with a slash-free
+            // but foreign alphabet, used to parse.
+            "spiffe://cluster.local/ns/A_B/sa/b",
+            "spiffe://cluster.local/ns/a/sa/b.c",
+            "spiffe://Cluster.Local/ns/a/sa/b",
+            "spiffe://cluster.local/ns/-a/sa/b",
         ] {
             assert!(Identity::parse(bad).is_err(), "{bad}");
         }
+        assert!(Identity::new("cluster.local", "a/b", "c").is_err());
         let err = Identity::parse_in("spiffe://evil.org/ns/a/sa/b", "cluster.local").unwrap_err();
         assert!(matches!(err, IdentityError::ForeignTrustDomain { .. }));
     }

@@ -3,6 +3,7 @@
 
 mod bench;
 mod demo;
+mod fuzz;
 mod setup;
 
 use std::process::Command;
@@ -43,6 +44,15 @@ enum Task {
         #[arg(long)]
         only: Option<String>,
     },
+    /// Install cargo-fuzz, then run every fuzz target (or one) for a while.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// One target only (see `fuzz/Cargo.toml`).
+        #[arg(long)]
+        target: Option<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -65,6 +75,10 @@ fn main() -> anyhow::Result<()> {
             setup::install(setup::Needs::Bench)?;
             build(true)?;
             bench::run(seconds, only.as_deref())
+        }
+        Task::Fuzz { seconds, target } => {
+            setup::install(setup::Needs::Fuzz)?;
+            fuzz::run(seconds, target.as_deref())
         }
     }
 }

@@ -8,12 +8,15 @@ use anyhow::{bail, Context as _};
 /// bpf-linker 0.10.x links with rustc's own LLVM; 0.11+ needs a system LLVM
 /// newer than Debian 12 ships.
 const BPF_LINKER: &str = "0.10.3";
+/// Builds the fuzz targets (with nightly and the address sanitizer).
+const CARGO_FUZZ: &str = "0.13.2";
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Needs {
     Test,
     Demo,
     Bench,
+    Fuzz,
 }
 
 impl Needs {
@@ -47,7 +50,24 @@ pub fn install(needs: Needs) -> anyhow::Result<()> {
     if needs == Needs::Test {
         kubernetes_validate()?;
     }
+    if needs == Needs::Fuzz {
+        cargo_fuzz()?;
+    }
     Ok(())
+}
+
+fn cargo_fuzz() -> anyhow::Result<()> {
+    let version = output(Command::new("cargo").args(["fuzz", "--version"])).unwrap_or_default();
+    if version.contains(CARGO_FUZZ) {
+        return Ok(());
+    }
+    eprintln!("xtask: installing cargo-fuzz {CARGO_FUZZ}");
+    crate::run(Command::new("cargo").args([
+        "install",
+        &format!("cargo-fuzz@{CARGO_FUZZ}"),
+        "--locked",
+        "--force",
+    ]))
 }
 
 /// Validates the Kubernetes manifests offline (the deploy tests run it).

@@ -242,7 +242,7 @@ mod tests {
     }
 
     fn id(ns: &str, sa: &str) -> Identity {
-        Identity::new("cluster.local", ns, sa)
+        Identity::new("cluster.local", ns, sa).expect("a test identity")
     }
 
     #[test]

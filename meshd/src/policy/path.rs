@@ -67,8 +67,10 @@ pub fn normalize(path: &str, mode: Normalization) -> Result<String, Invalid> {
     }
     // 1. Escapes: unreserved ones decoded (and slashes, when the mode says);
     //    the rest kept, upper-cased.
+    // Bytes, not chars: a non-ASCII byte stays the byte it was (pushing it
+    // as a char would re-encode it, and change the path the backend gets).
     let bytes = path.as_bytes();
-    let mut decoded = String::with_capacity(path.len());
+    let mut decoded: Vec<u8> = Vec::with_capacity(path.len());
     let mut i = 0;
     while i < bytes.len() {
         let b = bytes[i];
@@ -76,7 +78,7 @@ pub fn normalize(path: &str, mode: Normalization) -> Result<String, Invalid> {
             return Err(Invalid::Control);
         }
         if b != b'%' {
-            decoded.push(if b == b'\\' { '/' } else { b as char });
+            decoded.push(if b == b'\\' { b'/' } else { b });
             i += 1;
             continue;
         }
@@ -88,17 +90,19 @@ pub fn normalize(path: &str, mode: Normalization) -> Result<String, Invalid> {
         };
         let value = hi << 4 | lo;
         match value {
-            b'/' | b'\\' if mode == Normalization::DecodeAndMergeSlashes => decoded.push('/'),
+            b'/' | b'\\' if mode == Normalization::DecodeAndMergeSlashes => decoded.push(b'/'),
             b'/' | b'\\' => return Err(Invalid::EncodedSlash),
             0 => return Err(Invalid::Control),
-            v if unreserved(v) => decoded.push(v as char),
+            v if unreserved(v) => decoded.push(v),
             v => {
-                decoded.push('%');
-                decoded.push_str(&format!("{v:02X}"));
+                const HEX: &[u8; 16] = b"0123456789ABCDEF";
+                decoded.extend([b'%', HEX[usize::from(v >> 4)], HEX[usize::from(v & 15)]]);
             }
         }
         i += 3;
     }
+    // Only ASCII was decoded, so the path is as valid UTF-8 as it came.
+    let decoded = String::from_utf8(decoded).map_err(|_| Invalid::Control)?;
     // 2. Segments: `.` dropped, `..` pops, empty ones merged when asked.
     let merge = mode != Normalization::Base;
     let trailing = decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..");
@@ -139,6 +143,23 @@ pub fn miscased_method(method: &str) -> bool {
 mod tests {
     use super::*;
     use Normalization::*;
+
+    #[test]
+    fn non_ascii_bytes_are_kept_as_they_came() {
+        // Found by fuzzing (`cargo xtask fuzz --target path_policy`): the
+        // bytes of a non-ASCII character were pushed as chars, re-encoding
+        // them, so the backend got another path and normalizing twice
+        // changed it again.
+        for mode in [
+            Normalization::Base,
+            Normalization::MergeSlashes,
+            Normalization::DecodeAndMergeSlashes,
+        ] {
+            let once = normalize("//\u{1cf}/./é", mode).expect("valid");
+            assert!(once.ends_with("/\u{1cf}/é"), "{once:?}");
+            assert_eq!(normalize(&once, mode).as_deref(), Ok(once.as_str()));
+        }
+    }
 
     #[test]
     fn paths_normalize_as_the_backend_will_see_them() {
