@@ -77,7 +77,23 @@ where
         }
     }
 
-    /// The series for `labels`, created while the family has room.
+    /// Runs `f` on the series for `labels` (created while the family has
+    /// room), without taking a handle of its own: the per-request path.
+    pub fn with<R>(&self, labels: &S, f: impl FnOnce(&M) -> R) -> R {
+        if let Some(metric) = self.family.get(labels) {
+            return f(&metric);
+        }
+        use std::sync::atomic::Ordering;
+        if self.series.load(Ordering::Relaxed) >= self.cap {
+            self.dropped.inc();
+            return f(&self.spare);
+        }
+        self.series.fetch_add(1, Ordering::Relaxed);
+        f(&self.family.get_or_create(labels))
+    }
+
+    /// A handle on the series for `labels`, created while the family has
+    /// room (for a counter fed for a connection's life).
     pub fn get_or_create(&self, labels: &S) -> M {
         if let Some(metric) = self.family.get(labels) {
             return metric.clone();

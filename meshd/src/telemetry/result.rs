@@ -53,7 +53,7 @@ impl ConnectionResult {
         let metrics = &self.metrics;
         if !self.opened {
             self.opened = true;
-            metrics.tcp_opened.get_or_create(&self.labels).inc();
+            metrics.tcp_opened.with(&self.labels, |c| c.inc());
             metrics.active_connections.inc();
         }
         (
@@ -77,9 +77,9 @@ impl Drop for ConnectionResult {
         if self.opened {
             metrics.active_connections.dec();
         } else {
-            metrics.tcp_opened.get_or_create(&self.labels).inc();
+            metrics.tcp_opened.with(&self.labels, |c| c.inc());
         }
-        metrics.tcp_closed.get_or_create(&self.labels).inc();
+        metrics.tcp_closed.with(&self.labels, |c| c.inc());
     }
 }
 
@@ -173,19 +173,16 @@ impl<'a> RequestResult<'a> {
         let elapsed = self.started.elapsed();
         let labels = &self.labels;
         let metrics = &self.metrics;
-        metrics.requests.get_or_create(labels).inc();
+        metrics.requests.with(labels, |c| c.inc());
         metrics
             .request_duration
-            .get_or_create(labels)
-            .observe(elapsed.as_secs_f64() * 1000.0);
+            .with(labels, |h| h.observe(elapsed.as_secs_f64() * 1000.0));
         metrics
             .request_bytes
-            .get_or_create(labels)
-            .observe(self.request_bytes as f64);
+            .with(labels, |h| h.observe(self.request_bytes as f64));
         metrics
             .response_bytes
-            .get_or_create(labels)
-            .observe(response_bytes as f64);
+            .with(labels, |h| h.observe(response_bytes as f64));
         info!(
             target: "meshd::access",
             request = %self.line,
