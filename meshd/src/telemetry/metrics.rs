@@ -135,6 +135,15 @@ where
     }
 }
 
+/// `istio_build`'s labels, as Istio's proxies report them.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    /// `proxy`: the data plane.
+    pub component: &'static str,
+    /// meshd's version.
+    pub tag: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MetricLabels {
     /// The metric family's exported name.
@@ -409,6 +418,15 @@ impl Metrics {
             metrics.tcp_received_bytes.clone(),
         );
         istio.register("requests", "Total requests", metrics.requests.clone());
+        // Istio's dashboards list the mesh's components by version from it.
+        let build = Family::<BuildLabels, Gauge>::default();
+        build
+            .get_or_create(&BuildLabels {
+                component: "proxy",
+                tag: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        istio.register("build", "Istio component build info", build);
         istio.register(
             "request_duration_milliseconds",
             "Time from request start to response headers, in milliseconds",
@@ -822,6 +840,11 @@ mod tests {
             text.contains("# TYPE meshd_active_connections gauge"),
             "{text}"
         );
+        let build = format!(
+            "istio_build{{component=\"proxy\",tag=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(text.contains(&build), "{text}");
     }
 
     #[test]
