@@ -108,7 +108,8 @@ pub struct Capture {
     counters: PerCpuArray<MapData, u64>,
     installed: Mutex<HashSet<Destination>>,
     own_connects: Mutex<HashMap<MapData, OwnConnect, u8>>,
-    pod_ports: Mutex<HashMap<MapData, Destination, u32>>,
+    /// `POD_PORTS` and the keys it holds.
+    pod_ports: Mutex<(HashMap<MapData, Destination, u32>, HashSet<Destination>)>,
 }
 
 /// The loaded object and the (pinned) links that make capture live.
@@ -226,8 +227,9 @@ impl Capture {
         let mut installed: HashSet<Destination> = destinations.keys().flatten().collect();
         install_destinations(&mut destinations, &mut installed, mesh)?;
         let own_connects = take_map(&mut ebpf, "OWN_CONNECTS")?;
-        let mut pod_ports = take_map(&mut ebpf, "POD_PORTS")?;
-        install_pod_ports(&mut pod_ports, mesh)?;
+        let mut pod_ports: HashMap<MapData, Destination, u32> = take_map(&mut ebpf, "POD_PORTS")?;
+        let mut pod_ports_installed: HashSet<Destination> = pod_ports.keys().flatten().collect();
+        install_pod_ports(&mut pod_ports, &mut pod_ports_installed, mesh)?;
         let mut programs = Programs {
             ebpf,
             links: Vec::new(),
@@ -247,7 +249,7 @@ impl Capture {
             counters,
             installed: Mutex::new(installed),
             own_connects: Mutex::new(own_connects),
-            pod_ports: Mutex::new(pod_ports),
+            pod_ports: Mutex::new((pod_ports, pod_ports_installed)),
         })
     }
 
@@ -259,7 +261,8 @@ impl Capture {
             &mut lock(&self.installed),
             mesh,
         )?;
-        install_pod_ports(&mut lock(&self.pod_ports), mesh)
+        let (map, installed) = &mut *lock(&self.pod_ports);
+        install_pod_ports(map, installed, mesh)
     }
 
     /// The original destination of a connection accepted from `client`,
@@ -478,9 +481,10 @@ impl Programs {
 /// Makes `POD_PORTS` hold exactly `mesh`'s pods' plaintext rules.
 fn install_pod_ports(
     map: &mut HashMap<MapData, Destination, u32>,
+    installed: &mut HashSet<Destination>,
     mesh: &Snapshot,
 ) -> Result<(), CaptureError> {
-    let wanted: std::collections::HashMap<Destination, u32> = mesh
+    let wanted = mesh
         .pod_ports()
         .into_iter()
         .map(|(addr, rule)| {
@@ -490,18 +494,7 @@ fn install_pod_ports(
             (destination_key(addr), bits)
         })
         .collect();
-    let stale: Vec<Destination> = map
-        .keys()
-        .flatten()
-        .filter(|k| !wanted.contains_key(k))
-        .collect();
-    for key in stale {
-        let _ = map.remove(&key);
-    }
-    for (key, bits) in &wanted {
-        map.insert(key, bits, 0).map_err(map_error("POD_PORTS"))?;
-    }
-    Ok(())
+    sync_map(map, installed, wanted, "POD_PORTS")
 }
 
 fn install_destinations(
@@ -509,27 +502,36 @@ fn install_destinations(
     installed: &mut HashSet<Destination>,
     mesh: &Snapshot,
 ) -> Result<(), CaptureError> {
-    let wanted: std::collections::HashMap<Destination, u32> = mesh
+    let wanted = mesh
         .destinations()
         .map(|(dst, kind)| (destination_key(dst), kind as u32))
         .collect();
+    sync_map(map, installed, wanted, "DESTINATIONS")
+}
+
+/// Makes `map` (whose keys `installed` tracks) hold exactly `wanted`.
+fn sync_map(
+    map: &mut HashMap<MapData, Destination, u32>,
+    installed: &mut HashSet<Destination>,
+    wanted: std::collections::HashMap<Destination, u32>,
+    name: &'static str,
+) -> Result<(), CaptureError> {
     // Stale entries go first, so a full map has room for the new ones.
     let stale: Vec<Destination> = installed
         .iter()
         .filter(|d| !wanted.contains_key(d))
         .copied()
         .collect();
-    for dst in stale {
+    for key in stale {
         // Already gone is as good as removed.
-        let _ = map.remove(&dst);
-        installed.remove(&dst);
+        let _ = map.remove(&key);
+        installed.remove(&key);
     }
-    for (dst, kind) in &wanted {
-        map.insert(dst, kind, 0)
-            .map_err(map_error("DESTINATIONS"))?;
+    for (key, value) in &wanted {
+        map.insert(key, value, 0).map_err(map_error(name))?;
         // Tracked as soon as inserted, so a failure part way leaves
         // nothing the next sync cannot remove.
-        installed.insert(*dst);
+        installed.insert(*key);
     }
     Ok(())
 }

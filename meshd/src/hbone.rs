@@ -25,7 +25,7 @@ pub const MAX_FRAME: u32 = 256 * 1024;
 /// many as the source opens on one, so the connection window holds.
 pub const MAX_STREAMS: u32 = STREAMS_PER_CONNECTION as u32;
 /// Limit for the answer to a CONNECT (a stream opening).
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const STREAM_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 PINGs keep idle pooled connections alive and detect dead peers.
 pub const KEEPALIVE: Duration = Duration::from_secs(30);
 

@@ -31,7 +31,7 @@ use tokio_rustls::TlsConnector;
 use tracing::{debug, warn};
 
 use super::{
-    BAGGAGE, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, KEEPALIVE, MAX_FRAME, STREAMS_PER_CONNECTION,
+    BAGGAGE, CONNECTION_WINDOW, KEEPALIVE, MAX_FRAME, STREAMS_PER_CONNECTION, STREAM_OPEN_TIMEOUT,
     STREAM_WINDOW,
 };
 use crate::{
@@ -194,7 +194,7 @@ impl Pool {
             .header(BAGGAGE, baggage)
             .body(Empty::new())
             .expect("a CONNECT request from valid parts");
-        let response = tokio::time::timeout(HANDSHAKE_TIMEOUT, sender.send_request(request))
+        let response = tokio::time::timeout(STREAM_OPEN_TIMEOUT, sender.send_request(request))
             .await
             .map_err(|_| TunnelError::Timeout(node))?
             .map_err(|e| TunnelError::Http(node, e))?;

@@ -44,10 +44,6 @@ impl<S> Idle<S> {
         &self.inner
     }
 
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
     /// Whether the connection has been idle for the timeout; else the
     /// timer is armed for the moment it would be.
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {

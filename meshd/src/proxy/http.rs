@@ -65,10 +65,8 @@ pub async fn serve(inputs: Arc<ProxyInputs>, client: Accepted, connection: Conne
         let activity = tracked.clone();
         async move {
             let version = request.version();
-            activity.begin(version);
-            let mut response = handle(&inputs, &connection, request).await;
-            activity.end(version, &mut response);
-            Ok::<_, Infallible>(response)
+            let answer = handle(&inputs, &connection, request);
+            Ok::<_, Infallible>(activity.answer(version, answer).await)
         }
     });
     let builder = server(header_timeout);

@@ -95,16 +95,7 @@ where
     /// A handle on the series for `labels`, created while the family has
     /// room (for a counter fed for a connection's life).
     pub fn get_or_create(&self, labels: &S) -> M {
-        if let Some(metric) = self.family.get(labels) {
-            return metric.clone();
-        }
-        use std::sync::atomic::Ordering;
-        if self.series.load(Ordering::Relaxed) >= self.cap {
-            self.dropped.inc();
-            return self.spare.clone();
-        }
-        self.series.fetch_add(1, Ordering::Relaxed);
-        self.family.get_or_create_owned(labels)
+        self.with(labels, M::clone)
     }
 }
 

@@ -44,8 +44,22 @@ impl Activity {
         }
     }
 
+    /// Answers a request of `version` with `answer`, tracked for the
+    /// drain: in flight until the answer is ready, then (while draining)
+    /// marked as the connection's last.
+    pub async fn answer<B>(
+        &self,
+        version: Version,
+        answer: impl std::future::Future<Output = Response<B>>,
+    ) -> Response<B> {
+        self.begin(version);
+        let mut response = answer.await;
+        self.end(version, &mut response);
+        response
+    }
+
     /// A request arrived.
-    pub fn begin(&self, version: Version) {
+    fn begin(&self, version: Version) {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         if version == Version::HTTP_2 {
             self.http2.store(true, Ordering::Relaxed);
@@ -54,7 +68,7 @@ impl Activity {
 
     /// Its answer is ready: while draining, an HTTP/1 answer tells the
     /// client this connection closes after it.
-    pub fn end<B>(&self, version: Version, response: &mut Response<B>) {
+    fn end<B>(&self, version: Version, response: &mut Response<B>) {
         self.last.store(clock::now_nanos(), Ordering::Release);
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
         if version < Version::HTTP_2 && *self.stop.borrow() {

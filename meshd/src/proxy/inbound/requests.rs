@@ -60,10 +60,8 @@ pub async fn serve<S>(
         let activity = tracked.clone();
         async move {
             let version = request.version();
-            activity.begin(version);
-            let mut response = one(&inputs, &pod, &source, target, request).await;
-            activity.end(version, &mut response);
-            Ok::<_, Infallible>(response)
+            let answer = one(&inputs, &pod, &source, target, request);
+            Ok::<_, Infallible>(activity.answer(version, answer).await)
         }
     });
     let builder = crate::proxy::http::server(header_timeout);
