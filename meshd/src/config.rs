@@ -21,7 +21,7 @@ use std::{
 use serde::Deserialize;
 
 pub use locate::FieldPath;
-pub use validate::{Config, Endpoint, Service, ServicePort, Workload};
+pub use validate::{Config, Endpoint, Reported, Service, ServicePort, Workload};
 
 /// Largest config file meshd reads; bigger files are refused unread.
 pub const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
@@ -215,16 +215,26 @@ pub struct MeshSpec {
     /// `decode-and-merge-slashes`. Default `merge-slashes`.
     #[serde(default)]
     pub path_normalization: crate::policy::path::Normalization,
+    /// The cluster's name, reported as `source_cluster` and
+    /// `destination_cluster` (Kiali filters on it). Default `Kubernetes`,
+    /// Istio's name for a cluster not given one.
+    #[serde(default = "default_cluster_name")]
+    pub cluster_name: String,
 }
 
 impl Default for MeshSpec {
     fn default() -> Self {
         Self {
+            cluster_name: default_cluster_name(),
             trust_domain: default_trust_domain(),
             mode: MeshMode::default(),
             path_normalization: Default::default(),
         }
     }
+}
+
+fn default_cluster_name() -> String {
+    "Kubernetes".to_owned()
 }
 
 fn default_trust_domain() -> String {

@@ -45,6 +45,16 @@ pub struct Baggage {
 }
 
 impl Baggage {
+    /// What the source node says of `source`, addressing `service`.
+    pub fn of(source: &crate::config::Workload, service: &crate::config::Service) -> Self {
+        Self {
+            workload: Some(source.name.clone()),
+            app: Some(source.reported.app.clone()),
+            version: Some(source.reported.version.clone()),
+            service: Some((service.namespace.clone(), service.name.clone())),
+        }
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         let mut push = |key: &str, value: &Option<Arc<str>>| {

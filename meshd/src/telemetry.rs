@@ -2,6 +2,7 @@
 //! Prometheus text format), and one result object per connection and per
 //! request that records them — and the access log — on every way out.
 
+pub mod body;
 pub mod flags;
 pub mod labels;
 pub mod metrics;

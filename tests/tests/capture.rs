@@ -205,10 +205,20 @@ fn transfers_arrive_intact(sk_msg: bool) {
     } else {
         assert_eq!(enrolled, 0.0, "{metrics}");
     }
-    let echo_labels = [("destination_service", "server.default.svc.cluster.local")];
-    let sent = value("istio_tcp_sent_bytes_total", &echo_labels);
-    let received = value("istio_tcp_received_bytes_total", &echo_labels);
-    assert_eq!((sent, received), ((64 * MIB) as f64, (64 * MIB) as f64));
+    // Both ends are on this node: it reports the bytes as both.
+    for reporter in ["source", "destination"] {
+        let echo_labels = [
+            ("reporter", reporter),
+            ("destination_service", "server.default.svc.cluster.local"),
+        ];
+        let sent = value("istio_tcp_sent_bytes_total", &echo_labels);
+        let received = value("istio_tcp_received_bytes_total", &echo_labels);
+        assert_eq!(
+            (sent, received),
+            ((64 * MIB) as f64, (64 * MIB) as f64),
+            "{reporter}"
+        );
+    }
 }
 
 #[test]
@@ -263,7 +273,10 @@ fn five_hundred_concurrent_connections_complete(sk_msg: bool) {
         );
     }
     assert_eq!(
-        meshd.metric("istio_tcp_connections_opened_total", &[]),
+        meshd.metric(
+            "istio_tcp_connections_opened_total",
+            &[("reporter", "source")]
+        ),
         500.0
     );
     assert!(eventually(Duration::from_secs(10), || {
@@ -304,7 +317,14 @@ fn a_killed_client_frees_meshds_side() {
         "meshd kept the dead client's connection; log:\n{}",
         meshd.log()
     );
-    assert_eq!(meshd.metric("istio_tcp_connections_closed_total", &[]), 1.0);
+    // Reported by this node as source and as destination.
+    for reporter in ["source", "destination"] {
+        let labels = [("reporter", reporter)];
+        assert_eq!(
+            meshd.metric("istio_tcp_connections_closed_total", &labels),
+            1.0
+        );
+    }
 }
 
 #[test]

@@ -156,7 +156,8 @@ fn h2load_through_meshd_completes_without_errors() {
     assert!(out.contains("status codes: 2000 2xx"), "{out}");
     // h2load spoke HTTP/2 to meshd; the servers (declared `http`) got HTTP/1.1.
     assert!(eventually(Duration::from_secs(5), || {
-        meshd.metric("istio_requests_total", &[("response_code", "200")]) == 2000.0
+        let labels = [("reporter", "source"), ("response_code", "200")];
+        meshd.metric("istio_requests_total", &labels) == 2000.0
     }));
 }
 
@@ -192,22 +193,38 @@ fn http_across_nodes_rides_the_mtls_tunnel() {
     );
     // node-b's meshd connected to the pods.
     assert!(out.lines().all(|l| l.contains(" to 10.78.0.1:")), "{out}");
-    let labels = [
-        ("reporter", "source"),
-        ("request_protocol", "http"),
-        ("response_code", "200"),
-        ("connection_security_policy", "mutual_tls"),
-        (
-            "source_principal",
-            "spiffe://cluster.local/ns/default/sa/client",
-        ),
-    ];
-    assert_eq!(a.metric("istio_requests_total", &labels), 20.0);
-    assert!(
+    // Both reporters count every request, the destination through the
+    // tunnel: only it knows the request came over mutual TLS.
+    for (meshd, reporter, security) in
+        [(&a, "source", "unknown"), (&b, "destination", "mutual_tls")]
+    {
+        let labels = [
+            ("reporter", reporter),
+            ("request_protocol", "http"),
+            ("response_code", "200"),
+            ("connection_security_policy", security),
+            (
+                "source_principal",
+                "spiffe://cluster.local/ns/default/sa/client",
+            ),
+            ("destination_service", "web.default.svc.cluster.local"),
+            ("source_cluster", "Kubernetes"),
+            ("destination_cluster", "Kubernetes"),
+        ];
+        assert_eq!(
+            meshd.metric("istio_requests_total", &labels),
+            20.0,
+            "{reporter}: {}",
+            meshd.metrics()
+        );
+    }
+    // An HTTP port's streams are reported as requests, not as TCP.
+    assert_eq!(
         b.metric(
             "istio_tcp_connections_opened_total",
             &[("reporter", "destination")]
-        ) >= 1.0
+        ),
+        0.0
     );
 }
 
@@ -250,16 +267,35 @@ fn grpc_unary_errors_and_streams_pass_with_trailers() {
         meshd.log()
     );
     assert!(out.contains("not_found=trailers stream=3"), "{out}");
-    let grpc = [("request_protocol", "grpc"), ("response_code", "200")];
-    assert_eq!(
-        meshd.metric("istio_requests_total", &grpc),
-        3.0,
-        "{}",
-        meshd.metrics()
-    );
-    // The NOT_FOUND answer was trailers-only: its status is in the headers.
-    let not_found = [("request_protocol", "grpc"), ("grpc_response_status", "5")];
-    assert_eq!(meshd.metric("istio_requests_total", &not_found), 1.0);
+    // One meshd on both sides: each call is reported by both — the Watch
+    // stream once the client has cancelled it.
+    for reporter in ["source", "destination"] {
+        let grpc = [
+            ("reporter", reporter),
+            ("request_protocol", "grpc"),
+            ("response_code", "200"),
+        ];
+        assert!(
+            eventually(Duration::from_secs(5), || meshd
+                .metric("istio_requests_total", &grpc)
+                == 3.0),
+            "{}",
+            meshd.metrics()
+        );
+        // The NOT_FOUND answer was trailers-only: its status is in the
+        // headers; the unary Check's is in its trailers.
+        let status = |code| {
+            let labels = [("reporter", reporter), ("grpc_response_status", code)];
+            meshd.metric("istio_requests_total", &labels)
+        };
+        assert_eq!(status("5"), 1.0);
+        assert_eq!(status("0"), 1.0, "{}", meshd.metrics());
+        // One message up per call; down, the Check's answer and at least
+        // the three stream messages the client read.
+        let by = [("reporter", reporter)];
+        assert_eq!(meshd.metric("istio_request_messages_total", &by), 3.0);
+        assert!(meshd.metric("istio_response_messages_total", &by) >= 4.0);
+    }
 }
 
 #[test]
@@ -274,7 +310,8 @@ fn sigterm_winds_down_idle_keep_alive_connections_without_waiting_for_the_drain_
         &["http-idle", "--connect", "10.96.0.20:80"],
     );
     assert!(eventually(Duration::from_secs(10), || {
-        meshd.metric("istio_requests_total", &[("response_code", "200")]) == 1.0
+        let labels = [("reporter", "source"), ("response_code", "200")];
+        meshd.metric("istio_requests_total", &labels) == 1.0
     }));
     let started = std::time::Instant::now();
     let status = meshd.terminate(Duration::from_secs(55));

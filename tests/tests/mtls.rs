@@ -166,7 +166,6 @@ fn a_cross_node_request_goes_through_mutual_tls_with_principals_on_both_sides() 
     let principals = [
         ("source_principal", spiffe("client")),
         ("destination_principal", spiffe("server")),
-        ("connection_security_policy", "mutual_tls".to_owned()),
         ("source_workload", "client".to_owned()),
         ("destination_workload", "server".to_owned()),
         (
@@ -184,9 +183,16 @@ fn a_cross_node_request_goes_through_mutual_tls_with_principals_on_both_sides() 
             .map(|(k, v)| (*k, v.as_str()))
             .collect();
         l.push(("reporter", reporter));
+        // Only the destination knows how it was reached (Istio's rule).
         if reporter == "destination" {
             l.push(("source_workload", "unknown"));
+            l.push(("connection_security_policy", "mutual_tls"));
+        } else {
+            l.push(("connection_security_policy", "unknown"));
         }
+        l.push(("source_cluster", "Kubernetes"));
+        l.push(("destination_cluster", "Kubernetes"));
+        l.push(("destination_canonical_service", "server"));
         l
     };
     assert_eq!(
@@ -991,14 +997,21 @@ policies:
         meshd.metric("meshd_authorization_denied_total", &denied),
         1.0
     );
-    let allowed = [
-        ("source_workload", "client"),
-        ("connection_security_policy", "none"),
-    ];
-    assert_eq!(
-        meshd.metric("istio_tcp_connections_opened_total", &allowed),
-        1.0
-    );
+    // One meshd is source and destination: it reports both sides, and
+    // only the destination knows the hop was never encrypted.
+    for (reporter, security) in [("source", "unknown"), ("destination", "none")] {
+        let allowed = [
+            ("reporter", reporter),
+            ("source_workload", "client"),
+            ("connection_security_policy", security),
+        ];
+        assert_eq!(
+            meshd.metric("istio_tcp_connections_opened_total", &allowed),
+            1.0,
+            "{}",
+            meshd.metrics()
+        );
+    }
     assert_eq!(meshd.metric("meshd_tunnel_connections", &[]), 0.0);
 }
 

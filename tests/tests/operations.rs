@@ -658,7 +658,7 @@ fn a_real_prometheus_scrapes_meshd_and_promtool_finds_its_output_clean() {
         "Prometheus never saw 5 requests: {:?}",
         query(requests)
     );
-    let opened = "sum(istio_tcp_connections_opened_total{destination_service=\"echo.default.svc.cluster.local\",source_workload=\"client\"})";
+    let opened = "sum(istio_tcp_connections_opened_total{reporter=\"source\",destination_service=\"echo.default.svc.cluster.local\",source_workload=\"client\"})";
     assert_eq!(query(opened), Some(1.0));
     assert_eq!(query("up{job=\"meshd\"}"), Some(1.0));
 }

@@ -111,15 +111,43 @@ fn retries_recover_transient_failures_on_the_same_node_and_across_nodes() {
     };
     assert_eq!(retries(LOCAL, "5xx"), 2.0, "{}", nodes.a.metrics());
     assert_eq!(retries(REMOTE, "reset"), 3.0, "{}", nodes.a.metrics());
-    let requests = |service, code| {
-        nodes.a.metric(
+    let requests = |meshd: &meshd_tests::testbed::Meshd, reporter, service, code| {
+        meshd.metric(
             "istio_requests_total",
-            &[("destination_service", service), ("response_code", code)],
+            &[
+                ("reporter", reporter),
+                ("destination_service", service),
+                ("response_code", code),
+            ],
         )
     };
-    assert_eq!(requests(LOCAL, "503"), 1.0);
-    assert_eq!(requests(LOCAL, "200"), 10.0);
-    assert_eq!(requests(REMOTE, "200"), 10.0);
+    let (a, b) = (&nodes.a, &nodes.b);
+    assert_eq!(requests(a, "source", LOCAL, "503"), 1.0);
+    assert_eq!(requests(a, "source", LOCAL, "200"), 10.0);
+    assert_eq!(requests(a, "source", REMOTE, "200"), 10.0);
+    // The destinations report what reached them: node-a the local answers
+    // that stood, node-b every try through the tunnel — the three the pod
+    // reset (recorded as 503 UC, the source getting the reset) and the ten
+    // answered.
+    assert_eq!(requests(a, "destination", LOCAL, "503"), 1.0);
+    assert_eq!(requests(a, "destination", LOCAL, "200"), 10.0);
+    assert_eq!(
+        requests(b, "destination", REMOTE, "200"),
+        10.0,
+        "{}",
+        b.metrics()
+    );
+    let reset = [
+        ("reporter", "destination"),
+        ("response_code", "503"),
+        ("response_flags", "UC"),
+    ];
+    assert_eq!(
+        b.metric("istio_requests_total", &reset),
+        3.0,
+        "{}",
+        b.metrics()
+    );
     // An upgraded connection (as a websocket's) passes through both ways.
     for vip in ["10.96.0.30:80", "10.96.0.31:80"] {
         let out = client(

@@ -27,6 +27,9 @@ pub struct Config {
     /// Tunnel address of every node, by name.
     pub nodes: HashMap<Arc<str>, Ipv4Addr>,
     pub policies: Vec<Policy>,
+    /// `mesh.clusterName`, interned for `source_cluster` and
+    /// `destination_cluster`.
+    pub cluster: Arc<str>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -82,6 +85,8 @@ pub struct Endpoint {
     /// The identity a tunnel to this endpoint must prove.
     pub identity: Identity,
     pub labels: BTreeMap<String, String>,
+    /// What metrics say of the endpoint's workload.
+    pub reported: Reported,
 }
 
 #[derive(Debug, Clone)]
@@ -91,14 +96,66 @@ pub struct Workload {
     pub service_account: Arc<str>,
     pub cgroup: Option<String>,
     pub addresses: Vec<Ipv4Addr>,
-    pub app: Arc<str>,
-    pub version: Arc<str>,
+    /// What metrics say of the workload.
+    pub reported: Reported,
     pub identity: Identity,
     /// Ports the node itself may reach in plaintext (kubelet probes).
     pub probe_ports: Vec<u16>,
 }
 
 const UNKNOWN: &str = "unknown";
+
+/// What Istio's metrics say of a workload, from its labels the way Istio
+/// derives them: `app` and `version` as they are, the canonical service
+/// from `service.istio.io/canonical-name`, `app.kubernetes.io/name`,
+/// `app`, else the workload's name; the canonical revision from
+/// `service.istio.io/canonical-revision`, `app.kubernetes.io/version`,
+/// `version`, else `latest`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reported {
+    pub app: Arc<str>,
+    pub version: Arc<str>,
+    pub canonical_service: Arc<str>,
+    pub canonical_revision: Arc<str>,
+}
+
+impl Reported {
+    pub fn from_labels(labels: &BTreeMap<String, String>, workload: &Arc<str>) -> Self {
+        let first = |keys: &[&str]| {
+            keys.iter()
+                .find_map(|k| labels.get(*k))
+                .map(|v| Arc::from(v.as_str()))
+        };
+        let unknown = || Arc::from(UNKNOWN);
+        Self {
+            app: first(&["app"]).unwrap_or_else(unknown),
+            version: first(&["version"]).unwrap_or_else(unknown),
+            canonical_service: first(&[
+                "service.istio.io/canonical-name",
+                "app.kubernetes.io/name",
+                "app",
+            ])
+            .unwrap_or_else(|| workload.clone()),
+            canonical_revision: first(&[
+                "service.istio.io/canonical-revision",
+                "app.kubernetes.io/version",
+                "version",
+            ])
+            .unwrap_or_else(|| Arc::from("latest")),
+        }
+    }
+
+    /// For a peer meshd knows nothing about.
+    pub fn unknown() -> Self {
+        let unknown: Arc<str> = Arc::from(UNKNOWN);
+        Self {
+            app: unknown.clone(),
+            version: unknown.clone(),
+            canonical_service: unknown.clone(),
+            canonical_revision: unknown,
+        }
+    }
+}
 
 /// Collects errors against the file they belong to.
 struct Checker<'a> {
@@ -332,6 +389,7 @@ pub(super) fn validate(sources: &[Source], files: Vec<ConfigFile>) -> Result<Con
 
     match (node, check.errors.is_empty()) {
         (Some(node), true) => Ok(Config {
+            cluster: mesh.cluster_name.as_str().into(),
             mesh,
             node,
             proxy,
@@ -458,6 +516,19 @@ fn check_capture_size(check: &mut Checker<'_>, services: &[(usize, FieldPath, Se
 }
 
 fn check_mesh(check: &mut Checker<'_>, file: usize, spec: &MeshSpec) {
+    let cluster = &spec.cluster_name;
+    let label_value = !cluster.is_empty()
+        && cluster.len() <= 63
+        && cluster
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b));
+    if !label_value {
+        check.fail(
+            file,
+            &FieldPath::default().key("mesh").key("clusterName"),
+            format!("{cluster:?} is not a cluster name (1 to 63 letters, digits, '-', '.', '_')"),
+        );
+    }
     let td = &spec.trust_domain;
     let ok = !td.is_empty()
         && td.len() <= 255
@@ -706,8 +777,6 @@ fn check_workload(
         .enumerate()
         .map(|(i, ip)| check.ipv4(file, &at.clone().key("addresses").index(i), *ip))
         .collect();
-    let label =
-        |key: &str| -> Arc<str> { spec.labels.get(key).map_or(UNKNOWN, String::as_str).into() };
     let identity = check.identity(
         file,
         &at.clone().key("serviceAccount"),
@@ -715,11 +784,11 @@ fn check_workload(
         &spec.namespace,
         &spec.service_account,
     );
+    let name: Arc<str> = spec.name.as_str().into();
     let workload = Workload {
         identity,
-        app: label("app"),
-        version: label("version"),
-        name: spec.name.as_str().into(),
+        reported: Reported::from_labels(&spec.labels, &name),
+        name,
         namespace: spec.namespace.as_str().into(),
         service_account: spec.service_account.as_str().into(),
         cgroup: spec.cgroup,
@@ -825,6 +894,63 @@ node:
         assert_eq!(&*config.node.name, "node-a");
         assert_eq!(config.proxy.outbound_port, 15001);
         assert!(!config.proxy.sk_msg);
+    }
+
+    #[test]
+    fn canonical_names_are_derived_as_istio_does() {
+        let config = load_str(
+            "mesh.yaml",
+            &format!(
+                "{NODE}mesh: {{ clusterName: east-1 }}
+workloads:
+  - {{ name: a-7f9, addresses: [10.77.0.5] }}
+  - name: b-1
+    addresses: [10.77.0.6]
+    labels: {{ app: b, version: v2 }}
+  - name: c-1
+    addresses: [10.77.0.7]
+    labels:
+      app: c
+      app.kubernetes.io/name: c-kube
+      app.kubernetes.io/version: '3.1'
+      version: v1
+  - name: d-1
+    addresses: [10.77.0.8]
+    labels:
+      app.kubernetes.io/name: d-kube
+      service.istio.io/canonical-name: d-canon
+      service.istio.io/canonical-revision: r9
+"
+            ),
+        )
+        .expect("valid");
+        assert_eq!(&*config.cluster, "east-1");
+        let got: Vec<[&str; 4]> = config
+            .workloads
+            .iter()
+            .map(|w| {
+                let r = &w.reported;
+                [
+                    &*r.app,
+                    &*r.version,
+                    &*r.canonical_service,
+                    &*r.canonical_revision,
+                ]
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ["unknown", "unknown", "a-7f9", "latest"],
+                ["b", "v2", "b", "v2"],
+                ["c", "v1", "c-kube", "3.1"],
+                ["unknown", "unknown", "d-canon", "r9"],
+            ]
+        );
+        let default = load_str("mesh.yaml", NODE).expect("valid");
+        assert_eq!(&*default.cluster, "Kubernetes");
+        let text = errors(&format!("{NODE}mesh: {{ clusterName: \"a b\" }}\n"));
+        assert!(text.contains("mesh.yaml:6: mesh.clusterName"), "{text}");
     }
 
     #[test]

@@ -15,10 +15,11 @@ use tokio::{
     net::TcpStream,
 };
 
-/// A stream that adds every byte read from it to a counter.
+/// A stream that adds every byte read from it to counters (one per
+/// reporter).
 struct Counted<'a, S> {
     inner: &'a mut S,
-    read: &'a Counter,
+    read: &'a [Counter],
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
@@ -31,7 +32,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
         let poll = Pin::new(&mut *self.inner).poll_read(cx, buf);
         let read = buf.filled().len() - before;
         if read > 0 {
-            self.read.inc_by(read as u64);
+            for counter in self.read {
+                counter.inc_by(read as u64);
+            }
         }
         poll
     }
@@ -159,8 +162,8 @@ pub async fn relay<C, U>(
     client: &mut C,
     upstream: &mut U,
     buffer_size: usize,
-    received: &Counter,
-    sent: &Counter,
+    received: &[Counter],
+    sent: &[Counter],
 ) -> io::Result<()>
 where
     C: AsyncRead + AsyncWrite + Unpin + Resettable,

@@ -15,7 +15,7 @@ pub mod respond;
 pub mod retry;
 pub mod upstream;
 
-pub use self::message::{sniff, splice_upgrade, SNIFF_WAIT};
+pub use self::message::{is_grpc, sniff, splice_upgrade, SNIFF_WAIT};
 
 use std::{convert::Infallible, sync::Arc};
 
@@ -27,22 +27,23 @@ use hyper_util::{
 use tokio::time::Instant;
 use tracing::debug;
 
-use self::{
-    attempt::HttpAttempt, message::is_grpc, replay::Payload, respond::Refusal, retry::Retry,
-    upstream::Body,
-};
+use self::{attempt::HttpAttempt, replay::Payload, respond::Refusal, retry::Retry, upstream::Body};
 use super::ProxyInputs;
 use crate::{
     config::{Protocol, Workload},
     net::accept::Accepted,
     policy::authz,
-    state::ids::OrigDstAddr,
+    state::{ids::OrigDstAddr, snapshot::Path},
     telemetry::{
+        body::Counted,
         labels,
         metrics::UnresolvedReason,
-        result::{RequestLine, RequestResult},
+        result::{Reports, RequestLine, RequestResult},
     },
 };
+
+/// A client's request body on its way: counted for the request's result.
+pub type ClientBody = Counted<Incoming>;
 
 /// What every request of one captured connection shares.
 pub struct Connection {
@@ -111,14 +112,16 @@ async fn handle(
     } else {
         "http"
     };
-    let labels = labels::source(connection.source.as_ref(), service, None, None, protocol);
+    let cluster = &snapshot.config.cluster;
+    let source = connection.source.as_ref();
+    let labels = labels::source(cluster, source, service, None, protocol);
     let line = RequestLine {
         method: request.method().clone(),
         uri: request.uri().clone(),
     };
     let mut result = RequestResult::new(
         &inputs.metrics,
-        labels::http(labels),
+        Reports::one(labels::http(labels)),
         line,
         started.into_std(),
     );
@@ -139,7 +142,7 @@ async fn handle(
         Err(refusal) => return respond::refuse(refusal, result),
     };
     result.set_route(&admitted.route.name);
-    result.set_request_bytes(admit::declared_size(&parts));
+    let body = result.count_request(body);
     let method_allowed = admitted.retries.method_allowed(&parts.method);
     let keeps = admitted.keeps_body(method_allowed, upgrade.is_some());
     let payload = Payload::new(body, keeps.then_some(admitted.retries.buffer_limit));
@@ -157,7 +160,21 @@ async fn handle(
     };
     let tried = retry.run(&mut attempt, || fastrand::u64(..)).await;
     if let Some((endpoint, path, upstream)) = attempt.last_endpoint() {
-        result.set_endpoint(endpoint, path, upstream);
+        result.set_endpoint(endpoint, upstream);
+        // On this node, meshd reports the request as its destination too.
+        let workload = (attempt.reached_locally() && path == Some(Path::Local))
+            .then(|| snapshot.local_workload(endpoint.address))
+            .flatten();
+        if let Some(workload) = workload {
+            result.set_destination(labels::destination(
+                cluster,
+                labels::Peer::local(source),
+                workload,
+                Some(service),
+                labels::Security::None,
+                protocol,
+            ));
+        }
     }
     respond::ended(tried, upgrade, result)
 }

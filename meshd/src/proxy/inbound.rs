@@ -28,7 +28,12 @@ use crate::{
     net::relay::relay,
     policy::authz::{self, Decision},
     proxy::ProxyInputs,
-    telemetry::{labels, metrics::HandshakeLabels, ConnectionResult, ResponseFlag},
+    telemetry::{
+        labels,
+        metrics::{HandshakeLabels, Metrics, TcpLabels},
+        result::{Reports, RequestLine},
+        ConnectionResult, RequestResult, ResponseFlag,
+    },
 };
 
 mod requests;
@@ -304,18 +309,31 @@ async fn stream_request(
         .workload
         .as_ref()
         .and_then(|name| snapshot.known_workload(&source, name));
-    let says = labels::PeerSays {
-        workload: known.map(|k| &k.name),
-        app: known.map(|k| &k.app),
-        version: known.map(|k| &k.version),
+    let peer = labels::Peer {
+        identity: Some(&source),
+        workload: known.map(|k| (&k.name, &k.reported)),
     };
-    let labels = labels::destination(&source, says, workload, service);
-    let result = ConnectionResult::new(&inputs.metrics, labels);
-    // Policies with HTTP conditions on an HTTP port: each request is
-    // decided on its own, once the stream is open.
-    let per_request = authz::needs_requests(&snapshot.config.policies, services)
-        && serves_http(&snapshot, services, target.port());
-    let decision = if per_request {
+    let http = serves_http(&snapshot, services, target.port());
+    let labels = labels::destination(
+        &snapshot.config.cluster,
+        peer,
+        workload,
+        service,
+        labels::Security::MutualTls,
+        if http { "http" } else { "tcp" },
+    );
+    // An HTTP port's stream is served as HTTP: each request is decided
+    // and reported on its own; a stream that cannot be served counts as
+    // one failed request.
+    let result = if http {
+        Outcome::Requests(labels.clone())
+    } else {
+        Outcome::Connection(ConnectionResult::new(
+            &inputs.metrics,
+            Reports::one(labels.clone()),
+        ))
+    };
+    let decision = if http {
         Decision::Allow
     } else {
         authz::authorize(
@@ -331,13 +349,15 @@ async fn stream_request(
     if let Decision::Deny { reason } = decision {
         let destination = workload.identity.uri().clone();
         crate::proxy::denied(&inputs.metrics, source.uri().clone(), destination, &reason);
-        result.end(ResponseFlag::Rbac);
-        return status(StatusCode::FORBIDDEN);
+        return result.refuse(&inputs.metrics, StatusCode::FORBIDDEN, ResponseFlag::Rbac);
     }
     if !snapshot.local_endpoint_healthy(*target.ip()) {
         warn!(%source, %target, "refusing a tunnel stream to an endpoint failing its health check");
-        result.end(ResponseFlag::NoHealthyUpstream);
-        return status(StatusCode::SERVICE_UNAVAILABLE);
+        return result.refuse(
+            &inputs.metrics,
+            StatusCode::SERVICE_UNAVAILABLE,
+            ResponseFlag::NoHealthyUpstream,
+        );
     }
     drop(snapshot);
 
@@ -359,8 +379,7 @@ async fn stream_request(
                     StatusCode::GATEWAY_TIMEOUT
                 }
             };
-            result.end(ResponseFlag::UpstreamConnectFailure);
-            return status(code);
+            return result.refuse(&inputs.metrics, code, ResponseFlag::UpstreamConnectFailure);
         }
     };
     let _ = pod.set_nodelay(true);
@@ -368,10 +387,55 @@ async fn stream_request(
         pod,
         source,
         target,
-        per_request,
+        labels,
     };
-    tokio::spawn(stream.relay(inputs, request, result).in_current_span());
+    match result {
+        Outcome::Connection(connection) => {
+            tokio::spawn(stream.relay(inputs, request, connection).in_current_span())
+        }
+        // Each request is reported on its own from here.
+        Outcome::Requests(_) => tokio::spawn(stream.serve_http(inputs, request).in_current_span()),
+    };
     status(StatusCode::OK)
+}
+
+/// How a tunnel stream is reported: as one connection (a TCP port), or
+/// request by request (an HTTP port), where a stream that cannot be
+/// served is one failed request.
+enum Outcome {
+    Connection(ConnectionResult),
+    /// Reported with these labels, request by request.
+    Requests(TcpLabels),
+}
+
+impl Outcome {
+    /// Refuses the stream with `code`, recorded with `flag`.
+    fn refuse(
+        self,
+        metrics: &Arc<Metrics>,
+        code: StatusCode,
+        flag: ResponseFlag,
+    ) -> Response<Empty<Bytes>> {
+        match self {
+            Self::Connection(result) => result.end(flag),
+            Self::Requests(labels) => {
+                let line = RequestLine {
+                    method: Method::CONNECT,
+                    uri: hyper::Uri::from_static("/"),
+                };
+                let result = RequestResult::new(
+                    metrics,
+                    Reports::one(labels::http(labels)),
+                    line,
+                    std::time::Instant::now(),
+                );
+                let answer = status(code)
+                    .map(|body| http_body_util::BodyExt::map_err(body, |never| match never {}));
+                drop(result.finish(answer, flag));
+            }
+        }
+        status(code)
+    }
 }
 
 /// The service the source says it addressed, if this endpoint really
@@ -399,39 +463,66 @@ struct Stream {
     pod: TcpStream,
     source: Identity,
     target: SocketAddrV4,
-    /// Served as HTTP, each request authorized on its own.
-    per_request: bool,
+    /// The destination's labels for what the stream carries.
+    labels: TcpLabels,
 }
 
 impl Stream {
-    /// Once the stream is open, relays it (or serves its requests).
+    /// Once the stream is open, relays it as bytes.
     async fn relay(
         self,
         inputs: Arc<ProxyInputs>,
         request: Request<Incoming>,
         mut result: ConnectionResult,
     ) {
-        let upgraded = match hyper::upgrade::on(request).await {
-            Ok(upgraded) => upgraded,
-            Err(err) => {
-                debug!(error = %err, "stream upgrade failed");
-                return result.end(ResponseFlag::DownstreamConnectionTermination);
-            }
+        let Some(mut stream) = upgraded(request).await else {
+            return result.end(ResponseFlag::DownstreamConnectionTermination);
         };
-        let mut stream = TokioIo::new(upgraded);
-        let (received, sent) = result.open();
-        if self.per_request {
-            return requests::serve(inputs.clone(), stream, self.pod, self.source, self.target)
-                .await;
-        }
+        let bytes = result.open();
         // A stream idle as long as a connection would be is closed too.
         let mut pod = crate::net::idle::Idle::new(
             self.pod,
             inputs.idle_timeout,
             inputs.metrics.idle_closed("inbound"),
         );
-        if let Err(err) = relay(&mut stream, &mut pod, inputs.buffer_size, &received, &sent).await {
+        let relayed = relay(
+            &mut stream,
+            &mut pod,
+            inputs.buffer_size,
+            &bytes.received,
+            &bytes.sent,
+        )
+        .await;
+        if let Err(err) = relayed {
             debug!(error = %err, "stream closed with an error");
+        }
+    }
+
+    /// Once the stream is open, serves its requests (see `requests`).
+    async fn serve_http(self, inputs: Arc<ProxyInputs>, request: Request<Incoming>) {
+        let Some(stream) = upgraded(request).await else {
+            return;
+        };
+        let stream = crate::net::idle::Idle::new(
+            stream,
+            inputs.idle_timeout,
+            inputs.metrics.idle_closed("inbound"),
+        );
+        let peer = requests::Peer {
+            identity: self.source,
+            labels: self.labels,
+        };
+        requests::serve(inputs, stream, self.pod, peer, self.target).await;
+    }
+}
+
+/// The stream a CONNECT request opened, once its answer is sent.
+async fn upgraded(request: Request<Incoming>) -> Option<TokioIo<hyper::upgrade::Upgraded>> {
+    match hyper::upgrade::on(request).await {
+        Ok(upgraded) => Some(TokioIo::new(upgraded)),
+        Err(err) => {
+            debug!(error = %err, "stream upgrade failed");
+            None
         }
     }
 }

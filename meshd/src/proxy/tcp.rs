@@ -21,7 +21,9 @@ use crate::{
         ids::OrigDstAddr,
         snapshot::{Path, Snapshot, Target, Unresolved},
     },
-    telemetry::{labels, metrics::UnresolvedReason, ConnectionResult, ResponseFlag},
+    telemetry::{
+        labels, metrics::UnresolvedReason, result::Reports, ConnectionResult, ResponseFlag,
+    },
 };
 
 /// Relays one captured connection to `dst` from `source`.
@@ -46,14 +48,30 @@ pub async fn serve(
         }
     };
     let source = source.as_ref();
-    let labels = labels::source(
+    let cluster = &snapshot.config.cluster;
+    let mut reports = Reports::one(labels::source(
+        cluster,
         source,
         target.service,
         Some(target.endpoint),
-        Some(target.path),
         "tcp",
-    );
-    let result = ConnectionResult::new(&inputs.metrics, labels);
+    ));
+    if target.path == Path::Local {
+        // This node is the destination too: it reports both sides.
+        reports.destination = snapshot
+            .local_workload(target.endpoint.address)
+            .map(|workload| {
+                Box::new(labels::destination(
+                    cluster,
+                    labels::Peer::local(source),
+                    workload,
+                    Some(target.service),
+                    labels::Security::None,
+                    "tcp",
+                ))
+            });
+    }
+    let result = ConnectionResult::new(&inputs.metrics, reports);
     debug!(dst = %dst.0, upstream = %target.upstream, path = ?target.path, "relaying");
     // The service's connection limit holds for the connection's life.
     let Some(_slot) = snapshot.connection_limit(target.service_index).try_open() else {
@@ -74,15 +92,7 @@ pub async fn serve(
                     node,
                     destination: target.endpoint.identity.clone(),
                 };
-                let baggage = Baggage {
-                    workload: Some(source.name.clone()),
-                    app: Some(source.app.clone()),
-                    version: Some(source.version.clone()),
-                    service: Some((
-                        target.service.namespace.clone(),
-                        target.service.name.clone(),
-                    )),
-                };
+                let baggage = Baggage::of(source, target.service);
                 (key, baggage.encode())
             });
             let (upstream, service) = (target.upstream, target.service.hostname.clone());
@@ -149,8 +159,16 @@ async fn relayed<U>(
 ) where
     U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Resettable,
 {
-    let (received, sent) = result.open();
-    match relay(&mut client, upstream, inputs.buffer_size, &received, &sent).await {
+    let bytes = result.open();
+    match relay(
+        &mut client,
+        upstream,
+        inputs.buffer_size,
+        &bytes.received,
+        &bytes.sent,
+    )
+    .await
+    {
         Ok(()) => debug!("closed"),
         Err(err) => debug!(error = %err, "closed with an error"),
     }

@@ -88,8 +88,7 @@ pub enum Unresolved {
 #[derive(Debug, Clone)]
 pub struct KnownWorkload {
     pub name: Arc<str>,
-    pub app: Arc<str>,
-    pub version: Arc<str>,
+    pub reported: crate::config::Reported,
 }
 
 /// What the kernel does with plaintext (a connection that does not come
@@ -188,16 +187,12 @@ impl Snapshot {
             }
         }
         let mut known = HashMap::new();
-        let label = |labels: &std::collections::BTreeMap<String, String>, key: &str| -> Arc<str> {
-            Arc::from(labels.get(key).map_or("unknown", String::as_str))
-        };
         for endpoint in config.services.iter().flat_map(|s| &s.endpoints) {
             known
                 .entry((endpoint.identity.clone(), endpoint.workload.clone()))
                 .or_insert_with(|| KnownWorkload {
                     name: endpoint.workload.clone(),
-                    app: label(&endpoint.labels, "app"),
-                    version: label(&endpoint.labels, "version"),
+                    reported: endpoint.reported.clone(),
                 });
         }
         for workload in &config.workloads {
@@ -205,8 +200,7 @@ impl Snapshot {
                 (workload.identity.clone(), workload.name.clone()),
                 KnownWorkload {
                     name: workload.name.clone(),
-                    app: workload.app.clone(),
-                    version: workload.version.clone(),
+                    reported: workload.reported.clone(),
                 },
             );
         }

@@ -1,14 +1,18 @@
 //! Istio's label sets, built from what meshd knows for certain: the config
 //! snapshot, a certificate, or a closed set. Values are interned `Arc<str>`
 //! from the config, so building a label set formats nothing.
+//!
+//! Value rules are Istio's ("Istio Standard Metrics"): a workload meshd does
+//! not know is `unknown`, and so is its namespace; `connection_security_policy`
+//! is only known to the destination (`mutual_tls` through a tunnel, `none`
+//! on the same node) and `unknown` when the source reports.
 
 use std::sync::Arc;
 
 use super::{metrics::HttpLabels, metrics::TcpLabels, ResponseFlag};
 use crate::{
-    config::{Endpoint, Service, Workload},
+    config::{Endpoint, Reported, Service, Workload},
     spiffe::Identity,
-    state::snapshot::Path,
 };
 
 /// What a label says when meshd does not know.
@@ -18,90 +22,146 @@ fn unknown() -> Arc<str> {
     Arc::from(UNKNOWN)
 }
 
-/// Istio's `connection_security_policy` for how the endpoint is reached.
-fn security(path: Option<Path>) -> &'static str {
-    match path {
-        // Same-node traffic never leaves the node and is not encrypted.
-        Some(Path::Local) => "none",
-        Some(Path::Tunnel { .. }) => "mutual_tls",
-        None => "unknown",
+/// How the destination was reached, as the destination reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Security {
+    /// Through a tunnel: mutual TLS.
+    MutualTls,
+    /// On the same node: never encrypted, never left the node.
+    None,
+}
+
+impl Security {
+    fn label(self) -> &'static str {
+        match self {
+            Self::MutualTls => "mutual_tls",
+            Self::None => "none",
+        }
     }
 }
 
 /// The source node's labels for a connection (`request_protocol` `tcp`)
 /// or request from `source` to an endpoint of `service` (none chosen yet:
-/// `unknown`).
+/// `unknown`) in `cluster`.
 pub fn source(
+    cluster: &Arc<str>,
     source: Option<&Workload>,
     service: &Service,
     endpoint: Option<&Endpoint>,
-    path: Option<Path>,
     request_protocol: &'static str,
 ) -> TcpLabels {
     let pick = |f: fn(&Workload) -> &Arc<str>| source.map_or_else(unknown, |w| f(w).clone());
-    TcpLabels {
+    let mut labels = TcpLabels {
         reporter: "source",
         source_workload: pick(|w| &w.name),
         source_workload_namespace: pick(|w| &w.namespace),
         source_principal: pick(|w| w.identity.uri()),
-        source_app: pick(|w| &w.app),
-        source_version: pick(|w| &w.version),
-        destination_workload: endpoint.map_or_else(unknown, |e| e.workload.clone()),
-        destination_workload_namespace: service.namespace.clone(),
-        destination_principal: endpoint.map_or_else(unknown, |e| e.identity.uri().clone()),
+        source_app: pick(|w| &w.reported.app),
+        source_version: pick(|w| &w.reported.version),
+        source_canonical_service: pick(|w| &w.reported.canonical_service),
+        source_canonical_revision: pick(|w| &w.reported.canonical_revision),
+        source_cluster: cluster.clone(),
+        destination_workload: unknown(),
+        destination_workload_namespace: unknown(),
+        destination_principal: unknown(),
+        destination_app: unknown(),
+        destination_version: unknown(),
+        destination_canonical_service: unknown(),
+        destination_canonical_revision: unknown(),
         destination_service: service.hostname.clone(),
         destination_service_name: service.name.clone(),
         destination_service_namespace: service.namespace.clone(),
+        destination_cluster: cluster.clone(),
         request_protocol,
         response_flags: ResponseFlag::None,
-        connection_security_policy: security(path),
+        connection_security_policy: UNKNOWN,
+    };
+    if let Some(endpoint) = endpoint {
+        to_endpoint(&mut labels, endpoint, &service.namespace);
+    }
+    labels
+}
+
+/// Who the destination node knows the source of a connection to be.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer<'a> {
+    /// The identity it proved (through a tunnel), or its workload's; none
+    /// for a source on this node that meshd does not know.
+    pub identity: Option<&'a Identity>,
+    /// Its workload's name and labels, where the config confirms them.
+    pub workload: Option<(&'a Arc<str>, &'a Reported)>,
+}
+
+impl<'a> Peer<'a> {
+    /// A source on this node, reaching a workload on the same node.
+    pub fn local(workload: Option<&'a Workload>) -> Self {
+        Self {
+            identity: workload.map(|w| &w.identity),
+            workload: workload.map(|w| (&w.name, &w.reported)),
+        }
     }
 }
 
-/// What is known of a peer's workload: what its baggage said, where the
-/// config confirms it (for metrics only).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct PeerSays<'a> {
-    pub workload: Option<&'a Arc<str>>,
-    pub app: Option<&'a Arc<str>>,
-    pub version: Option<&'a Arc<str>>,
-}
-
-/// The destination node's labels for a tunnel stream from the peer that
-/// proved `peer`, to `workload` as an endpoint of `service`.
+/// The destination node's labels for a connection or request from `peer`
+/// to `workload` of this node, as an endpoint of `service`, reached as
+/// `security` says.
 pub fn destination(
-    peer: &Identity,
-    says: PeerSays<'_>,
+    cluster: &Arc<str>,
+    peer: Peer<'_>,
     workload: &Workload,
     service: Option<&Service>,
+    security: Security,
+    request_protocol: &'static str,
 ) -> TcpLabels {
-    let said = |v: Option<&Arc<str>>| v.cloned().unwrap_or_else(unknown);
+    let said =
+        |f: fn(&Reported) -> &Arc<str>| peer.workload.map_or_else(unknown, |(_, r)| f(r).clone());
+    let reported = &workload.reported;
     TcpLabels {
         reporter: "destination",
-        source_workload: said(says.workload),
-        source_workload_namespace: peer.namespace().into(),
-        source_principal: peer.uri().clone(),
-        source_app: said(says.app),
-        source_version: said(says.version),
+        source_workload: peer.workload.map_or_else(unknown, |(name, _)| name.clone()),
+        // The proved identity's namespace: the workload's, whether or not
+        // the config names the workload.
+        source_workload_namespace: peer.identity.map_or_else(unknown, |i| i.namespace().into()),
+        source_principal: peer.identity.map_or_else(unknown, |i| i.uri().clone()),
+        source_app: said(|r| &r.app),
+        source_version: said(|r| &r.version),
+        source_canonical_service: said(|r| &r.canonical_service),
+        source_canonical_revision: said(|r| &r.canonical_revision),
+        source_cluster: cluster.clone(),
         destination_workload: workload.name.clone(),
         destination_workload_namespace: workload.namespace.clone(),
         destination_principal: workload.identity.uri().clone(),
+        destination_app: reported.app.clone(),
+        destination_version: reported.version.clone(),
+        destination_canonical_service: reported.canonical_service.clone(),
+        destination_canonical_revision: reported.canonical_revision.clone(),
         destination_service: service.map_or_else(unknown, |s| s.hostname.clone()),
         destination_service_name: service.map_or_else(unknown, |s| s.name.clone()),
         destination_service_namespace: service.map_or_else(unknown, |s| s.namespace.clone()),
-        request_protocol: "tcp",
+        destination_cluster: cluster.clone(),
+        request_protocol,
         response_flags: ResponseFlag::None,
-        connection_security_policy: "mutual_tls",
+        connection_security_policy: security.label(),
     }
 }
 
 /// Makes `labels` (a source node's, built before an endpoint was chosen)
-/// those of `endpoint`, reached by `path`: only what the endpoint decides
-/// changes.
-pub fn to_endpoint(labels: &mut TcpLabels, endpoint: &Endpoint, path: Option<Path>) {
+/// those of `endpoint` of a service in `namespace`: only what the endpoint
+/// decides changes. An endpoint whose workload the config does not name
+/// has no known namespace either (Istio's rule).
+pub fn to_endpoint(labels: &mut TcpLabels, endpoint: &Endpoint, namespace: &Arc<str>) {
+    let reported = &endpoint.reported;
+    labels.destination_workload_namespace = if &*endpoint.workload == UNKNOWN {
+        unknown()
+    } else {
+        namespace.clone()
+    };
     labels.destination_workload = endpoint.workload.clone();
     labels.destination_principal = endpoint.identity.uri().clone();
-    labels.connection_security_policy = security(path);
+    labels.destination_app = reported.app.clone();
+    labels.destination_version = reported.version.clone();
+    labels.destination_canonical_service = reported.canonical_service.clone();
+    labels.destination_canonical_revision = reported.canonical_revision.clone();
 }
 
 /// A request's labels on top of its connection's.

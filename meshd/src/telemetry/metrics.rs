@@ -1,4 +1,4 @@
-//! Prometheus metrics: Istio's standard TCP metrics, so existing dashboards
+//! Prometheus metrics: Istio's standard metrics, so existing dashboards
 //! and Kiali work unchanged, and `meshd_*` metrics about the proxy itself.
 //!
 //! Label values are interned `Arc<str>` taken from the config snapshot, so a
@@ -158,12 +158,20 @@ pub struct TcpLabels {
     pub source_principal: Arc<str>,
     pub source_app: Arc<str>,
     pub source_version: Arc<str>,
+    pub source_canonical_service: Arc<str>,
+    pub source_canonical_revision: Arc<str>,
+    pub source_cluster: Arc<str>,
     pub destination_workload: Arc<str>,
     pub destination_workload_namespace: Arc<str>,
     pub destination_principal: Arc<str>,
+    pub destination_app: Arc<str>,
+    pub destination_version: Arc<str>,
+    pub destination_canonical_service: Arc<str>,
+    pub destination_canonical_revision: Arc<str>,
     pub destination_service: Arc<str>,
     pub destination_service_name: Arc<str>,
     pub destination_service_namespace: Arc<str>,
+    pub destination_cluster: Arc<str>,
     pub request_protocol: &'static str,
     pub response_flags: crate::telemetry::ResponseFlag,
     pub connection_security_policy: &'static str,
@@ -292,6 +300,9 @@ pub struct Metrics {
     /// Pooled mTLS connections to other nodes.
     pub tunnel_connections: Gauge,
     pub requests: Capped<HttpLabels, Counter>,
+    /// gRPC messages each way (`istio_request_messages_total`, `_response_`).
+    pub request_messages: Capped<HttpLabels, Counter>,
+    pub response_messages: Capped<HttpLabels, Counter>,
     pub rate_limited: Family<RateLimitLabels, Counter>,
     pub circuit_breaker_rejections: Family<BreakerLabels, Counter>,
     /// 1 while a service's limit is reached; refreshed at each scrape.
@@ -361,6 +372,8 @@ impl Metrics {
             authorization_denied: capped(drops, cap, "meshd_authorization_denied_total", counter),
             tunnel_connections: Gauge::default(),
             requests: capped(drops, cap, "istio_requests_total", counter),
+            request_messages: capped(drops, cap, "istio_request_messages_total", counter),
+            response_messages: capped(drops, cap, "istio_response_messages_total", counter),
             rate_limited: Family::default(),
             circuit_breaker_rejections: Family::default(),
             circuit_breaker_open: Family::default(),
@@ -409,6 +422,16 @@ impl Metrics {
             metrics.tcp_received_bytes.clone(),
         );
         istio.register("requests", "Total requests", metrics.requests.clone());
+        istio.register(
+            "request_messages",
+            "gRPC messages sent by clients",
+            metrics.request_messages.clone(),
+        );
+        istio.register(
+            "response_messages",
+            "gRPC messages sent by servers",
+            metrics.response_messages.clone(),
+        );
         // Istio's dashboards list the mesh's components by version from it.
         let build = Family::<BuildLabels, Gauge>::default();
         build
@@ -420,17 +443,17 @@ impl Metrics {
         istio.register("build", "Istio component build info", build);
         istio.register(
             "request_duration_milliseconds",
-            "Time from request start to response headers, in milliseconds",
+            "Time from request start to the end of the response, in milliseconds",
             metrics.request_duration.clone(),
         );
         istio.register(
             "request_bytes",
-            "Request body sizes in bytes",
+            "Request body sizes in bytes, as received",
             metrics.request_bytes.clone(),
         );
         istio.register(
             "response_bytes",
-            "Response body sizes in bytes",
+            "Response body sizes in bytes, as sent",
             metrics.response_bytes.clone(),
         );
         let meshd = registry.sub_registry_with_prefix("meshd");
@@ -807,12 +830,20 @@ mod tests {
             source_principal: unknown.clone(),
             source_app: unknown.clone(),
             source_version: unknown.clone(),
+            source_canonical_service: "productpage".into(),
+            source_canonical_revision: "v1".into(),
+            source_cluster: "Kubernetes".into(),
             destination_workload: "reviews-v1".into(),
             destination_workload_namespace: "default".into(),
             destination_principal: unknown.clone(),
+            destination_app: unknown.clone(),
+            destination_version: unknown.clone(),
+            destination_canonical_service: "reviews".into(),
+            destination_canonical_revision: "latest".into(),
             destination_service: "reviews.default.svc.cluster.local".into(),
             destination_service_name: "reviews".into(),
             destination_service_namespace: "default".into(),
+            destination_cluster: "Kubernetes".into(),
             request_protocol: "tcp",
             response_flags: crate::telemetry::ResponseFlag::None,
             connection_security_policy: "unknown",

@@ -6,68 +6,106 @@
 
 use std::{net::SocketAddrV4, sync::Arc, time::Instant};
 
-use hyper::{header, HeaderMap, StatusCode};
+use bytes::Bytes;
+use http_body_util::BodyExt as _;
+use hyper::Response;
 use prometheus_client::metrics::counter::Counter;
 use tracing::info;
 
 use super::{
+    body::{Counted, GrpcFrames, Tally},
     metrics::{HttpLabels, Metrics, TcpLabels},
     ResponseFlag,
 };
-use crate::{config::Endpoint, state::snapshot::Path};
+use crate::config::Endpoint;
+
+/// The body every answer is sent with.
+pub type Body = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
 
 // === impl ConnectionResult ===
 
 /// One captured connection or tunnel stream: `istio_tcp_connections_opened`
-/// and `_closed` with its labels, whichever way it ends. A connection that
+/// and `_closed` with its labels, whichever way it ends — once per reporter
+/// (both where this node is source and destination). A connection that
 /// never reached its upstream (refused, failed) counts as opened and closed
 /// at once, with its flag.
 pub struct ConnectionResult {
     metrics: Arc<Metrics>,
-    labels: TcpLabels,
+    reports: Reports<TcpLabels>,
     opened: bool,
 }
 
+/// The label sets one connection or request is reported with: the source
+/// node's or the destination node's, or both when one meshd is both.
+#[derive(Debug, Clone)]
+pub struct Reports<L> {
+    pub first: L,
+    pub destination: Option<Box<L>>,
+}
+
+impl<L> Reports<L> {
+    pub fn one(labels: L) -> Self {
+        Self {
+            first: labels,
+            destination: None,
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &L> {
+        std::iter::once(&self.first).chain(self.destination.as_deref())
+    }
+
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut L> {
+        std::iter::once(&mut self.first).chain(self.destination.as_deref_mut())
+    }
+}
+
+/// The byte counters of an opened connection, one per reporter.
+pub struct ByteCounters {
+    pub received: Vec<Counter>,
+    pub sent: Vec<Counter>,
+}
+
 impl ConnectionResult {
-    pub fn new(metrics: &Arc<Metrics>, labels: TcpLabels) -> Self {
+    pub fn new(metrics: &Arc<Metrics>, reports: Reports<TcpLabels>) -> Self {
         Self {
             metrics: metrics.clone(),
-            labels,
+            reports,
             opened: false,
         }
     }
 
-    pub fn labels(&self) -> &TcpLabels {
-        &self.labels
-    }
-
-    /// Istio's `connection_security_policy`, once known.
-    pub fn set_security_policy(&mut self, policy: &'static str) {
-        self.labels.connection_security_policy = policy;
-    }
-
     /// The connection reached its upstream: counted opened (and active)
-    /// now, closed when this is dropped. Returns the (received, sent) byte
-    /// counters for the relay.
-    pub fn open(&mut self) -> (Counter, Counter) {
+    /// now, closed when this is dropped. Returns the byte counters for the
+    /// relay.
+    pub fn open(&mut self) -> ByteCounters {
         let metrics = &self.metrics;
         if !self.opened {
             self.opened = true;
-            metrics.tcp_opened.with(&self.labels, |c| c.inc());
+            for labels in self.reports.iter() {
+                metrics.tcp_opened.with(labels, |c| c.inc());
+            }
             metrics.active_connections.inc();
         }
-        (
-            metrics
-                .tcp_received_bytes
-                .get_or_create(&self.labels)
-                .clone(),
-            metrics.tcp_sent_bytes.get_or_create(&self.labels).clone(),
-        )
+        ByteCounters {
+            received: self
+                .reports
+                .iter()
+                .map(|l| metrics.tcp_received_bytes.get_or_create(l))
+                .collect(),
+            sent: self
+                .reports
+                .iter()
+                .map(|l| metrics.tcp_sent_bytes.get_or_create(l))
+                .collect(),
+        }
     }
 
     /// Ends a connection that did not reach its upstream, with `flag`.
     pub fn end(mut self, flag: ResponseFlag) {
-        self.labels.response_flags = flag;
+        for labels in self.reports.iter_mut() {
+            labels.response_flags = flag;
+        }
     }
 }
 
@@ -76,10 +114,13 @@ impl Drop for ConnectionResult {
         let metrics = &self.metrics;
         if self.opened {
             metrics.active_connections.dec();
-        } else {
-            metrics.tcp_opened.with(&self.labels, |c| c.inc());
         }
-        metrics.tcp_closed.with(&self.labels, |c| c.inc());
+        for labels in self.reports.iter() {
+            if !self.opened {
+                metrics.tcp_opened.with(labels, |c| c.inc());
+            }
+            metrics.tcp_closed.with(labels, |c| c.inc());
+        }
     }
 }
 
@@ -98,32 +139,38 @@ impl std::fmt::Display for RequestLine {
     }
 }
 
-/// One HTTP request: `istio_requests_total`, its duration and sizes, and
-/// one access-log line.
-pub struct RequestResult<'a> {
-    metrics: &'a Metrics,
-    labels: HttpLabels,
+/// One HTTP request: `istio_requests_total`, its duration, sizes and gRPC
+/// messages, and one access-log line — for each reporter it is made for.
+/// It is recorded when the response's body ends (its duration, bytes and
+/// gRPC trailers known then), or when that body is dropped.
+pub struct RequestResult {
+    metrics: Arc<Metrics>,
+    reports: Reports<HttpLabels>,
     started: Instant,
     line: RequestLine,
-    request_bytes: u64,
+    request: Arc<Tally>,
+    response_bytes: u64,
+    response_messages: u64,
     route: Option<Arc<str>>,
     upstream: Option<SocketAddrV4>,
     recorded: bool,
 }
 
-impl<'a> RequestResult<'a> {
+impl RequestResult {
     pub fn new(
-        metrics: &'a Metrics,
-        labels: HttpLabels,
+        metrics: &Arc<Metrics>,
+        reports: Reports<HttpLabels>,
         line: RequestLine,
         started: Instant,
     ) -> Self {
         Self {
-            metrics,
-            labels,
+            metrics: metrics.clone(),
+            reports,
             started,
             line,
-            request_bytes: 0,
+            request: Arc::default(),
+            response_bytes: 0,
+            response_messages: 0,
             route: None,
             upstream: None,
             recorded: false,
@@ -134,55 +181,98 @@ impl<'a> RequestResult<'a> {
         self.started
     }
 
+    pub fn is_grpc(&self) -> bool {
+        self.reports.first.connection.request_protocol == "grpc"
+    }
+
+    /// The client's request body, counted for this result.
+    pub fn count_request<B>(&self, body: B) -> Counted<B> {
+        Counted::new(body, self.request.clone(), self.is_grpc())
+    }
+
     pub fn set_route(&mut self, route: &Arc<str>) {
         self.route = Some(route.clone());
     }
 
-    pub fn set_request_bytes(&mut self, bytes: u64) {
-        self.request_bytes = bytes;
-    }
-
-    /// The endpoint the (last) try went to, reached by `path`.
-    pub fn set_endpoint(
-        &mut self,
-        endpoint: &Endpoint,
-        path: Option<Path>,
-        upstream: SocketAddrV4,
-    ) {
-        super::labels::to_endpoint(&mut self.labels.connection, endpoint, path);
+    /// The endpoint the (last) try went to.
+    pub fn set_endpoint(&mut self, endpoint: &Endpoint, upstream: SocketAddrV4) {
+        let labels = &mut self.reports.first.connection;
+        let namespace = labels.destination_service_namespace.clone();
+        super::labels::to_endpoint(labels, endpoint, &namespace);
         self.upstream = Some(upstream);
     }
 
-    /// Records the answer the client gets: its status, meshd's flag, and
-    /// the answer's own headers (size, gRPC status of a trailers-only one).
-    pub fn finish(mut self, status: StatusCode, headers: &HeaderMap, flag: ResponseFlag) {
-        self.labels.response_code = status.as_u16();
-        self.labels.connection.response_flags = flag;
-        if let Some(code) = headers.get("grpc-status").map(grpc_status) {
-            self.labels.grpc_response_status = code;
-        }
-        let response_bytes = headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-            .unwrap_or(0);
-        self.record(response_bytes);
+    /// Also reports the request as its destination (this node's workload),
+    /// with `labels`.
+    pub fn set_destination(&mut self, labels: TcpLabels) {
+        self.reports.destination = Some(Box::new(super::labels::http(labels)));
     }
 
-    fn record(&mut self, response_bytes: u64) {
+    /// The answer the client gets, with meshd's `flag`: recorded once its
+    /// body has been sent (or dropped).
+    pub fn finish<B>(mut self, response: Response<B>, flag: ResponseFlag) -> Response<Body>
+    where
+        B: hyper::body::Body<Data = Bytes, Error = hyper::Error> + Send + Sync + Unpin + 'static,
+    {
+        let status = response.status().as_u16();
+        let grpc = response.headers().get(GRPC_STATUS).map(grpc_status);
+        for labels in self.reports.iter_mut() {
+            labels.response_code = status;
+            labels.connection.response_flags = flag;
+            if let Some(code) = &grpc {
+                labels.grpc_response_status = code.clone();
+            }
+        }
+        let frames = self.is_grpc().then(GrpcFrames::default);
+        response.map(|inner| {
+            Recorded {
+                inner,
+                result: Some(self),
+                frames,
+            }
+            .boxed()
+        })
+    }
+
+    fn set_grpc_status(&mut self, code: Arc<str>) {
+        for labels in self.reports.iter_mut() {
+            labels.grpc_response_status = code.clone();
+        }
+    }
+
+    fn set_flag(&mut self, flag: ResponseFlag) {
+        for labels in self.reports.iter_mut() {
+            labels.connection.response_flags = flag;
+        }
+    }
+
+    fn record(&mut self) {
         self.recorded = true;
         let elapsed = self.started.elapsed();
-        let labels = &self.labels;
         let metrics = &self.metrics;
-        metrics.requests.with(labels, |c| c.inc());
-        metrics
-            .request_duration
-            .with(labels, |h| h.observe(elapsed.as_secs_f64() * 1000.0));
-        metrics
-            .request_bytes
-            .with(labels, |h| h.observe(self.request_bytes as f64));
-        metrics
-            .response_bytes
-            .with(labels, |h| h.observe(response_bytes as f64));
+        let (request_bytes, request_messages) = (self.request.bytes(), self.request.messages());
+        let grpc = self.is_grpc();
+        for labels in self.reports.iter() {
+            metrics.requests.with(labels, |c| c.inc());
+            metrics
+                .request_duration
+                .with(labels, |h| h.observe(elapsed.as_secs_f64() * 1000.0));
+            metrics
+                .request_bytes
+                .with(labels, |h| h.observe(request_bytes as f64));
+            metrics
+                .response_bytes
+                .with(labels, |h| h.observe(self.response_bytes as f64));
+            if grpc {
+                metrics
+                    .request_messages
+                    .with(labels, |c| c.inc_by(request_messages));
+                metrics
+                    .response_messages
+                    .with(labels, |c| c.inc_by(self.response_messages));
+            }
+        }
+        let labels = &self.reports.first;
         info!(
             target: "meshd::access",
             request = %self.line,
@@ -193,17 +283,108 @@ impl<'a> RequestResult<'a> {
             upstream = %self.upstream.map_or_else(|| "-".to_owned(), |a| a.to_string()),
             source = %labels.connection.source_workload,
             destination = %labels.connection.destination_service,
+            reporter = labels.connection.reporter,
             "request"
         );
     }
 }
 
-impl Drop for RequestResult<'_> {
+impl Drop for RequestResult {
     fn drop(&mut self) {
         if !self.recorded {
-            // The client went away (or a path forgot to finish).
-            self.labels.connection.response_flags = ResponseFlag::DownstreamConnectionTermination;
-            self.record(0);
+            // The client went away before an answer (or a path forgot to
+            // finish).
+            self.set_flag(ResponseFlag::DownstreamConnectionTermination);
+            self.record();
+        }
+    }
+}
+
+const GRPC_STATUS: &str = "grpc-status";
+
+// === impl Recorded ===
+
+/// A response body on its way to the client: counts its bytes and gRPC
+/// messages, reads the gRPC status from its trailers, and records the
+/// request when it ends — or when it is dropped before its end (the client
+/// went away: `DC`, unless meshd had a flag already).
+struct Recorded<B: hyper::body::Body> {
+    inner: B,
+    result: Option<RequestResult>,
+    frames: Option<GrpcFrames>,
+}
+
+impl<B: hyper::body::Body> Recorded<B> {
+    fn end(&mut self) {
+        if let Some(mut result) = self.result.take() {
+            result.record();
+        }
+    }
+}
+
+impl<B> hyper::body::Body for Recorded<B>
+where
+    B: hyper::body::Body<Data = Bytes, Error = hyper::Error> + Unpin,
+{
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        let Some(result) = this.result.as_mut() else {
+            return polled;
+        };
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    result.response_bytes += data.len() as u64;
+                    if let Some(frames) = &mut this.frames {
+                        result.response_messages += frames.feed(data);
+                    }
+                } else if let Some(code) = frame
+                    .trailers_ref()
+                    .and_then(|t| t.get(GRPC_STATUS))
+                    .map(grpc_status)
+                {
+                    result.set_grpc_status(code);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                // The upstream's connection ended mid-body.
+                result.set_flag(ResponseFlag::UpstreamConnectionTermination);
+                this.end();
+            }
+            Poll::Ready(None) => this.end(),
+            Poll::Pending => {}
+        }
+        if this.inner.is_end_stream() {
+            this.end();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B: hyper::body::Body> Drop for Recorded<B> {
+    fn drop(&mut self) {
+        if let Some(result) = &mut self.result {
+            let ended = self.inner.is_end_stream();
+            if !ended && result.reports.first.connection.response_flags == ResponseFlag::None {
+                result.set_flag(ResponseFlag::DownstreamConnectionTermination);
+            }
+            result.record();
         }
     }
 }
@@ -234,16 +415,42 @@ mod tests {
         (registry, metrics)
     }
 
-    fn tcp_labels() -> TcpLabels {
-        let config = crate::config::load_str(
+    fn config() -> crate::config::Config {
+        crate::config::load_str(
             "t.yaml",
             "node: { name: a, captureAddress: 10.77.0.1, podCgroup: /pods }
 services:
-  - { name: web, vip: 10.96.0.20, ports: [{ port: 80 }], endpoints: [{ address: 10.77.0.7 }] }
+  - name: web
+    vip: 10.96.0.20
+    ports: [{ port: 80 }]
+    endpoints:
+      - { address: 10.77.0.7 }
+      - { address: 10.77.0.8, workload: web-1, labels: { app: web, version: v3 } }
+workloads:
+  - { name: web-1, addresses: [10.77.0.8], labels: { app: web, version: v3 } }
 ",
         )
-        .expect("valid");
-        labels::source(None, &config.services[0], None, None, "http")
+        .expect("valid")
+    }
+
+    fn tcp_labels() -> TcpLabels {
+        let config = config();
+        labels::source(&config.cluster, None, &config.services[0], None, "http")
+    }
+
+    fn one(labels: TcpLabels) -> Reports<HttpLabels> {
+        Reports::one(labels::http(labels))
+    }
+
+    fn line() -> RequestLine {
+        RequestLine {
+            method: hyper::Method::POST,
+            uri: "/x".parse().expect("uri"),
+        }
+    }
+
+    fn series<'t>(text: &'t str, prefix: &str) -> Vec<&'t str> {
+        text.lines().filter(|l| l.starts_with(prefix)).collect()
     }
 
     fn text(registry: &Registry) -> String {
@@ -253,7 +460,7 @@ services:
     #[test]
     fn a_connection_that_never_opened_counts_opened_and_closed_with_its_flag() {
         let (registry, metrics) = metrics();
-        ConnectionResult::new(&metrics, tcp_labels()).end(ResponseFlag::Rbac);
+        ConnectionResult::new(&metrics, Reports::one(tcp_labels())).end(ResponseFlag::Rbac);
         let text = text(&registry);
         for name in ["opened", "closed"] {
             let line = text
@@ -271,9 +478,9 @@ services:
     #[test]
     fn an_opened_connection_is_active_until_dropped() {
         let (registry, metrics) = metrics();
-        let mut result = ConnectionResult::new(&metrics, tcp_labels());
-        let (received, _) = result.open();
-        received.inc_by(5);
+        let mut result = ConnectionResult::new(&metrics, Reports::one(tcp_labels()));
+        let bytes = result.open();
+        bytes.received[0].inc_by(5);
         assert!(text(&registry).contains("meshd_active_connections 1"));
         drop(result);
         let text = text(&registry);
@@ -284,14 +491,10 @@ services:
     #[test]
     fn a_request_dropped_unfinished_is_counted_as_the_client_going_away() {
         let (registry, metrics) = metrics();
-        let line = RequestLine {
-            method: hyper::Method::GET,
-            uri: "/x".parse().expect("uri"),
-        };
         drop(RequestResult::new(
             &metrics,
-            labels::http(tcp_labels()),
-            line,
+            one(tcp_labels()),
+            line(),
             Instant::now(),
         ));
         let text = text(&registry);
@@ -303,6 +506,172 @@ services:
             line.contains("response_flags=\"DC\"") && line.contains("response_code=\"0\""),
             "{line}"
         );
+    }
+
+    /// A gRPC answer: headers, two messages, trailers with `status`.
+    fn grpc_answer(status: &'static str) -> Response<Body> {
+        let mut message = vec![0, 0, 0, 0, 2, b'h', b'i'];
+        message.extend_from_slice(&[0, 0, 0, 0, 1, b'!']);
+        let mut trailers = hyper::HeaderMap::new();
+        trailers.insert(GRPC_STATUS, hyper::header::HeaderValue::from_static(status));
+        let frames = vec![
+            hyper::body::Frame::data(Bytes::from(message)),
+            hyper::body::Frame::trailers(trailers),
+        ];
+        Response::new(Frames(frames.into()).boxed())
+    }
+
+    /// A body of these frames, then its end; or, empty from the start, one
+    /// that never ends.
+    struct Frames(std::collections::VecDeque<hyper::body::Frame<Bytes>>);
+
+    impl hyper::body::Body for Frames {
+        type Data = Bytes;
+        type Error = hyper::Error;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+            match self.0.pop_front() {
+                Some(frame) => std::task::Poll::Ready(Some(Ok(frame))),
+                None => std::task::Poll::Ready(None),
+            }
+        }
+    }
+
+    struct Never;
+
+    impl hyper::body::Body for Never {
+        type Data = Bytes;
+        type Error = hyper::Error;
+
+        fn poll_frame(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+            std::task::Poll::Pending
+        }
+    }
+
+    #[tokio::test]
+    async fn grpc_status_and_messages_are_read_from_the_answer_as_it_is_sent() {
+        let (registry, metrics) = metrics();
+        let config = config();
+        let labels = labels::source(&config.cluster, None, &config.services[0], None, "grpc");
+        let result = RequestResult::new(&metrics, one(labels), line(), Instant::now());
+        let answer = result.finish(grpc_answer("0"), ResponseFlag::None);
+        let text_before = text(&registry);
+        assert!(
+            series(&text_before, "istio_requests_total{").is_empty(),
+            "recorded before the body ended: {text_before}"
+        );
+        answer.into_body().collect().await.expect("body");
+        let text = text(&registry);
+        let requests = series(&text, "istio_requests_total{");
+        assert_eq!(requests.len(), 1, "{text}");
+        assert!(
+            requests[0].contains("grpc_response_status=\"0\"") && requests[0].ends_with(" 1"),
+            "{text}"
+        );
+        let messages = series(&text, "istio_response_messages_total{");
+        assert!(messages.len() == 1 && messages[0].ends_with(" 2"), "{text}");
+        let size = series(&text, "istio_response_bytes_sum{");
+        assert!(size.len() == 1 && size[0].ends_with(" 13.0"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn an_answer_cut_off_mid_body_is_the_client_going_away() {
+        let (registry, metrics) = metrics();
+        let result = RequestResult::new(&metrics, one(tcp_labels()), line(), Instant::now());
+        let answer = result.finish(Response::new(Never), ResponseFlag::None);
+        drop(answer);
+        let text = text(&registry);
+        let requests = series(&text, "istio_requests_total{");
+        assert!(
+            requests.len() == 1
+                && requests[0].contains("response_flags=\"DC\"")
+                && requests[0].contains("response_code=\"200\""),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn one_meshd_on_both_sides_reports_both() {
+        let (registry, metrics) = metrics();
+        let config = config();
+        let service = &config.services[0];
+        let source = &config.workloads[0];
+        let mut result = RequestResult::new(
+            &metrics,
+            one(labels::source(
+                &config.cluster,
+                Some(source),
+                service,
+                None,
+                "http",
+            )),
+            line(),
+            Instant::now(),
+        );
+        result.set_endpoint(&service.endpoints[1], "10.77.0.8:80".parse().expect("addr"));
+        result.set_destination(labels::destination(
+            &config.cluster,
+            labels::Peer::local(Some(source)),
+            &config.workloads[0],
+            Some(service),
+            labels::Security::None,
+            "http",
+        ));
+        let answer = http_body_util::Full::new(Bytes::from_static(b"ok"))
+            .map_err(|never| match never {})
+            .boxed();
+        let answer = result.finish(Response::new(answer), ResponseFlag::None);
+        answer.into_body().collect().await.expect("body");
+        let text = text(&registry);
+        let requests = series(&text, "istio_requests_total{");
+        assert_eq!(requests.len(), 2, "{text}");
+        let source = requests
+            .iter()
+            .find(|l| l.contains("reporter=\"source\""))
+            .expect("source");
+        let destination = requests
+            .iter()
+            .find(|l| l.contains("reporter=\"destination\""))
+            .expect("destination");
+        for want in [
+            "destination_canonical_service=\"web\"",
+            "destination_canonical_revision=\"v3\"",
+            "destination_app=\"web\"",
+            "destination_cluster=\"Kubernetes\"",
+            "source_cluster=\"Kubernetes\"",
+        ] {
+            assert!(
+                source.contains(want) && destination.contains(want),
+                "{want}: {text}"
+            );
+        }
+        assert!(
+            source.contains("connection_security_policy=\"unknown\""),
+            "{source}"
+        );
+        assert!(
+            destination.contains("connection_security_policy=\"none\""),
+            "{destination}"
+        );
+    }
+
+    #[test]
+    fn an_endpoint_without_a_workload_has_no_namespace_either() {
+        let config = config();
+        let service = &config.services[0];
+        let mut labels = labels::source(&config.cluster, None, service, None, "tcp");
+        labels::to_endpoint(&mut labels, &service.endpoints[0], &service.namespace);
+        assert_eq!(&*labels.destination_workload, "unknown");
+        assert_eq!(&*labels.destination_workload_namespace, "unknown");
+        assert_eq!(&*labels.destination_canonical_service, "unknown");
+        labels::to_endpoint(&mut labels, &service.endpoints[1], &service.namespace);
+        assert_eq!(&*labels.destination_workload_namespace, "default");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use super::{Checker, Endpoint, Service, ServicePort, UNKNOWN};
+use super::{Checker, Endpoint, Reported, Service, ServicePort, UNKNOWN};
 use crate::config::FieldPath;
 
 pub(super) fn check_service(
@@ -67,10 +67,12 @@ pub(super) fn check_service(
             &spec.namespace,
             &endpoint.service_account,
         );
+        let workload: Arc<str> = endpoint.workload.as_deref().unwrap_or(UNKNOWN).into();
         endpoints.push(Endpoint {
             address,
             node: endpoint.node.map(Arc::from),
-            workload: endpoint.workload.as_deref().unwrap_or(UNKNOWN).into(),
+            reported: Reported::from_labels(&endpoint.labels, &workload),
+            workload,
             identity,
             labels: endpoint.labels,
         });

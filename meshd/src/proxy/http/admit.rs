@@ -3,7 +3,7 @@
 //! upstream can take. Authorization is decided per endpoint, in `attempt`,
 //! because the destination's policy is that endpoint's.
 
-use hyper::{header, http::request::Parts};
+use hyper::http::request::Parts;
 use tokio::time::Instant;
 
 use super::{message::Head, respond::Refusal, Connection};
@@ -101,13 +101,4 @@ impl Admitted<'_> {
                     .iter()
                     .any(|c| *c != retry::Condition::ConnectFailure))
     }
-}
-
-/// The request body's declared size, for the size histogram.
-pub fn declared_size(parts: &Parts) -> u64 {
-    parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-        .unwrap_or(0)
 }

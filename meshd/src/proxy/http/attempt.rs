@@ -43,11 +43,15 @@ pub struct HttpAttempt<'a> {
     admitted: &'a Admitted<'a>,
     /// What L7 policy looks at.
     request: authz::Http<'a>,
-    payload: Payload,
+    payload: Payload<super::ClientBody>,
     tried: Vec<usize>,
     /// Only a tunnel stream carries baggage: made once, when first needed.
     baggage: Option<String>,
     last: Option<Chosen>,
+    /// Whether the last try reached its endpoint's side on this node (it
+    /// was sent, or the destination's own policy refused it): only then
+    /// does this node report it as the destination too.
+    reached_locally: bool,
 }
 
 impl<'a> HttpAttempt<'a> {
@@ -57,7 +61,7 @@ impl<'a> HttpAttempt<'a> {
         connection: &'a Connection,
         admitted: &'a Admitted<'a>,
         request: authz::Http<'a>,
-        payload: Payload,
+        payload: Payload<super::ClientBody>,
     ) -> Self {
         Self {
             inputs,
@@ -69,6 +73,7 @@ impl<'a> HttpAttempt<'a> {
             tried: Vec::new(),
             baggage: None,
             last: None,
+            reached_locally: false,
         }
     }
 
@@ -79,6 +84,12 @@ impl<'a> HttpAttempt<'a> {
         let chosen = self.last?;
         let endpoint = &self.admitted.service.endpoints[chosen.endpoint];
         Some((endpoint, chosen.path, chosen.address))
+    }
+
+    /// Whether the last try reached a workload of this node (see
+    /// `reached_locally`).
+    pub fn reached_locally(&self) -> bool {
+        self.reached_locally
     }
 
     /// The endpoint for the next try: the pinned one, else one balanced
@@ -131,15 +142,8 @@ impl<'a> HttpAttempt<'a> {
                     return Err(Refusal::NO_TUNNEL);
                 };
                 let service = self.admitted.service;
-                self.baggage.get_or_insert_with(|| {
-                    Baggage {
-                        workload: Some(source.name.clone()),
-                        app: Some(source.app.clone()),
-                        version: Some(source.version.clone()),
-                        service: Some((service.namespace.clone(), service.name.clone())),
-                    }
-                    .encode()
-                });
+                self.baggage
+                    .get_or_insert_with(|| Baggage::of(source, service).encode());
                 Ok(Via::Tunnel(TunnelKey {
                     source: source.identity.clone(),
                     node,
@@ -247,10 +251,15 @@ impl Attempt for HttpAttempt<'_> {
             address,
         };
         self.last = Some(chosen);
+        let local = chosen.path == Some(Path::Local);
         let via = match self.route_to(chosen) {
             Ok(via) => via,
-            Err(refusal) => return Try::Refused(refusal),
+            Err(refusal) => {
+                self.reached_locally = local && refusal == Refusal::DENIED;
+                return Try::Refused(refusal);
+            }
         };
+        self.reached_locally = local;
         let key = UpstreamKey {
             service: self
                 .snapshot
@@ -279,6 +288,8 @@ impl Attempt for HttpAttempt<'_> {
                 self.inputs
                     .metrics
                     .breaker_tripped(&service.hostname, limit);
+                // The source's own limit: the destination never saw it.
+                self.reached_locally = false;
                 return Try::Refused(Refusal::OVERFLOW);
             }
             Some(Err(err)) if err.before_sending() => {

@@ -89,9 +89,7 @@ pub fn reply(status: StatusCode, flag: ResponseFlag) -> Response<Body> {
 
 /// Answers `refusal` and records it.
 pub fn refuse(refusal: Refusal, result: RequestResult) -> Response<Body> {
-    let response = reply(refusal.status, refusal.flag);
-    result.finish(response.status(), response.headers(), refusal.flag);
-    response
+    result.finish(reply(refusal.status, refusal.flag), refusal.flag)
 }
 
 /// What the client gets for the try that stood.
@@ -131,8 +129,7 @@ pub fn ended(
 /// header (an upstream cannot speak for meshd), recorded with no flag.
 fn forward(mut response: Response<Body>, result: RequestResult) -> Response<Body> {
     response.headers_mut().remove(FLAGS_HEADER);
-    result.finish(response.status(), response.headers(), ResponseFlag::None);
-    response
+    result.finish(response, ResponseFlag::None)
 }
 
 /// Completes a 101 answer: the upgraded streams are relayed both ways.

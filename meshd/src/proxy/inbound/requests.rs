@@ -1,11 +1,11 @@
-//! L7 authorization at the destination. When a policy for a pod's services
-//! names HTTP methods, paths or headers, a tunnel stream to one of its HTTP
-//! ports is not relayed as bytes: meshd serves it as HTTP, decides each
-//! request with the source identity the tunnel proved, answers a denied one
-//! `403` itself, and forwards the rest over the stream's own connection to
-//! the pod. The source node is not trusted to have enforced anything.
+//! The destination's HTTP: a tunnel stream to one of a pod's HTTP ports is
+//! not relayed as bytes. meshd serves it as HTTP, decides each request with
+//! the source identity the tunnel proved (the source node is not trusted to
+//! have enforced anything), answers a denied one `403` itself, forwards the
+//! rest over the stream's own connection to the pod, and reports every
+//! request as its destination (`reporter="destination"`).
 
-use std::{convert::Infallible, net::SocketAddrV4, sync::Arc};
+use std::{net::SocketAddrV4, sync::Arc};
 
 use http_body_util::BodyExt;
 use hyper::{
@@ -26,19 +26,40 @@ use crate::{
         path,
     },
     proxy::{
-        http::{drain, respond::reply, splice_upgrade, upstream::Body},
+        http::{
+            drain, is_grpc,
+            respond::{reply, Refusal},
+            splice_upgrade,
+            upstream::Body,
+        },
         ProxyInputs,
     },
-    telemetry::ResponseFlag,
+    telemetry::{
+        body::Counted,
+        labels,
+        metrics::TcpLabels,
+        result::{Reports, RequestLine},
+        RequestResult, ResponseFlag,
+    },
 };
+
+/// A request body as it goes to the pod: counted for the request's result.
+type Sent = Counted<Incoming>;
 
 /// The stream's connection to the pod, in the HTTP version the source
 /// speaks (known from its first request).
 enum Pod {
     Unopened(TcpStream),
-    Http1(http1::SendRequest<Incoming>),
-    Http2(http2::SendRequest<Incoming>),
+    Http1(http1::SendRequest<Sent>),
+    Http2(http2::SendRequest<Sent>),
     Gone,
+}
+
+/// The source of a stream: the identity it proved, and the labels its
+/// requests are reported with (`reporter="destination"`).
+pub struct Peer {
+    pub identity: Identity,
+    pub labels: TcpLabels,
 }
 
 /// Serves one tunnel stream as HTTP until either side closes it.
@@ -46,22 +67,29 @@ pub async fn serve<S>(
     inputs: Arc<ProxyInputs>,
     stream: S,
     pod: TcpStream,
-    source: Identity,
+    peer: Peer,
     target: SocketAddrV4,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let pod = Arc::new(Mutex::new(Pod::Unopened(pod)));
+    let peer = Arc::new(peer);
     let header_timeout = inputs.header_read_timeout;
     let activity = Arc::new(drain::Activity::new(inputs.stop.clone()));
     let tracked = activity.clone();
     let service = service_fn(move |request: Request<Incoming>| {
-        let (inputs, pod, source) = (inputs.clone(), pod.clone(), source.clone());
+        let (inputs, pod, peer) = (inputs.clone(), pod.clone(), peer.clone());
         let activity = tracked.clone();
         async move {
             let version = request.version();
-            let answer = one(&inputs, &pod, &source, target, request);
-            Ok::<_, Infallible>(activity.answer(version, answer).await)
+            let answer = one(&inputs, &pod, &peer, target, request);
+            let answer = activity.answer(version, answer).await;
+            // What the pod did to its connection, the stream does to the
+            // source: its request ends without an answer.
+            match answer.extensions().get::<PodReset>() {
+                Some(reset) => Err(*reset),
+                None => Ok(answer),
+            }
         }
     });
     let builder = crate::proxy::http::server(header_timeout);
@@ -71,32 +99,67 @@ pub async fn serve<S>(
     }
 }
 
+/// One request: decided, forwarded, and reported as its destination.
 async fn one(
+    inputs: &Arc<ProxyInputs>,
+    pod: &Mutex<Pod>,
+    peer: &Peer,
+    target: SocketAddrV4,
+    request: Request<Incoming>,
+) -> Response<Body> {
+    let mut labels = peer.labels.clone();
+    labels.request_protocol = if is_grpc(request.headers()) {
+        "grpc"
+    } else {
+        "http"
+    };
+    let line = RequestLine {
+        method: request.method().clone(),
+        uri: request.uri().clone(),
+    };
+    let result = RequestResult::new(
+        &inputs.metrics,
+        Reports::one(labels::http(labels)),
+        line,
+        std::time::Instant::now(),
+    );
+    let request = request.map(|body| result.count_request(body));
+    match forward(inputs, pod, &peer.identity, target, request).await {
+        Ok(response) => result.finish(response, ResponseFlag::None),
+        Err(refusal) => {
+            let mut answer = result.finish(reply(refusal.status, refusal.flag), refusal.flag);
+            if refusal == Refusal::UPSTREAM_RESET {
+                answer.extensions_mut().insert(PodReset);
+            }
+            answer
+        }
+    }
+}
+
+/// The pod's connection failed under a request: the request is recorded
+/// as meshd's `503` (`UC`), as the source records a reset, but the source
+/// gets the reset itself — as it would from a relayed stream — so its
+/// retry policy sees what really happened.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the pod's connection failed under the request")]
+struct PodReset;
+
+/// Decides the request on the path the pod will get, and forwards it so.
+async fn forward(
     inputs: &ProxyInputs,
     pod: &Mutex<Pod>,
     source: &Identity,
     target: SocketAddrV4,
-    mut request: Request<Incoming>,
-) -> Response<Body> {
+    mut request: Request<Sent>,
+) -> Result<Response<Body>, Refusal> {
     let mesh = inputs.snapshot.load();
-    // Decided on the path the pod will get, and forwarded as decided.
     let normalization = mesh.config.mesh.path_normalization;
     let normalized = match path::normalize(request.uri().path(), normalization) {
         Ok(path) if !path::miscased_method(request.method().as_str()) => path,
-        _ => {
-            return reply(
-                StatusCode::BAD_REQUEST,
-                ResponseFlag::DownstreamProtocolError,
-            )
-        }
+        _ => return Err(Refusal::BAD_REQUEST),
     };
     if normalized != request.uri().path() {
-        let Some(uri) = with_path(request.uri(), &normalized) else {
-            return reply(
-                StatusCode::BAD_REQUEST,
-                ResponseFlag::DownstreamProtocolError,
-            );
-        };
+        let uri = with_path(request.uri(), &normalized).ok_or(Refusal::BAD_REQUEST)?;
         *request.uri_mut() = uri;
     }
     let decision = authz::authorize(
@@ -118,36 +181,30 @@ async fn one(
             .map_or_else(|| Arc::from("unknown"), |w| w.identity.uri().clone());
         let reason = format!("{reason} ({} {})", request.method(), request.uri().path());
         crate::proxy::denied(&inputs.metrics, source.uri().clone(), destination, &reason);
-        return reply(StatusCode::FORBIDDEN, ResponseFlag::Rbac);
+        return Err(Refusal::DENIED);
     }
     drop(mesh);
     let upgrade = request
         .headers()
         .contains_key(header::UPGRADE)
         .then(|| hyper::upgrade::on(&mut request));
-    let sent = send(pod, request).await;
-    match sent {
-        Ok(response) => match upgrade {
-            Some(upgrade) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
-                let (parts, body) = response.into_parts();
-                splice_upgrade(upgrade, Response::from_parts(parts.clone(), body));
-                Response::from_parts(
-                    parts,
-                    http_body_util::Empty::new()
-                        .map_err(|never| match never {})
-                        .boxed(),
-                )
-            }
-            _ => response.map(BodyExt::boxed),
-        },
-        Err(err) => {
-            warn!(%target, error = %err, "forwarding to the pod failed");
-            reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                ResponseFlag::UpstreamConnectionTermination,
+    let response = send(inputs, pod, target, request).await.map_err(|err| {
+        warn!(%target, error = %err, "forwarding to the pod failed");
+        Refusal::UPSTREAM_RESET
+    })?;
+    Ok(match upgrade {
+        Some(upgrade) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
+            let (parts, body) = response.into_parts();
+            splice_upgrade(upgrade, Response::from_parts(parts.clone(), body));
+            Response::from_parts(
+                parts,
+                http_body_util::Empty::new()
+                    .map_err(|never| match never {})
+                    .boxed(),
             )
         }
-    }
+        _ => response.map(BodyExt::boxed),
+    })
 }
 
 /// `uri` with its path replaced by `path` (its query kept).
@@ -163,11 +220,30 @@ fn with_path(uri: &hyper::Uri, path: &str) -> Option<hyper::Uri> {
 
 type SendError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Sends `request` on the stream's connection to the pod, opened in the
+/// request's HTTP version when first needed — and opened again when the
+/// pod closed or reset the last one.
 async fn send(
+    inputs: &ProxyInputs,
     pod: &Mutex<Pod>,
-    request: Request<Incoming>,
+    target: SocketAddrV4,
+    request: Request<Sent>,
 ) -> Result<Response<Incoming>, SendError> {
     let mut state = pod.lock().await;
+    let closed = match &*state {
+        Pod::Http1(sender) => sender.is_closed(),
+        Pod::Http2(sender) => sender.is_closed(),
+        Pod::Unopened(_) => false,
+        Pod::Gone => true,
+    };
+    if closed {
+        let connect = crate::proxy::connect(&*inputs.orig_dst, target);
+        let stream = tokio::time::timeout(inputs.connect_timeout, connect)
+            .await
+            .map_err(|_| "connecting to the pod again timed out")??;
+        let _ = stream.set_nodelay(true);
+        *state = Pod::Unopened(stream);
+    }
     if let Pod::Unopened(_) = &*state {
         let Pod::Unopened(stream) = std::mem::replace(&mut *state, Pod::Gone) else {
             unreachable!("matched above")
