@@ -358,3 +358,13 @@ pub fn workspace_binary(name: &str) -> PathBuf {
     );
     path
 }
+
+/// Percent-encodes `text` for a URL's query (a PromQL query, say).
+pub fn url_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'.' | b'-' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}

@@ -42,6 +42,8 @@ pub struct Pod {
     pub cgroup_path: String,
     pub namespace: String,
     pub service_account: String,
+    /// Its workload's labels (YAML flow mapping entries).
+    pub labels: String,
 }
 
 pub struct Node {
@@ -76,6 +78,9 @@ pub struct PodSpec<'a> {
     pub name: &'a str,
     pub namespace: &'a str,
     pub service_account: &'a str,
+    /// The workload's labels as a YAML flow mapping's entries; `None`:
+    /// `app: <name>`.
+    pub labels: Option<&'a str>,
 }
 
 impl<'a> PodSpec<'a> {
@@ -85,6 +90,7 @@ impl<'a> PodSpec<'a> {
             name,
             namespace: "default",
             service_account: name,
+            labels: None,
         }
     }
 }
@@ -186,6 +192,7 @@ impl Testbed {
             cgroup_path: format!("{root_path}/outside"),
             namespace: "default".into(),
             service_account: "outside".into(),
+            labels: "app: outside".into(),
         };
         wire(&nodes, &outside, "vpo");
         let mut pods = Vec::new();
@@ -200,6 +207,9 @@ impl Testbed {
                     cgroup_path: format!("{root_path}/{node_name}/pods/{}", spec.name),
                     namespace: spec.namespace.to_owned(),
                     service_account: spec.service_account.to_owned(),
+                    labels: spec
+                        .labels
+                        .map_or_else(|| format!("app: {}", spec.name), str::to_owned),
                 };
                 wire(&nodes, &pod, &format!("vp{j}"));
                 pods.push(pod);
@@ -260,7 +270,8 @@ impl Testbed {
         let mut workloads = String::new();
         for pod in self.pods.iter().filter(|p| p.node == node) {
             workloads.push_str(&format!(
-                "  - {{ name: {name}, namespace: {ns}, serviceAccount: {sa}, cgroup: {cg}, addresses: [{ip}], labels: {{ app: {name} }} }}\n",
+                "  - {{ name: {name}, namespace: {ns}, serviceAccount: {sa}, cgroup: {cg}, addresses: [{ip}], labels: {{ {labels} }} }}\n",
+                labels = pod.labels,
                 name = pod.name,
                 ns = pod.namespace,
                 sa = pod.service_account,

@@ -194,15 +194,13 @@ fn http_across_nodes_rides_the_mtls_tunnel() {
     // node-b's meshd connected to the pods.
     assert!(out.lines().all(|l| l.contains(" to 10.78.0.1:")), "{out}");
     // Both reporters count every request, the destination through the
-    // tunnel: only it knows the request came over mutual TLS.
-    for (meshd, reporter, security) in
-        [(&a, "source", "unknown"), (&b, "destination", "mutual_tls")]
-    {
+    // tunnel.
+    for (meshd, reporter) in [(&a, "source"), (&b, "destination")] {
         let labels = [
             ("reporter", reporter),
             ("request_protocol", "http"),
             ("response_code", "200"),
-            ("connection_security_policy", security),
+            ("connection_security_policy", "mutual_tls"),
             (
                 "source_principal",
                 "spiffe://cluster.local/ns/default/sa/client",

@@ -183,12 +183,9 @@ fn a_cross_node_request_goes_through_mutual_tls_with_principals_on_both_sides() 
             .map(|(k, v)| (*k, v.as_str()))
             .collect();
         l.push(("reporter", reporter));
-        // Only the destination knows how it was reached (Istio's rule).
+        l.push(("connection_security_policy", "mutual_tls"));
         if reporter == "destination" {
             l.push(("source_workload", "unknown"));
-            l.push(("connection_security_policy", "mutual_tls"));
-        } else {
-            l.push(("connection_security_policy", "unknown"));
         }
         l.push(("source_cluster", "Kubernetes"));
         l.push(("destination_cluster", "Kubernetes"));
@@ -997,13 +994,13 @@ policies:
         meshd.metric("meshd_authorization_denied_total", &denied),
         1.0
     );
-    // One meshd is source and destination: it reports both sides, and
-    // only the destination knows the hop was never encrypted.
-    for (reporter, security) in [("source", "unknown"), ("destination", "none")] {
+    // One meshd is source and destination: it reports both sides of the
+    // hop that was never encrypted.
+    for reporter in ["source", "destination"] {
         let allowed = [
             ("reporter", reporter),
             ("source_workload", "client"),
-            ("connection_security_policy", security),
+            ("connection_security_policy", "none"),
         ];
         assert_eq!(
             meshd.metric("istio_tcp_connections_opened_total", &allowed),

@@ -563,17 +563,6 @@ fn the_admin_api_and_meshd_status_show_config_health_certificates_and_change_the
     assert!(meshd.admin("/logging").contains("\"warn\""));
 }
 
-/// Percent-encodes a PromQL query for a URL.
-fn encode(query: &str) -> String {
-    query
-        .bytes()
-        .map(|b| match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'.' | b'-' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 #[test]
 fn a_real_prometheus_scrapes_meshd_and_promtool_finds_its_output_clean() {
     let bed = Testbed::new(&["client", "v1"]);
@@ -643,7 +632,10 @@ fn a_real_prometheus_scrapes_meshd_and_promtool_finds_its_output_clean() {
         ],
     );
     let query = |promql: &str| -> Option<f64> {
-        let path = format!("/api/v1/query?query={}", encode(promql));
+        let path = format!(
+            "/api/v1/query?query={}",
+            meshd_tests::sys::url_encode(promql)
+        );
         let node = bed.nodes[0].netns.path();
         let answer = meshd_tests::sys::in_netns(&node, move || {
             meshd_tests::sys::http_get("127.0.0.1:9090".parse().expect("addr"), &path)

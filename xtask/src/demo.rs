@@ -23,6 +23,7 @@ pub fn run() -> anyhow::Result<()> {
             name,
             namespace: "default",
             service_account: sa,
+            labels: None,
         };
         let bed = Testbed::nodes(&[
             (

@@ -37,7 +37,7 @@ use crate::{
     telemetry::{
         body::Counted,
         labels,
-        metrics::UnresolvedReason,
+        metrics::{SeriesCache, UnresolvedReason},
         result::{Reports, RequestLine, RequestResult},
     },
 };
@@ -51,6 +51,8 @@ pub struct Connection {
     pub source: Option<Workload>,
     /// The client's HTTP version decides the upstream's on `auto` ports.
     pub protocol: Protocol,
+    /// The series its last request was recorded in.
+    pub series: Arc<SeriesCache>,
 }
 
 /// Serves one captured connection as HTTP until the client closes it, or
@@ -121,6 +123,7 @@ async fn handle(
     };
     let mut result = RequestResult::new(
         &inputs.metrics,
+        &connection.series,
         Reports::one(labels::http(labels)),
         line,
         started.into_std(),
@@ -160,7 +163,7 @@ async fn handle(
     };
     let tried = retry.run(&mut attempt, || fastrand::u64(..)).await;
     if let Some((endpoint, path, upstream)) = attempt.last_endpoint() {
-        result.set_endpoint(endpoint, upstream);
+        result.set_endpoint(endpoint, path, upstream);
         // On this node, meshd reports the request as its destination too.
         let workload = (attempt.reached_locally() && path == Some(Path::Local))
             .then(|| snapshot.local_workload(endpoint.address))

@@ -22,6 +22,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn, Instrument as _};
 
 use crate::{
+    config::Protocol,
     hbone::{Baggage, BAGGAGE, CONNECTION_WINDOW, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW},
     identity::{tls, Identity},
     net::accept::{Accepted, Limits, Slot, Slots},
@@ -36,6 +37,7 @@ use crate::{
     },
 };
 
+mod observe;
 mod requests;
 
 #[derive(Debug, thiserror::Error)]
@@ -313,7 +315,16 @@ async fn stream_request(
         identity: Some(&source),
         workload: known.map(|k| (&k.name, &k.reported)),
     };
-    let http = serves_http(&snapshot, services, target.port());
+    let protocol = port_protocol(&snapshot, services, target.port());
+    // Where a policy decides each request, an HTTP port's stream is served
+    // as HTTP. Else an HTTP/1 port's stream is relayed as bytes and its
+    // requests followed; an HTTP/2 or gRPC port's is relayed and reported
+    // as a connection (following HTTP/2 needs its header compression, and
+    // serving it as HTTP costs too much per request for now: see README).
+    let serve = protocol
+        .is_some_and(|p| matches!(p, Protocol::Http | Protocol::Http2 | Protocol::Grpc))
+        && authz::needs_requests(&snapshot.config.policies, services);
+    let http = serve || protocol == Some(Protocol::Http);
     let labels = labels::destination(
         &snapshot.config.cluster,
         peer,
@@ -333,7 +344,7 @@ async fn stream_request(
             Reports::one(labels.clone()),
         ))
     };
-    let decision = if http {
+    let decision = if serve {
         Decision::Allow
     } else {
         authz::authorize(
@@ -394,7 +405,10 @@ async fn stream_request(
             tokio::spawn(stream.relay(inputs, request, connection).in_current_span())
         }
         // Each request is reported on its own from here.
-        Outcome::Requests(_) => tokio::spawn(stream.serve_http(inputs, request).in_current_span()),
+        Outcome::Requests(_) if serve => {
+            tokio::spawn(stream.serve_http(inputs, request).in_current_span())
+        }
+        Outcome::Requests(_) => tokio::spawn(stream.observe(inputs, request).in_current_span()),
     };
     status(StatusCode::OK)
 }
@@ -425,6 +439,7 @@ impl Outcome {
                 };
                 let result = RequestResult::new(
                     metrics,
+                    &Arc::default(),
                     Reports::one(labels::http(labels)),
                     line,
                     std::time::Instant::now(),
@@ -498,6 +513,34 @@ impl Stream {
         }
     }
 
+    /// Once the stream is open, relays it as bytes while following its
+    /// HTTP/1 requests (see `observe`).
+    async fn observe(self, inputs: Arc<ProxyInputs>, request: Request<Incoming>) {
+        let Some(stream) = upgraded(request).await else {
+            return;
+        };
+        let observer = Arc::new(std::sync::Mutex::new(observe::Observer::new(
+            &inputs.metrics,
+            self.labels,
+        )));
+        let mut client = observe::Observed::client(stream, &observer);
+        let pod = crate::net::idle::Idle::new(
+            self.pod,
+            inputs.idle_timeout,
+            inputs.metrics.idle_closed("inbound"),
+        );
+        let mut pod = observe::Observed::server(pod, &observer);
+        let relayed = relay(&mut client, &mut pod, inputs.buffer_size, &[], &[]).await;
+        let flag = match relayed {
+            Ok(()) => ResponseFlag::DownstreamConnectionTermination,
+            Err(err) => {
+                debug!(error = %err, "stream closed with an error");
+                ResponseFlag::UpstreamConnectionTermination
+            }
+        };
+        observer.lock().unwrap_or_else(|p| p.into_inner()).end(flag);
+    }
+
     /// Once the stream is open, serves its requests (see `requests`).
     async fn serve_http(self, inputs: Arc<ProxyInputs>, request: Request<Incoming>) {
         let Some(stream) = upgraded(request).await else {
@@ -511,6 +554,7 @@ impl Stream {
         let peer = requests::Peer {
             identity: self.source,
             labels: self.labels,
+            series: Arc::default(),
         };
         requests::serve(inputs, stream, self.pod, peer, self.target).await;
     }
@@ -527,16 +571,15 @@ async fn upgraded(request: Request<Incoming>) -> Option<TokioIo<hyper::upgrade::
     }
 }
 
-/// Whether `port` (a target port) of these services speaks HTTP.
-fn serves_http(snapshot: &crate::state::snapshot::Snapshot, services: &[usize], port: u16) -> bool {
-    use crate::config::Protocol;
-    services.iter().any(|s| {
-        snapshot.config.services[*s].ports.iter().any(|p| {
-            p.target_port == port
-                && matches!(
-                    p.protocol,
-                    Protocol::Http | Protocol::Http2 | Protocol::Grpc
-                )
-        })
-    })
+/// What `port` (a target port) of these services speaks.
+fn port_protocol(
+    snapshot: &crate::state::snapshot::Snapshot,
+    services: &[usize],
+    port: u16,
+) -> Option<Protocol> {
+    services
+        .iter()
+        .flat_map(|s| &snapshot.config.services[*s].ports)
+        .find(|p| p.target_port == port)
+        .map(|p| p.protocol)
 }

@@ -126,6 +126,7 @@ async fn handle(inputs: Arc<ProxyInputs>, client: Accepted, peer: SocketAddr) {
         dst: orig.dst,
         source: source.cloned(),
         protocol,
+        series: Arc::default(),
     };
     drop(snapshot);
     let _ = client.get_ref().set_nodelay(true);

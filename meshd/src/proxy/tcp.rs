@@ -53,7 +53,7 @@ pub async fn serve(
         cluster,
         source,
         target.service,
-        Some(target.endpoint),
+        Some((target.endpoint, Some(target.path))),
         "tcp",
     ));
     if target.path == Path::Local {

@@ -71,15 +71,16 @@ impl Tally {
     }
 }
 
-/// A body that adds what passes to a `Tally` (messages only for gRPC).
+/// A body that adds what passes to a `Tally` (messages only for gRPC);
+/// none for a body empty from the start.
 pub struct Counted<B> {
     inner: B,
-    tally: Arc<Tally>,
+    tally: Option<Arc<Tally>>,
     grpc: Option<GrpcFrames>,
 }
 
 impl<B> Counted<B> {
-    pub fn new(inner: B, tally: Arc<Tally>, grpc: bool) -> Self {
+    pub fn new(inner: B, tally: Option<Arc<Tally>>, grpc: bool) -> Self {
         Self {
             inner,
             tally,
@@ -100,15 +101,12 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
+        if let (Poll::Ready(Some(Ok(frame))), Some(tally)) = (&polled, &self.tally) {
             if let Some(data) = frame.data_ref() {
-                self.tally
-                    .bytes
-                    .fetch_add(data.len() as u64, Ordering::Relaxed);
-                let this = &mut *self;
-                if let Some(grpc) = &mut this.grpc {
-                    let started = grpc.feed(data);
-                    this.tally.messages.fetch_add(started, Ordering::Relaxed);
+                tally.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                let tally = tally.clone();
+                if let Some(grpc) = &mut self.grpc {
+                    tally.messages.fetch_add(grpc.feed(data), Ordering::Relaxed);
                 }
             }
         }

@@ -3,9 +3,12 @@
 //! from the config, so building a label set formats nothing.
 //!
 //! Value rules are Istio's ("Istio Standard Metrics"): a workload meshd does
-//! not know is `unknown`, and so is its namespace; `connection_security_policy`
-//! is only known to the destination (`mutual_tls` through a tunnel, `none`
-//! on the same node) and `unknown` when the source reports.
+//! not know is `unknown`, and so is its namespace. `connection_security_policy`
+//! says how the hop went, as Istio's ztunnel reports it on both sides:
+//! `mutual_tls` through a tunnel, `none` on the same node, `unknown` before
+//! an endpoint was chosen. (The sidecar docs say `unknown` for every source
+//! report, but Istio's own workload dashboard selects
+//! `reporter="source",connection_security_policy="mutual_tls"`.)
 
 use std::sync::Arc;
 
@@ -13,6 +16,7 @@ use super::{metrics::HttpLabels, metrics::TcpLabels, ResponseFlag};
 use crate::{
     config::{Endpoint, Reported, Service, Workload},
     spiffe::Identity,
+    state::snapshot::Path,
 };
 
 /// What a label says when meshd does not know.
@@ -32,6 +36,14 @@ pub enum Security {
 }
 
 impl Security {
+    /// How an endpoint reached by `path` is reached.
+    pub fn of(path: Path) -> Self {
+        match path {
+            Path::Local => Self::None,
+            Path::Tunnel { .. } => Self::MutualTls,
+        }
+    }
+
     fn label(self) -> &'static str {
         match self {
             Self::MutualTls => "mutual_tls",
@@ -41,13 +53,13 @@ impl Security {
 }
 
 /// The source node's labels for a connection (`request_protocol` `tcp`)
-/// or request from `source` to an endpoint of `service` (none chosen yet:
-/// `unknown`) in `cluster`.
+/// or request from `source` to an endpoint of `service` reached by a path
+/// (none chosen yet: `unknown`) in `cluster`.
 pub fn source(
     cluster: &Arc<str>,
     source: Option<&Workload>,
     service: &Service,
-    endpoint: Option<&Endpoint>,
+    endpoint: Option<(&Endpoint, Option<Path>)>,
     request_protocol: &'static str,
 ) -> TcpLabels {
     let pick = |f: fn(&Workload) -> &Arc<str>| source.map_or_else(unknown, |w| f(w).clone());
@@ -76,8 +88,8 @@ pub fn source(
         response_flags: ResponseFlag::None,
         connection_security_policy: UNKNOWN,
     };
-    if let Some(endpoint) = endpoint {
-        to_endpoint(&mut labels, endpoint, &service.namespace);
+    if let Some((endpoint, path)) = endpoint {
+        to_endpoint(&mut labels, endpoint, &service.namespace, path);
     }
     labels
 }
@@ -146,18 +158,26 @@ pub fn destination(
 }
 
 /// Makes `labels` (a source node's, built before an endpoint was chosen)
-/// those of `endpoint` of a service in `namespace`: only what the endpoint
-/// decides changes. An endpoint whose workload the config does not name
-/// has no known namespace either (Istio's rule).
-pub fn to_endpoint(labels: &mut TcpLabels, endpoint: &Endpoint, namespace: &Arc<str>) {
+/// those of `endpoint` of a service in `namespace`, reached by `path`: only
+/// what the endpoint decides changes. An endpoint whose workload the config
+/// does not name has no known namespace or principal either (Istio's rule).
+pub fn to_endpoint(
+    labels: &mut TcpLabels,
+    endpoint: &Endpoint,
+    namespace: &Arc<str>,
+    path: Option<Path>,
+) {
     let reported = &endpoint.reported;
-    labels.destination_workload_namespace = if &*endpoint.workload == UNKNOWN {
-        unknown()
-    } else {
-        namespace.clone()
-    };
+    labels.connection_security_policy = path.map_or(UNKNOWN, |p| Security::of(p).label());
+    let known = &*endpoint.workload != UNKNOWN;
+    labels.destination_workload_namespace = if known { namespace.clone() } else { unknown() };
     labels.destination_workload = endpoint.workload.clone();
-    labels.destination_principal = endpoint.identity.uri().clone();
+    // An endpoint that is no workload of the mesh has no identity either.
+    labels.destination_principal = if known {
+        endpoint.identity.uri().clone()
+    } else {
+        unknown()
+    };
     labels.destination_app = reported.app.clone();
     labels.destination_version = reported.version.clone();
     labels.destination_canonical_service = reported.canonical_service.clone();

@@ -97,6 +97,20 @@ where
     pub fn get_or_create(&self, labels: &S) -> M {
         self.with(labels, M::clone)
     }
+
+    /// A handle on the series for `labels`, and, when the family was full,
+    /// the counter its samples must be counted in as dropped.
+    fn handle(&self, labels: &S) -> (M, Option<Counter>) {
+        if let Some(metric) = self.family.get(labels) {
+            return (metric.clone(), None);
+        }
+        use std::sync::atomic::Ordering;
+        if self.series.load(Ordering::Relaxed) >= self.cap {
+            return (self.spare.clone(), Some(self.dropped.clone()));
+        }
+        self.series.fetch_add(1, Ordering::Relaxed);
+        (self.family.get_or_create(labels).clone(), None)
+    }
 }
 
 impl<S, M> std::fmt::Debug for Capped<S, M> {
@@ -330,7 +344,108 @@ pub struct Metrics {
     pub series_dropped: Family<MetricLabels, Counter>,
 }
 
+/// The series one request label set is recorded in, looked up once: a
+/// request recorded into them touches no family's map.
+#[derive(Clone)]
+pub struct RequestSeries {
+    pub requests: Counter,
+    pub duration: Histogram,
+    pub request_bytes: Histogram,
+    pub response_bytes: Histogram,
+    /// gRPC requests only: (from the client, from the server).
+    pub messages: Option<(Counter, Counter)>,
+    /// Set when a family was full: each request recorded counts here.
+    dropped: Vec<Counter>,
+}
+
+impl RequestSeries {
+    /// Records one request.
+    pub fn record(&self, sample: &RequestSample) {
+        self.requests.inc();
+        self.duration.observe(sample.duration_ms);
+        self.request_bytes.observe(sample.request_bytes as f64);
+        self.response_bytes.observe(sample.response_bytes as f64);
+        if let (Some((up, down)), Some((sent, received))) = (&self.messages, sample.messages) {
+            up.inc_by(sent);
+            down.inc_by(received);
+        }
+        for dropped in &self.dropped {
+            dropped.inc();
+        }
+    }
+}
+
+/// What one request measured.
+pub struct RequestSample {
+    pub duration_ms: f64,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    /// gRPC messages (from the client, from the server).
+    pub messages: Option<(u64, u64)>,
+}
+
+/// The last label set a connection's requests were recorded with (one per
+/// reporter) and its series: most requests on a connection share their
+/// labels, so most are recorded without hashing 20-odd labels into each of
+/// six families.
+#[derive(Default)]
+pub struct SeriesCache {
+    last: [std::sync::Mutex<Option<(HttpLabels, RequestSeries)>>; 2],
+}
+
+impl SeriesCache {
+    /// Records `sample` under `labels` for reporter slot `slot` (0 or 1).
+    pub fn record(
+        &self,
+        slot: usize,
+        metrics: &Metrics,
+        labels: &HttpLabels,
+        sample: &RequestSample,
+    ) {
+        // Another request of the connection recording now: no waiting.
+        let Some(mut last) = self.last.get(slot).and_then(|l| l.try_lock().ok()) else {
+            return metrics.request_series(labels).record(sample);
+        };
+        match &*last {
+            Some((cached, series)) if cached == labels => series.record(sample),
+            _ => {
+                let series = metrics.request_series(labels);
+                series.record(sample);
+                *last = Some((labels.clone(), series));
+            }
+        }
+    }
+}
+
 impl Metrics {
+    /// The series of every request family for `labels`.
+    pub fn request_series(&self, labels: &HttpLabels) -> RequestSeries {
+        fn take<M>(dropped: &mut Vec<Counter>, (metric, full): (M, Option<Counter>)) -> M {
+            dropped.extend(full);
+            metric
+        }
+        let mut dropped = Vec::new();
+        let d = &mut dropped;
+        let requests = take(d, self.requests.handle(labels));
+        let duration = take(d, self.request_duration.handle(labels));
+        let request_bytes = take(d, self.request_bytes.handle(labels));
+        let response_bytes = take(d, self.response_bytes.handle(labels));
+        let messages = (labels.connection.request_protocol == "grpc").then(|| {
+            (
+                take(d, self.request_messages.handle(labels)),
+                take(d, self.response_messages.handle(labels)),
+            )
+        });
+        RequestSeries {
+            requests,
+            duration,
+            request_bytes,
+            response_bytes,
+            messages,
+            dropped,
+        }
+    }
+
     pub fn new(registry: &mut Registry) -> Self {
         let cap = crate::config::ProxySpec::default().max_series_per_metric;
         Self::with_series_cap(registry, cap)

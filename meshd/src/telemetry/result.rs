@@ -14,7 +14,7 @@ use tracing::info;
 
 use super::{
     body::{Counted, GrpcFrames, Tally},
-    metrics::{HttpLabels, Metrics, TcpLabels},
+    metrics::{HttpLabels, Metrics, RequestSample, SeriesCache, TcpLabels},
     ResponseFlag,
 };
 use crate::config::Endpoint;
@@ -145,10 +145,13 @@ impl std::fmt::Display for RequestLine {
 /// gRPC trailers known then), or when that body is dropped.
 pub struct RequestResult {
     metrics: Arc<Metrics>,
+    /// The series its connection's last request went to.
+    cache: Arc<SeriesCache>,
     reports: Reports<HttpLabels>,
     started: Instant,
     line: RequestLine,
-    request: Arc<Tally>,
+    /// What the request's body carried; none while it is empty.
+    request: Option<Arc<Tally>>,
     response_bytes: u64,
     response_messages: u64,
     route: Option<Arc<str>>,
@@ -157,18 +160,21 @@ pub struct RequestResult {
 }
 
 impl RequestResult {
+    /// A request on a connection whose requests share `cache`.
     pub fn new(
         metrics: &Arc<Metrics>,
+        cache: &Arc<SeriesCache>,
         reports: Reports<HttpLabels>,
         line: RequestLine,
         started: Instant,
     ) -> Self {
         Self {
             metrics: metrics.clone(),
+            cache: cache.clone(),
             reports,
             started,
             line,
-            request: Arc::default(),
+            request: None,
             response_bytes: 0,
             response_messages: 0,
             route: None,
@@ -186,19 +192,27 @@ impl RequestResult {
     }
 
     /// The client's request body, counted for this result.
-    pub fn count_request<B>(&self, body: B) -> Counted<B> {
-        Counted::new(body, self.request.clone(), self.is_grpc())
+    pub fn count_request<B: hyper::body::Body>(&mut self, body: B) -> Counted<B> {
+        // A body empty from the start needs no counting.
+        let tally = (!hyper::body::Body::is_end_stream(&body))
+            .then(|| self.request.get_or_insert_with(Arc::default).clone());
+        Counted::new(body, tally, self.is_grpc())
     }
 
     pub fn set_route(&mut self, route: &Arc<str>) {
         self.route = Some(route.clone());
     }
 
-    /// The endpoint the (last) try went to.
-    pub fn set_endpoint(&mut self, endpoint: &Endpoint, upstream: SocketAddrV4) {
+    /// The endpoint the (last) try went to, reached by `path`.
+    pub fn set_endpoint(
+        &mut self,
+        endpoint: &Endpoint,
+        path: Option<crate::state::snapshot::Path>,
+        upstream: SocketAddrV4,
+    ) {
         let labels = &mut self.reports.first.connection;
         let namespace = labels.destination_service_namespace.clone();
-        super::labels::to_endpoint(labels, endpoint, &namespace);
+        super::labels::to_endpoint(labels, endpoint, &namespace, path);
         self.upstream = Some(upstream);
     }
 
@@ -234,6 +248,31 @@ impl RequestResult {
         })
     }
 
+    /// The request's body, counted by whoever saw it go by.
+    pub fn set_request_bytes(&mut self, bytes: u64) {
+        self.request
+            .get_or_insert_with(Arc::default)
+            .bytes
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Records an exchange seen rather than served: its answer's status,
+    /// body size and meshd's flag.
+    pub fn observed(mut self, status: u16, response_bytes: u64, flag: ResponseFlag) {
+        for labels in self.reports.iter_mut() {
+            labels.response_code = status;
+            labels.connection.response_flags = flag;
+        }
+        self.response_bytes = response_bytes;
+        self.record();
+    }
+
+    /// Forgets the request unrecorded: what could not be followed is not
+    /// reported.
+    pub fn discard(mut self) {
+        self.recorded = true;
+    }
+
     fn set_grpc_status(&mut self, code: Arc<str>) {
         for labels in self.reports.iter_mut() {
             labels.grpc_response_status = code.clone();
@@ -249,28 +288,17 @@ impl RequestResult {
     fn record(&mut self) {
         self.recorded = true;
         let elapsed = self.started.elapsed();
-        let metrics = &self.metrics;
-        let (request_bytes, request_messages) = (self.request.bytes(), self.request.messages());
-        let grpc = self.is_grpc();
-        for labels in self.reports.iter() {
-            metrics.requests.with(labels, |c| c.inc());
-            metrics
-                .request_duration
-                .with(labels, |h| h.observe(elapsed.as_secs_f64() * 1000.0));
-            metrics
-                .request_bytes
-                .with(labels, |h| h.observe(request_bytes as f64));
-            metrics
-                .response_bytes
-                .with(labels, |h| h.observe(self.response_bytes as f64));
-            if grpc {
-                metrics
-                    .request_messages
-                    .with(labels, |c| c.inc_by(request_messages));
-                metrics
-                    .response_messages
-                    .with(labels, |c| c.inc_by(self.response_messages));
-            }
+        let sample = RequestSample {
+            duration_ms: elapsed.as_secs_f64() * 1000.0,
+            request_bytes: self.request.as_ref().map_or(0, |t| t.bytes()),
+            response_bytes: self.response_bytes,
+            messages: self.is_grpc().then(|| {
+                let sent = self.request.as_ref().map_or(0, |t| t.messages());
+                (sent, self.response_messages)
+            }),
+        };
+        for (slot, labels) in self.reports.iter().enumerate() {
+            self.cache.record(slot, &self.metrics, labels, &sample);
         }
         let labels = &self.reports.first;
         info!(
@@ -493,6 +521,7 @@ workloads:
         let (registry, metrics) = metrics();
         drop(RequestResult::new(
             &metrics,
+            &Arc::default(),
             one(tcp_labels()),
             line(),
             Instant::now(),
@@ -559,7 +588,13 @@ workloads:
         let (registry, metrics) = metrics();
         let config = config();
         let labels = labels::source(&config.cluster, None, &config.services[0], None, "grpc");
-        let result = RequestResult::new(&metrics, one(labels), line(), Instant::now());
+        let result = RequestResult::new(
+            &metrics,
+            &Arc::default(),
+            one(labels),
+            line(),
+            Instant::now(),
+        );
         let answer = result.finish(grpc_answer("0"), ResponseFlag::None);
         let text_before = text(&registry);
         assert!(
@@ -583,7 +618,13 @@ workloads:
     #[tokio::test]
     async fn an_answer_cut_off_mid_body_is_the_client_going_away() {
         let (registry, metrics) = metrics();
-        let result = RequestResult::new(&metrics, one(tcp_labels()), line(), Instant::now());
+        let result = RequestResult::new(
+            &metrics,
+            &Arc::default(),
+            one(tcp_labels()),
+            line(),
+            Instant::now(),
+        );
         let answer = result.finish(Response::new(Never), ResponseFlag::None);
         drop(answer);
         let text = text(&registry);
@@ -604,6 +645,7 @@ workloads:
         let source = &config.workloads[0];
         let mut result = RequestResult::new(
             &metrics,
+            &Arc::default(),
             one(labels::source(
                 &config.cluster,
                 Some(source),
@@ -614,7 +656,11 @@ workloads:
             line(),
             Instant::now(),
         );
-        result.set_endpoint(&service.endpoints[1], "10.77.0.8:80".parse().expect("addr"));
+        result.set_endpoint(
+            &service.endpoints[1],
+            Some(crate::state::snapshot::Path::Local),
+            "10.77.0.8:80".parse().expect("addr"),
+        );
         result.set_destination(labels::destination(
             &config.cluster,
             labels::Peer::local(Some(source)),
@@ -652,7 +698,7 @@ workloads:
             );
         }
         assert!(
-            source.contains("connection_security_policy=\"unknown\""),
+            source.contains("connection_security_policy=\"none\""),
             "{source}"
         );
         assert!(
@@ -666,11 +712,12 @@ workloads:
         let config = config();
         let service = &config.services[0];
         let mut labels = labels::source(&config.cluster, None, service, None, "tcp");
-        labels::to_endpoint(&mut labels, &service.endpoints[0], &service.namespace);
+        labels::to_endpoint(&mut labels, &service.endpoints[0], &service.namespace, None);
         assert_eq!(&*labels.destination_workload, "unknown");
         assert_eq!(&*labels.destination_workload_namespace, "unknown");
+        assert_eq!(&*labels.destination_principal, "unknown");
         assert_eq!(&*labels.destination_canonical_service, "unknown");
-        labels::to_endpoint(&mut labels, &service.endpoints[1], &service.namespace);
+        labels::to_endpoint(&mut labels, &service.endpoints[1], &service.namespace, None);
         assert_eq!(&*labels.destination_workload_namespace, "default");
     }
 

@@ -112,22 +112,24 @@ pub fn ended(
         Try::Answered(response) => {
             let upgrading =
                 upgrade.filter(|_| response.status() == StatusCode::SWITCHING_PROTOCOLS);
-            let response = match upgrading {
-                Some(downstream) => upgraded(downstream, response),
+            match upgrading {
+                Some(downstream) => forward(upgraded(downstream, response), result),
                 None => {
                     let (mut parts, body) = response.into_parts();
                     strip_hop_by_hop(&mut parts.headers, false);
-                    Response::from_parts(parts, body.boxed())
+                    forward(Response::from_parts(parts, body), result)
                 }
-            };
-            forward(response, result)
+            }
         }
     }
 }
 
 /// An upstream's answer as the client gets it: without meshd's own flag
 /// header (an upstream cannot speak for meshd), recorded with no flag.
-fn forward(mut response: Response<Body>, result: RequestResult) -> Response<Body> {
+fn forward<B>(mut response: Response<B>, result: RequestResult) -> Response<Body>
+where
+    B: hyper::body::Body<Data = Bytes, Error = hyper::Error> + Send + Sync + Unpin + 'static,
+{
     response.headers_mut().remove(FLAGS_HEADER);
     result.finish(response, ResponseFlag::None)
 }

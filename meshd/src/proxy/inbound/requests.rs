@@ -37,7 +37,7 @@ use crate::{
     telemetry::{
         body::Counted,
         labels,
-        metrics::TcpLabels,
+        metrics::{SeriesCache, TcpLabels},
         result::{Reports, RequestLine},
         RequestResult, ResponseFlag,
     },
@@ -60,6 +60,8 @@ enum Pod {
 pub struct Peer {
     pub identity: Identity,
     pub labels: TcpLabels,
+    /// The series its last request was recorded in.
+    pub series: Arc<SeriesCache>,
 }
 
 /// Serves one tunnel stream as HTTP until either side closes it.
@@ -117,8 +119,9 @@ async fn one(
         method: request.method().clone(),
         uri: request.uri().clone(),
     };
-    let result = RequestResult::new(
+    let mut result = RequestResult::new(
         &inputs.metrics,
+        &peer.series,
         Reports::one(labels::http(labels)),
         line,
         std::time::Instant::now(),
