@@ -62,6 +62,8 @@ pub enum StartError {
     Signals(std::io::Error),
     #[error(transparent)]
     Handover(#[from] crate::app::handover::HandoverError),
+    #[error("tracing: {0}")]
+    Tracing(#[from] crate::telemetry::spans::ExporterError),
     #[error(
         "node.identity.trustBundle {0:?} holds no root certificate: this node would trust no peer"
     )]
@@ -221,6 +223,18 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     let checkers = Arc::new(crate::proxy::health::HealthCheckers::default());
     let marks: Arc<dyn crate::state::ids::OrigDstSource> = capture.clone();
     checkers.sync(&mesh, &metrics, &marks);
+    let tracer = match &config.tracing {
+        Some(spec) => {
+            let tracer = crate::telemetry::spans::Tracer::start(
+                spec,
+                &config.node.name,
+                metrics.span_counters(),
+            )?;
+            info!(endpoint = %spec.endpoint, protocol = ?spec.protocol, sampling = spec.sampling, "exporting spans");
+            Some(tracer)
+        }
+        None => None,
+    };
     let inputs = Arc::new(ProxyInputs {
         snapshot: ArcSwap::new(mesh),
         orig_dst: capture.clone(),
@@ -240,6 +254,7 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         store: store.clone(),
         upstreams: Default::default(),
         stop: stop_rx.clone(),
+        tracer,
     });
     let _ = status.proxy.set(inputs.clone());
     tokio::spawn(sweep_upstreams(inputs.upstreams.clone(), stop_rx.clone()));

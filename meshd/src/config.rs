@@ -140,6 +140,60 @@ pub struct ConfigFile {
     /// Workloads (pods) running on this node.
     #[serde(default)]
     pub workloads: Vec<WorkloadSpec>,
+    /// Distributed tracing: spans exported over OTLP. Default off.
+    pub tracing: Option<TracingSpec>,
+}
+
+/// Where and how meshd exports the spans it makes for requests.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TracingSpec {
+    /// The OTLP collector: `http://host:4317` for gRPC, `http://host:4318`
+    /// (or a full URL ending in `/v1/traces`) for HTTP. Required.
+    pub endpoint: String,
+    /// `grpc` or `http` (OTLP/HTTP with protobuf). Default `grpc`.
+    #[serde(default)]
+    pub protocol: OtlpProtocol,
+    /// The fraction of new traces sampled, 0 to 1; a caller's own decision
+    /// (the sampled flag of its `traceparent` or B3 headers) is kept.
+    /// Default `0.01`, Istio's 1 %.
+    #[serde(default = "default_sampling")]
+    pub sampling: f64,
+    /// Spans waiting for export at most; more are dropped (and counted).
+    /// Default 2048.
+    #[serde(default = "default_max_queue")]
+    pub max_queue: usize,
+    /// Spans sent in one export at most. Default 512.
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+    /// How long one export may take. Default 10s.
+    #[serde(default = "default_export_timeout", with = "humantime_serde")]
+    pub export_timeout: Duration,
+}
+
+/// OTLP's transports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OtlpProtocol {
+    #[default]
+    Grpc,
+    Http,
+}
+
+fn default_sampling() -> f64 {
+    0.01
+}
+
+fn default_max_queue() -> usize {
+    2048
+}
+
+fn default_max_batch() -> usize {
+    512
+}
+
+fn default_export_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -75,6 +75,8 @@ pub struct ProxyInputs {
     pub upstreams: Arc<http::upstream::Upstreams>,
     /// Turns true when meshd stops: long-lived connections wind down.
     pub stop: tokio::sync::watch::Receiver<bool>,
+    /// Spans for requests, when `tracing` is configured.
+    pub tracer: Option<Arc<crate::telemetry::spans::Tracer>>,
 }
 
 /// The destination's policy for a same-node endpoint, decided here. A

@@ -7,6 +7,8 @@ pub mod flags;
 pub mod labels;
 pub mod metrics;
 pub mod result;
+pub mod spans;
+pub mod trace;
 
 pub use flags::ResponseFlag;
 pub use result::{ConnectionResult, RequestResult};

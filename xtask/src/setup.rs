@@ -49,6 +49,7 @@ pub fn install(needs: Needs) -> anyhow::Result<()> {
     packages(&needs.packages())?;
     if needs == Needs::Test {
         kubernetes_validate()?;
+        tracing_python()?;
     }
     if needs == Needs::Fuzz {
         cargo_fuzz()?;
@@ -81,14 +82,7 @@ fn kubernetes_validate() -> anyhow::Result<()> {
         return Ok(());
     }
     eprintln!("xtask: installing kubernetes-validate {KUBERNETES_VALIDATE}");
-    if Command::new("python3")
-        .args(["-m", "venv", VENV])
-        .status()
-        .map_or(true, |s| !s.success())
-    {
-        apt_install(&["python3", "python3-venv"])?;
-        crate::run(Command::new("python3").args(["-m", "venv", VENV]))?;
-    }
+    venv()?;
     crate::run(Command::new(format!("{VENV}/bin/pip")).args([
         "install",
         "-q",
@@ -99,6 +93,48 @@ fn kubernetes_validate() -> anyhow::Result<()> {
         &format!("{VENV}/bin/kubernetes-validate"),
         "/usr/local/bin/kubernetes-validate",
     ]))
+}
+
+/// Makes the virtualenv the Python tools live in (with python3-venv from
+/// apt where it is missing), unless it exists.
+fn venv() -> anyhow::Result<()> {
+    if std::path::Path::new(&format!("{VENV}/bin/python")).exists() {
+        return Ok(());
+    }
+    if Command::new("python3")
+        .args(["-m", "venv", VENV])
+        .status()
+        .map_or(true, |s| !s.success())
+    {
+        apt_install(&["python3", "python3-venv"])?;
+        crate::run(Command::new("python3").args(["-m", "venv", VENV]))?;
+    }
+    Ok(())
+}
+
+/// The tracing tests' Python parts, pinned: an OTLP receiver built from
+/// the official protobufs (grpcio, opentelemetry-proto) and an application
+/// instrumented with the OpenTelemetry SDK and its OTLP exporter.
+const TRACING_PYTHON: [&str; 4] = [
+    "grpcio==1.85.3",
+    "opentelemetry-proto==1.45.2",
+    "opentelemetry-sdk==1.45.2",
+    "opentelemetry-exporter-otlp-proto-grpc==1.45.2",
+];
+
+/// Installs `TRACING_PYTHON` into the virtualenv unless they import.
+fn tracing_python() -> anyhow::Result<()> {
+    let python = format!("{VENV}/bin/python");
+    let imports = "import grpc, opentelemetry.sdk, opentelemetry.proto, \
+                   opentelemetry.exporter.otlp.proto.grpc";
+    if output(Command::new(&python).args(["-c", imports])).is_some() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing {}", TRACING_PYTHON.join(" "));
+    venv()?;
+    let mut pip = Command::new(format!("{VENV}/bin/pip"));
+    pip.args(["install", "-q"]).args(TRACING_PYTHON);
+    crate::run(&mut pip)
 }
 
 fn output(command: &mut Command) -> Option<String> {

@@ -183,6 +183,7 @@ fn restart_only_change(running: &Config, next: &Config) -> Option<&'static str> 
         ("node", running.node == next.node),
         ("proxy", running.proxy == next.proxy),
         ("mesh", running.mesh == next.mesh),
+        ("tracing", running.tracing == next.tracing),
         ("this node's address in nodes", own(running) == own(next)),
     ]
     .into_iter()

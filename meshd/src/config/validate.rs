@@ -30,6 +30,7 @@ pub struct Config {
     /// `mesh.clusterName`, interned for `source_cluster` and
     /// `destination_cluster`.
     pub cluster: Arc<str>,
+    pub tracing: Option<super::TracingSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -292,6 +293,7 @@ pub(super) fn validate(sources: &[Source], files: Vec<ConfigFile>) -> Result<Con
     let mut node: Option<(usize, NodeSpec)> = None;
     let mut proxy: Option<(usize, ProxySpec)> = None;
     let mut mesh: Option<(usize, MeshSpec)> = None;
+    let mut tracing: Option<(usize, super::TracingSpec)> = None;
     let mut services = Vec::new();
     let mut workloads = Vec::new();
     let mut node_addresses = Vec::new();
@@ -314,6 +316,7 @@ pub(super) fn validate(sources: &[Source], files: Vec<ConfigFile>) -> Result<Con
         );
         once(&mut check, &mut node, file, parsed.node, "node");
         once(&mut check, &mut proxy, file, parsed.proxy, "proxy");
+        once(&mut check, &mut tracing, file, parsed.tracing, "tracing");
         services.extend(
             parsed
                 .services
@@ -343,6 +346,9 @@ pub(super) fn validate(sources: &[Source], files: Vec<ConfigFile>) -> Result<Con
         }
     };
     let (proxy_file, proxy) = proxy.unwrap_or((0, ProxySpec::default()));
+    if let Some((file, spec)) = &tracing {
+        check_tracing(&mut check, *file, spec);
+    }
     check_proxy(&mut check, proxy_file, &proxy);
     let (mesh_file, mesh) = mesh.unwrap_or((0, MeshSpec::default()));
     check_mesh(&mut check, mesh_file, &mesh);
@@ -390,6 +396,7 @@ pub(super) fn validate(sources: &[Source], files: Vec<ConfigFile>) -> Result<Con
     match (node, check.errors.is_empty()) {
         (Some(node), true) => Ok(Config {
             cluster: mesh.cluster_name.as_str().into(),
+            tracing: tracing.map(|(_, t)| t),
             mesh,
             node,
             proxy,
@@ -512,6 +519,40 @@ fn check_capture_size(check: &mut Checker<'_>, services: &[(usize, FieldPath, Se
                 destinations.len()
             ),
         );
+    }
+}
+
+fn check_tracing(check: &mut Checker<'_>, file: usize, spec: &super::TracingSpec) {
+    let at = FieldPath::default().key("tracing");
+    let endpoint = spec.endpoint.parse::<hyper::Uri>();
+    let usable = endpoint
+        .as_ref()
+        .is_ok_and(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some());
+    if !usable {
+        check.fail(
+            file,
+            &at.clone().key("endpoint"),
+            format!(
+                "{:?} is not a collector URL (http://host:port)",
+                spec.endpoint
+            ),
+        );
+    }
+    if !(0.0..=1.0).contains(&spec.sampling) {
+        check.fail(
+            file,
+            &at.clone().key("sampling"),
+            format!("{} is not a fraction between 0 and 1", spec.sampling),
+        );
+    }
+    if spec.max_queue == 0 || spec.max_queue > 1_000_000 {
+        check.fail(file, &at.clone().key("maxQueue"), "must be 1 to 1000000");
+    }
+    if spec.max_batch == 0 || spec.max_batch > spec.max_queue {
+        check.fail(file, &at.clone().key("maxBatch"), "must be 1 to maxQueue");
+    }
+    if spec.export_timeout.is_zero() {
+        check.fail(file, &at.key("exportTimeout"), "must be more than 0s");
     }
 }
 
@@ -894,6 +935,28 @@ node:
         assert_eq!(&*config.node.name, "node-a");
         assert_eq!(config.proxy.outbound_port, 15001);
         assert!(!config.proxy.sk_msg);
+    }
+
+    #[test]
+    fn tracing_settings_are_checked_with_their_lines() {
+        let config = load_str(
+            "mesh.yaml",
+            &format!("{NODE}tracing: {{ endpoint: 'http://10.0.0.9:4318', protocol: http }}\n"),
+        )
+        .expect("valid");
+        let tracing = config.tracing.expect("tracing");
+        assert_eq!(tracing.protocol, crate::config::OtlpProtocol::Http);
+        assert_eq!((tracing.sampling, tracing.max_queue), (0.01, 2048));
+        let text = errors(&format!(
+            "{NODE}tracing:\n  endpoint: collector\n  sampling: 2\n  maxQueue: 4\n  maxBatch: 8\n"
+        ));
+        for want in [
+            "mesh.yaml:7: tracing.endpoint",
+            "mesh.yaml:8: tracing.sampling",
+            "mesh.yaml:10: tracing.maxBatch",
+        ] {
+            assert!(text.contains(want), "{want}: {text}");
+        }
     }
 
     #[test]

@@ -39,6 +39,7 @@ use crate::{
         labels,
         metrics::{SeriesCache, UnresolvedReason},
         result::{Reports, RequestLine, RequestResult},
+        trace,
     },
 };
 
@@ -128,6 +129,21 @@ async fn handle(
         line,
         started.into_std(),
     );
+    // Traced: meshd's client span joins the caller's trace (or starts one)
+    // and is the upstream's parent; on this node, the destination's server
+    // span sits between them.
+    let traced = inputs.tracer.as_ref().map(|tracer| {
+        let client =
+            trace::Incoming::read(request.headers()).child(tracer.ratio(), || fastrand::u64(..));
+        let server = client
+            .as_incoming()
+            .child(tracer.ratio(), || fastrand::u64(..));
+        request.headers_mut().insert(
+            trace::TRACEPARENT,
+            trace::format_traceparent(&client.context),
+        );
+        (tracer, client, server)
+    });
     let upgrade = request
         .headers()
         .contains_key(header::UPGRADE)
@@ -155,6 +171,9 @@ async fn handle(
         headers: &parts.headers,
     };
     let mut attempt = HttpAttempt::new(inputs, &snapshot, connection, &admitted, request, payload);
+    if let Some((_, _, server)) = &traced {
+        attempt.trace_locally(trace::format_traceparent(&server.context));
+    }
     let retry = Retry {
         policy: admitted.retries,
         budget: snapshot.retry_budget(target.service),
@@ -162,6 +181,8 @@ async fn handle(
         deadline: admitted.deadline,
     };
     let tried = retry.run(&mut attempt, || fastrand::u64(..)).await;
+    result.set_tries(attempt.tries());
+    let mut local = false;
     if let Some((endpoint, path, upstream)) = attempt.last_endpoint() {
         result.set_endpoint(endpoint, path, upstream);
         // On this node, meshd reports the request as its destination too.
@@ -169,6 +190,7 @@ async fn handle(
             .then(|| snapshot.local_workload(endpoint.address))
             .flatten();
         if let Some(workload) = workload {
+            local = true;
             result.set_destination(labels::destination(
                 cluster,
                 labels::Peer::local(source),
@@ -178,6 +200,9 @@ async fn handle(
                 protocol,
             ));
         }
+    }
+    if let Some((tracer, client, server)) = traced {
+        result.set_trace(tracer, client, local.then_some(server));
     }
     respond::ended(tried, upgrade, result)
 }

@@ -321,9 +321,11 @@ async fn stream_request(
     // requests followed; an HTTP/2 or gRPC port's is relayed and reported
     // as a connection (following HTTP/2 needs its header compression, and
     // serving it as HTTP costs too much per request for now: see README).
+    // With tracing on, every HTTP port's stream is served: the destination's
+    // span must be the pod's parent, so `traceparent` is rewritten.
     let serve = protocol
         .is_some_and(|p| matches!(p, Protocol::Http | Protocol::Http2 | Protocol::Grpc))
-        && authz::needs_requests(&snapshot.config.policies, services);
+        && (inputs.tracer.is_some() || authz::needs_requests(&snapshot.config.policies, services));
     let http = serve || protocol == Some(Protocol::Http);
     let labels = labels::destination(
         &snapshot.config.cluster,

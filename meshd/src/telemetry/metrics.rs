@@ -342,6 +342,15 @@ pub struct Metrics {
     pub request_bytes: HistogramFamily,
     pub response_bytes: HistogramFamily,
     pub series_dropped: Family<MetricLabels, Counter>,
+    pub spans_exported: Counter,
+    pub spans_dropped: Family<SpanDropLabels, Counter>,
+}
+
+/// Why spans were dropped.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SpanDropLabels {
+    /// `queue_full` or `export_failed`.
+    pub reason: &'static str,
 }
 
 /// The series one request label set is recorded in, looked up once: a
@@ -514,7 +523,15 @@ impl Metrics {
             request_bytes: capped(drops, cap, "istio_request_bytes", size_histogram),
             response_bytes: capped(drops, cap, "istio_response_bytes", size_histogram),
             series_dropped,
+            spans_exported: Counter::default(),
+            spans_dropped: Family::default(),
         };
+        let spans = &metrics;
+        for reason in ["queue_full", "export_failed"] {
+            let _ = spans
+                .spans_dropped
+                .get_or_create(&SpanDropLabels { reason });
+        }
         let istio = registry.sub_registry_with_prefix("istio");
         istio.register(
             "tcp_connections_opened",
@@ -572,6 +589,16 @@ impl Metrics {
             metrics.response_bytes.clone(),
         );
         let meshd = registry.sub_registry_with_prefix("meshd");
+        meshd.register(
+            "spans_exported",
+            "Spans the OTLP collector accepted",
+            metrics.spans_exported.clone(),
+        );
+        meshd.register(
+            "spans_dropped",
+            "Spans not exported: the queue was full, or the collector failed the export",
+            metrics.spans_dropped.clone(),
+        );
         meshd.register(
             "active_connections",
             "Captured connections meshd is relaying now",
@@ -866,6 +893,19 @@ impl Metrics {
     }
 
     /// The counter of `listener`'s connections shed for `reason`.
+    /// What the span exporter counts in.
+    pub fn span_counters(&self) -> super::spans::SpanCounters {
+        let dropped = |reason| {
+            self.spans_dropped
+                .get_or_create_owned(&SpanDropLabels { reason })
+        };
+        super::spans::SpanCounters {
+            exported: self.spans_exported.clone(),
+            queue_full: dropped("queue_full"),
+            export_failed: dropped("export_failed"),
+        }
+    }
+
     pub fn shed(&self, listener: &'static str, reason: &'static str) -> Counter {
         self.connections_shed
             .get_or_create(&ShedLabels { listener, reason })

@@ -9,13 +9,15 @@ use std::{net::SocketAddrV4, sync::Arc, time::Instant};
 use bytes::Bytes;
 use http_body_util::BodyExt as _;
 use hyper::Response;
+use opentelemetry::{trace::SpanKind, KeyValue};
 use prometheus_client::metrics::counter::Counter;
 use tracing::info;
 
 use super::{
     body::{Counted, GrpcFrames, Tally},
     metrics::{HttpLabels, Metrics, RequestSample, SeriesCache, TcpLabels},
-    ResponseFlag,
+    spans::{Finished, Tracer},
+    trace, ResponseFlag,
 };
 use crate::config::Endpoint;
 
@@ -156,7 +158,19 @@ pub struct RequestResult {
     response_messages: u64,
     route: Option<Arc<str>>,
     upstream: Option<SocketAddrV4>,
+    /// Tries made (more than one when retried).
+    tries: u32,
+    /// The spans it is traced with, when tracing.
+    traced: Option<Box<Traced>>,
     recorded: bool,
+}
+
+/// A request's spans: one per reporter (the source's a client span, the
+/// destination's a server span).
+struct Traced {
+    tracer: Arc<Tracer>,
+    start: std::time::SystemTime,
+    spans: [Option<trace::Span>; 2],
 }
 
 impl RequestResult {
@@ -179,8 +193,33 @@ impl RequestResult {
             response_messages: 0,
             route: None,
             upstream: None,
+            tries: 1,
+            traced: None,
             recorded: false,
         }
+    }
+
+    /// Traces the request with `first` (the span of the first reporter)
+    /// and, when this node is its destination too, `destination`.
+    pub fn set_trace(
+        &mut self,
+        tracer: &Arc<Tracer>,
+        first: trace::Span,
+        destination: Option<trace::Span>,
+    ) {
+        let elapsed = self.started.elapsed();
+        let start = std::time::SystemTime::now()
+            .checked_sub(elapsed)
+            .unwrap_or_else(std::time::SystemTime::now);
+        self.traced = Some(Box::new(Traced {
+            tracer: tracer.clone(),
+            start,
+            spans: [Some(first), destination],
+        }));
+    }
+
+    pub fn set_tries(&mut self, tries: u32) {
+        self.tries = tries;
     }
 
     pub fn started(&self) -> Instant {
@@ -300,6 +339,9 @@ impl RequestResult {
         for (slot, labels) in self.reports.iter().enumerate() {
             self.cache.record(slot, &self.metrics, labels, &sample);
         }
+        if let Some(traced) = self.traced.take() {
+            self.export_spans(&traced);
+        }
         let labels = &self.reports.first;
         info!(
             target: "meshd::access",
@@ -316,6 +358,106 @@ impl RequestResult {
         );
     }
 }
+
+impl RequestResult {
+    /// Queues this request's sampled spans for export, with OpenTelemetry's
+    /// HTTP attributes and the mesh's.
+    fn export_spans(&self, traced: &Traced) {
+        let end = std::time::SystemTime::now();
+        for (slot, labels) in self.reports.iter().enumerate() {
+            let Some(span) = traced.spans.get(slot).copied().flatten() else {
+                continue;
+            };
+            if !span.context.sampled {
+                continue;
+            }
+            let server = labels.connection.reporter == "destination";
+            let c = &labels.connection;
+            let path: String = self.line.uri.path().chars().take(MAX_TRACED_PATH).collect();
+            let mut attributes = vec![
+                KeyValue::new("http.request.method", self.line.method.as_str().to_owned()),
+                KeyValue::new("url.path", path),
+                KeyValue::new("url.scheme", "http"),
+                KeyValue::new("http.response.status_code", i64::from(labels.response_code)),
+                KeyValue::new("server.address", c.destination_service.to_string()),
+                KeyValue::new("meshd.reporter", c.reporter),
+                KeyValue::new("meshd.source.principal", c.source_principal.to_string()),
+                KeyValue::new("meshd.source.workload", c.source_workload.to_string()),
+                KeyValue::new(
+                    "meshd.source.namespace",
+                    c.source_workload_namespace.to_string(),
+                ),
+                KeyValue::new(
+                    "meshd.destination.principal",
+                    c.destination_principal.to_string(),
+                ),
+                KeyValue::new(
+                    "meshd.destination.workload",
+                    c.destination_workload.to_string(),
+                ),
+                KeyValue::new(
+                    "meshd.destination.namespace",
+                    c.destination_workload_namespace.to_string(),
+                ),
+                KeyValue::new(
+                    "meshd.destination.service",
+                    c.destination_service.to_string(),
+                ),
+                KeyValue::new("meshd.response_flags", c.response_flags.as_str()),
+                KeyValue::new(
+                    "meshd.connection_security_policy",
+                    c.connection_security_policy,
+                ),
+                KeyValue::new("meshd.protocol", c.request_protocol),
+            ];
+            if !server {
+                attributes.push(KeyValue::new("meshd.tries", i64::from(self.tries)));
+                if let Some(route) = &self.route {
+                    attributes.push(KeyValue::new("meshd.route", route.to_string()));
+                }
+                if let Some(upstream) = self.upstream {
+                    attributes.push(KeyValue::new(
+                        "network.peer.address",
+                        upstream.ip().to_string(),
+                    ));
+                    attributes.push(KeyValue::new(
+                        "network.peer.port",
+                        i64::from(upstream.port()),
+                    ));
+                }
+            }
+            if !labels.grpc_response_status.is_empty() {
+                attributes.push(KeyValue::new(
+                    "rpc.grpc.status_code",
+                    labels.grpc_response_status.to_string(),
+                ));
+            }
+            // OpenTelemetry: a client span fails on 4xx and 5xx, a server
+            // span on 5xx; meshd's own refusals fail either way.
+            let code = labels.response_code;
+            let error = c.response_flags != ResponseFlag::None
+                || code == 0
+                || code >= 500
+                || (!server && code >= 400);
+            traced.tracer.submit(Finished {
+                span,
+                kind: if server {
+                    SpanKind::Server
+                } else {
+                    SpanKind::Client
+                },
+                name: std::borrow::Cow::Owned(self.line.method.as_str().to_owned()),
+                start: traced.start,
+                end,
+                attributes,
+                error,
+            });
+        }
+    }
+}
+
+/// A traced path is cut to this many characters.
+const MAX_TRACED_PATH: usize = 256;
 
 impl Drop for RequestResult {
     fn drop(&mut self) {

@@ -90,6 +90,7 @@ workloads:
             store: None,
             upstreams: Default::default(),
             stop: stopped.clone(),
+            tracer: None,
         });
         let outbound = Outbound::bind(SocketAddrV4::new(Ipv4Addr::new(127, 0, net, 100), 0))
             .await

@@ -466,6 +466,7 @@ fn serve_hello(
         let mut content_length = 0usize;
         let mut path = String::new();
         let mut upgrade = false;
+        let mut traceparent = None;
         // The request head; a body, if any, is read and ignored.
         loop {
             line.clear();
@@ -482,6 +483,8 @@ fn serve_hello(
                 first = false;
             } else if lower.starts_with("upgrade:") {
                 upgrade = true;
+            } else if let Some(value) = lower.strip_prefix("traceparent:") {
+                traceparent = Some(value.trim().to_owned());
             } else if let Some(value) = lower.strip_prefix("content-length:") {
                 content_length = value.trim().parse().unwrap_or(0);
             } else if lower.starts_with("connection:") && lower.contains("close") {
@@ -538,7 +541,11 @@ fn serve_hello(
         if !delay.is_zero() {
             thread::sleep(delay);
         }
-        let body = format!("hello from {name} to {peer}\n");
+        // A traced request: the trace context it came with, for the tests.
+        let body = match &traceparent {
+            Some(context) => format!("hello from {name} to {peer}\ntraceparent: {context}\n"),
+            None => format!("hello from {name} to {peer}\n"),
+        };
         if misbehave.hostile_grpc_status > 0 {
             let seen = REQUESTS.load(Ordering::Relaxed);
             let junk: String = format!("{seen}-")

@@ -52,6 +52,9 @@ pub struct HttpAttempt<'a> {
     /// was sent, or the destination's own policy refused it): only then
     /// does this node report it as the destination too.
     reached_locally: bool,
+    /// The `traceparent` a try to this node's workload carries (the
+    /// destination's server span), when tracing.
+    local_traceparent: Option<hyper::header::HeaderValue>,
 }
 
 impl<'a> HttpAttempt<'a> {
@@ -74,7 +77,18 @@ impl<'a> HttpAttempt<'a> {
             baggage: None,
             last: None,
             reached_locally: false,
+            local_traceparent: None,
         }
+    }
+
+    /// Tries to this node's workloads carry `traceparent`.
+    pub fn trace_locally(&mut self, traceparent: hyper::header::HeaderValue) {
+        self.local_traceparent = Some(traceparent);
+    }
+
+    /// How many tries were made.
+    pub fn tries(&self) -> u32 {
+        self.tried.len().max(1) as u32
     }
 
     /// The endpoint the last try went to, how, and its address.
@@ -164,6 +178,10 @@ impl<'a> HttpAttempt<'a> {
         let baggage = self.baggage.as_deref().unwrap_or("");
         let payload = &mut self.payload;
         let head = &self.admitted.head;
+        let traceparent = self
+            .local_traceparent
+            .as_ref()
+            .filter(|_| key.via == Via::Direct);
         let send = async {
             let sender = inputs
                 .upstreams
@@ -177,7 +195,13 @@ impl<'a> HttpAttempt<'a> {
                 )
                 .await?;
             let body = payload.for_next_try().unwrap_or_else(empty_body);
-            sender.send(head.request(body)).await
+            let mut request = head.request(body);
+            if let Some(traceparent) = traceparent {
+                request
+                    .headers_mut()
+                    .insert(crate::telemetry::trace::TRACEPARENT, traceparent.clone());
+            }
+            sender.send(request).await
         };
         let now = Instant::now();
         let limit = [

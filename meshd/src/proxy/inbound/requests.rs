@@ -39,7 +39,7 @@ use crate::{
         labels,
         metrics::{SeriesCache, TcpLabels},
         result::{Reports, RequestLine},
-        RequestResult, ResponseFlag,
+        trace, RequestResult, ResponseFlag,
     },
 };
 
@@ -107,7 +107,7 @@ async fn one(
     pod: &Mutex<Pod>,
     peer: &Peer,
     target: SocketAddrV4,
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
 ) -> Response<Body> {
     let mut labels = peer.labels.clone();
     labels.request_protocol = if is_grpc(request.headers()) {
@@ -126,6 +126,16 @@ async fn one(
         line,
         std::time::Instant::now(),
     );
+    // Traced: the server span is a child of the source's client span, and
+    // the pod's parent.
+    if let Some(tracer) = &inputs.tracer {
+        let span =
+            trace::Incoming::read(request.headers()).child(tracer.ratio(), || fastrand::u64(..));
+        request
+            .headers_mut()
+            .insert(trace::TRACEPARENT, trace::format_traceparent(&span.context));
+        result.set_trace(tracer, span, None);
+    }
     let request = request.map(|body| result.count_request(body));
     match forward(inputs, pod, &peer.identity, target, request).await {
         Ok(response) => result.finish(response, ResponseFlag::None),
