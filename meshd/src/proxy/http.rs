@@ -172,7 +172,7 @@ async fn handle(
     };
     let mut attempt = HttpAttempt::new(inputs, &snapshot, connection, &admitted, request, payload);
     if let Some((_, _, server)) = &traced {
-        attempt.trace_locally(trace::format_traceparent(&server.context));
+        attempt.trace_locally(server.context);
     }
     let retry = Retry {
         policy: admitted.retries,

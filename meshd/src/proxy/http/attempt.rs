@@ -52,9 +52,9 @@ pub struct HttpAttempt<'a> {
     /// was sent, or the destination's own policy refused it): only then
     /// does this node report it as the destination too.
     reached_locally: bool,
-    /// The `traceparent` a try to this node's workload carries (the
-    /// destination's server span), when tracing.
-    local_traceparent: Option<hyper::header::HeaderValue>,
+    /// The destination's server span a try to this node's workload is the
+    /// child of (its `traceparent`), when tracing.
+    local_span: Option<crate::telemetry::trace::SpanContext>,
 }
 
 impl<'a> HttpAttempt<'a> {
@@ -77,13 +77,13 @@ impl<'a> HttpAttempt<'a> {
             baggage: None,
             last: None,
             reached_locally: false,
-            local_traceparent: None,
+            local_span: None,
         }
     }
 
-    /// Tries to this node's workloads carry `traceparent`.
-    pub fn trace_locally(&mut self, traceparent: hyper::header::HeaderValue) {
-        self.local_traceparent = Some(traceparent);
+    /// Tries to this node's workloads carry `span` as their `traceparent`.
+    pub fn trace_locally(&mut self, span: crate::telemetry::trace::SpanContext) {
+        self.local_span = Some(span);
     }
 
     /// How many tries were made.
@@ -178,10 +178,11 @@ impl<'a> HttpAttempt<'a> {
         let baggage = self.baggage.as_deref().unwrap_or("");
         let payload = &mut self.payload;
         let head = &self.admitted.head;
+        // Formatted only for a try that goes to this node's workload.
         let traceparent = self
-            .local_traceparent
-            .as_ref()
-            .filter(|_| key.via == Via::Direct);
+            .local_span
+            .filter(|_| key.via == Via::Direct)
+            .map(|span| crate::telemetry::trace::format_traceparent(&span));
         let send = async {
             let sender = inputs
                 .upstreams
@@ -199,7 +200,7 @@ impl<'a> HttpAttempt<'a> {
             if let Some(traceparent) = traceparent {
                 request
                     .headers_mut()
-                    .insert(crate::telemetry::trace::TRACEPARENT, traceparent.clone());
+                    .insert(crate::telemetry::trace::TRACEPARENT, traceparent);
             }
             sender.send(request).await
         };
