@@ -2,6 +2,7 @@
 //! admin API on loopback :15000, with `meshd status` reading it.
 
 pub mod api;
+pub mod graph;
 pub mod listeners;
 pub mod reloads;
 

@@ -64,6 +64,8 @@ pub enum StartError {
     Handover(#[from] crate::app::handover::HandoverError),
     #[error("tracing: {0}")]
     Tracing(#[from] crate::telemetry::spans::ExporterError),
+    #[error("accessLog: {0}")]
+    AccessLog(#[from] crate::telemetry::access::OpenError),
     #[error(
         "node.identity.trustBundle {0:?} holds no root certificate: this node would trust no peer"
     )]
@@ -189,8 +191,13 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         ready: Default::default(),
         proxy: std::sync::OnceLock::new(),
         reload: Default::default(),
+        graph: std::sync::Mutex::new(crate::telemetry::graph::History::new()),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(crate::admin::listeners::sample_graph(
+        status.clone(),
+        stop_rx.clone(),
+    ));
     let status_tasks = [
         tokio::spawn(metrics_listener.run(
             status.clone(),
@@ -235,6 +242,15 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         }
         None => None,
     };
+    let access_log = match &config.access_log {
+        Some(spec) => {
+            let log =
+                crate::telemetry::access::AccessLog::start(spec, metrics.access_log_counters())?;
+            info!(path = %spec.path.display(), format = ?spec.format, "writing the access log");
+            Some(log)
+        }
+        None => None,
+    };
     let inputs = Arc::new(ProxyInputs {
         snapshot: ArcSwap::new(mesh),
         orig_dst: capture.clone(),
@@ -255,6 +271,7 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         upstreams: Default::default(),
         stop: stop_rx.clone(),
         tracer,
+        access_log,
     });
     let _ = status.proxy.set(inputs.clone());
     tokio::spawn(sweep_upstreams(inputs.upstreams.clone(), stop_rx.clone()));

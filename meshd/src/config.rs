@@ -142,6 +142,46 @@ pub struct ConfigFile {
     pub workloads: Vec<WorkloadSpec>,
     /// Distributed tracing: spans exported over OTLP. Default off.
     pub tracing: Option<TracingSpec>,
+    /// Access logs: a line per request and per TCP connection. Default off.
+    #[serde(rename = "accessLog")]
+    pub access_log: Option<AccessLogSpec>,
+}
+
+/// Where and how meshd writes its access log.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AccessLogSpec {
+    /// `/dev/stdout` (default), or an absolute path of a file appended to.
+    #[serde(default = "default_access_log_path")]
+    pub path: std::path::PathBuf,
+    /// `json` (Istio's default JSON fields) or `text` (Istio's default text
+    /// format). Default `json`.
+    #[serde(default)]
+    pub format: AccessLogFormat,
+    /// Lines waiting to be written at most; more are dropped (and counted).
+    /// Default 4096.
+    #[serde(default = "default_access_log_queue")]
+    pub max_queue: usize,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogFormat {
+    #[default]
+    Json,
+    Text,
+}
+
+fn default_access_log_path() -> std::path::PathBuf {
+    "/dev/stdout".into()
+}
+
+fn default_access_log_queue() -> usize {
+    4096
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// Where and how meshd exports the spans it makes for requests.
@@ -576,6 +616,10 @@ pub struct ServiceSpec {
     pub outlier_detection: Option<OutlierSpec>,
     /// Active checks of this node's endpoints. Default: none.
     pub health_check: Option<HealthCheckSpec>,
+    /// Whether requests and connections to this service are access-logged
+    /// (when the `accessLog` section is there). Default `true`.
+    #[serde(default = "default_true")]
+    pub access_log: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

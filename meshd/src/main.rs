@@ -41,6 +41,22 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:15000")]
         admin: std::net::SocketAddr,
     },
+    /// The service dependency graph: this node's (from its admin API), or
+    /// the whole mesh's (from Prometheus, with Kiali's queries).
+    Graph {
+        /// The admin API's address (`proxy.adminAddress`).
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin: std::net::SocketAddr,
+        /// Build the mesh-wide graph from this Prometheus (`http://host:port`).
+        #[arg(long)]
+        prometheus: Option<String>,
+        /// How to print it.
+        #[arg(long, value_enum, default_value_t = GraphFormat::Table)]
+        format: GraphFormat,
+        /// The window rates, errors and latencies are over.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        window: Duration,
+    },
     /// Validate config files without running; exits 2 if they are invalid.
     Check {
         #[arg(long = "config", short = 'c', required = true)]
@@ -86,6 +102,14 @@ enum CaCommand {
         #[arg(long, default_value = "1m", value_parser = humantime::parse_duration)]
         backdate: Duration,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum GraphFormat {
+    Table,
+    Json,
+    Dot,
+    Mermaid,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -160,6 +184,35 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Graph {
+            admin,
+            prometheus,
+            format,
+            window,
+        } => {
+            let graph = match &prometheus {
+                Some(url) => meshd::admin::graph::from_prometheus(url, window),
+                None => meshd::admin::graph::from_admin(admin, window),
+            };
+            match graph {
+                Ok(graph) => {
+                    let out = match format {
+                        GraphFormat::Table => graph.table(),
+                        GraphFormat::Json => {
+                            serde_json::to_string_pretty(&graph).unwrap_or_default() + "\n"
+                        }
+                        GraphFormat::Dot => graph.dot(),
+                        GraphFormat::Mermaid => graph.mermaid(),
+                    };
+                    print!("{out}");
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("meshd graph: {}", render_chain(&err));
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Ca { command } => match ca(command) {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {

@@ -77,6 +77,21 @@ pub struct ProxyInputs {
     pub stop: tokio::sync::watch::Receiver<bool>,
     /// Spans for requests, when `tracing` is configured.
     pub tracer: Option<Arc<crate::telemetry::spans::Tracer>>,
+    /// Lines for requests and connections, when `accessLog` is configured.
+    pub access_log: Option<Arc<crate::telemetry::access::AccessLog>>,
+}
+
+impl ProxyInputs {
+    /// The access log, when `service`'s requests and connections are
+    /// logged (a stream to a pod that backs no service is logged too).
+    pub fn access_log_for(
+        &self,
+        service: Option<&crate::config::Service>,
+    ) -> Option<&Arc<crate::telemetry::access::AccessLog>> {
+        self.access_log
+            .as_ref()
+            .filter(|_| service.is_none_or(|s| s.access_log))
+    }
 }
 
 /// The destination's policy for a same-node endpoint, decided here. A

@@ -90,3 +90,48 @@ pub fn curl(bed: &Testbed, pod: &Pod, url: &str) -> (i32, String) {
         String::from_utf8_lossy(&output.stdout).into_owned(),
     )
 }
+
+/// Where `cargo xtask setup` installs the Python packages the tests use.
+pub const PYTHON: &str = "/usr/local/lib/meshd-xtask/venv/bin/python";
+
+pub fn python_script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("python")
+        .join(name)
+}
+
+/// The OTLP receiver (`tests/python/otlp_receiver.py`, built from the
+/// official OpenTelemetry protobufs) in node-a's network namespace, on
+/// every address: gRPC on 4317, HTTP on 4318. Returns the file it writes
+/// spans to.
+pub fn otlp_receiver(bed: &Testbed) -> PathBuf {
+    let out = bed.dir.join("spans.jsonl");
+    let receiver = python_script("otlp_receiver.py");
+    bed.spawn_on_node(
+        0,
+        Path::new(PYTHON),
+        &[
+            &receiver.display().to_string(),
+            "--grpc",
+            "0.0.0.0:4317",
+            "--http",
+            "0.0.0.0:4318",
+            "--out",
+            &out.display().to_string(),
+        ],
+    );
+    let node = bed.nodes[0].netns.path();
+    for port in [4317, 4318] {
+        let addr: std::net::SocketAddr =
+            format!("{}:{port}", bed.nodes[0].ip).parse().expect("addr");
+        let node = node.clone();
+        let listening = sys::eventually(Duration::from_secs(20), move || {
+            let node = node.clone();
+            sys::in_netns(&node, move || {
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+            })
+        });
+        assert!(listening, "the OTLP receiver never listened on {addr}");
+    }
+    out
+}

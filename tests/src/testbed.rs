@@ -548,18 +548,24 @@ impl Meshd {
     /// Runs `program args` in meshd's node namespace (where its loopback
     /// admin API is), expecting success; returns stdout.
     pub fn run_in_node(&self, program: &Path, args: &[&str]) -> String {
-        let program = program.to_owned();
-        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        let output = sys::in_netns(&self.node, move || {
-            std::process::Command::new(program).args(args).output()
-        })
-        .expect("run in the node namespace");
+        let output = self.output_in_node(program, args);
         assert!(
             output.status.success(),
             "{}",
             String::from_utf8_lossy(&output.stderr)
         );
         String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// Runs `program args` in meshd's node namespace; its output, whatever
+    /// its exit status.
+    pub fn output_in_node(&self, program: &Path, args: &[&str]) -> std::process::Output {
+        let program = program.to_owned();
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        sys::in_netns(&self.node, move || {
+            std::process::Command::new(program).args(args).output()
+        })
+        .expect("run in the node namespace")
     }
 
     /// Sum of the samples of `name` whose labels include all of `labels`.

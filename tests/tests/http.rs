@@ -66,11 +66,154 @@ fn http_requests_are_proxied_balanced_and_counted() {
         meshd.metric("meshd_bpf_events", &[("event", "captured")]),
         1.0
     );
-    assert!(
-        meshd.log().contains("meshd::access"),
-        "no access log lines:\n{}",
-        meshd.log()
+}
+
+/// The lines of the access log at `path`, once there are `count` of them.
+fn access_lines(path: &Path, count: usize) -> Vec<String> {
+    let read = || {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    eventually(Duration::from_secs(10), || read().len() >= count);
+    read()
+}
+
+#[test]
+fn every_request_gets_one_json_access_log_line_with_istios_fields() {
+    let bed = bed_with_versions("0");
+    let log = bed.dir.join("access.log");
+    let config = format!(
+        "accessLog: {{ path: {} }}\n{}",
+        log.display(),
+        web("http", "")
     );
+    let meshd = bed.start_meshd(&bed.config(&config));
+    // A client that tries to forge a line and a field through its headers.
+    let (code, out) = curl(
+        &bed,
+        "client",
+        &[
+            "-A",
+            "evil\" \"response_code\": 999, \t[31m",
+            "-H",
+            "x-request-id: req-42",
+            "http://10.96.0.20/item/[1-20]?q=1",
+        ],
+    );
+    assert_eq!(code, 0, "{out}\n{}", meshd.log());
+    let lines = access_lines(&log, 20);
+    assert_eq!(lines.len(), 20, "{lines:#?}\n{}", meshd.log());
+    let client = bed.pod("client").ip.to_string();
+    for (i, line) in lines.iter().enumerate() {
+        let entry: serde_json::Value = serde_json::from_str(line).expect("one JSON object a line");
+        let field = |name: &str| entry[name].clone();
+        assert_eq!(field("method"), "GET", "{line}");
+        assert_eq!(field("path"), format!("/item/{}?q=1", i + 1), "{line}");
+        assert_eq!(field("protocol"), "HTTP/1.1", "{line}");
+        assert_eq!(field("response_code"), 200, "{line}");
+        assert_eq!(field("response_flags"), "-", "{line}");
+        assert_eq!(field("response_code_details"), "via_upstream", "{line}");
+        assert_eq!(field("request_id"), "req-42", "{line}");
+        assert_eq!(
+            field("user_agent"),
+            "evil\\\" \\\"response_code\\\": 999, \\x09[31m",
+            "{line}"
+        );
+        assert_eq!(field("authority"), "10.96.0.20", "{line}");
+        assert_eq!(field("downstream_local_address"), "10.96.0.20:80", "{line}");
+        let remote = field("downstream_remote_address");
+        assert!(
+            remote
+                .as_str()
+                .is_some_and(|r| r.starts_with(&format!("{client}:"))),
+            "{line}"
+        );
+        let upstream = field("upstream_host");
+        assert!(
+            ["10.77.0.11:8080", "10.77.0.12:8080"].contains(&upstream.as_str().unwrap_or("")),
+            "{line}"
+        );
+        assert_eq!(
+            field("upstream_cluster"),
+            "outbound|80||web.default.svc.cluster.local",
+            "{line}"
+        );
+        assert_eq!(field("route_name"), "default", "{line}");
+        assert_eq!(field("reporter"), "source", "{line}");
+        assert_eq!(field("source_workload"), "client", "{line}");
+        assert!(
+            field("bytes_sent").as_u64().is_some_and(|b| b > 0),
+            "{line}"
+        );
+        assert_eq!(field("bytes_received"), 0, "{line}");
+        assert!(field("duration").is_u64(), "{line}");
+        let start = field("start_time");
+        assert!(
+            start
+                .as_str()
+                .is_some_and(|t| t.len() == 24 && t.ends_with('Z')),
+            "{line}"
+        );
+    }
+    assert_eq!(
+        meshd.metric(
+            "meshd_access_log_dropped_total",
+            &[("reason", "queue_full")]
+        ),
+        0.0
+    );
+}
+
+#[test]
+fn tcp_connections_get_text_lines_and_a_service_can_turn_its_lines_off() {
+    let bed = bed_with_versions("0");
+    let log = bed.dir.join("access.log");
+    let config = format!(
+        "accessLog: {{ path: {}, format: text }}
+services:
+  - name: web
+    vip: 10.96.0.20
+    ports: [{{ port: 80, targetPort: 8080, protocol: tcp }}]
+    endpoints: [{{ address: 10.77.0.11, workload: v1 }}]
+  - name: quiet
+    vip: 10.96.0.21
+    accessLog: false
+    ports: [{{ port: 80, targetPort: 8080, protocol: http }}]
+    endpoints: [{{ address: 10.77.0.12, workload: v2 }}]
+",
+        log.display()
+    );
+    let meshd = bed.start_meshd(&bed.config(&config));
+    let (code, out) = curl(&bed, "client", &["http://10.96.0.21/[1-3]"]);
+    assert_eq!(code, 0, "{out}\n{}", meshd.log());
+    let (code, out) = curl(&bed, "client", &["http://10.96.0.20/"]);
+    assert_eq!(code, 0, "{out}\n{}", meshd.log());
+    let lines = access_lines(&log, 1);
+    // The quiet service's three requests were served, and counted, unlogged.
+    let quiet = [
+        ("destination_service_name", "quiet"),
+        ("reporter", "source"),
+    ];
+    assert_eq!(meshd.metric("istio_requests_total", &quiet), 3.0);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    let line = &lines[0];
+    assert!(
+        line.starts_with("[20") && line.contains("Z] \"- - -\" 0 - - "),
+        "{line}"
+    );
+    assert!(
+        line.contains("\"10.77.0.11:8080\" outbound|80||web.default.svc.cluster.local"),
+        "{line}"
+    );
+    assert!(line.contains(" 10.96.0.20:80 "), "{line}");
+    let fields: Vec<&str> = line.split(' ').collect();
+    // [start] "- - -" code flags details - "-" RECEIVED SENT DURATION
+    let (received, sent) = (fields[9], fields[10]);
+    assert!(received.parse::<u64>().is_ok_and(|b| b > 0), "{line}");
+    assert!(sent.parse::<u64>().is_ok_and(|b| b > 0), "{line}");
 }
 
 #[test]

@@ -4,59 +4,15 @@
 //! `opentelemetry-proto`, `tests/python/otlp_receiver.py`) taking OTLP/gRPC
 //! from one node and OTLP/HTTP from the other.
 
-use std::{
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{path::Path, time::Duration};
 
 use meshd_tests::{
-    clients::{curl_args, issuer_identity, serve_hello, spawn_in},
-    sys::{self, eventually, wait_with_timeout},
+    clients::{
+        curl_args, issuer_identity, otlp_receiver, python_script, serve_hello, spawn_in, PYTHON,
+    },
+    sys::{eventually, wait_with_timeout},
     testbed::{Meshd, PodSpec, Testbed},
 };
-
-/// Where `cargo xtask setup` installs the Python packages the tests use.
-const PYTHON: &str = "/usr/local/lib/meshd-xtask/venv/bin/python";
-
-fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("python")
-        .join(name)
-}
-
-/// The OTLP receiver in node-a's network namespace, on every address:
-/// gRPC on 4317, HTTP on 4318. Returns the file it writes spans to.
-fn receiver(bed: &Testbed) -> PathBuf {
-    let out = bed.dir.join("spans.jsonl");
-    let receiver = script("otlp_receiver.py");
-    bed.spawn_on_node(
-        0,
-        Path::new(PYTHON),
-        &[
-            &receiver.display().to_string(),
-            "--grpc",
-            "0.0.0.0:4317",
-            "--http",
-            "0.0.0.0:4318",
-            "--out",
-            &out.display().to_string(),
-        ],
-    );
-    let node = bed.nodes[0].netns.path();
-    for port in [4317, 4318] {
-        let addr: SocketAddr = format!("{}:{port}", bed.nodes[0].ip).parse().expect("addr");
-        let node = node.clone();
-        let listening = eventually(Duration::from_secs(20), move || {
-            let node = node.clone();
-            sys::in_netns(&node, move || {
-                std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-            })
-        });
-        assert!(listening, "the OTLP receiver never listened on {addr}");
-    }
-    out
-}
 
 /// The spans received so far.
 fn spans(file: &Path) -> Vec<serde_json::Value> {
@@ -102,13 +58,13 @@ fn one_request_through_two_nodes_is_one_trace_from_the_app_to_the_server() {
         "tracing: { endpoint: 'http://10.77.0.1:4317', protocol: grpc, sampling: 0 }\n",
         "tracing: { endpoint: 'http://192.168.77.1:4318', protocol: http, sampling: 0 }\n",
     );
-    let file = receiver(&bed);
+    let file = otlp_receiver(&bed);
     let client = spawn_in(
         &bed,
         bed.pod("app"),
         Path::new(PYTHON),
         &[
-            &script("traced_client.py").display().to_string(),
+            &python_script("traced_client.py").display().to_string(),
             "--url",
             "http://10.96.0.20/",
             "--otlp",

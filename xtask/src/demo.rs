@@ -1,6 +1,7 @@
 //! `cargo xtask demo`: two nodes, pods with SPIFFE identities, real traffic
 //! captured by meshd — same node, and across nodes through the mTLS tunnel —
-//! what happened, and a clean machine afterwards.
+//! what happened (a trace, the dependency graph, metrics), and a clean
+//! machine afterwards.
 
 use std::{path::Path, process::Stdio, time::Duration};
 
@@ -58,6 +59,14 @@ services:
     ports: [{ port: 80, targetPort: 9080, protocol: http }]
     endpoints:
       - { address: 10.77.0.11, node: node-a, workload: ratings, serviceAccount: ratings }
+  # productpage backs a service too: a destination believes the workload
+  # name a peer gives only for a workload its config knows to run as the
+  # identity the peer proved.
+  - name: productpage
+    vip: 10.96.0.23
+    ports: [{ port: 80, targetPort: 9080, protocol: http }]
+    endpoints:
+      - { address: 10.77.0.10, node: node-a, workload: productpage, serviceAccount: productpage }
   - name: bulk
     vip: 10.96.0.22
     ports: [{ port: 7000 }]
@@ -134,10 +143,23 @@ fn show(bed: &Testbed) -> anyhow::Result<()> {
         ca.display()
     );
     let identity = format!("  identity:\n    issuer: {}\n", ca.display());
-    let a_config = bed.config_with(0, &identity, SERVICES);
+    // An OTLP receiver (the official protobufs, Python) on node-a takes
+    // both nodes' spans: node-a's over OTLP/gRPC, node-b's over OTLP/HTTP.
+    let spans = meshd_tests::clients::otlp_receiver(bed);
+    let tracing = |node: usize| {
+        if node == 0 {
+            "tracing: { endpoint: 'http://10.77.0.1:4317', protocol: grpc }\n"
+        } else {
+            "tracing: { endpoint: 'http://192.168.77.1:4318', protocol: http }\n"
+        }
+    };
+    let a_config = bed.config_with(0, &identity, &format!("{SERVICES}{}", tracing(0)));
     println!("\n== node-a's config:\n{}", indent(&a_config));
     let a = bed.start_meshd_on(0, &a_config);
-    let b = bed.start_meshd_on(1, &bed.config_with(1, &identity, SERVICES));
+    let b = bed.start_meshd_on(
+        1,
+        &bed.config_with(1, &identity, &format!("{SERVICES}{}", tracing(1))),
+    );
     println!(
         "== meshd ready on node-a (pid {}) and node-b (pid {})",
         a.pid(),
@@ -189,6 +211,37 @@ fn show(bed: &Testbed) -> anyhow::Result<()> {
     )?;
     println!("   {}", out.trim());
 
+    println!(
+        "\n== productpage sends a sampled W3C traceparent: the trace, as the OTLP receiver got it"
+    );
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let parent = "00f067aa0ba902b7";
+    in_pod(
+        bed,
+        "productpage",
+        Path::new("curl"),
+        &[
+            "-sS",
+            "-m",
+            "5",
+            "-H",
+            &format!("traceparent: 00-{trace_id}-{parent}-01"),
+            "http://10.96.0.20/",
+        ],
+    )?;
+    print_trace(&spans, trace_id, parent)?;
+
+    println!("\n== meshd graph (node-a's view; --prometheus URL gives the mesh's)");
+    for line in graph(&a, &[])?.lines() {
+        println!("   {line}");
+    }
+    for format in ["mermaid", "dot"] {
+        println!("\n== meshd graph --format {format}");
+        for line in graph(&a, &["--format", format])?.lines() {
+            println!("   {line}");
+        }
+    }
+
     println!("\n== /metrics excerpt, node-a (reporter=source)");
     print_excerpt(&a);
     println!("\n== /metrics excerpt, node-b (reporter=destination)");
@@ -203,6 +256,66 @@ fn show(bed: &Testbed) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The spans of `trace_id` as a tree under the caller's span `parent`.
+fn print_trace(file: &Path, trace_id: &str, parent: &str) -> anyhow::Result<()> {
+    let read = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(file)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .filter(|s: &serde_json::Value| s["trace_id"] == trace_id)
+            .collect()
+    };
+    // Both meshd export in batches: wait for the client and server span.
+    sys::eventually(Duration::from_secs(15), || read().len() >= 2);
+    let spans = read();
+    ensure!(
+        spans.len() >= 2,
+        "the receiver got {} spans of the trace",
+        spans.len()
+    );
+    println!("   trace {trace_id}");
+    println!("   └─ {parent}  productpage (the caller's span)");
+    fn children(spans: &[serde_json::Value], parent: &str, depth: usize) {
+        for span in spans.iter().filter(|s| s["parent_span_id"] == parent) {
+            let kind = match span["kind"].as_i64() {
+                Some(2) => "server",
+                Some(3) => "client",
+                _ => "span",
+            };
+            let a = &span["attributes"];
+            let ms =
+                (span["end"].as_f64().unwrap_or(0.0) - span["start"].as_f64().unwrap_or(0.0)) / 1e6;
+            println!(
+                "   {}└─ {}  {kind} span of {}'s meshd: {} → {} {} {:.2} ms",
+                "   ".repeat(depth),
+                span["span_id"].as_str().unwrap_or("?"),
+                span["resource"]["k8s.node.name"].as_str().unwrap_or("?"),
+                a["meshd.source.workload"].as_str().unwrap_or("?"),
+                a["meshd.destination.workload"].as_str().unwrap_or("?"),
+                a["http.response.status_code"],
+                ms
+            );
+            children(spans, span["span_id"].as_str().unwrap_or(""), depth + 1);
+        }
+    }
+    children(&spans, parent, 1);
+    Ok(())
+}
+
+/// `meshd graph ARGS` in the node namespace of `meshd`.
+fn graph(meshd: &Meshd, args: &[&str]) -> anyhow::Result<String> {
+    let mut all = vec!["graph"];
+    all.extend_from_slice(args);
+    let output = meshd.output_in_node(&sys::workspace_binary("meshd"), &all);
+    ensure!(
+        output.status.success(),
+        "meshd graph failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 fn print_excerpt(meshd: &Meshd) {

@@ -33,6 +33,8 @@ impl Needs {
         packages.push(("nghttp2-client", "h2load"));
         // A real Prometheus scrapes meshd in the tests; promtool lints the output.
         packages.push(("prometheus", "promtool"));
+        // `meshd graph --format dot` is checked by Graphviz's `dot`.
+        packages.push(("graphviz", "dot"));
         if self == Self::Bench {
             packages.push(("iperf3", "iperf3"));
             packages.push(("haproxy", "haproxy"));
@@ -49,6 +51,10 @@ pub fn install(needs: Needs) -> anyhow::Result<()> {
     packages(&needs.packages())?;
     if needs == Needs::Test {
         kubernetes_validate()?;
+    }
+    // The tracing tests and the demo receive spans with the official
+    // OpenTelemetry protobufs (Python).
+    if matches!(needs, Needs::Test | Needs::Demo) {
         tracing_python()?;
     }
     if needs == Needs::Fuzz {

@@ -9,11 +9,12 @@
 //! | `GET /status` | everything below in one document |
 //! | `GET /config` | the files last applied, reload generation and last error |
 //! | `GET /services`, `/workloads`, `/certificates` | one part each |
-//! | `GET /logging`, `PUT /logging?level=FILTER` | the log filter, e.g. `debug` or `info,meshd::access=off` |
+//! | `GET /logging`, `PUT /logging?level=FILTER` | the log filter, e.g. `debug` or `info,meshd::proxy=debug` |
+//! | `GET /graph?window=60s` | this node's dependency graph: workloads, edges with rates, errors, latency |
 
 use std::{
     sync::{Mutex, OnceLock},
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use serde_json::{json, Value};
@@ -87,6 +88,10 @@ pub fn answer(
         ("GET", "/workloads") => (200, workloads(&mesh)),
         ("GET", "/certificates") => (200, certificates(inputs)),
         ("GET", "/logging") => (200, json!({ "level": log_level() })),
+        ("GET", "/graph") => match graph_window(query) {
+            Ok(window) => (200, graph(inputs, window)),
+            Err(err) => (400, json!({ "error": err })),
+        },
         ("PUT" | "POST", "/logging") => {
             let token = mesh.config.proxy.admin_token_file.as_deref();
             if let Err(refused) = authorized(token, authorization) {
@@ -106,14 +111,46 @@ pub fn answer(
                 None => (400, json!({ "error": "give ?level=<filter>, e.g. debug" })),
             }
         }
-        (_, "/status" | "/config" | "/services" | "/workloads" | "/certificates" | "/logging") => {
-            (405, json!({ "error": "method not allowed" }))
-        }
+        (
+            _,
+            "/status" | "/config" | "/services" | "/workloads" | "/certificates" | "/logging"
+            | "/graph",
+        ) => (405, json!({ "error": "method not allowed" })),
         _ => (
             404,
-            json!({ "error": "not found", "paths": ["/status", "/config", "/services", "/workloads", "/certificates", "/logging"] }),
+            json!({ "error": "not found", "paths": ["/status", "/config", "/services", "/workloads", "/certificates", "/logging", "/graph"] }),
         ),
     }
+}
+
+/// `?window=60s` (default 60s), 10s to an hour.
+fn graph_window(query: &str) -> Result<Duration, String> {
+    use crate::telemetry::graph::{MAX_WINDOW, SAMPLE_EVERY};
+    let Some(value) = query.split('&').find_map(|kv| kv.strip_prefix("window=")) else {
+        return Ok(Duration::from_secs(60));
+    };
+    let window = humantime::parse_duration(value).map_err(|e| format!("window: {e}"))?;
+    if window < SAMPLE_EVERY || window > MAX_WINDOW {
+        return Err(format!(
+            "window: give {}s to {}s",
+            SAMPLE_EVERY.as_secs(),
+            MAX_WINDOW.as_secs()
+        ));
+    }
+    Ok(window)
+}
+
+/// This node's dependency graph over `window`.
+fn graph(inputs: &StatusInputs, window: Duration) -> Value {
+    let now = crate::telemetry::graph::Sample::parse(&crate::telemetry::metrics::render(
+        &inputs.registry,
+    ));
+    let graph = inputs
+        .graph
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .graph(&now, window);
+    serde_json::to_value(graph).unwrap_or(Value::Null)
 }
 
 /// Whether a change may be made: the request presents the token in
@@ -250,20 +287,35 @@ fn certificates(inputs: &StatusInputs) -> Value {
 
 /// `meshd status`: fetches `/status` from `admin` and renders it.
 pub fn status_command(admin: std::net::SocketAddr) -> anyhow::Result<String> {
-    use std::io::{Read as _, Write as _};
-    let mut stream =
-        std::net::TcpStream::connect_timeout(&admin, std::time::Duration::from_secs(3))
-            .map_err(|e| anyhow::anyhow!("cannot reach meshd's admin API at {admin}: {e}"))?;
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
-    write!(stream, "GET /status HTTP/1.0\r\nHost: {admin}\r\n\r\n")?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b)
-        .ok_or_else(|| anyhow::anyhow!("malformed answer from {admin}"))?;
-    let status: Value = serde_json::from_str(body)?;
+    let body = admin_get(admin, "/status")?;
+    let status: Value = serde_json::from_str(&body)?;
     Ok(render(&status))
+}
+
+/// The body of `GET path` from the admin API at `admin`.
+pub fn admin_get(admin: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
+    http_get(admin, &admin.to_string(), path)
+        .map_err(|e| anyhow::anyhow!("cannot read {path} from meshd's admin API at {admin}: {e}"))
+}
+
+/// The body of a `200` answer to `GET path` (HTTP/1.0, so never chunked),
+/// within a few seconds.
+pub fn http_get(address: std::net::SocketAddr, host: &str, path: &str) -> anyhow::Result<String> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect_timeout(&address, Duration::from_secs(3))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n")?;
+    let mut response = Vec::new();
+    stream.take(64 << 20).read_to_end(&mut response)?;
+    let response = String::from_utf8_lossy(&response);
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow::anyhow!("malformed answer from {address}"))?;
+    let status = head.split(' ').nth(1).unwrap_or("?");
+    if status != "200" {
+        anyhow::bail!("{address} answered {status}: {body:.300}");
+    }
+    Ok(body.to_owned())
 }
 
 /// A readable summary of a `/status` document.

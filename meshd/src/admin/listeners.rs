@@ -39,6 +39,35 @@ pub struct StatusInputs {
     /// The proxy's state, for the gauges read at each scrape.
     pub proxy: std::sync::OnceLock<Arc<crate::proxy::ProxyInputs>>,
     pub reload: Arc<crate::admin::ReloadState>,
+    /// Samples of this node's series for `/graph`.
+    pub graph: std::sync::Mutex<crate::telemetry::graph::History>,
+}
+
+/// Samples the series `/graph` reads every `SAMPLE_EVERY`, until `stop`.
+pub async fn sample_graph(inputs: Arc<StatusInputs>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    use crate::telemetry::graph::{Sample, SAMPLE_EVERY};
+    let mut every = tokio::time::interval(SAMPLE_EVERY);
+    every.tick().await;
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = crate::net::accept::stopped(&mut stop) => return,
+        }
+        let sampled = inputs.clone();
+        // Rendering every series takes a while in a big mesh: off the
+        // proxy's threads.
+        let sample = tokio::task::spawn_blocking(move || {
+            Sample::parse(&crate::telemetry::metrics::render(&sampled.registry))
+        })
+        .await;
+        if let Ok(sample) = sample {
+            inputs
+                .graph
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(std::time::Instant::now(), sample);
+        }
+    }
 }
 
 impl StatusInputs {

@@ -184,6 +184,7 @@ fn restart_only_change(running: &Config, next: &Config) -> Option<&'static str> 
         ("proxy", running.proxy == next.proxy),
         ("mesh", running.mesh == next.mesh),
         ("tracing", running.tracing == next.tracing),
+        ("accessLog", running.access_log == next.access_log),
         ("this node's address in nodes", own(running) == own(next)),
     ]
     .into_iter()

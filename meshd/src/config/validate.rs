@@ -31,6 +31,7 @@ pub struct Config {
     /// `destination_cluster`.
     pub cluster: Arc<str>,
     pub tracing: Option<super::TracingSpec>,
+    pub access_log: Option<super::AccessLogSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -69,6 +70,8 @@ pub struct Service {
     pub retries: crate::policy::retry::Policy,
     pub outlier: Option<crate::policy::outlier::Settings>,
     pub health_check: Option<crate::policy::health::Check>,
+    /// Whether the access log (when configured) has its lines.
+    pub access_log: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -294,6 +297,7 @@ pub(super) fn validate(sources: &[Source], files: Vec<ConfigFile>) -> Result<Con
     let mut proxy: Option<(usize, ProxySpec)> = None;
     let mut mesh: Option<(usize, MeshSpec)> = None;
     let mut tracing: Option<(usize, super::TracingSpec)> = None;
+    let mut access_log: Option<(usize, super::AccessLogSpec)> = None;
     let mut services = Vec::new();
     let mut workloads = Vec::new();
     let mut node_addresses = Vec::new();
@@ -317,6 +321,13 @@ pub(super) fn validate(sources: &[Source], files: Vec<ConfigFile>) -> Result<Con
         once(&mut check, &mut node, file, parsed.node, "node");
         once(&mut check, &mut proxy, file, parsed.proxy, "proxy");
         once(&mut check, &mut tracing, file, parsed.tracing, "tracing");
+        once(
+            &mut check,
+            &mut access_log,
+            file,
+            parsed.access_log,
+            "accessLog",
+        );
         services.extend(
             parsed
                 .services
@@ -348,6 +359,9 @@ pub(super) fn validate(sources: &[Source], files: Vec<ConfigFile>) -> Result<Con
     let (proxy_file, proxy) = proxy.unwrap_or((0, ProxySpec::default()));
     if let Some((file, spec)) = &tracing {
         check_tracing(&mut check, *file, spec);
+    }
+    if let Some((file, spec)) = &access_log {
+        check_access_log(&mut check, *file, spec);
     }
     check_proxy(&mut check, proxy_file, &proxy);
     let (mesh_file, mesh) = mesh.unwrap_or((0, MeshSpec::default()));
@@ -397,6 +411,7 @@ pub(super) fn validate(sources: &[Source], files: Vec<ConfigFile>) -> Result<Con
         (Some(node), true) => Ok(Config {
             cluster: mesh.cluster_name.as_str().into(),
             tracing: tracing.map(|(_, t)| t),
+            access_log: access_log.map(|(_, a)| a),
             mesh,
             node,
             proxy,
@@ -553,6 +568,20 @@ fn check_tracing(check: &mut Checker<'_>, file: usize, spec: &super::TracingSpec
     }
     if spec.export_timeout.is_zero() {
         check.fail(file, &at.key("exportTimeout"), "must be more than 0s");
+    }
+}
+
+fn check_access_log(check: &mut Checker<'_>, file: usize, spec: &super::AccessLogSpec) {
+    let at = FieldPath::default().key("accessLog");
+    if !spec.path.is_absolute() {
+        check.fail(
+            file,
+            &at.clone().key("path"),
+            format!("{:?} is not an absolute path", spec.path),
+        );
+    }
+    if spec.max_queue == 0 || spec.max_queue > 1_000_000 {
+        check.fail(file, &at.key("maxQueue"), "must be 1 to 1000000");
     }
 }
 
@@ -935,6 +964,29 @@ node:
         assert_eq!(&*config.node.name, "node-a");
         assert_eq!(config.proxy.outbound_port, 15001);
         assert!(!config.proxy.sk_msg);
+    }
+
+    #[test]
+    fn access_log_settings_are_checked_with_their_lines() {
+        let config = load_str(
+            "mesh.yaml",
+            &format!("{NODE}accessLog: {{ format: text }}\nservices:\n  - {{ name: quiet, vip: 10.96.0.9, ports: [{{ port: 80 }}], accessLog: false }}\n"),
+        )
+        .expect("valid");
+        let log = config.access_log.expect("accessLog");
+        assert_eq!(log.format, crate::config::AccessLogFormat::Text);
+        assert_eq!(log.path, std::path::Path::new("/dev/stdout"));
+        assert!(!config.services[0].access_log);
+        let text = errors(&format!(
+            "{NODE}accessLog:\n  path: relative/log\n  maxQueue: 0\n"
+        ));
+        for want in [
+            "mesh.yaml:7: accessLog.path",
+            "mesh.yaml:8: accessLog.maxQueue",
+        ] {
+            assert!(text.contains(want), "{want}: {text}");
+        }
+        assert!(errors(&format!("{NODE}accessLog: {{ format: xml }}\n")).contains("format"));
     }
 
     #[test]

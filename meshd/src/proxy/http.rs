@@ -35,6 +35,7 @@ use crate::{
     policy::authz,
     state::{ids::OrigDstAddr, snapshot::Path},
     telemetry::{
+        access,
         body::Counted,
         labels,
         metrics::{SeriesCache, UnresolvedReason},
@@ -48,6 +49,8 @@ pub type ClientBody = Counted<Incoming>;
 
 /// What every request of one captured connection shares.
 pub struct Connection {
+    /// The pod's end of the connection.
+    pub client: std::net::SocketAddrV4,
     pub dst: OrigDstAddr,
     pub source: Option<Workload>,
     /// The client's HTTP version decides the upstream's on `auto` ports.
@@ -129,6 +132,13 @@ async fn handle(
         line,
         started.into_std(),
     );
+    if let Some(log) = inputs.access_log_for(Some(service)) {
+        let downstream = access::Downstream {
+            remote: Some(connection.client.into()),
+            local: Some(connection.dst.0.into()),
+        };
+        result.log_access(log, request.version(), request.headers(), downstream);
+    }
     // Traced: meshd's client span joins the caller's trace (or starts one)
     // and is the upstream's parent; on this node, the destination's server
     // span sits between them.

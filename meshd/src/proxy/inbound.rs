@@ -30,6 +30,7 @@ use crate::{
     policy::authz::{self, Decision},
     proxy::ProxyInputs,
     telemetry::{
+        access::{self, AccessLog},
         labels,
         metrics::{HandshakeLabels, Metrics, TcpLabels},
         result::{Reports, RequestLine},
@@ -175,6 +176,7 @@ async fn serve(
     // HTTP/2 frames small writes (window updates, short replies): never
     // hold them back for Nagle.
     let _ = stream.get_ref().set_nodelay(true);
+    let remote = stream.get_ref().peer_addr().ok();
     let deadline = tokio::time::Instant::now() + handshake_timeout;
     let failed = |reason: &'static str| {
         metrics
@@ -242,7 +244,7 @@ async fn serve(
     let service = service_fn(move |request| {
         let inputs = inputs.clone();
         let source = source.clone();
-        async move { Ok::<_, Infallible>(stream_request(inputs, source, request).await) }
+        async move { Ok::<_, Infallible>(stream_request(inputs, source, remote, request).await) }
     });
     let mut stop = inputs_stop;
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -279,6 +281,7 @@ fn status(code: StatusCode) -> Response<Empty<Bytes>> {
 async fn stream_request(
     inputs: Arc<ProxyInputs>,
     source: Identity,
+    remote: Option<std::net::SocketAddr>,
     request: Request<Incoming>,
 ) -> Response<Empty<Bytes>> {
     if request.method() != Method::CONNECT {
@@ -338,13 +341,21 @@ async fn stream_request(
     // An HTTP port's stream is served as HTTP: each request is decided
     // and reported on its own; a stream that cannot be served counts as
     // one failed request.
+    let access = inputs.access_log_for(service).map(|log| {
+        let downstream = access::Downstream {
+            remote,
+            local: Some(target.into()),
+        };
+        (log.clone(), downstream)
+    });
     let result = if http {
-        Outcome::Requests(labels.clone())
+        Outcome::Requests(labels.clone(), access.clone())
     } else {
-        Outcome::Connection(ConnectionResult::new(
-            &inputs.metrics,
-            Reports::one(labels.clone()),
-        ))
+        let mut result = ConnectionResult::new(&inputs.metrics, Reports::one(labels.clone()));
+        if let Some((log, downstream)) = &access {
+            result.log_access(log, *downstream, Some(target));
+        }
+        Outcome::Connection(result)
     };
     let decision = if serve {
         Decision::Allow
@@ -401,16 +412,17 @@ async fn stream_request(
         source,
         target,
         labels,
+        access,
     };
     match result {
         Outcome::Connection(connection) => {
             tokio::spawn(stream.relay(inputs, request, connection).in_current_span())
         }
         // Each request is reported on its own from here.
-        Outcome::Requests(_) if serve => {
+        Outcome::Requests(..) if serve => {
             tokio::spawn(stream.serve_http(inputs, request).in_current_span())
         }
-        Outcome::Requests(_) => tokio::spawn(stream.observe(inputs, request).in_current_span()),
+        Outcome::Requests(..) => tokio::spawn(stream.observe(inputs, request).in_current_span()),
     };
     status(StatusCode::OK)
 }
@@ -420,9 +432,12 @@ async fn stream_request(
 /// served is one failed request.
 enum Outcome {
     Connection(ConnectionResult),
-    /// Reported with these labels, request by request.
-    Requests(TcpLabels),
+    /// Reported with these labels, request by request (and logged so).
+    Requests(TcpLabels, Option<Logged>),
 }
+
+/// Where a stream's lines go, and what they say of its ends.
+type Logged = (Arc<AccessLog>, access::Downstream);
 
 impl Outcome {
     /// Refuses the stream with `code`, recorded with `flag`.
@@ -434,18 +449,22 @@ impl Outcome {
     ) -> Response<Empty<Bytes>> {
         match self {
             Self::Connection(result) => result.end(flag),
-            Self::Requests(labels) => {
+            Self::Requests(labels, access) => {
                 let line = RequestLine {
                     method: Method::CONNECT,
                     uri: hyper::Uri::from_static("/"),
                 };
-                let result = RequestResult::new(
+                let mut result = RequestResult::new(
                     metrics,
                     &Arc::default(),
                     Reports::one(labels::http(labels)),
                     line,
                     std::time::Instant::now(),
                 );
+                if let Some((log, downstream)) = &access {
+                    let headers = hyper::HeaderMap::new();
+                    result.log_access(log, hyper::Version::HTTP_2, &headers, *downstream);
+                }
                 let answer = status(code)
                     .map(|body| http_body_util::BodyExt::map_err(body, |never| match never {}));
                 drop(result.finish(answer, flag));
@@ -482,6 +501,7 @@ struct Stream {
     target: SocketAddrV4,
     /// The destination's labels for what the stream carries.
     labels: TcpLabels,
+    access: Option<Logged>,
 }
 
 impl Stream {
@@ -524,6 +544,8 @@ impl Stream {
         let observer = Arc::new(std::sync::Mutex::new(observe::Observer::new(
             &inputs.metrics,
             self.labels,
+            self.access
+                .map(|(log, downstream)| (log, downstream, self.target)),
         )));
         let mut client = observe::Observed::client(stream, &observer);
         let pod = crate::net::idle::Idle::new(
@@ -557,6 +579,7 @@ impl Stream {
             identity: self.source,
             labels: self.labels,
             series: Arc::default(),
+            access: self.access,
         };
         requests::serve(inputs, stream, self.pod, peer, self.target).await;
     }

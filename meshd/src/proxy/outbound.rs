@@ -120,9 +120,10 @@ async fn handle(inputs: Arc<ProxyInputs>, client: Accepted, peer: SocketAddr) {
     let source = snapshot.source(orig.cgroup_id, *peer.ip());
     if protocol == Protocol::Tcp {
         let source = source.cloned();
-        return super::tcp::serve(&inputs, snapshot, client, orig.dst, source).await;
+        return super::tcp::serve(&inputs, snapshot, client, peer, orig.dst, source).await;
     }
     let connection = http::Connection {
+        client: peer,
         dst: orig.dst,
         source: source.cloned(),
         protocol,

@@ -22,7 +22,7 @@ use crate::{
         snapshot::{Path, Snapshot, Target, Unresolved},
     },
     telemetry::{
-        labels, metrics::UnresolvedReason, result::Reports, ConnectionResult, ResponseFlag,
+        access, labels, metrics::UnresolvedReason, result::Reports, ConnectionResult, ResponseFlag,
     },
 };
 
@@ -31,6 +31,7 @@ pub async fn serve(
     inputs: &ProxyInputs,
     snapshot: Arc<Snapshot>,
     client: Accepted,
+    peer: std::net::SocketAddrV4,
     dst: OrigDstAddr,
     source: Option<Workload>,
 ) {
@@ -71,7 +72,14 @@ pub async fn serve(
                 ))
             });
     }
-    let result = ConnectionResult::new(&inputs.metrics, reports);
+    let mut result = ConnectionResult::new(&inputs.metrics, reports);
+    if let Some(log) = inputs.access_log_for(Some(target.service)) {
+        let downstream = access::Downstream {
+            remote: Some(peer.into()),
+            local: Some(dst.0.into()),
+        };
+        result.log_access(log, downstream, Some(target.upstream));
+    }
     debug!(dst = %dst.0, upstream = %target.upstream, path = ?target.path, "relaying");
     // The service's connection limit holds for the connection's life.
     let Some(_slot) = snapshot.connection_limit(target.service_index).try_open() else {

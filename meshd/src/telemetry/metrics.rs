@@ -343,13 +343,14 @@ pub struct Metrics {
     pub response_bytes: HistogramFamily,
     pub series_dropped: Family<MetricLabels, Counter>,
     pub spans_exported: Counter,
-    pub spans_dropped: Family<SpanDropLabels, Counter>,
+    pub spans_dropped: Family<DropLabels, Counter>,
+    pub access_log_dropped: Family<DropLabels, Counter>,
 }
 
-/// Why spans were dropped.
+/// Why spans or access-log lines were dropped.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct SpanDropLabels {
-    /// `queue_full` or `export_failed`.
+pub struct DropLabels {
+    /// `queue_full`, `export_failed` (spans), `write_failed` (lines).
     pub reason: &'static str,
 }
 
@@ -525,12 +526,16 @@ impl Metrics {
             series_dropped,
             spans_exported: Counter::default(),
             spans_dropped: Family::default(),
+            access_log_dropped: Family::default(),
         };
         let spans = &metrics;
         for reason in ["queue_full", "export_failed"] {
+            let _ = spans.spans_dropped.get_or_create(&DropLabels { reason });
+        }
+        for reason in ["queue_full", "write_failed"] {
             let _ = spans
-                .spans_dropped
-                .get_or_create(&SpanDropLabels { reason });
+                .access_log_dropped
+                .get_or_create(&DropLabels { reason });
         }
         let istio = registry.sub_registry_with_prefix("istio");
         istio.register(
@@ -598,6 +603,11 @@ impl Metrics {
             "spans_dropped",
             "Spans not exported: the queue was full, or the collector failed the export",
             metrics.spans_dropped.clone(),
+        );
+        meshd.register(
+            "access_log_dropped",
+            "Access-log lines not written: the queue was full, or the write failed",
+            metrics.access_log_dropped.clone(),
         );
         meshd.register(
             "active_connections",
@@ -892,12 +902,11 @@ impl Metrics {
             .clone()
     }
 
-    /// The counter of `listener`'s connections shed for `reason`.
     /// What the span exporter counts in.
     pub fn span_counters(&self) -> super::spans::SpanCounters {
         let dropped = |reason| {
             self.spans_dropped
-                .get_or_create_owned(&SpanDropLabels { reason })
+                .get_or_create_owned(&DropLabels { reason })
         };
         super::spans::SpanCounters {
             exported: self.spans_exported.clone(),
@@ -906,6 +915,19 @@ impl Metrics {
         }
     }
 
+    /// What the access log counts its lost lines in.
+    pub fn access_log_counters(&self) -> super::access::AccessLogCounters {
+        let dropped = |reason| {
+            self.access_log_dropped
+                .get_or_create_owned(&DropLabels { reason })
+        };
+        super::access::AccessLogCounters {
+            queue_full: dropped("queue_full"),
+            write_failed: dropped("write_failed"),
+        }
+    }
+
+    /// The counter of `listener`'s connections shed for `reason`.
     pub fn shed(&self, listener: &'static str, reason: &'static str) -> Counter {
         self.connections_shed
             .get_or_create(&ShedLabels { listener, reason })

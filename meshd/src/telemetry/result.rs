@@ -11,9 +11,9 @@ use http_body_util::BodyExt as _;
 use hyper::Response;
 use opentelemetry::{trace::SpanKind, KeyValue};
 use prometheus_client::metrics::counter::Counter;
-use tracing::info;
 
 use super::{
+    access::{AccessLog, Common, ConnectionEntry, Downstream, Entry, RequestEntry, RequestHeaders},
     body::{Counted, GrpcFrames, Tally},
     metrics::{HttpLabels, Metrics, RequestSample, SeriesCache, TcpLabels},
     spans::{Finished, Tracer},
@@ -35,6 +35,18 @@ pub struct ConnectionResult {
     metrics: Arc<Metrics>,
     reports: Reports<TcpLabels>,
     opened: bool,
+    /// Where its access-log line goes, when it is logged.
+    access: Option<Box<ConnectionLogged>>,
+}
+
+/// What a logged connection's line needs: its own byte counts among them.
+struct ConnectionLogged {
+    log: Arc<AccessLog>,
+    started: Instant,
+    downstream: Downstream,
+    upstream: Option<SocketAddrV4>,
+    received: Counter,
+    sent: Counter,
 }
 
 /// The label sets one connection or request is reported with: the source
@@ -74,7 +86,25 @@ impl ConnectionResult {
             metrics: metrics.clone(),
             reports,
             opened: false,
+            access: None,
         }
+    }
+
+    /// Writes the connection's line to `log` when it ends.
+    pub fn log_access(
+        &mut self,
+        log: &Arc<AccessLog>,
+        downstream: Downstream,
+        upstream: Option<SocketAddrV4>,
+    ) {
+        self.access = Some(Box::new(ConnectionLogged {
+            log: log.clone(),
+            started: Instant::now(),
+            downstream,
+            upstream,
+            received: Counter::default(),
+            sent: Counter::default(),
+        }));
     }
 
     /// The connection reached its upstream: counted opened (and active)
@@ -89,16 +119,19 @@ impl ConnectionResult {
             }
             metrics.active_connections.inc();
         }
+        let own = self.access.as_deref();
         ByteCounters {
             received: self
                 .reports
                 .iter()
                 .map(|l| metrics.tcp_received_bytes.get_or_create(l))
+                .chain(own.map(|a| a.received.clone()))
                 .collect(),
             sent: self
                 .reports
                 .iter()
                 .map(|l| metrics.tcp_sent_bytes.get_or_create(l))
+                .chain(own.map(|a| a.sent.clone()))
                 .collect(),
         }
     }
@@ -123,7 +156,26 @@ impl Drop for ConnectionResult {
             }
             metrics.tcp_closed.with(labels, |c| c.inc());
         }
+        if let Some(logged) = self.access.take() {
+            logged.log.send(Entry::Connection(Box::new(ConnectionEntry {
+                common: Common {
+                    start: wall_clock(logged.started),
+                    duration: logged.started.elapsed(),
+                    labels: self.reports.first.clone(),
+                    bytes_received: logged.received.get(),
+                    bytes_sent: logged.sent.get(),
+                    downstream: logged.downstream,
+                    upstream: logged.upstream,
+                },
+            })));
+        }
     }
+}
+
+/// The wall-clock time of `instant` (a moment past).
+fn wall_clock(instant: Instant) -> std::time::SystemTime {
+    let now = std::time::SystemTime::now();
+    now.checked_sub(instant.elapsed()).unwrap_or(now)
 }
 
 // === impl RequestResult ===
@@ -162,7 +214,17 @@ pub struct RequestResult {
     tries: u32,
     /// The spans it is traced with, when tracing.
     traced: Option<Box<Traced>>,
+    /// Where its access-log line goes, when it is logged.
+    access: Option<Box<Logged>>,
     recorded: bool,
+}
+
+/// What a logged request's line needs that its metrics do not.
+struct Logged {
+    log: Arc<AccessLog>,
+    version: hyper::Version,
+    headers: RequestHeaders,
+    downstream: Downstream,
 }
 
 /// A request's spans: one per reporter (the source's a client span, the
@@ -195,8 +257,25 @@ impl RequestResult {
             upstream: None,
             tries: 1,
             traced: None,
+            access: None,
             recorded: false,
         }
+    }
+
+    /// Writes the request's line to `log` once it is recorded.
+    pub fn log_access(
+        &mut self,
+        log: &Arc<AccessLog>,
+        version: hyper::Version,
+        headers: &hyper::HeaderMap,
+        downstream: Downstream,
+    ) {
+        self.access = Some(Box::new(Logged {
+            log: log.clone(),
+            version,
+            headers: RequestHeaders::of(&self.line.uri, headers),
+            downstream,
+        }));
     }
 
     /// Traces the request with `first` (the span of the first reporter)
@@ -207,13 +286,9 @@ impl RequestResult {
         first: trace::Span,
         destination: Option<trace::Span>,
     ) {
-        let elapsed = self.started.elapsed();
-        let start = std::time::SystemTime::now()
-            .checked_sub(elapsed)
-            .unwrap_or_else(std::time::SystemTime::now);
         self.traced = Some(Box::new(Traced {
             tracer: tracer.clone(),
-            start,
+            start: wall_clock(self.started),
             spans: [Some(first), destination],
         }));
     }
@@ -252,6 +327,11 @@ impl RequestResult {
         let labels = &mut self.reports.first.connection;
         let namespace = labels.destination_service_namespace.clone();
         super::labels::to_endpoint(labels, endpoint, &namespace, path);
+        self.upstream = Some(upstream);
+    }
+
+    /// The pod the request went to (at its destination).
+    pub fn set_upstream(&mut self, upstream: SocketAddrV4) {
         self.upstream = Some(upstream);
     }
 
@@ -339,23 +419,42 @@ impl RequestResult {
         for (slot, labels) in self.reports.iter().enumerate() {
             self.cache.record(slot, &self.metrics, labels, &sample);
         }
+        let trace_id = self
+            .traced
+            .as_ref()
+            .and_then(|t| t.spans[0].as_ref())
+            .map(|span| span.context.trace_id);
         if let Some(traced) = self.traced.take() {
             self.export_spans(&traced);
         }
-        let labels = &self.reports.first;
-        info!(
-            target: "meshd::access",
-            request = %self.line,
-            status = labels.response_code,
-            flags = %labels.connection.response_flags,
-            duration_ms = elapsed.as_secs_f64() * 1000.0,
-            route = self.route.as_deref().unwrap_or("none"),
-            upstream = %self.upstream.map_or_else(|| "-".to_owned(), |a| a.to_string()),
-            source = %labels.connection.source_workload,
-            destination = %labels.connection.destination_service,
-            reporter = labels.connection.reporter,
-            "request"
-        );
+        if let Some(logged) = self.access.take() {
+            let Logged {
+                log,
+                version,
+                headers,
+                downstream,
+            } = *logged;
+            let labels = &self.reports.first;
+            log.send(Entry::Request(Box::new(RequestEntry {
+                common: Common {
+                    start: wall_clock(self.started),
+                    duration: elapsed,
+                    labels: labels.connection.clone(),
+                    bytes_received: sample.request_bytes,
+                    bytes_sent: sample.response_bytes,
+                    downstream,
+                    upstream: self.upstream,
+                },
+                method: self.line.method.clone(),
+                uri: self.line.uri.clone(),
+                version,
+                headers,
+                response_code: labels.response_code,
+                route: self.route.clone(),
+                tries: self.tries,
+                trace_id,
+            })));
+        }
     }
 }
 

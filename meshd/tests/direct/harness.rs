@@ -91,6 +91,7 @@ workloads:
             upstreams: Default::default(),
             stop: stopped.clone(),
             tracer: None,
+            access_log: None,
         });
         let outbound = Outbound::bind(SocketAddrV4::new(Ipv4Addr::new(127, 0, net, 100), 0))
             .await

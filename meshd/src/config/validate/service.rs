@@ -147,6 +147,7 @@ pub(super) fn check_service(
         retries,
         outlier,
         health_check,
+        access_log: spec.access_log,
         circuit_breaker,
         rate_limit,
         load_balancer: spec.load_balancer,

@@ -11,6 +11,7 @@
 use std::{
     collections::VecDeque,
     io,
+    net::SocketAddrV4,
     pin::Pin,
     sync::{Arc, Mutex},
     task::{Context, Poll},
@@ -21,6 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use crate::{
     net::relay::Resettable,
     telemetry::{
+        access::{AccessLog, Downstream},
         labels,
         metrics::{Metrics, SeriesCache, TcpLabels},
         result::{Reports, RequestLine},
@@ -439,11 +441,19 @@ pub struct Observer {
     /// Requests whose body has not ended yet (from the back of `pending`).
     receiving: usize,
     events: Vec<Event>,
+    /// Where its requests' lines go, what they say of the stream's ends,
+    /// and the pod they went to.
+    access: Option<(Arc<AccessLog>, Downstream, SocketAddrV4)>,
 }
 
 impl Observer {
-    pub fn new(metrics: &Arc<Metrics>, labels: TcpLabels) -> Self {
+    pub fn new(
+        metrics: &Arc<Metrics>,
+        labels: TcpLabels,
+        access: Option<(Arc<AccessLog>, Downstream, SocketAddrV4)>,
+    ) -> Self {
         Self {
+            access,
             framer: Framer::default(),
             metrics: metrics.clone(),
             series: Arc::default(),
@@ -483,13 +493,19 @@ impl Observer {
                         method,
                         uri: target,
                     };
-                    let result = RequestResult::new(
+                    let mut result = RequestResult::new(
                         &self.metrics,
                         &self.series,
                         Reports::one(labels::http(self.labels.clone())),
                         line,
                         std::time::Instant::now(),
                     );
+                    if let Some((log, downstream, pod)) = &self.access {
+                        // The framer reads no header a line names.
+                        let headers = hyper::HeaderMap::new();
+                        result.log_access(log, hyper::Version::HTTP_11, &headers, *downstream);
+                        result.set_upstream(*pod);
+                    }
                     self.pending.push_back((result, None));
                     self.receiving += 1;
                 }

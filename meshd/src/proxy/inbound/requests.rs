@@ -35,6 +35,7 @@ use crate::{
         ProxyInputs,
     },
     telemetry::{
+        access::{AccessLog, Downstream},
         body::Counted,
         labels,
         metrics::{SeriesCache, TcpLabels},
@@ -62,6 +63,8 @@ pub struct Peer {
     pub labels: TcpLabels,
     /// The series its last request was recorded in.
     pub series: Arc<SeriesCache>,
+    /// Where its requests' lines go, when they are logged.
+    pub access: Option<(Arc<AccessLog>, Downstream)>,
 }
 
 /// Serves one tunnel stream as HTTP until either side closes it.
@@ -126,6 +129,10 @@ async fn one(
         line,
         std::time::Instant::now(),
     );
+    if let Some((log, downstream)) = &peer.access {
+        result.log_access(log, request.version(), request.headers(), *downstream);
+        result.set_upstream(target);
+    }
     // Traced: the server span is a child of the source's client span, and
     // the pod's parent.
     if let Some(tracer) = &inputs.tracer {
