@@ -4,7 +4,8 @@
 //! mesh, service and workload dashboards and of Kiali's graph, health and
 //! metrics pages (`tests/data/dashboard-queries.json`, each with the
 //! upstream file it comes from) with their variables filled in — and each
-//! must return data.
+//! must return data; so must every Istio-metric panel of meshd's own
+//! dashboard (`deploy/grafana`), for either reporter.
 //!
 //! The mesh: namespace `shop` runs `web` (HTTP :80, TCP :9000, gRPC :50051)
 //! on `web-a` (node-a) and `web-b` (node-b), each also calling `web`, so
@@ -88,6 +89,36 @@ fn queries() -> Vec<Query> {
             expr: field(q, "expr"),
         })
         .collect()
+}
+
+/// The Istio-metric queries of meshd's own dashboard (`deploy/grafana`),
+/// for either reporter.
+fn own_dashboard() -> Vec<Query> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/meshd-dashboard.json");
+    let text = std::fs::read_to_string(&path).expect("meshd-dashboard.json");
+    let json: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+    let mut out = Vec::new();
+    for panel in json["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().expect("expr");
+            if !expr.contains("istio_") {
+                continue;
+            }
+            for reporter in ["source", "destination"] {
+                out.push(Query {
+                    id: format!("meshd-dashboard {} ({reporter})", panel["title"]),
+                    upstream: "deploy/grafana/meshd-dashboard.json".into(),
+                    expr: expr.replace("$reporter", reporter),
+                });
+            }
+        }
+    }
+    assert!(
+        out.len() >= 20,
+        "only {} queries in meshd's dashboard",
+        out.len()
+    );
+    out
 }
 
 /// Whether a query's answer holds data: at least one sample that is a
@@ -268,8 +299,9 @@ fn istios_dashboards_and_kiali_find_data_for_every_query() {
         a.log(),
         b.log()
     );
-    let all = queries();
+    let mut all = queries();
     assert!(all.len() >= 200, "only {} queries", all.len());
+    all.extend(own_dashboard());
     // A panel's series may still be one scrape short: the failing ones
     // are asked again for a while before they count as failures.
     let mut failing: Vec<&Query> = all.iter().collect();
