@@ -370,6 +370,109 @@ fn http_across_nodes_rides_the_mtls_tunnel() {
 }
 
 #[test]
+fn grpc_across_nodes_is_reported_call_by_call_by_the_destination_too() {
+    use meshd_tests::testbed::PodSpec;
+    let bed = Testbed::nodes(&[
+        ("node-a", &[PodSpec::named("client")]),
+        ("node-b", &[PodSpec::named("server")]),
+    ]);
+    let kit = meshd_tests::clients::testkit();
+    let listen = format!("{}:50051", bed.pod("server").ip);
+    bed.spawn(
+        bed.pod("server"),
+        &kit,
+        &["grpc-serve", "--listen", &listen],
+    );
+    bed.wait_listening(bed.pod("server"), listen.parse().expect("address"));
+    // No policy and no tracing: node-b relays the tunnel stream as bytes
+    // and follows its HTTP/2 framing.
+    let services = format!(
+        "services:
+  - name: health
+    vip: 10.96.0.30
+    ports: [{{ port: 50051, protocol: grpc }}]
+    endpoints: [{{ address: {}, node: node-b, workload: server, serviceAccount: server }}]
+",
+        bed.pod("server").ip
+    );
+    let identity = meshd_tests::clients::issuer_identity(&bed);
+    let a = bed.start_meshd_on(0, &bed.config_with(0, &identity, &services));
+    let b = bed.start_meshd_on(1, &bed.config_with(1, &identity, &services));
+    for _ in 0..3 {
+        let out = meshd_tests::clients::client(
+            &bed,
+            bed.pod("client"),
+            &[
+                "grpc-check",
+                "--connect",
+                "10.96.0.30:50051",
+                "--stream-messages",
+                "3",
+            ],
+            Duration::from_secs(60),
+        );
+        assert!(
+            out.contains("not_found=trailers stream=3"),
+            "{out}\n{}",
+            b.log()
+        );
+    }
+    // Every call, as both nodes saw it: the same statuses from the
+    // trailers, the same messages each way.
+    let grpc = |meshd: &meshd_tests::testbed::Meshd, reporter: &str, status: &str| {
+        let labels = [
+            ("reporter", reporter),
+            ("request_protocol", "grpc"),
+            ("grpc_response_status", status),
+            ("connection_security_policy", "mutual_tls"),
+            // (The destination knows the client by its certificate only:
+            // it backs no service, so no config names it on node-b.)
+            ("source_principal", "spiffe://cluster.local/ns/default/sa/client"),
+            ("destination_workload", "server"),
+        ];
+        meshd.metric("istio_requests_total", &labels)
+    };
+    let settled = eventually(Duration::from_secs(10), || {
+        ["0", "5"].iter().all(|status| {
+            let source = grpc(&a, "source", status);
+            source > 0.0 && grpc(&b, "destination", status) == source
+        })
+    });
+    assert!(
+        settled,
+        "source:\n{}\ndestination:\n{}",
+        a.metrics(),
+        b.metrics()
+    );
+    // Three calls a round, one message each; answers: the unary call's
+    // one, the watch's three or more (the destination may see a message
+    // more than the client took before it cancelled).
+    let messages = |meshd: &meshd_tests::testbed::Meshd, name: &str, reporter: &str| {
+        meshd.metric(name, &[("reporter", reporter)])
+    };
+    let sent = "istio_request_messages_total";
+    assert_eq!(messages(&a, sent, "source"), 9.0, "{}", a.metrics());
+    assert_eq!(messages(&b, sent, "destination"), 9.0, "{}", b.metrics());
+    let received = "istio_response_messages_total";
+    let (source, destination) = (
+        messages(&a, received, "source"),
+        messages(&b, received, "destination"),
+    );
+    assert!(
+        source >= 12.0 && destination >= source,
+        "{source} vs {destination}"
+    );
+    // Reported as calls, not as TCP.
+    assert_eq!(
+        b.metric(
+            "istio_tcp_connections_opened_total",
+            &[("reporter", "destination")]
+        ),
+        0.0
+    );
+}
+
+#[test]
 fn grpc_unary_errors_and_streams_pass_with_trailers() {
     let bed = Testbed::new(&["client", "server"]);
     let kit = meshd_tests::clients::testkit();

@@ -8,7 +8,14 @@ use std::{path::Path, process::Command};
 use anyhow::Context as _;
 
 /// The targets, as `fuzz/Cargo.toml` names them.
-const TARGETS: [&str; 5] = ["config", "path_policy", "spiffe", "baggage", "sniffer"];
+const TARGETS: [&str; 6] = [
+    "config",
+    "path_policy",
+    "spiffe",
+    "baggage",
+    "sniffer",
+    "observers",
+];
 
 pub fn run(seconds: u64, only: Option<&str>) -> anyhow::Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -39,6 +39,8 @@ use crate::{
 };
 
 mod observe;
+
+pub use observe::fuzz as fuzz_observers;
 mod requests;
 
 #[derive(Debug, thiserror::Error)]
@@ -320,16 +322,20 @@ async fn stream_request(
     };
     let protocol = port_protocol(&snapshot, services, target.port());
     // Where a policy decides each request, an HTTP port's stream is served
-    // as HTTP. Else an HTTP/1 port's stream is relayed as bytes and its
-    // requests followed; an HTTP/2 or gRPC port's is relayed and reported
-    // as a connection (following HTTP/2 needs its header compression, and
-    // serving it as HTTP costs too much per request for now: see README).
-    // With tracing on, every HTTP port's stream is served: the destination's
-    // span must be the pod's parent, so `traceparent` is rewritten.
-    let serve = protocol
-        .is_some_and(|p| matches!(p, Protocol::Http | Protocol::Http2 | Protocol::Grpc))
+    // as HTTP. Else it is relayed as bytes and its requests followed —
+    // HTTP/1 on an `http` port, HTTP/2 on an `http2` or `grpc` one (see
+    // `observe`). With tracing on, every HTTP port's stream is served: the
+    // destination's span must be the pod's parent, so `traceparent` is
+    // rewritten. An `auto` port's stream is reported as a connection (what
+    // the source sniffed as TCP must be counted as TCP).
+    let speaks = match protocol {
+        Some(Protocol::Http) => Some(observe::Speaks::Http1),
+        Some(Protocol::Http2 | Protocol::Grpc) => Some(observe::Speaks::Http2),
+        _ => None,
+    };
+    let serve = speaks.is_some()
         && (inputs.tracer.is_some() || authz::needs_requests(&snapshot.config.policies, services));
-    let http = serve || protocol == Some(Protocol::Http);
+    let http = speaks.is_some();
     let labels = labels::destination(
         &snapshot.config.cluster,
         peer,
@@ -413,6 +419,7 @@ async fn stream_request(
         target,
         labels,
         access,
+        speaks: speaks.unwrap_or(observe::Speaks::Http1),
     };
     match result {
         Outcome::Connection(connection) => {
@@ -502,6 +509,8 @@ struct Stream {
     /// The destination's labels for what the stream carries.
     labels: TcpLabels,
     access: Option<Logged>,
+    /// What its requests are followed as, when they are.
+    speaks: observe::Speaks,
 }
 
 impl Stream {
@@ -546,6 +555,7 @@ impl Stream {
             self.labels,
             self.access
                 .map(|(log, downstream)| (log, downstream, self.target)),
+            self.speaks,
         )));
         let mut client = observe::Observed::client(stream, &observer);
         let pod = crate::net::idle::Idle::new(

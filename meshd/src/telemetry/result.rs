@@ -386,6 +386,19 @@ impl RequestResult {
         self.record();
     }
 
+    /// What an exchange seen rather than served said of gRPC: the
+    /// `grpc-status` of its answer, and the messages each way.
+    pub fn set_observed_grpc(&mut self, status: Option<&[u8]>, sent: u64, received: u64) {
+        if let Some(status) = status {
+            self.set_grpc_status(grpc_code(status));
+        }
+        self.request
+            .get_or_insert_with(Arc::default)
+            .messages
+            .store(sent, std::sync::atomic::Ordering::Relaxed);
+        self.response_messages = received;
+    }
+
     /// Forgets the request unrecorded: what could not be followed is not
     /// reported.
     pub fn discard(mut self) {
@@ -687,11 +700,15 @@ impl<B: hyper::body::Body> Drop for Recorded<B> {
 /// A gRPC status code as a label: the number of one of the 17 codes, else
 /// `unknown` — never the header's bytes as they came.
 fn grpc_status(value: &hyper::header::HeaderValue) -> Arc<str> {
+    grpc_code(value.as_bytes())
+}
+
+/// A `grpc-status` value as a label: `0` to `16`, else `unknown`.
+fn grpc_code(value: &[u8]) -> Arc<str> {
     const CODES: [&str; 17] = [
         "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
     ];
-    let code = value
-        .to_str()
+    let code = std::str::from_utf8(value)
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
         .and_then(|c| CODES.get(c));

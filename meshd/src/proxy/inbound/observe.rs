@@ -1,6 +1,7 @@
-//! Requests seen on a relayed HTTP/1 stream. Where no policy needs each
-//! request decided, the destination relays an HTTP/1 port's tunnel stream
-//! as bytes — as cheap as TCP — and follows HTTP/1.1's framing on both
+//! Requests seen on a relayed stream. Where no policy needs each request
+//! decided, the destination relays an HTTP port's tunnel stream as bytes —
+//! as cheap as TCP — and follows its requests: HTTP/2's framing in `h2`,
+//! HTTP/1.1's here. For HTTP/1, it follows the framing on both
 //! directions to report every request and its answer (`reporter=
 //! "destination"`): heads, `Content-Length` and chunked bodies, bodiless
 //! answers (to `HEAD`, `1xx`, `204`, `304`), pipelining, an answer that ends
@@ -18,6 +19,8 @@ use std::{
 };
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+mod h2;
 
 use crate::{
     net::relay::Resettable,
@@ -430,20 +433,64 @@ fn chunked(chunk: &mut Chunk, data: &[u8]) -> (usize, u64, Option<bool>) {
 
 // === impl Observer ===
 
-/// A relayed stream's requests, reported as its destination.
-pub struct Observer {
-    framer: Framer,
+/// What every followed request is reported with, and where its line goes.
+pub struct Reporting {
     metrics: Arc<Metrics>,
     series: Arc<SeriesCache>,
     labels: TcpLabels,
-    /// Requests in order, each with its status once answered.
-    pending: VecDeque<(RequestResult, Option<u16>)>,
-    /// Requests whose body has not ended yet (from the back of `pending`).
-    receiving: usize,
-    events: Vec<Event>,
     /// Where its requests' lines go, what they say of the stream's ends,
     /// and the pod they went to.
     access: Option<(Arc<AccessLog>, Downstream, SocketAddrV4)>,
+}
+
+impl Reporting {
+    /// The result of a request just seen, with the headers an access-log
+    /// line names when they were read.
+    pub fn start(
+        &self,
+        line: RequestLine,
+        protocol: &'static str,
+        version: hyper::Version,
+        headers: &hyper::HeaderMap,
+    ) -> RequestResult {
+        let mut labels = self.labels.clone();
+        labels.request_protocol = protocol;
+        let mut result = RequestResult::new(
+            &self.metrics,
+            &self.series,
+            Reports::one(labels::http(labels)),
+            line,
+            std::time::Instant::now(),
+        );
+        if let Some((log, downstream, pod)) = &self.access {
+            result.log_access(log, version, headers, *downstream);
+            result.set_upstream(*pod);
+        }
+        result
+    }
+
+    /// Whether an access-log line wants the request's headers.
+    pub fn logs(&self) -> bool {
+        self.access.is_some()
+    }
+}
+
+/// A relayed stream's requests, reported as its destination: followed as
+/// HTTP/1 or HTTP/2, as the port declares.
+pub struct Observer {
+    follower: Follower,
+}
+
+enum Follower {
+    Http1(Box<Http1>),
+    Http2(Box<h2::Http2>),
+}
+
+/// What a stream's observer follows: the port's declared protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Speaks {
+    Http1,
+    Http2,
 }
 
 impl Observer {
@@ -451,13 +498,115 @@ impl Observer {
         metrics: &Arc<Metrics>,
         labels: TcpLabels,
         access: Option<(Arc<AccessLog>, Downstream, SocketAddrV4)>,
+        speaks: Speaks,
     ) -> Self {
-        Self {
-            access,
-            framer: Framer::default(),
+        let reporting = Reporting {
             metrics: metrics.clone(),
             series: Arc::default(),
             labels,
+            access,
+        };
+        let follower = match speaks {
+            Speaks::Http1 => Follower::Http1(Box::new(Http1::new(reporting))),
+            Speaks::Http2 => Follower::Http2(Box::new(h2::Http2::new(reporting))),
+        };
+        Self { follower }
+    }
+
+    fn client(&mut self, data: &[u8]) {
+        match &mut self.follower {
+            Follower::Http1(f) => f.client(data),
+            Follower::Http2(f) => f.client(data),
+        }
+    }
+
+    fn server(&mut self, data: &[u8]) {
+        match &mut self.follower {
+            Follower::Http1(f) => f.server(data),
+            Follower::Http2(f) => f.server(data),
+        }
+    }
+
+    fn server_closed(&mut self) {
+        if let Follower::Http1(f) = &mut self.follower {
+            f.server_closed();
+        }
+    }
+
+    /// The stream ended with `flag`: requests still unanswered are counted
+    /// with it — as the source counts them: `503` when the pod's side
+    /// failed (`UC`), else `0` (the client went away).
+    pub fn end(&mut self, flag: ResponseFlag) {
+        match &mut self.follower {
+            Follower::Http1(f) => f.end(flag),
+            Follower::Http2(f) => f.end(flag),
+        }
+    }
+}
+
+/// Feeds `data` to an HTTP/1 and an HTTP/2 follower as both sides of one
+/// stream, cut where its first byte says (for the fuzz target): whatever
+/// the bytes, nothing panics and nothing is held without bound.
+pub fn fuzz(data: &[u8]) {
+    static SETUP: std::sync::OnceLock<(Arc<Metrics>, TcpLabels)> = std::sync::OnceLock::new();
+    let Some((&cut, rest)) = data.split_first() else {
+        return;
+    };
+    let (metrics, labels) = SETUP.get_or_init(|| {
+        let config = crate::config::load_str(
+            "fuzz.yaml",
+            "node: { name: a, captureAddress: 10.77.0.1, podCgroup: /pods }\nservices: [{ name: web, vip: 10.96.0.20, ports: [{ port: 80 }] }]\n",
+        )
+        .expect("the fuzz config is valid");
+        let labels = labels::source(&config.cluster, None, &config.services[0], None, "http");
+        let mut registry = prometheus_client::registry::Registry::default();
+        (Arc::new(Metrics::new(&mut registry)), labels)
+    });
+    let cut = usize::from(cut % 32) + 1;
+    for speaks in [Speaks::Http1, Speaks::Http2] {
+        let mut observer = Observer::new(metrics, labels.clone(), None, speaks);
+        if speaks == Speaks::Http2 {
+            observer.client(h2::PREFACE);
+        }
+        // Two pieces from the client, then one from the server.
+        for (i, piece) in rest.chunks(cut).enumerate() {
+            if i % 3 == 2 {
+                observer.server(piece);
+            } else {
+                observer.client(piece);
+            }
+        }
+        observer.end(ResponseFlag::DownstreamConnectionTermination);
+    }
+}
+
+/// The status of a request left unanswered when its stream ended `flag`.
+pub fn unanswered(flag: ResponseFlag) -> u16 {
+    if flag == ResponseFlag::UpstreamConnectionTermination {
+        503
+    } else {
+        0
+    }
+}
+
+// === impl Http1 ===
+
+/// A stream's HTTP/1 requests, in order.
+pub struct Http1 {
+    framer: Framer,
+    reporting: Reporting,
+    /// Requests in order, each with its status once answered.
+    pending: VecDeque<(RequestResult, Option<u16>)>,
+    /// Requests whose body has not ended yet (from the back of `pending`).
+    receiving: usize,
+    events: Vec<Event>,
+}
+
+impl Http1 {
+    fn new(reporting: Reporting) -> Self {
+        Self {
+            framer: Framer::default(),
+            reporting,
             pending: VecDeque::new(),
             receiving: 0,
             events: Vec::new(),
@@ -493,19 +642,11 @@ impl Observer {
                         method,
                         uri: target,
                     };
-                    let mut result = RequestResult::new(
-                        &self.metrics,
-                        &self.series,
-                        Reports::one(labels::http(self.labels.clone())),
-                        line,
-                        std::time::Instant::now(),
-                    );
-                    if let Some((log, downstream, pod)) = &self.access {
-                        // The framer reads no header a line names.
-                        let headers = hyper::HeaderMap::new();
-                        result.log_access(log, hyper::Version::HTTP_11, &headers, *downstream);
-                        result.set_upstream(*pod);
-                    }
+                    // The framer reads no header a line names.
+                    let headers = hyper::HeaderMap::new();
+                    let result =
+                        self.reporting
+                            .start(line, "http", hyper::Version::HTTP_11, &headers);
                     self.pending.push_back((result, None));
                     self.receiving += 1;
                 }
@@ -538,18 +679,10 @@ impl Observer {
         }
     }
 
-    /// The stream ended with `flag`: requests still unanswered are counted
-    /// with it — as the source counts them: `503` when the pod's side
-    /// failed (`UC`), else `0` (the client went away).
-    pub fn end(&mut self, flag: ResponseFlag) {
+    fn end(&mut self, flag: ResponseFlag) {
         self.server_closed();
-        let unanswered = if flag == ResponseFlag::UpstreamConnectionTermination {
-            503
-        } else {
-            0
-        };
         for (result, status) in self.pending.drain(..) {
-            result.observed(status.unwrap_or(unanswered), 0, flag);
+            result.observed(status.unwrap_or(unanswered(flag)), 0, flag);
         }
     }
 }
