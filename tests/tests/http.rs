@@ -427,7 +427,10 @@ fn grpc_across_nodes_is_reported_call_by_call_by_the_destination_too() {
             ("connection_security_policy", "mutual_tls"),
             // (The destination knows the client by its certificate only:
             // it backs no service, so no config names it on node-b.)
-            ("source_principal", "spiffe://cluster.local/ns/default/sa/client"),
+            (
+                "source_principal",
+                "spiffe://cluster.local/ns/default/sa/client",
+            ),
             ("destination_workload", "server"),
         ];
         meshd.metric("istio_requests_total", &labels)

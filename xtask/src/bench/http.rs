@@ -49,19 +49,20 @@ struct Urls<'a> {
 }
 
 pub fn run(bench: &Bench) -> anyhow::Result<Vec<Table>> {
-    // Access logging is off in the bench, as it is by default in Istio and
-    // Linkerd: a line per request to a file is a cost of its own.
-    std::env::set_var("MESHD_TEST_LOG", "info,meshd::access=off");
-    let tables = vec![same_node(bench)?, cross_node(bench)?];
-    std::env::set_var("MESHD_TEST_LOG", "info");
-    Ok(tables)
+    // Access logging is off in the bench (no `accessLog` section), as it is
+    // by default in Istio and Linkerd: a line per request is a cost of its
+    // own.
+    Ok(vec![same_node(bench)?, cross_node(bench)?])
 }
 
 pub fn print(tables: &[Table]) {
     println!(
         "\nHTTP: nginx answering 6 bytes. HTTP/1.1: wrk, {H1_CONNECTIONS} keep-alive connections, \
          closed loop. HTTP/2: h2load, {H2_CONNECTIONS} connections × {H2_STREAMS} streams. \
-         meshd's access log off."
+         meshd's access log off; tracing off but in the rows that say otherwise. \
+         Rows \"auto ports\": the same requests on ports declared `auto`, which the \
+         destination reports as connections — the second reporter's per-request cost \
+         is the difference to the row above them."
     );
     for table in tables {
         println!("\n### {}\n", table.title);
@@ -134,8 +135,46 @@ fn services(server_ip: &str, node: &str) -> String {
         "services:
   - {{ name: h1, vip: 10.96.0.30, ports: [{{ port: 80, targetPort: 8080, protocol: http }}], endpoints: [{{ address: {server_ip}{node}, serviceAccount: server }}] }}
   - {{ name: h2, vip: 10.96.0.31, ports: [{{ port: 80, targetPort: 8081, protocol: http2 }}], endpoints: [{{ address: {server_ip}{node}, serviceAccount: server }}] }}
+  - {{ name: h1-auto, vip: 10.96.0.32, ports: [{{ port: 80, targetPort: 8080, protocol: auto }}], endpoints: [{{ address: {server_ip}{node}, serviceAccount: server }}] }}
+  - {{ name: h2-auto, vip: 10.96.0.33, ports: [{{ port: 80, targetPort: 8081, protocol: auto }}], endpoints: [{{ address: {server_ip}{node}, serviceAccount: server }}] }}
 "
     )
+}
+
+/// An OTLP/HTTP sink on node-a (nginx answering every export `200`), for
+/// the tracing rows: what meshd spends making and exporting spans, without
+/// a collector's own CPU in the way.
+fn span_sink(bed: &Testbed) -> anyhow::Result<()> {
+    let dir = bed.dir.join("sink");
+    std::fs::create_dir_all(&dir)?;
+    let d = dir.display();
+    let conf = format!(
+        "user root;
+worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log stderr warn;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/body;
+  proxy_temp_path {d}/proxy;
+  fastcgi_temp_path {d}/fastcgi;
+  uwsgi_temp_path {d}/uwsgi;
+  scgi_temp_path {d}/scgi;
+  client_max_body_size 64m;
+  server {{ listen 0.0.0.0:4318; location / {{ default_type application/x-protobuf; return 200 \"\"; }} }}
+}}
+"
+    );
+    let path = bed.write("sink.conf", &conf);
+    bed.spawn_on_node(
+        0,
+        Path::new("nginx"),
+        &["-c", &path.display().to_string(), "-e", "stderr"],
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(())
 }
 
 fn same_node(bench: &Bench) -> anyhow::Result<Table> {
@@ -200,7 +239,43 @@ fn cross_node(bench: &Bench) -> anyhow::Result<Table> {
     let b = bed.start_meshd_on(1, &bed.config_with(1, &identity, &services));
     std::thread::sleep(Duration::from_millis(500));
     rows.extend(measure(bench, &bed, "meshd mTLS", &meshed(), &[&a, &b])?);
+    let auto = Urls {
+        h1: "http://10.96.0.32/",
+        h2: "http://10.96.0.33/",
+    };
+    rows.extend(measure(
+        bench,
+        &bed,
+        "meshd mTLS, auto ports (destination: connections only)",
+        &auto,
+        &[&a, &b],
+    )?);
     drop((a, b));
+    // Tracing on: spans made for every request, a share of them sampled
+    // and exported (OTLP/HTTP) to a sink.
+    span_sink(&bed)?;
+    for (path, sampling) in [
+        ("meshd mTLS, tracing on, 1 % sampled", "0.01"),
+        ("meshd mTLS, tracing on, 100 % sampled", "1"),
+    ] {
+        let tracing = |node: &str| {
+            format!("tracing: {{ endpoint: 'http://{node}:4318', protocol: http, sampling: {sampling} }}\n")
+        };
+        let a = bed.start_meshd_on(
+            0,
+            &bed.config_with(0, &identity, &format!("{services}{}", tracing("10.77.0.1"))),
+        );
+        let b = bed.start_meshd_on(
+            1,
+            &bed.config_with(
+                1,
+                &identity,
+                &format!("{services}{}", tracing("192.168.77.1")),
+            ),
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        rows.extend(measure(bench, &bed, path, &meshed(), &[&a, &b])?);
+    }
     haproxy_pair(
         &bed,
         &bench.meshd,
