@@ -91,7 +91,9 @@ pub fn print(tables: &[Table]) {
     }
 }
 
-/// nginx in the server pod: HTTP/1.1 on :8080, HTTP/2 (h2c) on :8081.
+/// nginx in the server pod: HTTP/1.1 on :8080 and :8082, HTTP/2 (h2c) on
+/// :8081 and :8083 (the second of each for the `auto` services: the
+/// destination tells a stream's port by its target port).
 fn nginx(bed: &Testbed) -> anyhow::Result<()> {
     let server = bed.pod("server");
     let dir = bed.dir.join("nginx");
@@ -113,8 +115,8 @@ http {{
   uwsgi_temp_path {d}/uwsgi;
   scgi_temp_path {d}/scgi;
   keepalive_requests 10000000;
-  server {{ listen {ip}:8080; location / {{ return 200 \"hello\\n\"; }} }}
-  server {{ listen {ip}:8081 http2; location / {{ return 200 \"hello\\n\"; }} }}
+  server {{ listen {ip}:8080; listen {ip}:8082; location / {{ return 200 \"hello\\n\"; }} }}
+  server {{ listen {ip}:8081 http2; listen {ip}:8083 http2; location / {{ return 200 \"hello\\n\"; }} }}
 }}
 "
     );
@@ -124,7 +126,7 @@ http {{
         Path::new("nginx"),
         &["-c", &path.display().to_string(), "-e", "stderr"],
     );
-    for port in [8080, 8081] {
+    for port in [8080, 8081, 8082, 8083] {
         bed.wait_listening(server, format!("{ip}:{port}").parse()?);
     }
     Ok(())
@@ -135,8 +137,8 @@ fn services(server_ip: &str, node: &str) -> String {
         "services:
   - {{ name: h1, vip: 10.96.0.30, ports: [{{ port: 80, targetPort: 8080, protocol: http }}], endpoints: [{{ address: {server_ip}{node}, serviceAccount: server }}] }}
   - {{ name: h2, vip: 10.96.0.31, ports: [{{ port: 80, targetPort: 8081, protocol: http2 }}], endpoints: [{{ address: {server_ip}{node}, serviceAccount: server }}] }}
-  - {{ name: h1-auto, vip: 10.96.0.32, ports: [{{ port: 80, targetPort: 8080, protocol: auto }}], endpoints: [{{ address: {server_ip}{node}, serviceAccount: server }}] }}
-  - {{ name: h2-auto, vip: 10.96.0.33, ports: [{{ port: 80, targetPort: 8081, protocol: auto }}], endpoints: [{{ address: {server_ip}{node}, serviceAccount: server }}] }}
+  - {{ name: h1-auto, vip: 10.96.0.32, ports: [{{ port: 80, targetPort: 8082, protocol: auto }}], endpoints: [{{ address: {server_ip}{node}, serviceAccount: server }}] }}
+  - {{ name: h2-auto, vip: 10.96.0.33, ports: [{{ port: 80, targetPort: 8083, protocol: auto }}], endpoints: [{{ address: {server_ip}{node}, serviceAccount: server }}] }}
 "
     )
 }

@@ -21,6 +21,7 @@ use std::{
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 mod h2;
+mod hpack;
 
 use crate::{
     net::relay::Resettable,

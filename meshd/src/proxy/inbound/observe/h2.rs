@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 
-use loona_hpack::Decoder;
+use super::hpack::Decoder;
 
 use super::{unanswered, Reporting, MAX_HEAD};
 use crate::telemetry::{body::GrpcFrames, result::RequestLine, RequestResult, ResponseFlag};
@@ -143,13 +143,14 @@ struct Reader {
     have: usize,
     frame: Option<Frame>,
     block: Option<Block>,
-    decoder: Decoder<'static>,
+    decoder: Decoder,
 }
 
 impl Reader {
     fn new(preface: bool) -> Self {
-        let mut decoder = Decoder::new();
-        decoder.set_max_allowed_table_size(MAX_TABLE);
+        // The table starts at HPACK's 4096 bytes; a side may grow it to
+        // `MAX_TABLE` with a size update, no further.
+        let decoder = Decoder::new(MAX_TABLE);
         Self {
             preface: if preface { PREFACE.len() } else { 0 },
             head: [0; 9],
@@ -320,7 +321,7 @@ impl Reader {
         if let Some(block) = self.block.take_if(|_| ended) {
             let mut fields = Box::<Fields>::default();
             self.decoder
-                .decode_with_cb(&block.bytes, |name, value| fields.take(&name, &value, logs))
+                .decode(&block.bytes, |name, value| fields.take(name, value, logs))
                 .map_err(|_| Stop)?;
             on(Seen::Headers {
                 stream: block.stream,
@@ -579,8 +580,19 @@ services: [{ name: web, vip: 10.96.0.20, ports: [{ port: 80 }], endpoints: [{ ad
         out
     }
 
-    fn headers(encoder: &mut loona_hpack::Encoder<'_>, fields: &[(&str, &str)]) -> Vec<u8> {
-        encoder.encode(fields.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())))
+    /// A header block as an HTTP/2 library sends it: Huffman-coded,
+    /// indexed where it can be.
+    fn headers(encoder: &mut httlib_hpack::Encoder<'_>, fields: &[(&str, &str)]) -> Vec<u8> {
+        let flags = httlib_hpack::Encoder::HUFFMAN_NAME
+            | httlib_hpack::Encoder::HUFFMAN_VALUE
+            | httlib_hpack::Encoder::WITH_INDEXING
+            | httlib_hpack::Encoder::BEST_FORMAT;
+        let mut out = Vec::new();
+        for (name, value) in fields {
+            let field = (name.as_bytes().to_vec(), value.as_bytes().to_vec(), flags);
+            encoder.encode(field, &mut out).expect("encodes");
+        }
+        out
     }
 
     /// A gRPC message: flag, length, bytes.
@@ -595,8 +607,8 @@ services: [{ name: web, vip: 10.96.0.20, ports: [{ port: 80 }], endpoints: [{ ad
     /// call (padded DATA, a header block split over CONTINUATION, trailers
     /// with `grpc-status`); then a third reset by the pod.
     fn conversation() -> (Vec<u8>, Vec<u8>) {
-        let mut to_server = loona_hpack::Encoder::new();
-        let mut to_client = loona_hpack::Encoder::new();
+        let mut to_server = httlib_hpack::Encoder::default();
+        let mut to_client = httlib_hpack::Encoder::default();
         let mut client = PREFACE.to_vec();
         client.extend(frame(0x4, 0, 0, &[])); // SETTINGS
         let get = headers(
@@ -761,7 +773,7 @@ services: [{ name: web, vip: 10.96.0.20, ports: [{ port: 80 }], endpoints: [{ ad
     fn streams_open_when_the_connection_ends_are_counted_with_its_flag() {
         let (registry, reporting) = reporting();
         let mut follower = Http2::new(reporting);
-        let mut encoder = loona_hpack::Encoder::new();
+        let mut encoder = httlib_hpack::Encoder::default();
         let mut client = PREFACE.to_vec();
         let get = headers(&mut encoder, &[(":method", "GET"), (":path", "/")]);
         client.extend(frame(HEADERS, END_HEADERS | END_STREAM, 1, &get));
@@ -780,7 +792,7 @@ services: [{ name: web, vip: 10.96.0.20, ports: [{ port: 80 }], endpoints: [{ ad
     fn a_client_cannot_make_it_hold_more_than_max_streams() {
         let (_registry, reporting) = reporting();
         let mut follower = Http2::new(reporting);
-        let mut encoder = loona_hpack::Encoder::new();
+        let mut encoder = httlib_hpack::Encoder::default();
         follower.client(PREFACE);
         for i in 0..=MAX_STREAMS as u32 {
             let get = headers(&mut encoder, &[(":method", "GET"), (":path", "/")]);
