@@ -336,6 +336,33 @@ impl Testbed {
             .push(child);
     }
 
+    /// A real Prometheus on node 0 (`127.0.0.1:9090` in its namespace),
+    /// scraping every node's meshd (`:15020`) each `interval`.
+    pub fn start_prometheus(&self, interval: &str) {
+        let targets: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("'{}:15020'", n.ip))
+            .collect();
+        let config = self.write(
+            "prometheus.yml",
+            &format!(
+                "global: {{ scrape_interval: {interval} }}\nscrape_configs:\n  - job_name: meshd\n    static_configs: [{{ targets: [{}] }}]\n",
+                targets.join(", ")
+            ),
+        );
+        let data = self.dir.join("prometheus");
+        self.spawn_on_node(
+            0,
+            Path::new("prometheus"),
+            &[
+                &format!("--config.file={}", config.display()),
+                &format!("--storage.tsdb.path={}", data.display()),
+                "--web.listen-address=127.0.0.1:9090",
+            ],
+        );
+    }
+
     /// A command that runs in `pod`; the caller spawns and waits.
     pub fn command(&self, pod: &Pod, program: &Path, args: &[&str]) -> Command {
         sys::command_in(&pod.cgroup, &pod.netns, program, args)

@@ -258,23 +258,7 @@ fn istios_dashboards_and_kiali_find_data_for_every_query() {
     traffic(&bed, "outsider", &steps, rounds);
 
     // Prometheus on node-a, scraping both nodes' meshd.
-    let data = bed.dir.join("prometheus");
-    let config = bed.write(
-        "prometheus.yml",
-        &format!(
-            "global: {{ scrape_interval: 2s }}\nscrape_configs:\n  - job_name: meshd\n    static_configs: [{{ targets: ['{}:15020', '{}:15020'] }}]\n",
-            bed.nodes[0].ip, bed.nodes[1].ip
-        ),
-    );
-    bed.spawn_on_node(
-        0,
-        Path::new("prometheus"),
-        &[
-            &format!("--config.file={}", config.display()),
-            &format!("--storage.tsdb.path={}", data.display()),
-            "--web.listen-address=127.0.0.1:9090",
-        ],
-    );
+    bed.start_prometheus("2s");
     let node = bed.nodes[0].netns.path();
     let query = |promql: &str| -> Result<bool, String> {
         let path = format!(

@@ -5,7 +5,7 @@
 //! on node-b; every edge crosses the tunnel. The DOT form goes through
 //! Graphviz's `dot`. The destination's access log is read here too.
 
-use std::{path::Path, time::Duration};
+use std::time::Duration;
 
 use meshd_tests::{
     clients::{curl_args, issuer_identity, serve_hello},
@@ -182,23 +182,7 @@ fn meshd_graph_shows_the_edges_the_traffic_made_from_each_node_and_from_promethe
     assert_eq!(sent, B_TO_C, "{lines}");
 
     // The mesh-wide graph, from a real Prometheus scraping both nodes.
-    let data = bed.dir.join("prometheus");
-    let config = bed.write(
-        "prometheus.yml",
-        &format!(
-            "global: {{ scrape_interval: 1s }}\nscrape_configs:\n  - job_name: meshd\n    static_configs: [{{ targets: ['{}:15020', '{}:15020'] }}]\n",
-            bed.nodes[0].ip, bed.nodes[1].ip
-        ),
-    );
-    bed.spawn_on_node(
-        0,
-        Path::new("prometheus"),
-        &[
-            &format!("--config.file={}", config.display()),
-            &format!("--storage.tsdb.path={}", data.display()),
-            "--web.listen-address=127.0.0.1:9090",
-        ],
-    );
+    bed.start_prometheus("1s");
     let mut got = Vec::new();
     let mut last_error = String::new();
     let settled = eventually(Duration::from_secs(60), || {

@@ -373,9 +373,8 @@ impl Sample {
     pub fn parse(text: &str) -> Self {
         let mut sample = Self::default();
         for line in text.lines() {
-            let Some((name, labels, value)) = series(line) else {
-                continue;
-            };
+            // Only the four series the graph reads get their labels parsed.
+            let name = line.split(['{', ' ']).next().unwrap_or("");
             let wanted = matches!(
                 name,
                 "istio_requests_total"
@@ -386,6 +385,9 @@ impl Sample {
             if !wanted {
                 continue;
             }
+            let Some((name, labels, value)) = series(line) else {
+                continue;
+            };
             let Some(key) = EdgeKey::of(&labels) else {
                 continue;
             };
