@@ -124,6 +124,8 @@ pub struct Prepared {
     overrides: Overrides,
     config: Arc<Config>,
     cgroup_root: PathBuf,
+    /// How the kubelet places pod cgroups on this node.
+    cgroup_driver: crate::config::CgroupDriver,
     proxy_cgroup_id: u64,
 }
 
@@ -139,12 +141,22 @@ pub fn prepare(paths: &[PathBuf], overrides: &Overrides) -> Result<Prepared, Sta
         info!("entered the host's cgroup namespace");
     }
     let proxy_cgroup_id = host::join_cgroup(&proxy_dir)?;
+    let cgroup_driver = config.node.cgroup_driver.decided().unwrap_or_else(|| {
+        let pods = host::cgroup_dir(&cgroup_root, &config.node.pod_cgroup);
+        host::detect_cgroup_driver(&pods, &config.node.pod_cgroup)
+    });
+    info!(
+        driver = cgroup_driver.name(),
+        "pod cgroups placed as the kubelet's cgroup driver does"
+    );
+    config.place_pods(cgroup_driver);
     Ok(Prepared {
         paths: paths.to_vec(),
         sources,
         overrides: overrides.clone(),
         config: Arc::new(config),
         cgroup_root,
+        cgroup_driver,
         proxy_cgroup_id,
     })
 }
@@ -152,11 +164,7 @@ pub fn prepare(paths: &[PathBuf], overrides: &Overrides) -> Result<Prepared, Sta
 pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     let config = prepared.config.clone();
     let proxy = &config.proxy;
-    let mesh = Snapshot::new(
-        config.clone(),
-        &crate::app::reload::workload_cgroup_ids(&prepared.cgroup_root, &config),
-        None,
-    );
+    let mesh = Snapshot::new(config.clone(), None);
 
     // A meshd already running on this node hands its listeners over;
     // otherwise bind everything, before anything is served or captured.
@@ -297,7 +305,7 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     }
     let reloader = crate::app::reload::Reloader {
         paths: prepared.paths.clone(),
-        cgroup_root: prepared.cgroup_root.clone(),
+        cgroup_driver: prepared.cgroup_driver,
         bpf_log_level: prepared.overrides.bpf_log_level,
         inputs: inputs.clone(),
         capture: capture.clone(),
@@ -380,6 +388,7 @@ fn start_capture(
     let pod_cgroup = host::cgroup_dir(&prepared.cgroup_root, &config.node.pod_cgroup);
     let proxy_cgroup = host::cgroup_dir(&prepared.cgroup_root, &config.node.proxy_cgroup);
     let spec = CaptureSpec {
+        cgroup_mount: &prepared.cgroup_root,
         pod_cgroup: &pod_cgroup,
         proxy_cgroup: &proxy_cgroup,
         proxy_cgroup_id: prepared.proxy_cgroup_id,

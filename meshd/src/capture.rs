@@ -31,6 +31,11 @@ use meshd_common::{
     FLAG_STRICT, PORT_OPEN, PORT_PROBE, PORT_PROTECTED,
 };
 
+// Decodes cgroup ids as file handles (`open_by_handle_at`).
+#[allow(unsafe_code)]
+mod cgroups;
+pub use cgroups::CgroupTree;
+
 use crate::{
     config::BpfLogLevel,
     state::{
@@ -67,6 +72,12 @@ pub enum CaptureError {
         "{path} is not on a BPF filesystem (bpffs): mount one with `mount -t bpf bpf /sys/fs/bpf` or set node.pinDir"
     )]
     NotBpffs { path: PathBuf },
+    #[error(
+        "cannot find meshd's own cgroup (id {id}) by its id: meshd identifies a pod's connections by \
+         the cgroup they come from and needs CAP_DAC_READ_SEARCH (open_by_handle_at) and the \
+         host's cgroup2 tree mounted for it"
+    )]
+    CgroupIds { id: u64 },
     #[error("pin directory {path}: {source}")]
     Pins {
         path: PathBuf,
@@ -77,6 +88,8 @@ pub enum CaptureError {
 
 /// Where and how to capture.
 pub struct CaptureSpec<'a> {
+    /// The cgroup2 mount the cgroups below are in.
+    pub cgroup_mount: &'a Path,
     pub pod_cgroup: &'a Path,
     pub proxy_cgroup: &'a Path,
     pub proxy_cgroup_id: u64,
@@ -110,6 +123,8 @@ pub struct Capture {
     own_connects: Mutex<HashMap<MapData, OwnConnect, u8>>,
     /// `POD_PORTS` and the keys it holds.
     pod_ports: Mutex<(HashMap<MapData, Destination, u32>, HashSet<Destination>)>,
+    /// Where the cgroups capture records are.
+    cgroups: CgroupTree,
 }
 
 /// The loaded object and the (pinned) links that make capture live.
@@ -163,6 +178,14 @@ impl Capture {
     /// Loads and attaches everything, with `mesh`'s destinations installed
     /// before the connect hooks go live.
     pub fn start(spec: &CaptureSpec<'_>, mesh: &Snapshot) -> Result<Self, CaptureError> {
+        let cgroups = CgroupTree::new(spec.cgroup_mount);
+        // Identity by cgroup must work before anything is captured: meshd
+        // finds its own cgroup by id, as it will find the pods'.
+        if cgroups.path_of(spec.proxy_cgroup_id).is_none() {
+            return Err(CaptureError::CgroupIds {
+                id: spec.proxy_cgroup_id,
+            });
+        }
         prepare_pin_dir(spec.pin_dir)?;
         let level = bpf_level(spec.log_level);
         let mut ebpf = EbpfLoader::new()
@@ -250,6 +273,7 @@ impl Capture {
             installed: Mutex::new(installed),
             own_connects: Mutex::new(own_connects),
             pod_ports: Mutex::new((pod_ports, pod_ports_installed)),
+            cgroups,
         })
     }
 
@@ -353,7 +377,7 @@ impl OrigDstSource for Capture {
         let orig = self.take_orig_dst(client.0)?;
         Some(Captured {
             dst: OrigDstAddr(destination_addr(orig.dst)),
-            cgroup_id: orig.cgroup_id,
+            cgroup: self.cgroups.path_of(orig.cgroup_id),
         })
     }
 

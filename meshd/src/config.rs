@@ -7,6 +7,7 @@
 //! `services` and `workloads` lists are concatenated. Every error names the
 //! file, the line and the field.
 
+mod kubelet;
 mod locate;
 pub mod validate;
 
@@ -20,6 +21,7 @@ use std::{
 
 use serde::Deserialize;
 
+pub use kubelet::{CgroupDriver, CgroupDriverSpec, PodRef, QosClass};
 pub use locate::FieldPath;
 pub use validate::{Config, Endpoint, Reported, Service, ServicePort, Workload};
 
@@ -258,6 +260,11 @@ pub struct NodeSpec {
     /// Directory on bpffs where meshd pins its maps and programs, so
     /// capture survives a meshd restart. Default `/sys/fs/bpf/meshd/<name>`.
     pub pin_dir: Option<std::path::PathBuf>,
+    /// The kubelet's cgroup driver (`systemd` or `cgroupfs`), which places
+    /// the cgroups of workloads given as `pod`. Default `auto`: detected
+    /// from the tree below `podCgroup` when meshd starts.
+    #[serde(default)]
+    pub cgroup_driver: CgroupDriverSpec,
     /// Unix socket a new meshd takes the running one's listeners over
     /// from. Default `/run/meshd/<name>.sock`.
     pub handover_socket: Option<std::path::PathBuf>,
@@ -852,8 +859,13 @@ pub struct WorkloadSpec {
     #[serde(default = "default_service_account")]
     pub service_account: String,
     /// The pod's cgroup, relative to the cgroup2 mount; must lie inside
-    /// `node.podCgroup`. Identifies the source of captured connections.
+    /// `node.podCgroup`. Identifies the source of captured connections: a
+    /// process in this cgroup or any below it (the pod's containers) is
+    /// this workload.
     pub cgroup: Option<String>,
+    /// Instead of `cgroup`: the kubelet's pod (`uid`, `qosClass`), whose
+    /// cgroup meshd computes for `node.cgroupDriver`.
+    pub pod: Option<PodRef>,
     /// The pod's IPv4 addresses; identify the source when no cgroup matches.
     #[serde(default)]
     pub addresses: Vec<IpAddr>,

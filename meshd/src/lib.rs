@@ -10,7 +10,8 @@
 //! | `identity`, `capture`, `hbone`, `telemetry` | certificates and TLS; the eBPF loader; the tunnel pool; metrics and results |
 //! | `proxy` | outbound, inbound, TCP and HTTP stages |
 //! | `admin`, `app` | status listeners and admin API; start-up, reload, hand-over |
-// Unsafe only where descriptors arrive from another process (handover).
+// Unsafe only where descriptors arrive from another process (handover) and
+// where a cgroup id is opened as a file handle (capture).
 #![deny(unsafe_code)]
 
 pub mod admin;

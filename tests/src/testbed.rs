@@ -38,8 +38,14 @@ pub struct Pod {
     pub node: usize,
     pub netns: Netns,
     pub cgroup: Cgroup,
-    /// The cgroup path as meshd's config writes it (from the mount root).
+    /// The pod's cgroup path as meshd's config writes it (from the mount
+    /// root). Its processes run in `cgroup`: this cgroup itself, or in the
+    /// kubelet's layouts a container's below it.
     pub cgroup_path: String,
+    /// `metadata.uid` in the kubelet's layouts.
+    pub uid: String,
+    /// `status.qosClass`.
+    pub qos: String,
     pub namespace: String,
     pub service_account: String,
     /// Its workload's labels (YAML flow mapping entries).
@@ -53,8 +59,26 @@ pub struct Node {
     pub ip: Ipv4Addr,
     /// Backbone address: where its meshd accepts tunnels.
     pub backbone_ip: Ipv4Addr,
-    /// `/<root>/<node>`: `pods/` and `proxy/` live below.
+    /// `/<root>/<node>`: the pods' subtree and `proxy/` live below.
     pub cgroup_path: String,
+    /// `node.podCgroup`: `<cgroup_path>/pods`, or the kubelet's
+    /// `kubepods.slice` / `kubepods`.
+    pub pod_cgroup: String,
+}
+
+/// How pods' cgroups are laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CgroupLayout {
+    /// `/<root>/<node>/pods/<pod>`, processes in the pod's cgroup; the
+    /// config names each cgroup.
+    Plain,
+    /// The kubelet's with the systemd driver: `…/kubepods.slice/
+    /// kubepods-<qos>.slice/kubepods-<qos>-pod<uid_>.slice`, processes in
+    /// a `cri-containerd-<id>.scope` below; the config names the pod.
+    Systemd,
+    /// The kubelet's with the cgroupfs driver: `…/kubepods/<qos>/pod<uid>`,
+    /// processes in a `<container id>` cgroup below.
+    Cgroupfs,
 }
 
 pub struct Testbed {
@@ -66,6 +90,9 @@ pub struct Testbed {
     /// Kept for its guard: deleted with the testbed.
     _backbone: Option<Netns>,
     processes: Mutex<Vec<Child>>,
+    layout: CgroupLayout,
+    /// Containers made so far (for their ids).
+    containers: AtomicUsize,
     /// Where meshd pins; unmounted once the processes are gone.
     bpffs: sys::Bpffs,
     // Dropped last, after every process in it is gone.
@@ -81,6 +108,9 @@ pub struct PodSpec<'a> {
     /// The workload's labels as a YAML flow mapping's entries; `None`:
     /// `app: <name>`.
     pub labels: Option<&'a str>,
+    /// `Guaranteed`, `Burstable` or `BestEffort` (where the kubelet's
+    /// layouts put the pod).
+    pub qos: &'a str,
 }
 
 impl<'a> PodSpec<'a> {
@@ -91,7 +121,13 @@ impl<'a> PodSpec<'a> {
             namespace: "default",
             service_account: name,
             labels: None,
+            qos: "Burstable",
         }
+    }
+
+    /// This pod with QoS class `qos`.
+    pub fn qos(self, qos: &'a str) -> Self {
+        Self { qos, ..self }
     }
 }
 
@@ -104,6 +140,11 @@ impl Testbed {
 
     /// Several nodes, each `(name, pods)`.
     pub fn nodes(layout: &[(&str, &[PodSpec<'_>])]) -> Self {
+        Self::with_cgroups(CgroupLayout::Plain, layout)
+    }
+
+    /// Several nodes whose pods' cgroups are laid out as `cgroups` says.
+    pub fn with_cgroups(cgroups: CgroupLayout, layout: &[(&str, &[PodSpec<'_>])]) -> Self {
         sys::require_privileges();
         let tag = format!(
             "{}-{}",
@@ -131,6 +172,14 @@ impl Testbed {
                 ip: Ipv4Addr::new(10, 77 + i as u8, 0, 1),
                 backbone_ip: Ipv4Addr::new(192, 168, 77, 1 + i as u8),
                 cgroup_path: format!("{root_path}/{name}"),
+                pod_cgroup: format!(
+                    "{root_path}/{name}/{}",
+                    match cgroups {
+                        CgroupLayout::Plain => "pods",
+                        CgroupLayout::Systemd => "kubepods.slice",
+                        CgroupLayout::Cgroupfs => "kubepods",
+                    }
+                ),
             };
             fs::create_dir_all(root.dir.join(name).join("proxy")).expect("proxy cgroup");
             node.netns.ip(&["link", "add", "br0", "type", "bridge"]);
@@ -190,21 +239,41 @@ impl Testbed {
             netns: Netns::create(&format!("mt{tag}-outside")),
             cgroup: Cgroup::create(root.dir.join("outside")),
             cgroup_path: format!("{root_path}/outside"),
+            uid: String::new(),
+            qos: "BestEffort".into(),
             namespace: "default".into(),
             service_account: "outside".into(),
             labels: "app: outside".into(),
         };
         wire(&nodes, &outside, "vpo");
         let mut pods = Vec::new();
-        for (i, (node_name, specs)) in layout.iter().enumerate() {
+        for (i, (_, specs)) in layout.iter().enumerate() {
             for (j, spec) in specs.iter().enumerate() {
+                let uid = format!(
+                    "{:08x}-0000-4000-8000-{:012x}",
+                    i * 256 + j,
+                    NEXT.load(Ordering::Relaxed)
+                );
+                let cgroup_path = pod_cgroup(cgroups, &nodes[i].pod_cgroup, spec, &uid);
+                let cgroup = Cgroup::create(mount.join(&cgroup_path[1..]));
+                let cgroup = match cgroups {
+                    CgroupLayout::Plain => cgroup,
+                    _ => {
+                        // The pod's own directory stays (removed with the
+                        // root); its processes run in a container's.
+                        std::mem::forget(cgroup);
+                        Cgroup::create(mount.join(&container_cgroup(cgroups, &cgroup_path, j)[1..]))
+                    }
+                };
                 let pod = Pod {
                     name: spec.name.to_owned(),
                     ip: Ipv4Addr::new(10, 77 + i as u8, 0, 10 + j as u8),
                     node: i,
                     netns: Netns::create(&format!("mt{tag}-{}", spec.name)),
-                    cgroup: Cgroup::create(root.dir.join(node_name).join("pods").join(spec.name)),
-                    cgroup_path: format!("{root_path}/{node_name}/pods/{}", spec.name),
+                    cgroup,
+                    cgroup_path,
+                    uid,
+                    qos: spec.qos.to_owned(),
                     namespace: spec.namespace.to_owned(),
                     service_account: spec.service_account.to_owned(),
                     labels: spec
@@ -223,9 +292,19 @@ impl Testbed {
             outside,
             _backbone: backbone,
             processes: Mutex::default(),
+            layout: cgroups,
+            containers: AtomicUsize::new(1000),
             bpffs,
             root,
         }
+    }
+
+    /// A new container of `pod` (a cgroup below the pod's, as the runtime
+    /// makes one when a container starts), removed with the testbed.
+    pub fn new_container(&self, pod: &Pod) -> Cgroup {
+        let n = self.containers.fetch_add(1, Ordering::Relaxed);
+        let path = container_cgroup(self.layout, &pod.cgroup_path, n);
+        Cgroup::create(sys::cgroup2_mount().join(&path[1..]))
     }
 
     pub fn pod(&self, name: &str) -> &Pod {
@@ -251,9 +330,10 @@ impl Testbed {
     pub fn config_with(&self, node: usize, node_extra: &str, rest: &str) -> String {
         let this = &self.nodes[node];
         let mut yaml = format!(
-            "node:\n  name: {}\n  captureAddress: {}\n  podCgroup: {cg}/pods\n  proxyCgroup: {cg}/proxy\n  pinDir: {}\n  handoverSocket: {}\n{node_extra}",
+            "node:\n  name: {}\n  captureAddress: {}\n  podCgroup: {}\n  proxyCgroup: {cg}/proxy\n  pinDir: {}\n  handoverSocket: {}\n{node_extra}",
             this.name,
             this.ip,
+            this.pod_cgroup,
             self.pin_dir(node).display(),
             self.dir.join(format!("handover-{}.sock", this.name)).display(),
             cg = this.cgroup_path
@@ -269,13 +349,16 @@ impl Testbed {
         }
         let mut workloads = String::new();
         for pod in self.pods.iter().filter(|p| p.node == node) {
+            let cgroup = match self.layout {
+                CgroupLayout::Plain => format!("cgroup: {}", pod.cgroup_path),
+                _ => format!("pod: {{ uid: {}, qosClass: {} }}", pod.uid, pod.qos),
+            };
             workloads.push_str(&format!(
-                "  - {{ name: {name}, namespace: {ns}, serviceAccount: {sa}, cgroup: {cg}, addresses: [{ip}], labels: {{ {labels} }} }}\n",
+                "  - {{ name: {name}, namespace: {ns}, serviceAccount: {sa}, {cgroup}, addresses: [{ip}], labels: {{ {labels} }} }}\n",
                 labels = pod.labels,
                 name = pod.name,
                 ns = pod.namespace,
                 sa = pod.service_account,
-                cg = pod.cgroup_path,
                 ip = pod.ip
             ));
         }
@@ -389,6 +472,35 @@ impl Testbed {
             })
         });
         assert!(ok, "nothing listens on {addr} in {}", pod.name);
+    }
+}
+
+/// Where the kubelet puts `spec`'s cgroup below `pods` (see the kubelet's
+/// `pkg/kubelet/cm`: QoS classes as child cgroups, Guaranteed pods
+/// directly below; systemd names each slice by its whole ancestry).
+fn pod_cgroup(layout: CgroupLayout, pods: &str, spec: &PodSpec<'_>, uid: &str) -> String {
+    let qos = spec.qos.to_lowercase();
+    match (layout, spec.qos) {
+        (CgroupLayout::Plain, _) => format!("{pods}/{}", spec.name),
+        (CgroupLayout::Systemd, "Guaranteed") => {
+            format!("{pods}/kubepods-pod{}.slice", uid.replace('-', "_"))
+        }
+        (CgroupLayout::Systemd, _) => format!(
+            "{pods}/kubepods-{qos}.slice/kubepods-{qos}-pod{}.slice",
+            uid.replace('-', "_")
+        ),
+        (CgroupLayout::Cgroupfs, "Guaranteed") => format!("{pods}/pod{uid}"),
+        (CgroupLayout::Cgroupfs, _) => format!("{pods}/{qos}/pod{uid}"),
+    }
+}
+
+/// Container `n`'s cgroup below a pod's: containerd's scope with systemd,
+/// the bare container id with cgroupfs.
+fn container_cgroup(layout: CgroupLayout, pod: &str, n: usize) -> String {
+    let id = format!("{n:064x}");
+    match layout {
+        CgroupLayout::Systemd => format!("{pod}/cri-containerd-{id}.scope"),
+        _ => format!("{pod}/{id}"),
     }
 }
 

@@ -169,12 +169,14 @@ fn istios_dashboards_and_kiali_find_data_for_every_query() {
         } else {
             "app: web, version: v2"
         }),
+        qos: "Burstable",
     };
     let outsider = PodSpec {
         name: "outsider",
         namespace: "ops",
         service_account: "outsider",
         labels: None,
+        qos: "BestEffort",
     };
     let bed = Testbed::nodes(&[
         ("node-a", &[web("web-a"), outsider]),

@@ -25,6 +25,7 @@ pub fn run() -> anyhow::Result<()> {
             namespace: "default",
             service_account: sa,
             labels: None,
+            qos: "Burstable",
         };
         let bed = Testbed::nodes(&[
             (

@@ -160,6 +160,26 @@ pub fn cgroup_dir(mount: &Path, path: &str) -> PathBuf {
     mount.join(path.trim_start_matches('/'))
 }
 
+/// The kubelet's cgroup driver, as the tree below the pods' cgroup shows
+/// it: `kubepods-*.slice` children are systemd's, `burstable`,
+/// `besteffort` or `pod<uid>` children cgroupfs's; an empty subtree (no
+/// pod yet) goes by the subtree's own name (`*.slice`: systemd).
+pub fn detect_cgroup_driver(pod_dir: &Path, pod_cgroup: &str) -> crate::config::CgroupDriver {
+    use crate::config::CgroupDriver;
+    let children = fs::read_dir(pod_dir).into_iter().flatten().flatten();
+    for child in children.filter(|c| c.path().is_dir()) {
+        let name = child.file_name();
+        let name = name.to_string_lossy();
+        if name.ends_with(".slice") && name.contains("-") {
+            return CgroupDriver::Systemd;
+        }
+        if name == "burstable" || name == "besteffort" || name.starts_with("pod") {
+            return CgroupDriver::Cgroupfs;
+        }
+    }
+    CgroupDriver::guess(pod_cgroup)
+}
+
 /// The id the kernel reports for a cgroup (`bpf_get_current_cgroup_id`):
 /// the inode number of its directory.
 pub fn cgroup_id(dir: &Path) -> Result<u64, HostError> {
@@ -236,6 +256,32 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0
         assert_eq!(missing_capabilities(effective), vec!["CAP_BPF"]);
         assert_eq!(missing_capabilities(0), vec!["CAP_BPF", "CAP_NET_ADMIN"]);
         assert!(missing_capabilities(u64::MAX).is_empty());
+    }
+
+    #[test]
+    fn the_cgroup_driver_is_read_from_the_tree() {
+        use crate::config::CgroupDriver;
+        let dir = std::env::temp_dir().join(format!("meshd-driver-{}", std::process::id()));
+        let at = |children: &[&str], name: &str| {
+            let _ = fs::remove_dir_all(&dir);
+            for child in children {
+                fs::create_dir_all(dir.join(child)).expect("create");
+            }
+            fs::create_dir_all(&dir).expect("create");
+            detect_cgroup_driver(&dir, name)
+        };
+        assert_eq!(
+            at(&["kubepods-besteffort.slice"], "/pods"),
+            CgroupDriver::Systemd
+        );
+        assert_eq!(
+            at(&["burstable", "besteffort"], "/x.slice"),
+            CgroupDriver::Cgroupfs
+        );
+        assert_eq!(at(&["pod1234"], "/kubepods"), CgroupDriver::Cgroupfs);
+        assert_eq!(at(&[], "/kubepods.slice"), CgroupDriver::Systemd);
+        assert_eq!(at(&[], "/kubepods"), CgroupDriver::Cgroupfs);
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -12,7 +12,6 @@
 //! to an endpoint that a reload removed finishes normally.
 
 use std::{
-    collections::HashMap,
     path::PathBuf,
     sync::Arc,
     time::{Duration, SystemTime},
@@ -49,7 +48,8 @@ pub enum ReloadError {
 /// Everything a reload needs.
 pub struct Reloader {
     pub paths: Vec<PathBuf>,
-    pub cgroup_root: PathBuf,
+    /// How pod cgroups are placed on this node (detected at start-up).
+    pub cgroup_driver: crate::config::CgroupDriver,
     pub bpf_log_level: Option<BpfLogLevel>,
     pub inputs: Arc<ProxyInputs>,
     pub capture: Arc<Capture>,
@@ -144,9 +144,9 @@ impl Reloader {
         let running = self.inputs.snapshot.load_full();
         restart_only_change(&running.config, &config)
             .map_or(Ok(()), |what| Err(ReloadError::NeedsRestart(what)))?;
+        config.place_pods(self.cgroup_driver);
         let config = Arc::new(config);
-        let ids = workload_cgroup_ids(&self.cgroup_root, &config);
-        let mesh = Arc::new(Snapshot::new(config.clone(), &ids, Some(&running)));
+        let mesh = Arc::new(Snapshot::new(config.clone(), Some(&running)));
         if let Err(err) = self.capture.sync_destinations(&mesh) {
             // The running config keeps serving: so must its map.
             if let Err(again) = self.capture.sync_destinations(&running) {
@@ -190,24 +190,4 @@ fn restart_only_change(running: &Config, next: &Config) -> Option<&'static str> 
     .into_iter()
     .find(|(_, same)| !same)
     .map(|(what, _)| what)
-}
-
-/// Workload cgroup ids that exist now; a pod whose cgroup is missing is
-/// recognised by address instead.
-pub fn workload_cgroup_ids(cgroup_root: &std::path::Path, config: &Config) -> HashMap<String, u64> {
-    let mut ids = HashMap::new();
-    for workload in &config.workloads {
-        let Some(path) = &workload.cgroup else {
-            continue;
-        };
-        match crate::app::host::cgroup_id(&crate::app::host::cgroup_dir(cgroup_root, path)) {
-            Ok(id) => {
-                ids.insert(path.clone(), id);
-            }
-            Err(err) => {
-                warn!(workload = %workload.name, error = %err, "its cgroup does not exist (yet): connections from it are not identified until a reload finds it")
-            }
-        }
-    }
-    ids
 }

@@ -34,6 +34,19 @@ pub struct Config {
     pub access_log: Option<super::AccessLogSpec>,
 }
 
+impl Config {
+    /// Places the cgroups of workloads given as `pod` for `driver` (the
+    /// one detected on the node when `node.cgroupDriver` is `auto`;
+    /// validation guessed it from `podCgroup`'s name).
+    pub fn place_pods(&mut self, driver: super::CgroupDriver) {
+        for workload in &mut self.workloads {
+            if let Some(pod) = &workload.pod {
+                workload.cgroup = Some(pod.cgroup(&self.node.pod_cgroup, driver));
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Node {
     pub name: Arc<str>,
@@ -44,6 +57,7 @@ pub struct Node {
     pub pin_dir: std::path::PathBuf,
     pub handover_socket: std::path::PathBuf,
     pub host_cgroup_namespace: std::path::PathBuf,
+    pub cgroup_driver: super::CgroupDriverSpec,
 }
 
 pub use crate::policy::authz::{Policy, PolicySource};
@@ -98,7 +112,10 @@ pub struct Workload {
     pub name: Arc<str>,
     pub namespace: Arc<str>,
     pub service_account: Arc<str>,
+    /// The workload's cgroup (from the cgroup2 mount's root): as given, or
+    /// the kubelet's for `pod` (see [`Config::place_pods`]).
     pub cgroup: Option<String>,
+    pub pod: Option<super::PodRef>,
     pub addresses: Vec<Ipv4Addr>,
     /// What metrics say of the workload.
     pub reported: Reported,
@@ -507,6 +524,7 @@ fn check_node(check: &mut Checker<'_>, file: usize, spec: NodeSpec) -> Node {
         pod_cgroup: spec.pod_cgroup,
         proxy_cgroup: spec.proxy_cgroup,
         identity: spec.identity,
+        cgroup_driver: spec.cgroup_driver,
     }
 }
 
@@ -834,11 +852,27 @@ fn check_workload(
             }
         }
     }
-    if spec.cgroup.is_none() && spec.addresses.is_empty() {
+    if let Some(pod) = &spec.pod {
+        let field = at.clone().key("pod");
+        if spec.cgroup.is_some() {
+            check.fail(file, &field, "give cgroup or pod, not both");
+        }
+        if !pod.uid_is_valid() {
+            check.fail(
+                file,
+                &field.key("uid"),
+                format!(
+                    "{:?} is not a pod UID (letters, digits and '-', at most 64)",
+                    pod.uid
+                ),
+            );
+        }
+    }
+    if spec.cgroup.is_none() && spec.pod.is_none() && spec.addresses.is_empty() {
         check.fail(
             file,
             at,
-            "needs a cgroup or at least one address, or meshd cannot recognise its connections",
+            "needs a cgroup, a pod or at least one address, or meshd cannot recognise its connections",
         );
     }
     let addresses = spec
@@ -861,7 +895,18 @@ fn check_workload(
         name,
         namespace: spec.namespace.as_str().into(),
         service_account: spec.service_account.as_str().into(),
-        cgroup: spec.cgroup,
+        cgroup: match (&spec.pod, node) {
+            (Some(pod), Some(node)) if spec.cgroup.is_none() => Some(
+                pod.cgroup(
+                    &node.pod_cgroup,
+                    node.cgroup_driver
+                        .decided()
+                        .unwrap_or_else(|| super::CgroupDriver::guess(&node.pod_cgroup)),
+                ),
+            ),
+            _ => spec.cgroup,
+        },
+        pod: spec.pod,
         addresses,
         probe_ports: spec.probe_ports,
     };
@@ -1143,7 +1188,19 @@ workloads:
             ),
             (
                 "workloads:\n  - { name: w }\n",
-                "mesh.yaml:7: workloads[0]: needs a cgroup or at least one address",
+                "mesh.yaml:7: workloads[0]: needs a cgroup, a pod or at least one address",
+            ),
+            (
+                "workloads:\n  - { name: w, pod: { uid: ../../x, qosClass: Burstable } }\n",
+                "mesh.yaml:7: workloads[0].pod.uid: \"../../x\" is not a pod UID",
+            ),
+            (
+                "workloads:\n  - { name: w, cgroup: /pods/w, pod: { uid: a1, qosClass: Burstable } }\n",
+                "mesh.yaml:7: workloads[0].pod: give cgroup or pod, not both",
+            ),
+            (
+                "workloads:\n  - { name: w, pod: { uid: a1, qosClass: Bursty } }\n",
+                "mesh.yaml:7: workloads[0].pod.qosClass: unknown variant `Bursty`",
             ),
             (
                 "services:\n  - name: a\n    vip: 10.96.0.1\n    ports: [{ port: 99999 }]\n",

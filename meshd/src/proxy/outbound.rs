@@ -117,7 +117,7 @@ async fn handle(inputs: Arc<ProxyInputs>, client: Accepted, peer: SocketAddr) {
         Some(declared) => declared,
         None => Protocol::Tcp,
     };
-    let source = snapshot.source(orig.cgroup_id, *peer.ip());
+    let source = snapshot.source(orig.cgroup.as_deref(), *peer.ip());
     if protocol == Protocol::Tcp {
         let source = source.cloned();
         return super::tcp::serve(&inputs, snapshot, client, peer, orig.dst, source).await;

@@ -44,11 +44,12 @@ pub struct OrigDstAddr(pub SocketAddrV4);
 pub struct ClientAddr(pub SocketAddrV4);
 
 /// What capture recorded about one accepted connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Captured {
     pub dst: OrigDstAddr,
-    /// The cgroup the client's `connect()` ran in (0: unknown).
-    pub cgroup_id: u64,
+    /// The path (from the cgroup2 mount's root) of the cgroup the client's
+    /// `connect()` ran in; `None` when it no longer exists or is unknown.
+    pub cgroup: Option<Arc<str>>,
 }
 
 /// Where the proxy learns a captured connection's original destination:

@@ -114,7 +114,8 @@ pub struct EndpointState {
 pub struct Snapshot {
     pub config: Arc<Config>,
     entries: HashMap<SocketAddrV4, Entry>,
-    by_cgroup: HashMap<u64, usize>,
+    /// Workloads by cgroup path (from the cgroup2 mount's root).
+    by_cgroup: HashMap<String, usize>,
     /// Every local workload by address (the destination side's lookup).
     by_address: HashMap<Ipv4Addr, usize>,
     /// Workloads without a cgroup by address (the source side's fallback).
@@ -130,13 +131,7 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Builds the snapshot, taking runtime state over from `previous`.
-    /// `cgroup_ids` maps workload cgroup paths to the ids the kernel
-    /// reports for them (found by the caller).
-    pub fn new(
-        config: Arc<Config>,
-        cgroup_ids: &HashMap<String, u64>,
-        previous: Option<&Snapshot>,
-    ) -> Self {
+    pub fn new(config: Arc<Config>, previous: Option<&Snapshot>) -> Self {
         let mut entries = HashMap::new();
         for (s, service) in config.services.iter().enumerate() {
             for (p, port) in service.ports.iter().enumerate() {
@@ -162,8 +157,8 @@ impl Snapshot {
         let mut by_address = HashMap::new();
         let mut by_address_only = HashMap::new();
         for (w, workload) in config.workloads.iter().enumerate() {
-            if let Some(id) = workload.cgroup.as_ref().and_then(|c| cgroup_ids.get(c)) {
-                by_cgroup.insert(*id, w);
+            if let Some(cgroup) = &workload.cgroup {
+                by_cgroup.insert(cgroup.trim_end_matches('/').to_owned(), w);
             }
             for address in &workload.addresses {
                 by_address.insert(*address, w);
@@ -509,14 +504,30 @@ impl Snapshot {
         self.config.nodes.get(&self.config.node.name).copied()
     }
 
-    /// The workload a connection came from: by the cgroup `connect` ran in,
-    /// else — for a workload configured without a cgroup — by the client's
-    /// address.
-    pub fn source(&self, cgroup_id: u64, client: Ipv4Addr) -> Option<&Workload> {
-        self.by_cgroup
-            .get(&cgroup_id)
-            .or_else(|| self.by_address_only.get(&client))
-            .map(|w| &self.config.workloads[*w])
+    /// The workload a connection came from: the one whose cgroup is the
+    /// cgroup `connect` ran in or one of its ancestors (the pod's cgroup
+    /// for a process in one of its containers; the nearest when
+    /// workloads nest), else — for a workload configured without a
+    /// cgroup — by the client's address.
+    pub fn source(&self, cgroup: Option<&str>, client: Ipv4Addr) -> Option<&Workload> {
+        cgroup
+            .and_then(|path| self.workload_in(path))
+            .or_else(|| self.by_address_only.get(&client).copied())
+            .map(|w| &self.config.workloads[w])
+    }
+
+    /// The workload whose cgroup is `path` or its nearest ancestor.
+    fn workload_in(&self, path: &str) -> Option<usize> {
+        let mut path = path.trim_end_matches('/');
+        loop {
+            if let Some(w) = self.by_cgroup.get(path) {
+                return Some(*w);
+            }
+            match path.rfind('/') {
+                Some(cut) if cut > 0 => path = &path[..cut],
+                _ => return None,
+            }
+        }
     }
 }
 
@@ -547,8 +558,7 @@ workloads:
 
     fn snapshot() -> Snapshot {
         let config = Arc::new(load_str("t.yaml", YAML).expect("valid"));
-        let ids = HashMap::from([("/pods/pp".to_owned(), 42)]);
-        Snapshot::new(config, &ids, None)
+        Snapshot::new(config, None)
     }
 
     fn addr(s: &str) -> SocketAddrV4 {
@@ -622,16 +632,38 @@ workloads:
     fn identifies_source_by_cgroup_then_address() {
         let snapshot = snapshot();
         let ip = |s: &str| s.parse::<Ipv4Addr>().expect("ip");
+        let source = |cgroup, client| snapshot.source(cgroup, ip(client)).map(|w| &*w.name);
+        assert_eq!(source(Some("/pods/pp"), "10.77.0.99"), Some("pp"));
+        // A container's cgroup below the pod's is the pod.
         assert_eq!(
-            snapshot.source(42, ip("10.77.0.99")).map(|w| &*w.name),
+            source(Some("/pods/pp/cri-containerd-1.scope"), "10.77.0.99"),
             Some("pp")
         );
-        assert_eq!(
-            snapshot.source(7, ip("10.77.0.3")).map(|w| &*w.name),
-            Some("other")
-        );
-        assert!(snapshot.source(7, ip("10.77.0.99")).is_none());
+        assert_eq!(source(Some("/pods/pp/a/b/"), "10.77.0.99"), Some("pp"));
+        // A sibling whose name merely starts alike is not.
+        assert_eq!(source(Some("/pods/pp2"), "10.77.0.99"), None);
+        assert_eq!(source(Some("/pods"), "10.77.0.3"), Some("other"));
+        assert_eq!(source(None, "10.77.0.3"), Some("other"));
+        assert_eq!(source(Some("/pods/x"), "10.77.0.99"), None);
         // pp has a cgroup: another cgroup at its address is not pp.
-        assert!(snapshot.source(7, ip("10.77.0.2")).is_none());
+        assert_eq!(source(Some("/pods/x"), "10.77.0.2"), None);
+        assert_eq!(source(None, "10.77.0.2"), None);
+    }
+
+    #[test]
+    fn nested_workloads_take_the_nearest() {
+        let yaml = YAML.replace(
+            "workloads:\n",
+            "workloads:\n  - { name: inner, cgroup: /pods/pp/inner }\n",
+        );
+        let config = Arc::new(load_str("t.yaml", &yaml).expect("valid"));
+        let snapshot = Snapshot::new(config, None);
+        let at = |cgroup| {
+            snapshot
+                .source(Some(cgroup), Ipv4Addr::UNSPECIFIED)
+                .map(|w| &*w.name)
+        };
+        assert_eq!(at("/pods/pp/inner/c"), Some("inner"));
+        assert_eq!(at("/pods/pp/c"), Some("pp"));
     }
 }

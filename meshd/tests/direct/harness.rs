@@ -73,7 +73,7 @@ workloads:
         );
         let config = meshd::config::load_str("mesh.yaml", &yaml)
             .unwrap_or_else(|e| panic!("test config: {e}"));
-        let snapshot = Snapshot::new(Arc::new(config), &HashMap::new(), None);
+        let snapshot = Snapshot::new(Arc::new(config), None);
         let mut registry = Registry::default();
         let metrics = Arc::new(Metrics::new(&mut registry));
         let table = Arc::new(Table::default());
@@ -123,7 +123,7 @@ workloads:
             local,
             Captured {
                 dst: OrigDstAddr(dst),
-                cgroup_id: 0,
+                cgroup: None,
             },
         );
         socket
