@@ -68,7 +68,10 @@ impl CgroupTree {
             return known.clone();
         }
         drop(cache);
-        let found = self.resolve(id);
+        // A failure that says nothing of the cgroup (out of descriptors
+        // under load, say) is not remembered: the next connection asks
+        // again, so a busy moment never leaves a container unidentified.
+        let found = self.resolve(id).ok()?;
         cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if cache.len() >= CACHE_CAPACITY {
             cache.clear();
@@ -77,19 +80,40 @@ impl CgroupTree {
         found
     }
 
-    fn resolve(&self, id: u64) -> Option<Arc<str>> {
-        let root = self.root.as_ref()?;
-        let dir = open_by_id(root, id)
-            .inspect_err(|err| tracing::debug!(id, error = %err, "cgroup id does not resolve"))
-            .ok()?;
-        let fd_path = std::fs::read_link(format!("/proc/self/fd/{}", dir.as_raw_fd())).ok()?;
-        let path = relative_cgroup_path(&self.mount, &fd_path)?;
+    /// `Ok(None)`: no such cgroup (any more); `Err`: could not tell now.
+    fn resolve(&self, id: u64) -> Result<Option<Arc<str>>, std::io::Error> {
+        let Some(root) = self.root.as_ref() else {
+            return Ok(None);
+        };
+        let dir = match open_by_id(root, id) {
+            Ok(dir) => dir,
+            Err(err) if gone(&err) => return Ok(None),
+            Err(err) => {
+                tracing::debug!(id, error = %err, "cannot open a cgroup by id now");
+                return Err(err);
+            }
+        };
+        let fd_path = std::fs::read_link(format!("/proc/self/fd/{}", dir.as_raw_fd()))?;
+        let Some(path) = relative_cgroup_path(&self.mount, &fd_path) else {
+            return Ok(None);
+        };
         // The directory the path names now must be the one opened: not
         // removed meanwhile ("… (deleted)"), renamed or replaced.
-        let now = std::fs::metadata(&fd_path).ok()?;
-        let opened = dir.metadata().ok()?;
-        (now.ino() == opened.ino() && now.dev() == opened.dev()).then(|| path.into())
+        let Ok(now) = std::fs::metadata(&fd_path) else {
+            return Ok(None);
+        };
+        let opened = dir.metadata()?;
+        Ok((now.ino() == opened.ino() && now.dev() == opened.dev()).then(|| path.into()))
     }
+}
+
+/// Whether `open_by_handle_at` failed because the cgroup is gone (or the
+/// id never named one), rather than for a reason of the moment.
+fn gone(err: &std::io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::ESTALE | libc::ENOENT | libc::EINVAL | libc::ENOTDIR)
+    )
 }
 
 /// Opens the cgroup directory with kernfs id `id` below `root`'s mount.
