@@ -62,6 +62,20 @@ impl CgroupDriver {
     }
 }
 
+/// Whether a cgroup named `name` is one of the kubelet's QoS cgroups (or
+/// its pods' root), which hold many pods: never one workload's.
+pub fn is_qos_cgroup(name: &str) -> bool {
+    matches!(
+        name,
+        "kubepods"
+            | "kubepods.slice"
+            | "burstable"
+            | "besteffort"
+            | "kubepods-burstable.slice"
+            | "kubepods-besteffort.slice"
+    )
+}
+
 /// A pod's `status.qosClass`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub enum QosClass {

@@ -840,6 +840,27 @@ fn check_workload(
         let field = at.clone().key("cgroup");
         check.cgroup_path(file, &field, cgroup);
         if let Some(node) = node {
+            // A process is the workload whose cgroup holds it: a cgroup
+            // above the pods' own would make every pod below it this one.
+            if cgroup.trim_end_matches('/') == node.pod_cgroup.trim_end_matches('/') {
+                check.fail(
+                    file,
+                    &field,
+                    "is node.podCgroup itself: every pod on the node would be this workload; name the pod's own cgroup",
+                );
+            }
+            let last = cgroup
+                .trim_end_matches('/')
+                .rsplit('/')
+                .next()
+                .unwrap_or("");
+            if super::kubelet::is_qos_cgroup(last) {
+                check.fail(
+                    file,
+                    &field,
+                    format!("{cgroup} is a kubelet QoS cgroup: every pod of that class would be this workload; name the pod's own cgroup (or give `pod`)"),
+                );
+            }
             if !cgroup_within(cgroup, &node.pod_cgroup) {
                 check.fail(
                     file,
@@ -904,7 +925,7 @@ fn check_workload(
                         .unwrap_or_else(|| super::CgroupDriver::guess(&node.pod_cgroup)),
                 ),
             ),
-            _ => spec.cgroup,
+            _ => spec.cgroup.map(|c| c.trim_end_matches('/').to_owned()),
         },
         pod: spec.pod,
         addresses,
@@ -942,7 +963,28 @@ fn check_uniqueness(
     }
     let mut workload_names = HashSet::new();
     let mut owners: HashMap<Ipv4Addr, &str> = HashMap::new();
+    let mut cgroups: Vec<(&str, &str)> = Vec::new();
     for (file, at, workload) in workloads {
+        // One process, one workload: no two cgroups equal or nested.
+        if let Some(cgroup) = &workload.cgroup {
+            let field = if workload.pod.is_some() {
+                at.clone().key("pod")
+            } else {
+                at.clone().key("cgroup")
+            };
+            for (other_cgroup, other) in &cgroups {
+                if cgroup_within(cgroup, other_cgroup) || cgroup_within(other_cgroup, cgroup) {
+                    check.fail(
+                        *file,
+                        &field,
+                        format!(
+                            "cgroup {cgroup} is, holds or lies inside workload {other}'s ({other_cgroup}): a process must be one workload"
+                        ),
+                    );
+                }
+            }
+            cgroups.push((cgroup, &workload.name));
+        }
         if !workload_names.insert((workload.namespace.clone(), workload.name.clone())) {
             check.fail(
                 *file,
@@ -1197,6 +1239,22 @@ workloads:
             (
                 "workloads:\n  - { name: w, cgroup: /pods/w, pod: { uid: a1, qosClass: Burstable } }\n",
                 "mesh.yaml:7: workloads[0].pod: give cgroup or pod, not both",
+            ),
+            (
+                "workloads:\n  - { name: w, cgroup: /pods/ }\n",
+                "mesh.yaml:7: workloads[0].cgroup: is node.podCgroup itself",
+            ),
+            (
+                "workloads:\n  - { name: w, cgroup: /pods/kubepods-burstable.slice }\n",
+                "mesh.yaml:7: workloads[0].cgroup: /pods/kubepods-burstable.slice is a kubelet QoS cgroup",
+            ),
+            (
+                "workloads:\n  - { name: w, cgroup: /pods/w }\n  - { name: v, cgroup: /pods/w/c }\n",
+                "mesh.yaml:8: workloads[1].cgroup: cgroup /pods/w/c is, holds or lies inside workload w's (/pods/w)",
+            ),
+            (
+                "workloads:\n  - { name: w, pod: { uid: a1, qosClass: Burstable } }\n  - { name: v, pod: { uid: a1, qosClass: Burstable } }\n",
+                "mesh.yaml:8: workloads[1].pod: cgroup /pods/burstable/poda1 is, holds or lies inside workload w's",
             ),
             (
                 "workloads:\n  - { name: w, pod: { uid: a1, qosClass: Bursty } }\n",

@@ -506,8 +506,8 @@ impl Snapshot {
 
     /// The workload a connection came from: the one whose cgroup is the
     /// cgroup `connect` ran in or one of its ancestors (the pod's cgroup
-    /// for a process in one of its containers; the nearest when
-    /// workloads nest), else — for a workload configured without a
+    /// for a process in one of its containers; validation refuses nested
+    /// workload cgroups), else — for a workload configured without a
     /// cgroup — by the client's address.
     pub fn source(&self, cgroup: Option<&str>, client: Ipv4Addr) -> Option<&Workload> {
         cgroup
@@ -648,22 +648,5 @@ workloads:
         // pp has a cgroup: another cgroup at its address is not pp.
         assert_eq!(source(Some("/pods/x"), "10.77.0.2"), None);
         assert_eq!(source(None, "10.77.0.2"), None);
-    }
-
-    #[test]
-    fn nested_workloads_take_the_nearest() {
-        let yaml = YAML.replace(
-            "workloads:\n",
-            "workloads:\n  - { name: inner, cgroup: /pods/pp/inner }\n",
-        );
-        let config = Arc::new(load_str("t.yaml", &yaml).expect("valid"));
-        let snapshot = Snapshot::new(config, None);
-        let at = |cgroup| {
-            snapshot
-                .source(Some(cgroup), Ipv4Addr::UNSPECIFIED)
-                .map(|w| &*w.name)
-        };
-        assert_eq!(at("/pods/pp/inner/c"), Some("inner"));
-        assert_eq!(at("/pods/pp/c"), Some("pp"));
     }
 }
