@@ -255,16 +255,13 @@ impl Testbed {
                     NEXT.load(Ordering::Relaxed)
                 );
                 let cgroup_path = pod_cgroup(cgroups, &nodes[i].pod_cgroup, spec, &uid);
-                let cgroup = Cgroup::create(mount.join(&cgroup_path[1..]));
-                let cgroup = match cgroups {
-                    CgroupLayout::Plain => cgroup,
-                    _ => {
-                        // The pod's own directory stays (removed with the
-                        // root); its processes run in a container's.
-                        std::mem::forget(cgroup);
-                        Cgroup::create(mount.join(&container_cgroup(cgroups, &cgroup_path, j)[1..]))
-                    }
+                // In the kubelet's layouts the pod's own directory holds
+                // no process (removed with the root); a container's does.
+                let procs = match cgroups {
+                    CgroupLayout::Plain => cgroup_path.clone(),
+                    _ => container_cgroup(cgroups, &cgroup_path, j),
                 };
+                let cgroup = Cgroup::create(mount.join(&procs[1..]));
                 let pod = Pod {
                     name: spec.name.to_owned(),
                     ip: Ipv4Addr::new(10, 77 + i as u8, 0, 10 + j as u8),

@@ -271,6 +271,30 @@ impl Checker<'_> {
     }
 }
 
+/// `path` and then each of its ancestors, nearest first (`/a/b/c`,
+/// `/a/b`, `/a`), without trailing `/`.
+pub fn cgroup_lineage(path: &str) -> impl Iterator<Item = &str> {
+    let start = Some(path.trim_end_matches('/')).filter(|p| !p.is_empty());
+    std::iter::successors(start, |p| {
+        p.rfind('/').filter(|cut| *cut > 0).map(|cut| &p[..cut])
+    })
+}
+
+/// The field a workload's cgroup comes from: `cgroup`, or `pod`.
+fn cgroup_field(at: &FieldPath, workload: &Workload) -> FieldPath {
+    at.clone().key(if workload.pod.is_some() {
+        "pod"
+    } else {
+        "cgroup"
+    })
+}
+
+fn cgroup_clash(cgroup: &str, other: &str, other_cgroup: &str) -> String {
+    format!(
+        "cgroup {cgroup} is, holds or lies inside workload {other}'s ({other_cgroup}): a process must be one workload"
+    )
+}
+
 /// Whether cgroup path `inner` is `outer` or lies below it.
 fn cgroup_within(inner: &str, outer: &str) -> bool {
     let outer = outer.trim_end_matches('/');
@@ -963,28 +987,38 @@ fn check_uniqueness(
     }
     let mut workload_names = HashSet::new();
     let mut owners: HashMap<Ipv4Addr, &str> = HashMap::new();
-    let mut cgroups: Vec<(&str, &str)> = Vec::new();
+    // One process, one workload: no two cgroups equal or nested. Each
+    // clash is reported at the later (equal) or the inner (nested) one.
+    let mut cgroups: HashMap<&str, &str> = HashMap::new();
     for (file, at, workload) in workloads {
-        // One process, one workload: no two cgroups equal or nested.
-        if let Some(cgroup) = &workload.cgroup {
-            let field = if workload.pod.is_some() {
-                at.clone().key("pod")
-            } else {
-                at.clone().key("cgroup")
-            };
-            for (other_cgroup, other) in &cgroups {
-                if cgroup_within(cgroup, other_cgroup) || cgroup_within(other_cgroup, cgroup) {
-                    check.fail(
-                        *file,
-                        &field,
-                        format!(
-                            "cgroup {cgroup} is, holds or lies inside workload {other}'s ({other_cgroup}): a process must be one workload"
-                        ),
-                    );
-                }
-            }
-            cgroups.push((cgroup, &workload.name));
+        let Some(cgroup) = workload.cgroup.as_deref() else {
+            continue;
+        };
+        if let Some(other) = cgroups.insert(cgroup, &workload.name) {
+            cgroups.insert(cgroup, other);
+            check.fail(
+                *file,
+                &cgroup_field(at, workload),
+                cgroup_clash(cgroup, other, cgroup),
+            );
         }
+    }
+    for (file, at, workload) in workloads {
+        let Some(cgroup) = workload.cgroup.as_deref() else {
+            continue;
+        };
+        let outer = cgroup_lineage(cgroup)
+            .skip(1)
+            .find_map(|c| Some((c, *cgroups.get(c)?)));
+        if let Some((outer, other)) = outer {
+            check.fail(
+                *file,
+                &cgroup_field(at, workload),
+                cgroup_clash(cgroup, other, outer),
+            );
+        }
+    }
+    for (file, at, workload) in workloads {
         if !workload_names.insert((workload.namespace.clone(), workload.name.clone())) {
             check.fail(
                 *file,

@@ -518,16 +518,7 @@ impl Snapshot {
 
     /// The workload whose cgroup is `path` or its nearest ancestor.
     fn workload_in(&self, path: &str) -> Option<usize> {
-        let mut path = path.trim_end_matches('/');
-        loop {
-            if let Some(w) = self.by_cgroup.get(path) {
-                return Some(*w);
-            }
-            match path.rfind('/') {
-                Some(cut) if cut > 0 => path = &path[..cut],
-                _ => return None,
-            }
-        }
+        crate::config::validate::cgroup_lineage(path).find_map(|c| self.by_cgroup.get(c).copied())
     }
 }
 
