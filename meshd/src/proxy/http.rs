@@ -30,10 +30,13 @@ use tracing::debug;
 use self::{attempt::HttpAttempt, replay::Payload, respond::Refusal, retry::Retry, upstream::Body};
 use super::ProxyInputs;
 use crate::{
-    config::{Protocol, Workload},
+    config::{Protocol, Service, Workload},
     net::accept::Accepted,
     policy::authz,
-    state::{ids::OrigDstAddr, snapshot::Path},
+    state::{
+        ids::OrigDstAddr,
+        snapshot::{Path, Snapshot},
+    },
     telemetry::{
         access,
         body::Counted,
@@ -118,27 +121,9 @@ async fn handle(
     } else {
         "http"
     };
-    let cluster = &snapshot.config.cluster;
-    let source = connection.source.as_ref();
-    let labels = labels::source(cluster, source, service, None, protocol);
-    let line = RequestLine {
-        method: request.method().clone(),
-        uri: request.uri().clone(),
-    };
-    let mut result = RequestResult::new(
-        &inputs.metrics,
-        &connection.series,
-        Reports::one(labels::http(labels)),
-        line,
-        started.into_std(),
+    let mut result = start_result(
+        inputs, &snapshot, connection, service, protocol, &request, started,
     );
-    if let Some(log) = inputs.access_log_for(Some(service)) {
-        let downstream = access::Downstream {
-            remote: Some(connection.client.into()),
-            local: Some(connection.dst.0.into()),
-        };
-        result.log_access(log, request.version(), request.headers(), downstream);
-    }
     // Traced: meshd's client span joins the caller's trace (or starts one)
     // and is the upstream's parent; on this node, the destination's server
     // span sits between them.
@@ -192,27 +177,82 @@ async fn handle(
     };
     let tried = retry.run(&mut attempt, || fastrand::u64(..)).await;
     result.set_tries(attempt.tries());
-    let mut local = false;
-    if let Some((endpoint, path, upstream)) = attempt.last_endpoint() {
-        result.set_endpoint(endpoint, path, upstream);
-        // On this node, meshd reports the request as its destination too.
-        let workload = (attempt.reached_locally() && path == Some(Path::Local))
-            .then(|| snapshot.local_workload(endpoint.address))
-            .flatten();
-        if let Some(workload) = workload {
-            local = true;
-            result.set_destination(labels::destination(
-                cluster,
-                labels::Peer::local(source),
-                workload,
-                Some(service),
-                labels::Security::None,
-                protocol,
-            ));
-        }
-    }
+    let local = report_endpoint(
+        &attempt,
+        &snapshot,
+        connection,
+        service,
+        protocol,
+        &mut result,
+    );
     if let Some((tracer, client, server)) = traced {
         result.set_trace(tracer, client, local.then_some(server));
     }
     respond::ended(tried, upgrade, result)
+}
+
+/// The request's result, with the source's label set and, when the
+/// service logs, its access-log fields.
+fn start_result(
+    inputs: &ProxyInputs,
+    snapshot: &Snapshot,
+    connection: &Connection,
+    service: &Service,
+    protocol: &'static str,
+    request: &Request<Incoming>,
+    started: Instant,
+) -> RequestResult {
+    let source = connection.source.as_ref();
+    let labels = labels::source(&snapshot.config.cluster, source, service, None, protocol);
+    let line = RequestLine {
+        method: request.method().clone(),
+        uri: request.uri().clone(),
+    };
+    let mut result = RequestResult::new(
+        &inputs.metrics,
+        &connection.series,
+        Reports::one(labels::http(labels)),
+        line,
+        started.into_std(),
+    );
+    if let Some(log) = inputs.access_log_for(Some(service)) {
+        let downstream = access::Downstream {
+            remote: Some(connection.client.into()),
+            local: Some(connection.dst.0.into()),
+        };
+        result.log_access(log, request.version(), request.headers(), downstream);
+    }
+    result
+}
+
+/// Puts the endpoint the last try went to into the result; when that was
+/// this node's workload, reached directly, meshd reports the request as
+/// its destination too (and says so).
+fn report_endpoint(
+    attempt: &HttpAttempt<'_>,
+    snapshot: &Snapshot,
+    connection: &Connection,
+    service: &Service,
+    protocol: &'static str,
+    result: &mut RequestResult,
+) -> bool {
+    let Some((endpoint, path, upstream)) = attempt.last_endpoint() else {
+        return false;
+    };
+    result.set_endpoint(endpoint, path, upstream);
+    let workload = (attempt.reached_locally() && path == Some(Path::Local))
+        .then(|| snapshot.local_workload(endpoint.address))
+        .flatten();
+    let Some(workload) = workload else {
+        return false;
+    };
+    result.set_destination(labels::destination(
+        &snapshot.config.cluster,
+        labels::Peer::local(connection.source.as_ref()),
+        workload,
+        Some(service),
+        labels::Security::None,
+        protocol,
+    ));
+    true
 }

@@ -18,7 +18,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::watch,
 };
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::{server::TlsStream, TlsAcceptor};
 use tracing::{debug, warn, Instrument as _};
 
 use crate::{
@@ -29,6 +29,7 @@ use crate::{
     net::relay::relay,
     policy::authz::{self, Decision},
     proxy::ProxyInputs,
+    state::snapshot::Snapshot,
     telemetry::{
         access::{self, AccessLog},
         labels,
@@ -189,55 +190,9 @@ async fn serve(
             })
             .inc();
     };
-    // Name what is plainly not TLS before rustls reads it.
-    let mut first = [0u8; 1];
-    match tokio::time::timeout_at(deadline, stream.get_ref().peek(&mut first)).await {
-        Ok(Ok(1)) if first[0] == TLS_HANDSHAKE => {}
-        Ok(Ok(1)) => {
-            let reason = if first[0].is_ascii_alphabetic() {
-                "plaintext"
-            } else {
-                "not_tls"
-            };
-            warn!(
-                reason,
-                "refusing a connection that does not start a TLS handshake"
-            );
-            return failed(reason);
-        }
-        Ok(_) => return failed("eof"),
-        Err(_) => return failed("timeout"),
-    }
-    let config = match tls_cache.server_config(&inputs) {
-        Ok(config) => config,
-        Err(err) => {
-            warn!(error = %err, "cannot accept tunnels");
-            return failed("no_certificates");
-        }
-    };
-    let tls =
-        match tokio::time::timeout_at(deadline, TlsAcceptor::from(config).accept(stream)).await {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(err)) => {
-                let reason = tls::failure_reason(&err);
-                warn!(reason, error = %err, "tunnel handshake failed");
-                return failed(reason);
-            }
-            Err(_) => return failed("timeout"),
-        };
-    let trust_domain = inputs.snapshot.load().config.mesh.trust_domain.clone();
-    let peer = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .ok_or_else(|| "no client certificate".to_owned())
-        .and_then(|certs| tls::peer_identity(certs, &trust_domain));
-    let source = match peer {
-        Ok(source) => source,
-        Err(reason) => {
-            warn!(%reason, "refusing a peer without a valid SPIFFE ID");
-            return failed("bad_identity");
-        }
+    let (tls, source) = match handshake_peer(&tls_cache, &inputs, stream, deadline).await {
+        Ok(authenticated) => authenticated,
+        Err(reason) => return failed(reason),
     };
     // Authenticated: the place is free for the next peer.
     drop(handshake);
@@ -277,6 +232,66 @@ fn status(code: StatusCode) -> Response<Empty<Bytes>> {
     response
 }
 
+/// The TLS handshake of a tunnel connection, by `deadline`, and the
+/// SPIFFE ID the peer's certificate proves; else the failure's reason.
+async fn handshake_peer(
+    tls_cache: &ServerTls,
+    inputs: &ProxyInputs,
+    stream: Accepted,
+    deadline: tokio::time::Instant,
+) -> Result<(TlsStream<Accepted>, Identity), &'static str> {
+    // Name what is plainly not TLS before rustls reads it.
+    let mut first = [0u8; 1];
+    match tokio::time::timeout_at(deadline, stream.get_ref().peek(&mut first)).await {
+        Ok(Ok(1)) if first[0] == TLS_HANDSHAKE => {}
+        Ok(Ok(1)) => {
+            let reason = if first[0].is_ascii_alphabetic() {
+                "plaintext"
+            } else {
+                "not_tls"
+            };
+            warn!(
+                reason,
+                "refusing a connection that does not start a TLS handshake"
+            );
+            return Err(reason);
+        }
+        Ok(_) => return Err("eof"),
+        Err(_) => return Err("timeout"),
+    }
+    let config = match tls_cache.server_config(inputs) {
+        Ok(config) => config,
+        Err(err) => {
+            warn!(error = %err, "cannot accept tunnels");
+            return Err("no_certificates");
+        }
+    };
+    let tls =
+        match tokio::time::timeout_at(deadline, TlsAcceptor::from(config).accept(stream)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(err)) => {
+                let reason = tls::failure_reason(&err);
+                warn!(reason, error = %err, "tunnel handshake failed");
+                return Err(reason);
+            }
+            Err(_) => return Err("timeout"),
+        };
+    let trust_domain = inputs.snapshot.load().config.mesh.trust_domain.clone();
+    let peer = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .ok_or_else(|| "no client certificate".to_owned())
+        .and_then(|certs| tls::peer_identity(certs, &trust_domain));
+    match peer {
+        Ok(source) => Ok((tls, source)),
+        Err(reason) => {
+            warn!(%reason, "refusing a peer without a valid SPIFFE ID");
+            Err("bad_identity")
+        }
+    }
+}
+
 /// One CONNECT stream: authorize, connect to the pod, relay. Every stream
 /// that names a workload of this node is counted (`reporter=destination`),
 /// refused ones with their flag.
@@ -286,22 +301,10 @@ async fn stream_request(
     remote: Option<std::net::SocketAddr>,
     request: Request<Incoming>,
 ) -> Response<Empty<Bytes>> {
-    if request.method() != Method::CONNECT {
-        return status(StatusCode::METHOD_NOT_ALLOWED);
-    }
-    let Some(target) = request
-        .uri()
-        .authority()
-        .and_then(|a| a.as_str().parse::<SocketAddrV4>().ok())
-    else {
-        return status(StatusCode::BAD_REQUEST);
+    let (target, baggage) = match connect_target(&request) {
+        Ok(opened) => opened,
+        Err(code) => return status(code),
     };
-    let baggage = request
-        .headers()
-        .get(BAGGAGE)
-        .and_then(|v| v.to_str().ok())
-        .map(Baggage::decode)
-        .unwrap_or_default();
     let snapshot = inputs.snapshot.load();
     let Some(workload) = snapshot.local_workload(*target.ip()) else {
         warn!(%source, %target, "tunnel stream to an address that is no workload of this node");
@@ -320,21 +323,7 @@ async fn stream_request(
         identity: Some(&source),
         workload: known.map(|k| (&k.name, &k.reported)),
     };
-    let protocol = port_protocol(&snapshot, services, target.port());
-    // Where a policy decides each request, an HTTP port's stream is served
-    // as HTTP. Else it is relayed as bytes and its requests followed —
-    // HTTP/1 on an `http` port, HTTP/2 on an `http2` or `grpc` one (see
-    // `observe`). With tracing on, every HTTP port's stream is served: the
-    // destination's span must be the pod's parent, so `traceparent` is
-    // rewritten. An `auto` port's stream is reported as a connection (what
-    // the source sniffed as TCP must be counted as TCP).
-    let speaks = match protocol {
-        Some(Protocol::Http) => Some(observe::Speaks::Http1),
-        Some(Protocol::Http2 | Protocol::Grpc) => Some(observe::Speaks::Http2),
-        _ => None,
-    };
-    let serve = speaks.is_some()
-        && (inputs.tracer.is_some() || authz::needs_requests(&snapshot.config.policies, services));
+    let (speaks, serve) = how_followed(&inputs, &snapshot, services, target.port());
     let http = speaks.is_some();
     let labels = labels::destination(
         &snapshot.config.cluster,
@@ -344,9 +333,6 @@ async fn stream_request(
         labels::Security::MutualTls,
         if http { "http" } else { "tcp" },
     );
-    // An HTTP port's stream is served as HTTP: each request is decided
-    // and reported on its own; a stream that cannot be served counts as
-    // one failed request.
     let access = inputs.access_log_for(service).map(|log| {
         let downstream = access::Downstream {
             remote,
@@ -354,65 +340,20 @@ async fn stream_request(
         };
         (log.clone(), downstream)
     });
-    let result = if http {
-        Outcome::Requests(labels.clone(), access.clone())
-    } else {
-        let mut result = ConnectionResult::new(&inputs.metrics, Reports::one(labels.clone()));
-        if let Some((log, downstream)) = &access {
-            result.log_access(log, *downstream, Some(target));
-        }
-        Outcome::Connection(result)
-    };
-    let decision = if serve {
-        Decision::Allow
-    } else {
-        authz::authorize(
-            &snapshot.config.policies,
-            &authz::Request {
-                source: Some(&source),
-                services,
-                port: target.port(),
-                http: None,
-            },
-        )
-    };
-    if let Decision::Deny { reason } = decision {
-        let destination = workload.identity.uri().clone();
-        crate::proxy::denied(&inputs.metrics, source.uri().clone(), destination, &reason);
-        return result.refuse(&inputs.metrics, StatusCode::FORBIDDEN, ResponseFlag::Rbac);
-    }
-    if !snapshot.local_endpoint_healthy(*target.ip()) {
-        warn!(%source, %target, "refusing a tunnel stream to an endpoint failing its health check");
-        return result.refuse(
-            &inputs.metrics,
-            StatusCode::SERVICE_UNAVAILABLE,
-            ResponseFlag::NoHealthyUpstream,
-        );
+    let result = Outcome::new(&inputs.metrics, http, &labels, &access, target);
+    if let Err((code, flag)) = admit(
+        &inputs, &snapshot, &source, workload, services, target, serve,
+    ) {
+        return result.refuse(&inputs.metrics, code, flag);
     }
     drop(snapshot);
 
-    let connect = tokio::time::timeout(
-        inputs.connect_timeout,
-        crate::proxy::connect(&*inputs.orig_dst, target),
-    )
-    .await;
-    let pod = match connect {
-        Ok(Ok(pod)) => pod,
-        failed => {
-            let code = match failed {
-                Ok(Err(err)) => {
-                    warn!(%target, error = %err, "connecting to the pod failed");
-                    StatusCode::SERVICE_UNAVAILABLE
-                }
-                _ => {
-                    warn!(%target, "connecting to the pod timed out");
-                    StatusCode::GATEWAY_TIMEOUT
-                }
-            };
-            return result.refuse(&inputs.metrics, code, ResponseFlag::UpstreamConnectFailure);
+    let pod = match connect_pod(&inputs, target).await {
+        Ok(pod) => pod,
+        Err(code) => {
+            return result.refuse(&inputs.metrics, code, ResponseFlag::UpstreamConnectFailure)
         }
     };
-    let _ = pod.set_nodelay(true);
     let stream = Stream {
         pod,
         source,
@@ -434,6 +375,114 @@ async fn stream_request(
     status(StatusCode::OK)
 }
 
+/// Whether a stream may reach the pod: its policies (unless each request
+/// is decided when the stream is served as HTTP) and the endpoint's health.
+fn admit(
+    inputs: &ProxyInputs,
+    snapshot: &Snapshot,
+    source: &Identity,
+    workload: &crate::config::Workload,
+    services: &[usize],
+    target: SocketAddrV4,
+    serve: bool,
+) -> Result<(), (StatusCode, ResponseFlag)> {
+    let decision = if serve {
+        Decision::Allow
+    } else {
+        authz::authorize(
+            &snapshot.config.policies,
+            &authz::Request {
+                source: Some(source),
+                services,
+                port: target.port(),
+                http: None,
+            },
+        )
+    };
+    if let Decision::Deny { reason } = decision {
+        let destination = workload.identity.uri().clone();
+        crate::proxy::denied(&inputs.metrics, source.uri().clone(), destination, &reason);
+        return Err((StatusCode::FORBIDDEN, ResponseFlag::Rbac));
+    }
+    if !snapshot.local_endpoint_healthy(*target.ip()) {
+        warn!(%source, %target, "refusing a tunnel stream to an endpoint failing its health check");
+        return Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            ResponseFlag::NoHealthyUpstream,
+        ));
+    }
+    Ok(())
+}
+
+/// The pod address a CONNECT stream asks for, and the peer's baggage.
+fn connect_target(request: &Request<Incoming>) -> Result<(SocketAddrV4, Baggage), StatusCode> {
+    if request.method() != Method::CONNECT {
+        return Err(StatusCode::METHOD_NOT_ALLOWED);
+    }
+    let target = request
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddrV4>().ok())
+        .ok_or(StatusCode::BAD_REQUEST)?;
+    let baggage = request
+        .headers()
+        .get(BAGGAGE)
+        .and_then(|v| v.to_str().ok())
+        .map(Baggage::decode)
+        .unwrap_or_default();
+    Ok((target, baggage))
+}
+
+/// How a stream to `port` is followed: the HTTP version its requests are
+/// read in (none for a TCP port), and whether it is served as HTTP.
+///
+/// Where a policy decides each request, an HTTP port's stream is served
+/// as HTTP. Else it is relayed as bytes and its requests followed —
+/// HTTP/1 on an `http` port, HTTP/2 on an `http2` or `grpc` one (see
+/// `observe`). With tracing on, every HTTP port's stream is served: the
+/// destination's span must be the pod's parent, so `traceparent` is
+/// rewritten. An `auto` port's stream is reported as a connection (what
+/// the source sniffed as TCP must be counted as TCP).
+fn how_followed(
+    inputs: &ProxyInputs,
+    snapshot: &Snapshot,
+    services: &[usize],
+    port: u16,
+) -> (Option<observe::Speaks>, bool) {
+    let speaks = match port_protocol(snapshot, services, port) {
+        Some(Protocol::Http) => Some(observe::Speaks::Http1),
+        Some(Protocol::Http2 | Protocol::Grpc) => Some(observe::Speaks::Http2),
+        _ => None,
+    };
+    let serve = speaks.is_some()
+        && (inputs.tracer.is_some() || authz::needs_requests(&snapshot.config.policies, services));
+    (speaks, serve)
+}
+
+/// Connects to the pod within the connect timeout; the status the source
+/// is answered with when that fails.
+async fn connect_pod(inputs: &ProxyInputs, target: SocketAddrV4) -> Result<TcpStream, StatusCode> {
+    let connect = tokio::time::timeout(
+        inputs.connect_timeout,
+        crate::proxy::connect(&*inputs.orig_dst, target),
+    )
+    .await;
+    match connect {
+        Ok(Ok(pod)) => {
+            let _ = pod.set_nodelay(true);
+            Ok(pod)
+        }
+        Ok(Err(err)) => {
+            warn!(%target, error = %err, "connecting to the pod failed");
+            Err(StatusCode::SERVICE_UNAVAILABLE)
+        }
+        Err(_) => {
+            warn!(%target, "connecting to the pod timed out");
+            Err(StatusCode::GATEWAY_TIMEOUT)
+        }
+    }
+}
+
 /// How a tunnel stream is reported: as one connection (a TCP port), or
 /// request by request (an HTTP port), where a stream that cannot be
 /// served is one failed request.
@@ -447,6 +496,26 @@ enum Outcome {
 type Logged = (Arc<AccessLog>, access::Downstream);
 
 impl Outcome {
+    /// An HTTP port's stream is reported request by request (a stream
+    /// that cannot be served counts as one failed request); any other as
+    /// one connection, logged from now.
+    fn new(
+        metrics: &Arc<Metrics>,
+        http: bool,
+        labels: &TcpLabels,
+        access: &Option<Logged>,
+        target: SocketAddrV4,
+    ) -> Self {
+        if http {
+            return Self::Requests(labels.clone(), access.clone());
+        }
+        let mut result = ConnectionResult::new(metrics, Reports::one(labels.clone()));
+        if let Some((log, downstream)) = access {
+            result.log_access(log, *downstream, Some(target));
+        }
+        Self::Connection(result)
+    }
+
     /// Refuses the stream with `code`, recorded with `flag`.
     fn refuse(
         self,
@@ -607,11 +676,7 @@ async fn upgraded(request: Request<Incoming>) -> Option<TokioIo<hyper::upgrade::
 }
 
 /// What `port` (a target port) of these services speaks.
-fn port_protocol(
-    snapshot: &crate::state::snapshot::Snapshot,
-    services: &[usize],
-    port: u16,
-) -> Option<Protocol> {
+fn port_protocol(snapshot: &Snapshot, services: &[usize], port: u16) -> Option<Protocol> {
     services
         .iter()
         .flat_map(|s| &snapshot.config.services[*s].ports)

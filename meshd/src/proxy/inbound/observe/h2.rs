@@ -674,6 +674,63 @@ services: [{ name: web, vip: 10.96.0.20, ports: [{ port: 80 }], endpoints: [{ ad
         text.lines().filter(|l| l.starts_with(prefix)).collect()
     }
 
+    /// The three exchanges of `conversation`, each once with its code,
+    /// flags and sizes.
+    fn assert_conversation_reported(text: &str, cut: usize) {
+        let requests = series(text, "istio_requests_total{");
+        assert_eq!(requests.len(), 3, "cut {cut}: {text}");
+        let find = |want: &[&str]| {
+            requests
+                .iter()
+                .filter(|l| want.iter().all(|w| l.contains(w)))
+                .count()
+        };
+        assert_eq!(
+            find(&[
+                "response_code=\"200\"",
+                "request_protocol=\"http\"",
+                "response_flags=\"-\""
+            ]),
+            1,
+            "{text}"
+        );
+        assert_eq!(
+            find(&[
+                "response_code=\"200\"",
+                "request_protocol=\"grpc\"",
+                "grpc_response_status=\"14\""
+            ]),
+            1,
+            "{text}"
+        );
+        assert_eq!(
+            find(&["response_code=\"503\"", "response_flags=\"UC\""]),
+            1,
+            "{text}"
+        );
+        // 11 response bytes for the GET; the call's 8 + 9 request bytes
+        // (padding left out) and its one 11-byte answer message.
+        assert!(text.contains("istio_response_bytes_sum{"), "{text}");
+        let sent = series(text, "istio_request_messages_total{");
+        assert!(sent.len() == 1 && sent[0].ends_with(" 2"), "{text}");
+        let received = series(text, "istio_response_messages_total{");
+        assert!(received.len() == 1 && received[0].ends_with(" 1"), "{text}");
+        let sizes = series(text, "istio_request_bytes_sum{");
+        assert!(
+            sizes
+                .iter()
+                .any(|l| l.ends_with(" 17.0") || l.ends_with(" 17")),
+            "{text}"
+        );
+        let answers = series(text, "istio_response_bytes_sum{");
+        assert!(
+            answers
+                .iter()
+                .any(|l| l.ends_with(" 11.0") || l.ends_with(" 11")),
+            "{text}"
+        );
+    }
+
     #[test]
     fn every_stream_is_reported_however_the_bytes_are_cut() {
         let (client, server) = conversation();
@@ -689,58 +746,7 @@ services: [{ name: web, vip: 10.96.0.20, ports: [{ port: 80 }], endpoints: [{ ad
             assert!(!follower.stopped, "cut {cut}");
             assert!(follower.exchanges.is_empty(), "cut {cut}");
             let text = crate::telemetry::metrics::render(&registry);
-            let requests = series(&text, "istio_requests_total{");
-            assert_eq!(requests.len(), 3, "cut {cut}: {text}");
-            let find = |want: &[&str]| {
-                requests
-                    .iter()
-                    .filter(|l| want.iter().all(|w| l.contains(w)))
-                    .count()
-            };
-            assert_eq!(
-                find(&[
-                    "response_code=\"200\"",
-                    "request_protocol=\"http\"",
-                    "response_flags=\"-\""
-                ]),
-                1,
-                "{text}"
-            );
-            assert_eq!(
-                find(&[
-                    "response_code=\"200\"",
-                    "request_protocol=\"grpc\"",
-                    "grpc_response_status=\"14\""
-                ]),
-                1,
-                "{text}"
-            );
-            assert_eq!(
-                find(&["response_code=\"503\"", "response_flags=\"UC\""]),
-                1,
-                "{text}"
-            );
-            // 11 response bytes for the GET; the call's 8 + 9 request bytes
-            // (padding left out) and its one 11-byte answer message.
-            assert!(text.contains("istio_response_bytes_sum{"), "{text}");
-            let sent = series(&text, "istio_request_messages_total{");
-            assert!(sent.len() == 1 && sent[0].ends_with(" 2"), "{text}");
-            let received = series(&text, "istio_response_messages_total{");
-            assert!(received.len() == 1 && received[0].ends_with(" 1"), "{text}");
-            let sizes = series(&text, "istio_request_bytes_sum{");
-            assert!(
-                sizes
-                    .iter()
-                    .any(|l| l.ends_with(" 17.0") || l.ends_with(" 17")),
-                "{text}"
-            );
-            let answers = series(&text, "istio_response_bytes_sum{");
-            assert!(
-                answers
-                    .iter()
-                    .any(|l| l.ends_with(" 11.0") || l.ends_with(" 11")),
-                "{text}"
-            );
+            assert_conversation_reported(&text, cut);
         }
     }
 
