@@ -62,6 +62,27 @@ enum Command {
         #[arg(long = "config", short = 'c', required = true)]
         config: Vec<PathBuf>,
     },
+    /// Write meshd's node-local files (`mesh.yaml`, `workloads.yaml`) for
+    /// one node from the cluster's objects: Services, EndpointSlices, Pods,
+    /// Nodes.
+    Discover {
+        /// Read the objects from the manifests below this directory
+        /// (multi-document files and `List`s) instead of the API.
+        #[arg(long, required = true)]
+        from_manifests: PathBuf,
+        /// The node whose pods become workloads.
+        #[arg(long, env = "NODE_NAME")]
+        node: String,
+        /// Where the files are written (atomically, only when they change).
+        #[arg(long)]
+        out: PathBuf,
+        /// The mesh's SPIFFE trust domain.
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        /// The cluster's name in metrics.
+        #[arg(long, default_value = "Kubernetes")]
+        cluster_name: String,
+    },
     /// A certificate authority for workload identities.
     Ca {
         #[command(subcommand)]
@@ -174,6 +195,36 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
+        Command::Discover {
+            from_manifests,
+            node,
+            out,
+            trust_domain,
+            cluster_name,
+        } => {
+            init_logging(LogFormat::Text);
+            let settings = meshd::discover::Settings {
+                node,
+                trust_domain,
+                cluster_name,
+            };
+            match meshd::discover::from_manifests(&from_manifests, &out, &settings) {
+                Ok(translation) => {
+                    println!(
+                        "ok: wrote {} and {} into {} ({} fields could not be translated)",
+                        meshd::discover::MESH_FILE,
+                        meshd::discover::WORKLOADS_FILE,
+                        out.display(),
+                        translation.unsupported.len()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("meshd discover: {}", render_chain(&err));
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Status { admin } => match meshd::admin::status_command(admin) {
             Ok(summary) => {
                 print!("{summary}");

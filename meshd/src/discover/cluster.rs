@@ -1,0 +1,268 @@
+//! What discovery knows of the cluster: the objects it translates, kept
+//! by kind and `namespace/name` in sorted maps, so the same objects give
+//! the same files whatever order they arrived in. Pods are held as the
+//! few fields meshd needs, never as whole objects.
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use k8s_openapi::api::{
+    core::v1::{Node, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+use serde::Deserialize;
+
+use crate::config::QosClass;
+
+/// `namespace`, `name` (cluster-scoped objects: an empty namespace).
+pub type Key = (String, String);
+
+/// The kinds discovery reads; every other kind in a manifest is skipped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+    Pod,
+    Node,
+}
+
+impl Kind {
+    /// The kind's name, as `kind:` spells it (and as metrics label it).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Service => "Service",
+            Self::EndpointSlice => "EndpointSlice",
+            Self::Pod => "Pod",
+            Self::Node => "Node",
+        }
+    }
+
+    /// The kind an object's `apiVersion` and `kind` name, when discovery
+    /// reads it.
+    pub fn of(api_version: &str, kind: &str) -> Option<Self> {
+        match (api_version, kind) {
+            ("v1", "Service") => Some(Self::Service),
+            ("discovery.k8s.io/v1", "EndpointSlice") => Some(Self::EndpointSlice),
+            ("v1", "Pod") => Some(Self::Pod),
+            ("v1", "Node") => Some(Self::Node),
+            _ => None,
+        }
+    }
+}
+
+/// One object as it arrived, typed.
+#[derive(Debug, Clone)]
+pub enum Object {
+    Service(Box<Service>),
+    EndpointSlice(Box<EndpointSlice>),
+    Pod(Box<Pod>),
+    Node(Box<Node>),
+}
+
+/// Why an object could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("{kind} {key}: {message}")]
+pub struct ObjectError {
+    pub kind: &'static str,
+    /// `namespace/name`, as far as it could be read.
+    pub key: String,
+    pub message: String,
+}
+
+impl Object {
+    /// Reads an object of a kind discovery reads from its YAML (or JSON)
+    /// form; `Ok(None)` for any other kind.
+    pub fn from_value(value: serde_yaml::Value) -> Result<Option<Self>, ObjectError> {
+        let text = |field: &str| {
+            value
+                .get(field)
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let Some(kind) = Kind::of(&text("apiVersion"), &text("kind")) else {
+            return Ok(None);
+        };
+        let metadata = value.get("metadata");
+        let meta = |field: &str| {
+            metadata
+                .and_then(|m| m.get(field))
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+        };
+        let key = format!("{}/{}", meta("namespace"), meta("name"));
+        let failed = |err: serde_yaml::Error| ObjectError {
+            kind: kind.as_str(),
+            key: key.clone(),
+            message: err.to_string(),
+        };
+        Ok(Some(match kind {
+            Kind::Service => Self::Service(Box::new(Service::deserialize(value).map_err(failed)?)),
+            Kind::EndpointSlice => {
+                Self::EndpointSlice(Box::new(EndpointSlice::deserialize(value).map_err(failed)?))
+            }
+            Kind::Pod => Self::Pod(Box::new(Pod::deserialize(value).map_err(failed)?)),
+            Kind::Node => Self::Node(Box::new(Node::deserialize(value).map_err(failed)?)),
+        }))
+    }
+}
+
+/// A pod, as much of it as meshd needs: identity, placement, labels,
+/// addresses, and for this node's pods what places their cgroup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodInfo {
+    pub namespace: String,
+    pub name: String,
+    /// The UID its cgroup is named after: `metadata.uid`, or for a static
+    /// pod's mirror the `kubernetes.io/config.mirror` annotation.
+    pub uid: String,
+    pub node: Option<String>,
+    pub service_account: String,
+    pub labels: BTreeMap<String, String>,
+    pub addresses: Vec<Ipv4Addr>,
+    pub qos_class: Option<QosClass>,
+    /// Shares the node's network: not a workload meshd can tell apart.
+    pub host_network: bool,
+    /// Ended (`Succeeded` or `Failed`): no longer a workload.
+    pub finished: bool,
+    /// Ports the kubelet probes (HTTP, TCP and gRPC probes of every
+    /// container, named ports resolved).
+    pub probe_ports: Vec<u16>,
+}
+
+/// The annotation a static pod's mirror carries: the UID the kubelet
+/// named the pod's cgroup after.
+const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
+
+impl PodInfo {
+    pub fn from_pod(pod: &Pod) -> Self {
+        let meta = &pod.metadata;
+        let spec = pod.spec.as_ref();
+        let status = pod.status.as_ref();
+        let mirror = meta
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(MIRROR_ANNOTATION));
+        let uid = mirror.or(meta.uid.as_ref()).cloned().unwrap_or_default();
+        let mut addresses: Vec<Ipv4Addr> = status
+            .and_then(|s| s.pod_ips.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|ip| ip.ip.parse().ok())
+            .collect();
+        if addresses.is_empty() {
+            addresses.extend(
+                status
+                    .and_then(|s| s.pod_ip.as_ref())
+                    .and_then(|ip| ip.parse::<Ipv4Addr>().ok()),
+            );
+        }
+        let qos_class = status
+            .and_then(|s| s.qos_class.as_deref())
+            .and_then(|q| match q {
+                "Guaranteed" => Some(QosClass::Guaranteed),
+                "Burstable" => Some(QosClass::Burstable),
+                "BestEffort" => Some(QosClass::BestEffort),
+                _ => None,
+            });
+        let phase = status.and_then(|s| s.phase.as_deref());
+        Self {
+            namespace: meta
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".to_owned()),
+            name: meta.name.clone().unwrap_or_default(),
+            uid,
+            node: spec.and_then(|s| s.node_name.clone()),
+            service_account: spec
+                .and_then(|s| s.service_account_name.clone())
+                .filter(|sa| !sa.is_empty())
+                .unwrap_or_else(|| "default".to_owned()),
+            labels: meta.labels.clone().unwrap_or_default(),
+            addresses,
+            qos_class,
+            host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+            finished: matches!(phase, Some("Succeeded" | "Failed")),
+            probe_ports: spec.map(probe_ports).unwrap_or_default(),
+        }
+    }
+}
+
+/// The ports of every container's HTTP, TCP and gRPC probes (liveness,
+/// readiness, startup), named ports resolved against the container's own.
+fn probe_ports(spec: &k8s_openapi::api::core::v1::PodSpec) -> Vec<u16> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let mut ports = Vec::new();
+    for container in &spec.containers {
+        let named = |name: &str| {
+            container
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| p.name.as_deref() == Some(name))
+                .and_then(|p| u16::try_from(p.container_port).ok())
+        };
+        let resolve = |port: &IntOrString| match port {
+            IntOrString::Int(n) => u16::try_from(*n).ok(),
+            IntOrString::String(name) => named(name),
+        };
+        let probes = [
+            &container.liveness_probe,
+            &container.readiness_probe,
+            &container.startup_probe,
+        ];
+        for probe in probes.into_iter().flatten() {
+            ports.extend(probe.http_get.as_ref().and_then(|h| resolve(&h.port)));
+            ports.extend(probe.tcp_socket.as_ref().and_then(|t| resolve(&t.port)));
+            ports.extend(probe.grpc.as_ref().and_then(|g| u16::try_from(g.port).ok()));
+        }
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
+/// Everything discovery knows, by kind and key.
+#[derive(Debug, Clone, Default)]
+pub struct Cluster {
+    pub services: BTreeMap<Key, Service>,
+    pub endpoint_slices: BTreeMap<Key, EndpointSlice>,
+    pub pods: BTreeMap<Key, PodInfo>,
+    pub nodes: BTreeMap<String, Node>,
+}
+
+fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Key {
+    (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+impl Cluster {
+    /// Adds an object, or replaces the one of its kind and key.
+    pub fn apply(&mut self, object: Object) {
+        match object {
+            Object::Service(s) => {
+                self.services.insert(key_of(&s.metadata), *s);
+            }
+            Object::EndpointSlice(s) => {
+                self.endpoint_slices.insert(key_of(&s.metadata), *s);
+            }
+            Object::Pod(p) => {
+                self.pods.insert(key_of(&p.metadata), PodInfo::from_pod(&p));
+            }
+            Object::Node(n) => {
+                self.nodes.insert(key_of(&n.metadata).1, *n);
+            }
+        }
+    }
+
+    /// Removes the object of `kind` at `key`, if it is known.
+    pub fn delete(&mut self, kind: Kind, key: &Key) {
+        match kind {
+            Kind::Service => drop(self.services.remove(key)),
+            Kind::EndpointSlice => drop(self.endpoint_slices.remove(key)),
+            Kind::Pod => drop(self.pods.remove(key)),
+            Kind::Node => drop(self.nodes.remove(&key.1)),
+        }
+    }
+}

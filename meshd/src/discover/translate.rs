@@ -1,0 +1,486 @@
+//! The cluster's objects → meshd's config, for one node. Pure and
+//! deterministic: objects in sorted maps, lists sorted, so unchanged
+//! objects give byte-identical files and meshd reloads only on a real
+//! change. What meshd cannot express is reported, never dropped silently.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use k8s_openapi::{
+    api::{core::v1::Service, discovery::v1::EndpointSlice},
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+use serde_json::{json, Map, Value};
+
+use super::cluster::{Cluster, Key, Kind, PodInfo};
+use crate::config::{Protocol, QosClass};
+
+/// What the files say beyond the cluster's objects.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The node whose pods become `workloads`.
+    pub node: String,
+    pub trust_domain: String,
+    pub cluster_name: String,
+}
+
+/// The label that ties an EndpointSlice to its Service.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// Pod labels meshd reports in metrics (Istio's canonical service and
+/// revision are derived from them); others are left out of `workloads`
+/// so a change to them does not rewrite the files.
+const REPORTED_LABELS: &[&str] = &[
+    "app",
+    "version",
+    "app.kubernetes.io/name",
+    "app.kubernetes.io/version",
+    "service.istio.io/canonical-name",
+    "service.istio.io/canonical-revision",
+];
+
+/// Something of an object that meshd cannot express, and what was done
+/// instead (never more access than the object gives).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Unsupported {
+    pub kind: Kind,
+    /// `namespace/name`.
+    pub object: String,
+    /// The field, from a closed set (it labels a metric).
+    pub field: &'static str,
+    /// What was found and what meshd does instead.
+    pub detail: String,
+}
+
+/// The files for one node, and what could not be translated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Translation {
+    /// The mesh-wide file (`mesh`, `nodes`, `services`): the same for
+    /// every node.
+    pub mesh: String,
+    /// This node's `workloads`.
+    pub workloads: String,
+    pub unsupported: Vec<Unsupported>,
+}
+
+/// The file names `Translation`'s parts are written as.
+pub const MESH_FILE: &str = "mesh.yaml";
+pub const WORKLOADS_FILE: &str = "workloads.yaml";
+
+struct Translator<'a> {
+    cluster: &'a Cluster,
+    unsupported: Vec<Unsupported>,
+}
+
+pub fn translate(cluster: &Cluster, settings: &Settings) -> Translation {
+    let mut t = Translator {
+        cluster,
+        unsupported: Vec::new(),
+    };
+    let mesh = json!({
+        "trustDomain": settings.trust_domain,
+        "clusterName": settings.cluster_name,
+    });
+    let nodes = t.nodes();
+    let services = t.services();
+    let workloads = t.workloads(&settings.node);
+    let mut unsupported = t.unsupported;
+    unsupported.sort();
+    unsupported.dedup();
+    Translation {
+        mesh: document(
+            "the mesh: nodes and services",
+            json!({ "mesh": mesh, "nodes": nodes, "services": services }),
+        ),
+        workloads: document(
+            &format!("the pods on node {}", settings.node),
+            json!({ "workloads": workloads }),
+        ),
+        unsupported,
+    }
+}
+
+/// A file's text: a header saying where it came from, then the YAML.
+fn document(what: &str, value: Value) -> String {
+    let yaml = serde_yaml::to_string(&value).expect("JSON values always serialize");
+    format!("# Written by meshd discover from the cluster's objects: {what}. Do not edit.\n{yaml}")
+}
+
+fn name_of(key: &Key) -> String {
+    format!("{}/{}", key.0, key.1)
+}
+
+impl<'a> Translator<'a> {
+    fn report(&mut self, kind: Kind, key: &Key, field: &'static str, detail: String) {
+        self.unsupported.push(Unsupported {
+            kind,
+            object: name_of(key),
+            field,
+            detail,
+        });
+    }
+
+    /// Every node with an IPv4 address: where its meshd takes tunnels.
+    fn nodes(&mut self) -> Vec<Value> {
+        let mut nodes = Vec::new();
+        for (name, node) in &self.cluster.nodes {
+            let addresses = node
+                .status
+                .as_ref()
+                .and_then(|s| s.addresses.as_ref())
+                .cloned()
+                .unwrap_or_default();
+            let of_type = |t: &str| {
+                addresses
+                    .iter()
+                    .filter(|a| a.type_ == t)
+                    .find_map(|a| a.address.parse::<Ipv4Addr>().ok())
+            };
+            match of_type("InternalIP").or_else(|| of_type("ExternalIP")) {
+                Some(address) => {
+                    nodes.push(json!({ "name": name, "address": address.to_string() }))
+                }
+                None => self.report(
+                    Kind::Node,
+                    &(String::new(), name.clone()),
+                    "status.addresses",
+                    "no IPv4 InternalIP or ExternalIP: no tunnel to this node".into(),
+                ),
+            }
+        }
+        nodes
+    }
+
+    fn services(&mut self) -> Vec<Value> {
+        let cluster = self.cluster;
+        let mut services = Vec::new();
+        for (key, service) in &cluster.services {
+            if let Some(service) = self.service(key, service) {
+                services.push(service);
+            }
+        }
+        services
+    }
+
+    fn service(&mut self, key: &Key, service: &Service) -> Option<Value> {
+        let spec = service.spec.as_ref()?;
+        if spec.type_.as_deref() == Some("ExternalName") {
+            self.report(
+                Kind::Service,
+                key,
+                "spec.type",
+                "ExternalName: not meshed".into(),
+            );
+            return None;
+        }
+        let ips: Vec<&String> = spec
+            .cluster_ips
+            .iter()
+            .flatten()
+            .chain(spec.cluster_ip.as_ref())
+            .collect();
+        let vip = ips.iter().find_map(|ip| ip.parse::<Ipv4Addr>().ok());
+        let Some(vip) = vip else {
+            let detail = if ips.iter().any(|ip| *ip == "None") {
+                "headless (clusterIP None): not meshed".to_owned()
+            } else {
+                "no IPv4 cluster IP: not meshed".to_owned()
+            };
+            self.report(Kind::Service, key, "spec.clusterIP", detail);
+            return None;
+        };
+        let slices = self.slices_of(key);
+        let mut ports = Vec::new();
+        for port in spec.ports.iter().flatten() {
+            let protocol = port.protocol.as_deref().unwrap_or("TCP");
+            if protocol != "TCP" {
+                self.report(
+                    Kind::Service,
+                    key,
+                    "spec.ports.protocol",
+                    format!("port {} is {protocol}: only TCP is meshed", port.port),
+                );
+                continue;
+            }
+            let Ok(number) = u16::try_from(port.port) else {
+                continue;
+            };
+            let target = self.target_port(key, port, &slices).unwrap_or(number);
+            ports.push(json!({
+                "port": number,
+                "targetPort": target,
+                "protocol": protocol_of(port.app_protocol.as_deref(), port.name.as_deref()).as_str(),
+            }));
+        }
+        if ports.is_empty() {
+            self.report(
+                Kind::Service,
+                key,
+                "spec.ports",
+                "no TCP port: not meshed".into(),
+            );
+            return None;
+        }
+        let endpoints = self.endpoints(key, &slices);
+        Some(json!({
+            "name": key.1,
+            "namespace": key.0,
+            "vip": vip.to_string(),
+            "ports": ports,
+            "endpoints": endpoints,
+        }))
+    }
+
+    /// The service's EndpointSlices, in name order.
+    fn slices_of(&self, service: &Key) -> Vec<(&'a Key, &'a EndpointSlice)> {
+        let cluster: &'a Cluster = self.cluster;
+        cluster
+            .endpoint_slices
+            .iter()
+            .filter(|((namespace, _), slice)| {
+                *namespace == service.0
+                    && slice
+                        .metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                        == Some(&service.1)
+            })
+            .collect()
+    }
+
+    /// A service port's number on the endpoints: a number as given; a name
+    /// as the EndpointSlices resolved it (the lowest, reported, when pods
+    /// disagree); `None` when nothing resolves it yet.
+    fn target_port(
+        &mut self,
+        key: &Key,
+        port: &k8s_openapi::api::core::v1::ServicePort,
+        slices: &[(&Key, &EndpointSlice)],
+    ) -> Option<u16> {
+        match &port.target_port {
+            Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
+            Some(IntOrString::String(_)) | None => {
+                let name = port.name.as_deref().unwrap_or_default();
+                let resolved: BTreeSet<u16> = slices
+                    .iter()
+                    .flat_map(|(_, s)| s.ports.iter().flatten())
+                    .filter(|p| p.name.as_deref().unwrap_or_default() == name)
+                    .filter_map(|p| p.port.and_then(|n| u16::try_from(n).ok()))
+                    .collect();
+                if resolved.len() > 1 {
+                    self.report(
+                        Kind::Service,
+                        key,
+                        "spec.ports.targetPort",
+                        format!("named target port resolves to {resolved:?} on different pods: using the lowest"),
+                    );
+                }
+                match (&port.target_port, resolved.first()) {
+                    (_, Some(n)) => Some(*n),
+                    (None, None) => u16::try_from(port.port).ok(),
+                    (Some(_), None) => None,
+                }
+            }
+        }
+    }
+
+    /// The ready IPv4 endpoints of a service's slices, each once, by
+    /// address: node, pod and service account from the pod it names.
+    fn endpoints(&mut self, service: &Key, slices: &[(&Key, &EndpointSlice)]) -> Vec<Value> {
+        let cluster = self.cluster;
+        let mut endpoints: BTreeMap<Ipv4Addr, Value> = BTreeMap::new();
+        for (key, slice) in slices {
+            if slice.address_type != "IPv4" {
+                self.report(
+                    Kind::EndpointSlice,
+                    key,
+                    "addressType",
+                    format!("{}: only IPv4 endpoints are meshed", slice.address_type),
+                );
+                continue;
+            }
+            for endpoint in slice.endpoints.iter().flatten() {
+                // `ready` unset means ready (the API's own rule).
+                let ready = endpoint.conditions.as_ref().and_then(|c| c.ready) != Some(false);
+                if !ready {
+                    continue;
+                }
+                let pod = endpoint
+                    .target_ref
+                    .as_ref()
+                    .filter(|r| r.kind.as_deref() == Some("Pod"))
+                    .map(|r| {
+                        let namespace = r.namespace.clone().unwrap_or_else(|| service.0.clone());
+                        (namespace, r.name.clone().unwrap_or_default())
+                    });
+                let info = pod.as_ref().and_then(|p| cluster.pods.get(p));
+                if pod.is_some() && info.is_none() {
+                    // Its pod is not known yet: without it the identity a
+                    // tunnel to it must prove is unknown. It comes with
+                    // the pod.
+                    continue;
+                }
+                for address in &endpoint.addresses {
+                    let Ok(address) = address.parse::<Ipv4Addr>() else {
+                        continue;
+                    };
+                    endpoints
+                        .entry(address)
+                        .or_insert_with(|| endpoint_value(address, endpoint, info));
+                }
+            }
+        }
+        endpoints.into_values().collect()
+    }
+
+    /// This node's pods, as workloads named by UID and QoS class.
+    fn workloads(&mut self, node: &str) -> Vec<Value> {
+        let cluster = self.cluster;
+        let mut workloads = Vec::new();
+        for (key, pod) in &cluster.pods {
+            if pod.node.as_deref() != Some(node) || pod.finished || pod.host_network {
+                continue;
+            }
+            let Some(qos) = pod.qos_class else {
+                self.report(
+                    Kind::Pod,
+                    key,
+                    "status.qosClass",
+                    "no QoS class yet: its cgroup cannot be placed; it joins when the kubelet reports it".into(),
+                );
+                continue;
+            };
+            let valid_uid = crate::config::PodRef {
+                uid: pod.uid.clone(),
+                qos_class: qos,
+            }
+            .uid_is_valid();
+            if !valid_uid {
+                self.report(
+                    Kind::Pod,
+                    key,
+                    "metadata.uid",
+                    format!("{:?} cannot name a cgroup: not a workload", pod.uid),
+                );
+                continue;
+            }
+            workloads.push(workload_value(pod, qos));
+        }
+        workloads
+    }
+}
+
+fn endpoint_value(
+    address: Ipv4Addr,
+    endpoint: &k8s_openapi::api::discovery::v1::Endpoint,
+    pod: Option<&PodInfo>,
+) -> Value {
+    let mut value = Map::new();
+    value.insert("address".into(), json!(address.to_string()));
+    if let Some(node) = &endpoint.node_name {
+        value.insert("node".into(), json!(node));
+    }
+    if let Some(pod) = pod {
+        value.insert("workload".into(), json!(pod.name));
+        value.insert("serviceAccount".into(), json!(pod.service_account));
+        let labels = reported_labels(&pod.labels);
+        if !labels.is_empty() {
+            value.insert("labels".into(), json!(labels));
+        }
+    }
+    Value::Object(value)
+}
+
+fn workload_value(pod: &PodInfo, qos: QosClass) -> Value {
+    let qos = match qos {
+        QosClass::Guaranteed => "Guaranteed",
+        QosClass::Burstable => "Burstable",
+        QosClass::BestEffort => "BestEffort",
+    };
+    let mut value = Map::new();
+    value.insert("name".into(), json!(pod.name));
+    value.insert("namespace".into(), json!(pod.namespace));
+    value.insert("serviceAccount".into(), json!(pod.service_account));
+    value.insert("pod".into(), json!({ "uid": pod.uid, "qosClass": qos }));
+    let addresses: Vec<String> = pod.addresses.iter().map(|a| a.to_string()).collect();
+    if !addresses.is_empty() {
+        value.insert("addresses".into(), json!(addresses));
+    }
+    let labels = reported_labels(&pod.labels);
+    if !labels.is_empty() {
+        value.insert("labels".into(), json!(labels));
+    }
+    if !pod.probe_ports.is_empty() {
+        value.insert("probePorts".into(), json!(pod.probe_ports));
+    }
+    Value::Object(value)
+}
+
+fn reported_labels(labels: &BTreeMap<String, String>) -> BTreeMap<&str, &str> {
+    labels
+        .iter()
+        .filter(|(k, _)| REPORTED_LABELS.contains(&k.as_str()))
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect()
+}
+
+/// A Service port's protocol, as Istio selects it: `appProtocol` first,
+/// then the port name's prefix (`http-web`, `grpc`, …); neither: `auto`
+/// (sniffed, as Istio does). TLS and the database protocols are relayed
+/// as TCP.
+pub fn protocol_of(app_protocol: Option<&str>, name: Option<&str>) -> Protocol {
+    let named = |p: &str| match p.to_ascii_lowercase().as_str() {
+        "http" | "http-web" | "kubernetes.io/ws" | "grpc-web" => Some(Protocol::Http),
+        "http2" | "kubernetes.io/h2c" => Some(Protocol::Http2),
+        "grpc" => Some(Protocol::Grpc),
+        "tcp" | "tls" | "https" | "kubernetes.io/wss" | "mongo" | "mysql" | "redis" => {
+            Some(Protocol::Tcp)
+        }
+        _ => None,
+    };
+    if let Some(protocol) = app_protocol.and_then(named) {
+        return protocol;
+    }
+    let prefix = name.map(|n| n.split_once('-').map_or(n, |(p, _)| p));
+    // `grpc-web` is a name of its own, not `grpc` with a suffix.
+    let name = name.map(str::to_ascii_lowercase);
+    if name
+        .as_deref()
+        .is_some_and(|n| n == "grpc-web" || n.starts_with("grpc-web-"))
+    {
+        return Protocol::Http;
+    }
+    prefix.and_then(named).unwrap_or(Protocol::Auto)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocols_are_selected_as_istio_selects_them() {
+        let cases = [
+            (Some("http"), Some("tcp-x"), Protocol::Http),
+            (Some("kubernetes.io/h2c"), None, Protocol::Http2),
+            (Some("grpc"), None, Protocol::Grpc),
+            (None, Some("http"), Protocol::Http),
+            (None, Some("http-api"), Protocol::Http),
+            (None, Some("http2-x"), Protocol::Http2),
+            (None, Some("grpc"), Protocol::Grpc),
+            (None, Some("grpc-web"), Protocol::Http),
+            (None, Some("tcp-db"), Protocol::Tcp),
+            (None, Some("https"), Protocol::Tcp),
+            (None, Some("mongo-1"), Protocol::Tcp),
+            (None, Some("web"), Protocol::Auto),
+            (None, Some("httpx"), Protocol::Auto),
+            (None, None, Protocol::Auto),
+            (Some("unknown"), Some("grpc"), Protocol::Grpc),
+        ];
+        for (app, name, want) in cases {
+            assert_eq!(protocol_of(app, name), want, "{app:?} {name:?}");
+        }
+    }
+}
