@@ -6,7 +6,10 @@
 //! only and never reads half a file.
 
 pub mod cluster;
+pub mod crds;
 pub mod manifests;
+mod peer;
+mod traffic;
 pub mod translate;
 pub mod write;
 

@@ -82,6 +82,10 @@ enum Command {
         /// The cluster's name in metrics.
         #[arg(long, default_value = "Kubernetes")]
         cluster_name: String,
+        /// Istio's root namespace: its PeerAuthentication without a
+        /// selector is mesh-wide.
+        #[arg(long, default_value = "istio-system")]
+        root_namespace: String,
     },
     /// A certificate authority for workload identities.
     Ca {
@@ -201,12 +205,14 @@ fn main() -> ExitCode {
             out,
             trust_domain,
             cluster_name,
+            root_namespace,
         } => {
             init_logging(LogFormat::Text);
             let settings = meshd::discover::Settings {
                 node,
                 trust_domain,
                 cluster_name,
+                root_namespace,
             };
             match meshd::discover::from_manifests(&from_manifests, &out, &settings) {
                 Ok(translation) => {

@@ -20,6 +20,7 @@ fn settings(node: &str) -> Settings {
         node: node.to_owned(),
         trust_domain: "cluster.local".to_owned(),
         cluster_name: "Kubernetes".to_owned(),
+        root_namespace: "istio-system".to_owned(),
     }
 }
 
@@ -160,4 +161,12 @@ fn a_malformed_manifest_names_its_file_and_document() {
         message.starts_with("broken.yaml: document 2: Service x/b:"),
         "{message}"
     );
+}
+
+#[test]
+fn a_policy_discovery_cannot_translate_yet_stops_it_instead_of_being_left_out() {
+    let text = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-all, namespace: bookinfo}\nspec: {}\n";
+    let err = manifests::parse(Path::new("policy.yaml"), text)
+        .expect_err("a policy left out would give more access than it does");
+    assert!(err.to_string().contains("not translated yet"), "{err}");
 }

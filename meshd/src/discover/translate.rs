@@ -14,7 +14,10 @@ use k8s_openapi::{
 };
 use serde_json::{json, Map, Value};
 
-use super::cluster::{Cluster, Key, Kind, PodInfo};
+use super::{
+    cluster::{Cluster, Key, Kind, PodInfo},
+    peer, traffic,
+};
 use crate::config::{Protocol, QosClass};
 
 /// What the files say beyond the cluster's objects.
@@ -24,6 +27,9 @@ pub struct Settings {
     pub node: String,
     pub trust_domain: String,
     pub cluster_name: String,
+    /// Istio's root namespace: a PeerAuthentication there without a
+    /// selector is mesh-wide. Default `istio-system`.
+    pub root_namespace: String,
 }
 
 /// The label that ties an EndpointSlice to its Service.
@@ -69,24 +75,42 @@ pub struct Translation {
 pub const MESH_FILE: &str = "mesh.yaml";
 pub const WORKLOADS_FILE: &str = "workloads.yaml";
 
+/// What a translation could not express, collected as it goes.
+#[derive(Debug, Default)]
+pub struct Reports(Vec<Unsupported>);
+
+impl Reports {
+    pub fn add(&mut self, kind: Kind, key: &Key, field: &'static str, detail: String) {
+        self.0.push(Unsupported {
+            kind,
+            object: name_of(key),
+            field,
+            detail,
+        });
+    }
+}
+
 struct Translator<'a> {
     cluster: &'a Cluster,
-    unsupported: Vec<Unsupported>,
+    reports: Reports,
 }
 
 pub fn translate(cluster: &Cluster, settings: &Settings) -> Translation {
     let mut t = Translator {
         cluster,
-        unsupported: Vec::new(),
+        reports: Reports::default(),
     };
+    let mode = peer::mesh_mode(cluster, &settings.root_namespace, &mut t.reports);
     let mesh = json!({
         "trustDomain": settings.trust_domain,
         "clusterName": settings.cluster_name,
+        "mode": mode,
     });
+    traffic::check_routes(cluster, &mut t.reports);
     let nodes = t.nodes();
     let services = t.services();
     let workloads = t.workloads(&settings.node);
-    let mut unsupported = t.unsupported;
+    let mut unsupported = t.reports.0;
     unsupported.sort();
     unsupported.dedup();
     Translation {
@@ -114,12 +138,7 @@ fn name_of(key: &Key) -> String {
 
 impl<'a> Translator<'a> {
     fn report(&mut self, kind: Kind, key: &Key, field: &'static str, detail: String) {
-        self.unsupported.push(Unsupported {
-            kind,
-            object: name_of(key),
-            field,
-            detail,
-        });
+        self.reports.add(kind, key, field, detail);
     }
 
     /// Every node with an IPv4 address: where its meshd takes tunnels.
@@ -223,14 +242,24 @@ impl<'a> Translator<'a> {
             );
             return None;
         }
-        let endpoints = self.endpoints(key, &slices);
-        Some(json!({
-            "name": key.1,
-            "namespace": key.0,
-            "vip": vip.to_string(),
-            "ports": ports,
-            "endpoints": endpoints,
-        }))
+        let cluster = self.cluster;
+        let addresses = |service: &Key| ready_addresses(cluster, service);
+        let mut keys = traffic::SubsetKeys::new();
+        let routes = traffic::routes(cluster, key, &addresses, &mut self.reports, &mut keys);
+        let endpoints = self.endpoints(key, &slices, &keys);
+        let mut value = Map::new();
+        value.insert("name".into(), json!(key.1));
+        value.insert("namespace".into(), json!(key.0));
+        value.insert("vip".into(), json!(vip.to_string()));
+        value.insert("ports".into(), json!(ports));
+        value.insert("endpoints".into(), json!(endpoints));
+        if !routes.is_empty() {
+            value.insert("routes".into(), json!(routes));
+        }
+        if let Some((rule_key, rule)) = traffic::destination_rule(cluster, key, &mut self.reports) {
+            value.extend(traffic::traffic_policy(rule_key, rule, &mut self.reports));
+        }
+        Some(Value::Object(value))
     }
 
     /// The service's EndpointSlices, in name order.
@@ -289,7 +318,12 @@ impl<'a> Translator<'a> {
 
     /// The ready IPv4 endpoints of a service's slices, each once, by
     /// address: node, pod and service account from the pod it names.
-    fn endpoints(&mut self, service: &Key, slices: &[(&Key, &EndpointSlice)]) -> Vec<Value> {
+    fn endpoints(
+        &mut self,
+        service: &Key,
+        slices: &[(&Key, &EndpointSlice)],
+        subset_keys: &traffic::SubsetKeys,
+    ) -> Vec<Value> {
         let cluster = self.cluster;
         let mut endpoints: BTreeMap<Ipv4Addr, Value> = BTreeMap::new();
         for (key, slice) in slices {
@@ -329,7 +363,7 @@ impl<'a> Translator<'a> {
                     };
                     endpoints
                         .entry(address)
-                        .or_insert_with(|| endpoint_value(address, endpoint, info));
+                        .or_insert_with(|| endpoint_value(address, endpoint, info, subset_keys));
                 }
             }
         }
@@ -373,10 +407,35 @@ impl<'a> Translator<'a> {
     }
 }
 
+/// A service's ready IPv4 endpoint addresses, from its slices.
+fn ready_addresses(cluster: &Cluster, service: &Key) -> Vec<Ipv4Addr> {
+    let mut addresses: Vec<Ipv4Addr> = cluster
+        .endpoint_slices
+        .iter()
+        .filter(|((namespace, _), slice)| {
+            *namespace == service.0
+                && slice.address_type == "IPv4"
+                && slice
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                    == Some(&service.1)
+        })
+        .flat_map(|(_, slice)| slice.endpoints.iter().flatten())
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
+        .flat_map(|e| e.addresses.iter().filter_map(|a| a.parse().ok()))
+        .collect();
+    addresses.sort_unstable();
+    addresses.dedup();
+    addresses
+}
+
 fn endpoint_value(
     address: Ipv4Addr,
     endpoint: &k8s_openapi::api::discovery::v1::Endpoint,
     pod: Option<&PodInfo>,
+    subset_keys: &traffic::SubsetKeys,
 ) -> Value {
     let mut value = Map::new();
     value.insert("address".into(), json!(address.to_string()));
@@ -386,7 +445,12 @@ fn endpoint_value(
     if let Some(pod) = pod {
         value.insert("workload".into(), json!(pod.name));
         value.insert("serviceAccount".into(), json!(pod.service_account));
-        let labels = reported_labels(&pod.labels);
+        let mut labels = reported_labels(&pod.labels);
+        for key in subset_keys {
+            if let Some((k, v)) = pod.labels.get_key_value(key) {
+                labels.insert(k, v);
+            }
+        }
         if !labels.is_empty() {
             value.insert("labels".into(), json!(labels));
         }
