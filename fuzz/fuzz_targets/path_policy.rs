@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use meshd::policy::{
-    authz::{authorize, Decision, Http, Request},
+    authz::{authorize, Decision, Destination, Http, Request},
     path::{normalize, Normalization},
 };
 
@@ -46,7 +46,10 @@ fn decide(service: usize, path: &str) -> Decision {
         &config().policies,
         &Request {
             source: None,
-            services: &[service],
+            destination: Destination {
+                services: &[service],
+                workload: None,
+            },
             port: 80,
             http: Some(Http {
                 method: &method,

@@ -390,8 +390,14 @@ pub struct PolicySpec {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PolicyTarget {
-    /// `namespace/name` of a service.
-    pub service: String,
+    /// `namespace/name` of a service: its endpoints.
+    pub service: Option<String>,
+    /// Instead of `service`: the workloads of this namespace (`*`: of every
+    /// namespace) whose labels hold every pair of `selector`.
+    pub namespace: Option<String>,
+    /// With `namespace`: labels a workload must carry; empty selects all.
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
 }
 
 pub use crate::policy::authz::PolicyAction;

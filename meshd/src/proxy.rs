@@ -109,7 +109,7 @@ pub fn authorized_locally(
         &mesh.config.policies,
         &crate::policy::authz::Request {
             source: source.map(|w| &w.identity),
-            services: mesh.services_of(*address.ip()),
+            destination: mesh.destination(*address.ip()),
             port: address.port(),
             http,
         },

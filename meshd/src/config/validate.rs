@@ -119,6 +119,8 @@ pub struct Workload {
     pub addresses: Vec<Ipv4Addr>,
     /// What metrics say of the workload.
     pub reported: Reported,
+    /// Its labels as given (policies select workloads on them).
+    pub labels: BTreeMap<String, String>,
     pub identity: Identity,
     /// Ports the node itself may reach in plaintext (kubelet probes).
     pub probe_ports: Vec<u16>,
@@ -687,22 +689,7 @@ fn check_policy(
     spec: PolicySpec,
     services: &[(usize, FieldPath, Service)],
 ) -> Option<Policy> {
-    let target = at.clone().key("target").key("service");
-    let Some((namespace, name)) = spec.target.service.split_once('/') else {
-        check.fail(
-            file,
-            &target,
-            format!("{:?} must be namespace/name", spec.target.service),
-        );
-        return None;
-    };
-    let Some(service) = services
-        .iter()
-        .position(|(_, _, s)| &*s.namespace == namespace && &*s.name == name)
-    else {
-        check.fail(file, &target, format!("no service {namespace}/{name}"));
-        return None;
-    };
+    let target = policy_target(check, file, at, &spec.target, services)?;
     for (i, source) in spec.from.iter().enumerate() {
         for (j, principal) in source.principals.iter().enumerate() {
             let valid =
@@ -759,7 +746,7 @@ fn check_policy(
         paths: spec.paths,
         headers,
         name: spec.name.into(),
-        service,
+        target,
         action: spec.action,
         from: spec
             .from
@@ -771,6 +758,73 @@ fn check_policy(
             .collect(),
         ports: spec.ports,
     })
+}
+
+/// A policy's `target`: a service's endpoints, or workloads by namespace
+/// and labels.
+fn policy_target(
+    check: &mut Checker<'_>,
+    file: usize,
+    at: &FieldPath,
+    spec: &crate::config::PolicyTarget,
+    services: &[(usize, FieldPath, Service)],
+) -> Option<crate::policy::authz::Target> {
+    use crate::policy::authz::Target;
+    let at = at.clone().key("target");
+    match (&spec.service, &spec.namespace) {
+        (Some(service), None) if spec.selector.is_empty() => {
+            let Some((namespace, name)) = service.split_once('/') else {
+                check.fail(
+                    file,
+                    &at.key("service"),
+                    format!("{service:?} must be namespace/name"),
+                );
+                return None;
+            };
+            let Some(index) = services
+                .iter()
+                .position(|(_, _, s)| &*s.namespace == namespace && &*s.name == name)
+            else {
+                check.fail(
+                    file,
+                    &at.key("service"),
+                    format!("no service {namespace}/{name}"),
+                );
+                return None;
+            };
+            Some(Target::Service(index))
+        }
+        (None, Some(namespace)) => {
+            let namespace = match namespace.as_str() {
+                "*" => None,
+                ns if crate::spiffe::is_dns_label(ns) => Some(ns.into()),
+                ns => {
+                    check.fail(
+                        file,
+                        &at.key("namespace"),
+                        format!("{ns:?} is neither a namespace nor *"),
+                    );
+                    return None;
+                }
+            };
+            Some(Target::Workloads {
+                namespace,
+                selector: spec
+                    .selector
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            })
+        }
+        _ => {
+            check.fail(
+                file,
+                &at,
+                "give either service (namespace/name) or namespace (with an optional selector)",
+            );
+            None
+        }
+    }
 }
 
 /// The shortest `proxy.failTimeout`: two and a half heartbeats.
@@ -937,6 +991,7 @@ fn check_workload(
     let workload = Workload {
         identity,
         reported: Reported::from_labels(&spec.labels, &name),
+        labels: spec.labels.clone(),
         name,
         namespace: spec.namespace.as_str().into(),
         service_account: spec.service_account.as_str().into(),
@@ -1076,6 +1131,45 @@ node:
         match load_str("mesh.yaml", yaml) {
             Ok(_) => panic!("expected an error for:\n{yaml}"),
             Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_policy_targets_a_service_or_workloads_by_namespace_and_labels() {
+        use crate::policy::authz::Target;
+        let config = load_str(
+            "mesh.yaml",
+            &format!(
+                "{NODE}services:\n  - {{ name: web, vip: 10.96.0.9, ports: [{{ port: 80 }}] }}\npolicies:\n  - {{ name: a, target: {{ service: default/web }}, action: deny }}\n  - {{ name: b, target: {{ namespace: shop, selector: {{ app: reviews }} }}, action: allow }}\n  - {{ name: c, target: {{ namespace: '*' }}, action: deny }}\n"
+            ),
+        )
+        .expect("valid");
+        let targets: Vec<_> = config.policies.iter().map(|p| p.target.clone()).collect();
+        assert_eq!(
+            targets,
+            [
+                Target::Service(0),
+                Target::Workloads {
+                    namespace: Some("shop".into()),
+                    selector: vec![("app".into(), "reviews".into())]
+                },
+                Target::Workloads {
+                    namespace: None,
+                    selector: vec![]
+                },
+            ]
+        );
+        for target in [
+            "{}",
+            "{ service: default/web, namespace: shop }",
+            "{ service: default/web, selector: { app: x } }",
+            "{ selector: { app: x } }",
+            "{ namespace: 'Not/A/Label' }",
+        ] {
+            let text = errors(&format!(
+                "{NODE}services:\n  - {{ name: web, vip: 10.96.0.9, ports: [{{ port: 80 }}] }}\npolicies:\n  - {{ name: a, target: {target}, action: deny }}\n"
+            ));
+            assert!(text.contains("mesh.yaml:9: policies[0].target"), "{target}: {text}");
         }
     }
 

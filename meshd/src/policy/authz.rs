@@ -22,8 +22,8 @@ pub enum PolicyAction {
 #[derive(Debug, Clone)]
 pub struct Policy {
     pub name: Arc<str>,
-    /// Index into `Config::services`.
-    pub service: usize,
+    /// What it protects.
+    pub target: Target,
     pub action: PolicyAction,
     pub from: Vec<PolicySource>,
     pub ports: Vec<u16>,
@@ -40,6 +40,45 @@ impl Policy {
     }
 }
 
+/// What a policy protects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// The endpoints of a service (an index into `Config::services`).
+    Service(usize),
+    /// The workloads of a namespace (of every namespace: `None`) whose
+    /// labels hold every pair of `selector` (Istio's workload selector).
+    Workloads {
+        namespace: Option<Arc<str>>,
+        selector: Vec<(String, String)>,
+    },
+}
+
+impl Target {
+    fn applies(&self, destination: &Destination<'_>) -> bool {
+        match self {
+            Self::Service(service) => destination.services.contains(service),
+            Self::Workloads {
+                namespace,
+                selector,
+            } => destination.workload.is_some_and(|(ns, labels)| {
+                namespace.as_deref().is_none_or(|want| want == ns)
+                    && selector
+                        .iter()
+                        .all(|(k, v)| labels.get(k).is_some_and(|l| l == v))
+            }),
+        }
+    }
+}
+
+/// The endpoint a connection or request goes to, as policies select it:
+/// the services it backs, and the workload it is (namespace and labels)
+/// when it is one of this node's.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Destination<'a> {
+    pub services: &'a [usize],
+    pub workload: Option<(&'a str, &'a std::collections::BTreeMap<String, String>)>,
+}
+
 /// A source clause; every non-empty list must match.
 #[derive(Debug, Clone, Default)]
 pub struct PolicySource {
@@ -48,13 +87,12 @@ pub struct PolicySource {
     pub namespaces: Vec<String>,
 }
 
-/// What is being decided: who connects, to which services' endpoint, on
-/// which (target) port.
+/// What is being decided: who connects, to which endpoint, on which
+/// (target) port.
 pub struct Request<'a> {
     /// The peer's proven identity; `None` for plaintext.
     pub source: Option<&'a Identity>,
-    /// Indexes of the services the destination endpoint belongs to.
-    pub services: &'a [usize],
+    pub destination: Destination<'a>,
     pub port: u16,
     /// The HTTP request, when one is being decided (L7).
     pub http: Option<Http<'a>>,
@@ -68,12 +106,12 @@ pub struct Http<'a> {
     pub headers: &'a hyper::HeaderMap,
 }
 
-/// Whether the policies for `services` need each HTTP request decided on
-/// its own (some policy there has L7 conditions).
-pub fn needs_requests(policies: &[Policy], services: &[usize]) -> bool {
+/// Whether the policies for `destination` need each HTTP request decided
+/// on its own (some policy there has L7 conditions).
+pub fn needs_requests(policies: &[Policy], destination: &Destination<'_>) -> bool {
     policies
         .iter()
-        .any(|p| services.contains(&p.service) && p.is_http())
+        .any(|p| p.target.applies(destination) && p.is_http())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,15 +123,15 @@ pub enum Decision {
     },
 }
 
-/// How plaintext that reaches an endpoint of `services` without meshd (no
-/// principal, no request to look at) would be decided: whether it is
-/// admitted on the ports no policy names, and each named port where the
-/// answer differs. Enforced in the kernel, since meshd never sees it.
-pub fn plaintext(policies: &[Policy], services: &[usize]) -> (bool, Vec<(u16, bool)>) {
+/// How plaintext that reaches `destination` without meshd (no principal,
+/// no request to look at) would be decided: whether it is admitted on the
+/// ports no policy names, and each named port where the answer differs.
+/// Enforced in the kernel, since meshd never sees it.
+pub fn plaintext(policies: &[Policy], destination: &Destination<'_>) -> (bool, Vec<(u16, bool)>) {
     let admitted = |port| {
         let request = Request {
             source: None,
-            services,
+            destination: *destination,
             port,
             http: None,
         };
@@ -103,7 +141,7 @@ pub fn plaintext(policies: &[Policy], services: &[usize]) -> (bool, Vec<(u16, bo
     let others = admitted(0);
     let mut named: Vec<u16> = policies
         .iter()
-        .filter(|p| services.contains(&p.service))
+        .filter(|p| p.target.applies(destination))
         .flat_map(|p| p.ports.iter().copied())
         .collect();
     named.sort_unstable();
@@ -120,7 +158,7 @@ pub fn authorize(policies: &[Policy], request: &Request<'_>) -> Decision {
     let selected = || {
         policies
             .iter()
-            .filter(|p| request.services.contains(&p.service))
+            .filter(|p| p.target.applies(&request.destination))
     };
     if let Some(deny) = selected()
         .filter(|p| p.action == PolicyAction::Deny)
@@ -231,7 +269,7 @@ mod tests {
         };
         Policy {
             name: name.into(),
-            service,
+            target: Target::Service(service),
             action,
             from,
             ports: ports.to_vec(),
@@ -299,7 +337,10 @@ mod tests {
         for (source, services, port, allowed) in cases {
             let request = Request {
                 source: *source,
-                services,
+                destination: Destination {
+                    services,
+                    workload: None,
+                },
                 port: *port,
                 http: None,
             };
@@ -319,7 +360,10 @@ mod tests {
             &policies,
             &Request {
                 source: None,
-                services: &[0],
+                destination: Destination {
+                    services: &[0],
+                    workload: None,
+                },
                 port: 1,
                 http: None,
             },
@@ -357,7 +401,10 @@ mod tests {
         for (method, path, headers, allowed) in cases {
             let request = Request {
                 source: Some(&a),
-                services: &[0],
+                destination: Destination {
+                    services: &[0],
+                    workload: None,
+                },
                 port: 80,
                 http: Some(Http {
                     method,
@@ -375,12 +422,101 @@ mod tests {
         // A plain TCP connection: the L7 allow cannot match, so it is denied.
         let tcp = Request {
             source: Some(&a),
-            services: &[0],
+            destination: Destination {
+                services: &[0],
+                workload: None,
+            },
             port: 80,
             http: None,
         };
         assert_ne!(authorize(&policies, &tcp), Decision::Allow);
-        assert!(needs_requests(&policies, &[0]));
-        assert!(!needs_requests(&policies, &[1]));
+        assert!(needs_requests(
+            &policies,
+            &Destination {
+                services: &[0],
+                workload: None
+            }
+        ));
+        assert!(!needs_requests(
+            &policies,
+            &Destination {
+                services: &[1],
+                workload: None
+            }
+        ));
+    }
+
+    #[test]
+    fn a_workload_selector_picks_workloads_by_namespace_and_labels() {
+        let a = id("default", "a");
+        let mut deny_v2 = policy("deny-v2", 0, PolicyAction::Deny, &[], &[], &[]);
+        deny_v2.target = Target::Workloads {
+            namespace: Some("shop".into()),
+            selector: vec![
+                ("app".into(), "reviews".into()),
+                ("version".into(), "v2".into()),
+            ],
+        };
+        let mut allow_all_ns = policy(
+            "allow-a",
+            0,
+            PolicyAction::Allow,
+            &["cluster.local/ns/default/sa/a"],
+            &[],
+            &[],
+        );
+        allow_all_ns.target = Target::Workloads {
+            namespace: None,
+            selector: vec![("app".into(), "ratings".into())],
+        };
+        let policies = vec![deny_v2, allow_all_ns];
+        let labels = |pairs: &[(&str, &str)]| -> std::collections::BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let v2 = labels(&[("app", "reviews"), ("version", "v2")]);
+        let v1 = labels(&[("app", "reviews"), ("version", "v1")]);
+        let ratings = labels(&[("app", "ratings")]);
+        let x = id("other", "x");
+        let cases: &[(
+            &Identity,
+            &str,
+            &std::collections::BTreeMap<String, String>,
+            bool,
+        )] = &[
+            (&a, "shop", &v2, false),
+            // another namespace, or other labels: not selected
+            (&a, "other", &v2, true),
+            (&a, "shop", &v1, true),
+            // every namespace's ratings: a only
+            (&a, "shop", &ratings, true),
+            (&x, "elsewhere", &ratings, false),
+        ];
+        for (source, namespace, labels, allowed) in cases {
+            let request = Request {
+                source: Some(source),
+                destination: Destination {
+                    services: &[],
+                    workload: Some((namespace, labels)),
+                },
+                port: 80,
+                http: None,
+            };
+            assert_eq!(
+                authorize(&policies, &request) == Decision::Allow,
+                *allowed,
+                "{source:?} → {namespace} {labels:?}"
+            );
+        }
+        // An endpoint that is no workload of this node: only service targets.
+        let none = Request {
+            source: Some(&x),
+            destination: Destination::default(),
+            port: 80,
+            http: None,
+        };
+        assert_eq!(authorize(&policies, &none), Decision::Allow);
     }
 }

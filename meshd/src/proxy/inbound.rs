@@ -323,7 +323,7 @@ async fn stream_request(
         identity: Some(&source),
         workload: known.map(|k| (&k.name, &k.reported)),
     };
-    let (speaks, serve) = how_followed(&inputs, &snapshot, services, target.port());
+    let (speaks, serve) = how_followed(&inputs, &snapshot, target);
     let http = speaks.is_some();
     let labels = labels::destination(
         &snapshot.config.cluster,
@@ -341,9 +341,7 @@ async fn stream_request(
         (log.clone(), downstream)
     });
     let result = Outcome::new(&inputs.metrics, http, &labels, &access, target);
-    if let Err((code, flag)) = admit(
-        &inputs, &snapshot, &source, workload, services, target, serve,
-    ) {
+    if let Err((code, flag)) = admit(&inputs, &snapshot, &source, workload, target, serve) {
         return result.refuse(&inputs.metrics, code, flag);
     }
     drop(snapshot);
@@ -382,7 +380,6 @@ fn admit(
     snapshot: &Snapshot,
     source: &Identity,
     workload: &crate::config::Workload,
-    services: &[usize],
     target: SocketAddrV4,
     serve: bool,
 ) -> Result<(), (StatusCode, ResponseFlag)> {
@@ -393,7 +390,7 @@ fn admit(
             &snapshot.config.policies,
             &authz::Request {
                 source: Some(source),
-                services,
+                destination: snapshot.destination(*target.ip()),
                 port: target.port(),
                 http: None,
             },
@@ -446,16 +443,18 @@ fn connect_target(request: &Request<Incoming>) -> Result<(SocketAddrV4, Baggage)
 fn how_followed(
     inputs: &ProxyInputs,
     snapshot: &Snapshot,
-    services: &[usize],
-    port: u16,
+    target: SocketAddrV4,
 ) -> (Option<observe::Speaks>, bool) {
-    let speaks = match port_protocol(snapshot, services, port) {
+    let services = snapshot.services_of(*target.ip());
+    let destination = snapshot.destination(*target.ip());
+    let speaks = match port_protocol(snapshot, services, target.port()) {
         Some(Protocol::Http) => Some(observe::Speaks::Http1),
         Some(Protocol::Http2 | Protocol::Grpc) => Some(observe::Speaks::Http2),
         _ => None,
     };
     let serve = speaks.is_some()
-        && (inputs.tracer.is_some() || authz::needs_requests(&snapshot.config.policies, services));
+        && (inputs.tracer.is_some()
+            || authz::needs_requests(&snapshot.config.policies, &destination));
     (speaks, serve)
 }
 

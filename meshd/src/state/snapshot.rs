@@ -459,17 +459,23 @@ impl Snapshot {
     /// filter, by (address, port; port 0 for every port the others leave).
     pub fn pod_ports(&self) -> std::collections::HashMap<SocketAddrV4, PlaintextRule> {
         let mut rules = std::collections::HashMap::<SocketAddrV4, PlaintextRule>::new();
-        for (address, services) in &self.services_by_address {
+        let addresses: std::collections::BTreeSet<Ipv4Addr> = self
+            .services_by_address
+            .keys()
+            .chain(self.by_address.keys())
+            .copied()
+            .collect();
+        for address in addresses {
             let (others, differing) =
-                crate::policy::authz::plaintext(&self.config.policies, services);
+                crate::policy::authz::plaintext(&self.config.policies, &self.destination(address));
             if !others {
                 rules
-                    .entry(SocketAddrV4::new(*address, 0))
+                    .entry(SocketAddrV4::new(address, 0))
                     .or_default()
                     .refused = true;
             }
             for (port, admitted) in differing {
-                let rule = rules.entry(SocketAddrV4::new(*address, port)).or_default();
+                let rule = rules.entry(SocketAddrV4::new(address, port)).or_default();
                 rule.refused = !admitted;
                 rule.admitted = admitted;
             }
@@ -493,6 +499,17 @@ impl Snapshot {
     }
 
     /// The workload of this node that owns `address`.
+    /// The endpoint at `address` as policies select it: the services it
+    /// backs and, when it is one of this node's, its workload.
+    pub fn destination(&self, address: Ipv4Addr) -> crate::policy::authz::Destination<'_> {
+        crate::policy::authz::Destination {
+            services: self.services_of(address),
+            workload: self
+                .local_workload(address)
+                .map(|w| (&*w.namespace, &w.labels)),
+        }
+    }
+
     pub fn local_workload(&self, address: Ipv4Addr) -> Option<&Workload> {
         self.by_address
             .get(&address)

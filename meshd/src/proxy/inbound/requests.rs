@@ -186,7 +186,7 @@ async fn forward(
         &mesh.config.policies,
         &authz::Request {
             source: Some(source),
-            services: mesh.services_of(*target.ip()),
+            destination: mesh.destination(*target.ip()),
             port: target.port(),
             http: Some(authz::Http {
                 method: request.method(),
