@@ -385,6 +385,10 @@ pub struct PolicySpec {
     /// present; every one listed must match.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+    /// Matches no connection or request (Istio's `ALLOW` without rules:
+    /// its target then admits only what another allow matches).
+    #[serde(default)]
+    pub matches_nothing: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -106,21 +106,9 @@ fn the_mesh_file_is_the_same_on_every_node_and_workloads_are_the_nodes_own() {
     }
 }
 
-/// The files as meshd itself loads them, with a node file of its own.
+/// The files as meshd itself loads them.
 fn load(node: &str, translation: &Translation) -> meshd::config::Config {
-    let node_file = format!(
-        "node:\n  name: {node}\n  captureAddress: 10.244.9.1\n  podCgroup: /kubepods.slice\n  cgroupDriver: systemd\n  identity: {{ issuer: /nonexistent }}\n"
-    );
-    let sources = [
-        ("node.yaml", node_file.as_str()),
-        (MESH_FILE, translation.mesh.as_str()),
-        (WORKLOADS_FILE, translation.workloads.as_str()),
-    ]
-    .map(|(name, text)| meshd::config::Source {
-        path: name.into(),
-        text: text.to_owned(),
-    });
-    meshd::config::load_sources(&sources).unwrap_or_else(|e| panic!("meshd refuses it:\n{e}"))
+    meshd::discover::load(translation, node).unwrap_or_else(|e| panic!("meshd refuses it:\n{e}"))
 }
 
 #[test]
@@ -164,9 +152,9 @@ fn a_malformed_manifest_names_its_file_and_document() {
 }
 
 #[test]
-fn a_policy_discovery_cannot_translate_yet_stops_it_instead_of_being_left_out() {
-    let text = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-all, namespace: bookinfo}\nspec: {}\n";
+fn a_policy_discovery_cannot_translate_stops_it_instead_of_being_left_out() {
+    let text = "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: jwt, namespace: bookinfo}\nspec: {}\n";
     let err = manifests::parse(Path::new("policy.yaml"), text)
         .expect_err("a policy left out would give more access than it does");
-    assert!(err.to_string().contains("not translated yet"), "{err}");
+    assert!(err.to_string().contains("is not translated"), "{err}");
 }

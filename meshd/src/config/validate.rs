@@ -747,6 +747,7 @@ fn check_policy(
         headers,
         name: spec.name.into(),
         target,
+        nothing: spec.matches_nothing,
         action: spec.action,
         from: spec
             .from
@@ -1169,7 +1170,10 @@ node:
             let text = errors(&format!(
                 "{NODE}services:\n  - {{ name: web, vip: 10.96.0.9, ports: [{{ port: 80 }}] }}\npolicies:\n  - {{ name: a, target: {target}, action: deny }}\n"
             ));
-            assert!(text.contains("mesh.yaml:9: policies[0].target"), "{target}: {text}");
+            assert!(
+                text.contains("mesh.yaml:9: policies[0].target"),
+                "{target}: {text}"
+            );
         }
     }
 

@@ -234,3 +234,71 @@ pub struct Mtls {
     /// `UNSET`, `DISABLE`, `PERMISSIVE` or `STRICT`.
     pub mode: Option<String>,
 }
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthorizationPolicySpec {
+    pub selector: Option<WorkloadSelector>,
+    #[serde(default)]
+    pub target_refs: Vec<Reference>,
+    pub target_ref: Option<Reference>,
+    /// `ALLOW` (default), `DENY`, `AUDIT` or `CUSTOM`.
+    pub action: Option<String>,
+    /// Absent: an `ALLOW` matches nothing, a `DENY` nothing.
+    pub rules: Option<Vec<AuthorizationRule>>,
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadSelector {
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct AuthorizationRule {
+    #[serde(default)]
+    pub from: Vec<RuleFrom>,
+    #[serde(default)]
+    pub to: Vec<RuleTo>,
+    #[serde(default)]
+    pub when: Vec<Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RuleFrom {
+    #[serde(default)]
+    pub source: RuleSource,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RuleSource {
+    #[serde(default)]
+    pub principals: Vec<String>,
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    /// Every other condition (`notPrincipals`, `ipBlocks`, …).
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RuleTo {
+    #[serde(default)]
+    pub operation: RuleOperation,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RuleOperation {
+    #[serde(default)]
+    pub ports: Vec<String>,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub paths: Vec<String>,
+    /// Every other condition (`hosts`, `notPaths`, …).
+    #[serde(flatten)]
+    pub other: Other,
+}

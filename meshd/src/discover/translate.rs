@@ -16,7 +16,7 @@ use serde_json::{json, Map, Value};
 
 use super::{
     cluster::{Cluster, Key, Kind, PodInfo},
-    peer, traffic,
+    peer, policies, traffic,
 };
 use crate::config::{Protocol, QosClass};
 
@@ -80,6 +80,11 @@ pub const WORKLOADS_FILE: &str = "workloads.yaml";
 pub struct Reports(Vec<Unsupported>);
 
 impl Reports {
+    /// The fields reported so far, in order.
+    pub fn fields(&self) -> Vec<&'static str> {
+        self.0.iter().map(|u| u.field).collect()
+    }
+
     pub fn add(&mut self, kind: Kind, key: &Key, field: &'static str, detail: String) {
         self.0.push(Unsupported {
             kind,
@@ -109,14 +114,16 @@ pub fn translate(cluster: &Cluster, settings: &Settings) -> Translation {
     traffic::check_routes(cluster, &mut t.reports);
     let nodes = t.nodes();
     let services = t.services();
-    let workloads = t.workloads(&settings.node);
+    let (policies, selector_keys) =
+        policies::policies(cluster, &settings.root_namespace, &mut t.reports);
+    let workloads = t.workloads(&settings.node, &selector_keys);
     let mut unsupported = t.reports.0;
     unsupported.sort();
     unsupported.dedup();
     Translation {
         mesh: document(
             "the mesh: nodes and services",
-            json!({ "mesh": mesh, "nodes": nodes, "services": services }),
+            json!({ "mesh": mesh, "nodes": nodes, "policies": policies, "services": services }),
         ),
         workloads: document(
             &format!("the pods on node {}", settings.node),
@@ -371,7 +378,7 @@ impl<'a> Translator<'a> {
     }
 
     /// This node's pods, as workloads named by UID and QoS class.
-    fn workloads(&mut self, node: &str) -> Vec<Value> {
+    fn workloads(&mut self, node: &str, selector_keys: &BTreeSet<String>) -> Vec<Value> {
         let cluster = self.cluster;
         let mut workloads = Vec::new();
         for (key, pod) in &cluster.pods {
@@ -401,7 +408,7 @@ impl<'a> Translator<'a> {
                 );
                 continue;
             }
-            workloads.push(workload_value(pod, qos));
+            workloads.push(workload_value(pod, qos, selector_keys));
         }
         workloads
     }
@@ -458,7 +465,7 @@ fn endpoint_value(
     Value::Object(value)
 }
 
-fn workload_value(pod: &PodInfo, qos: QosClass) -> Value {
+fn workload_value(pod: &PodInfo, qos: QosClass, selector_keys: &BTreeSet<String>) -> Value {
     let qos = match qos {
         QosClass::Guaranteed => "Guaranteed",
         QosClass::Burstable => "Burstable",
@@ -473,7 +480,13 @@ fn workload_value(pod: &PodInfo, qos: QosClass) -> Value {
     if !addresses.is_empty() {
         value.insert("addresses".into(), json!(addresses));
     }
-    let labels = reported_labels(&pod.labels);
+    // The labels metrics use, and those policies select workloads on.
+    let mut labels = reported_labels(&pod.labels);
+    for key in selector_keys {
+        if let Some((k, v)) = pod.labels.get_key_value(key) {
+            labels.insert(k, v);
+        }
+    }
     if !labels.is_empty() {
         value.insert("labels".into(), json!(labels));
     }

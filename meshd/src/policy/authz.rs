@@ -24,6 +24,8 @@ pub struct Policy {
     pub name: Arc<str>,
     /// What it protects.
     pub target: Target,
+    /// Matches nothing (an allow that only closes its target).
+    pub nothing: bool,
     pub action: PolicyAction,
     pub from: Vec<PolicySource>,
     pub ports: Vec<u16>,
@@ -184,6 +186,9 @@ pub fn authorize(policies: &[Policy], request: &Request<'_>) -> Decision {
 }
 
 fn matches(policy: &Policy, request: &Request<'_>) -> bool {
+    if policy.nothing {
+        return false;
+    }
     let port = policy.ports.is_empty() || policy.ports.contains(&request.port);
     let from = policy.from.is_empty()
         || policy
@@ -270,6 +275,7 @@ mod tests {
         Policy {
             name: name.into(),
             target: Target::Service(service),
+            nothing: false,
             action,
             from,
             ports: ports.to_vec(),
@@ -307,7 +313,10 @@ mod tests {
         let allow_ns_other = policy("allow-other", 1, Allow, &[], &["other"], &[]);
         let deny_all_svc2 = policy("deny-all", 2, Deny, &[], &[], &[]);
         let allow_any = policy("allow-any", 3, Allow, &["*"], &[], &[]);
+        let mut allow_nothing = policy("allow-nothing", 5, Allow, &[], &[], &[]);
+        allow_nothing.nothing = true;
         let policies = vec![
+            allow_nothing,
             allow_a,
             deny_a_9090,
             allow_ns_other,
@@ -328,6 +337,9 @@ mod tests {
             // service 3: any authenticated source
             (Some(&x), &[3], 80, true),
             (None, &[3], 80, false),
+            // service 5: an allow that matches nothing closes it
+            (Some(&a), &[5], 80, false),
+            (None, &[5], 80, false),
             // service 4: no policy selects it
             (Some(&a), &[4], 80, true),
             (None, &[4], 80, true),
