@@ -12,6 +12,7 @@ mod peer;
 mod policies;
 mod traffic;
 pub mod translate;
+pub mod watch;
 pub mod write;
 
 use std::path::Path;

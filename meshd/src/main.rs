@@ -63,13 +63,15 @@ enum Command {
         config: Vec<PathBuf>,
     },
     /// Write meshd's node-local files (`mesh.yaml`, `workloads.yaml`) for
-    /// one node from the cluster's objects: Services, EndpointSlices, Pods,
-    /// Nodes.
+    /// one node from the cluster's objects (Services, EndpointSlices, Pods,
+    /// Nodes, HTTPRoutes, Istio's DestinationRules, PeerAuthentications and
+    /// AuthorizationPolicies): watched on the API server, or once from
+    /// manifests.
     Discover {
         /// Read the objects from the manifests below this directory
-        /// (multi-document files and `List`s) instead of the API.
-        #[arg(long, required = true)]
-        from_manifests: PathBuf,
+        /// (multi-document files and `List`s), write the files once and exit.
+        #[arg(long)]
+        from_manifests: Option<PathBuf>,
         /// The node whose pods become workloads.
         #[arg(long, env = "NODE_NAME")]
         node: String,
@@ -213,6 +215,25 @@ fn main() -> ExitCode {
                 trust_domain,
                 cluster_name,
                 root_namespace,
+            };
+            let Some(from_manifests) = from_manifests else {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(err) => {
+                        eprintln!("meshd discover: {err}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                return match runtime.block_on(meshd::discover::watch::run(settings, out)) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(err) => {
+                        eprintln!("meshd discover: {}", render_chain(&err));
+                        ExitCode::FAILURE
+                    }
+                };
             };
             match meshd::discover::from_manifests(&from_manifests, &out, &settings) {
                 Ok(translation) => {

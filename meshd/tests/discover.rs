@@ -158,3 +158,225 @@ fn a_policy_discovery_cannot_translate_stops_it_instead_of_being_left_out() {
         .expect_err("a policy left out would give more access than it does");
     assert!(err.to_string().contains("is not translated"), "{err}");
 }
+
+mod watch_path {
+    //! The API path, fed with kube-rs watcher events built from the same
+    //! manifests: an initial list of every kind, then changes, deletions
+    //! and a restarted watch's relist.
+
+    use kube::runtime::watcher::Event;
+    use meshd::discover::{
+        cluster::{Kind, Object},
+        watch::{change_of, Update, Watched},
+    };
+
+    use super::*;
+
+    fn objects() -> Vec<Object> {
+        let dir = data().join("manifests");
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        files
+            .iter()
+            .flat_map(|path| {
+                manifests::parse(path, &std::fs::read_to_string(path).unwrap()).unwrap()
+            })
+            .collect()
+    }
+
+    const KINDS: [Kind; 8] = [
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::Pod,
+        Kind::Node,
+        Kind::HttpRoute,
+        Kind::DestinationRule,
+        Kind::PeerAuthentication,
+        Kind::AuthorizationPolicy,
+    ];
+
+    fn event(watched: &mut Watched, kind: Kind, event: Event<Object>) {
+        watched.update(change_of(kind, event, Ok));
+    }
+
+    /// Each kind listed as a watch's first list brings it.
+    fn listed(objects: &[Object]) -> Watched {
+        let mut watched = Watched::default();
+        for kind in KINDS {
+            event(&mut watched, kind, Event::Init);
+            for object in objects.iter().filter(|o| o.kind() == kind) {
+                event(&mut watched, kind, Event::InitApply(object.clone()));
+            }
+            assert!(!watched.ready(), "ready before every kind was listed");
+            event(&mut watched, kind, Event::InitDone);
+        }
+        watched
+    }
+
+    fn find(objects: &[Object], kind: Kind, name: &str) -> Object {
+        objects
+            .iter()
+            .find(|o| o.kind() == kind && o.key().1 == name)
+            .unwrap_or_else(|| panic!("no {name}"))
+            .clone()
+    }
+
+    #[test]
+    fn the_first_lists_give_the_golden_files() {
+        let watched = listed(&objects());
+        assert!(watched.ready());
+        for node in ["node-a", "node-b"] {
+            let translation = translate(&watched.cluster, &settings(node));
+            assert_eq!(translation.mesh, golden(node, MESH_FILE, &translation.mesh));
+            assert_eq!(
+                translation.workloads,
+                golden(node, WORKLOADS_FILE, &translation.workloads)
+            );
+        }
+    }
+
+    #[test]
+    fn a_pod_moving_to_the_other_node_is_followed_on_both() {
+        let objects = objects();
+        let mut watched = listed(&objects);
+        // reviews-v2 is rescheduled from node-b to node-a with a new
+        // address: its Pod and the slices of reviews and reviews-v2 change.
+        let Object::Pod(mut pod) = find(&objects, Kind::Pod, "reviews-v2-6f8d9c7b5-d3e4f") else {
+            unreachable!()
+        };
+        pod.spec.as_mut().unwrap().node_name = Some("node-a".into());
+        let status = pod.status.as_mut().unwrap();
+        status.pod_ip = Some("10.244.1.23".into());
+        status.pod_ips.as_mut().unwrap()[0].ip = "10.244.1.23".into();
+        event(&mut watched, Kind::Pod, Event::Apply(Object::Pod(pod)));
+        for slice in ["reviews-k9x2m", "reviews-v2-7hq2x"] {
+            let Object::EndpointSlice(mut slice) = find(&objects, Kind::EndpointSlice, slice)
+            else {
+                unreachable!()
+            };
+            for endpoint in slice.endpoints.iter_mut().flatten() {
+                if endpoint.addresses == ["10.244.2.23"] {
+                    endpoint.addresses = vec!["10.244.1.23".into()];
+                    endpoint.node_name = Some("node-a".into());
+                }
+            }
+            event(
+                &mut watched,
+                Kind::EndpointSlice,
+                Event::Apply(Object::EndpointSlice(slice)),
+            );
+        }
+        let a = load("node-a", &translate(&watched.cluster, &settings("node-a")));
+        let b = load("node-b", &translate(&watched.cluster, &settings("node-b")));
+        let reviews = a.services.iter().find(|s| &*s.name == "reviews").unwrap();
+        let moved = reviews
+            .endpoints
+            .iter()
+            .find(|e| e.address.to_string() == "10.244.1.23")
+            .expect("the new address is an endpoint");
+        assert_eq!(moved.node.as_deref(), Some("node-a"));
+        assert!(!reviews
+            .endpoints
+            .iter()
+            .any(|e| e.address.to_string() == "10.244.2.23"));
+        let on = |config: &meshd::config::Config| {
+            config
+                .workloads
+                .iter()
+                .any(|w| &*w.name == "reviews-v2-6f8d9c7b5-d3e4f")
+        };
+        assert!(
+            on(&a) && !on(&b),
+            "the pod is node-a's workload now, and no longer node-b's"
+        );
+    }
+
+    #[test]
+    fn a_deleted_policy_and_what_a_relist_no_longer_shows_are_gone() {
+        let objects = objects();
+        let mut watched = listed(&objects);
+        let policies = |watched: &Watched| {
+            load("node-a", &translate(&watched.cluster, &settings("node-a")))
+                .policies
+                .iter()
+                .map(|p| p.name.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert!(policies(&watched).contains(&"bookinfo/allow-nothing".to_owned()));
+        let allow_nothing = find(&objects, Kind::AuthorizationPolicy, "allow-nothing");
+        event(
+            &mut watched,
+            Kind::AuthorizationPolicy,
+            Event::Delete(allow_nothing),
+        );
+        assert!(!policies(&watched).contains(&"bookinfo/allow-nothing".to_owned()));
+        // A restarted Service watch relists without mongodb (deleted while
+        // the watch was away). Until the relist is done the files stay as
+        // they were; then mongodb is gone and everything else is there.
+        let before = translate(&watched.cluster, &settings("node-a"));
+        event(&mut watched, Kind::Service, Event::Init);
+        for object in objects
+            .iter()
+            .filter(|o| o.kind() == Kind::Service && o.key().1 != "mongodb")
+        {
+            event(
+                &mut watched,
+                Kind::Service,
+                Event::InitApply(object.clone()),
+            );
+            assert_eq!(translate(&watched.cluster, &settings("node-a")), before);
+        }
+        event(&mut watched, Kind::Service, Event::InitDone);
+        let after = load("node-a", &translate(&watched.cluster, &settings("node-a")));
+        let names: Vec<_> = after.services.iter().map(|s| s.name.to_string()).collect();
+        assert!(!names.contains(&"mongodb".to_owned()), "{names:?}");
+        assert_eq!(
+            names.len(),
+            before.mesh.matches("\n  vip: ").count() - 1,
+            "{names:?}"
+        );
+    }
+
+    #[test]
+    fn an_unreadable_policy_holds_the_files_back_until_it_is_readable_or_gone() {
+        let objects = objects();
+        let mut watched = listed(&objects);
+        let key = ("bookinfo".to_owned(), "broken".to_owned());
+        watched.update(Update::Unreadable(
+            Kind::AuthorizationPolicy,
+            key.clone(),
+            "spec.rules: invalid type".into(),
+        ));
+        assert!(
+            !watched.ready(),
+            "files written without a policy that could not be read"
+        );
+        watched.update(change_of(
+            Kind::AuthorizationPolicy,
+            Event::Delete(Object::from_value(
+                serde_yaml::from_str(
+                    "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: broken, namespace: bookinfo}\nspec: {}\n",
+                )
+                .unwrap(),
+            )
+            .unwrap()
+            .unwrap()),
+            Ok,
+        ));
+        assert!(watched.ready());
+        // A kind whose CRD is not installed counts as listed, with nothing.
+        let mut bare = Watched::default();
+        for kind in &KINDS[..4] {
+            bare.update(change_of(*kind, Event::Init, Ok));
+            bare.update(change_of(*kind, Event::InitDone, Ok));
+        }
+        assert!(!bare.ready());
+        for kind in &KINDS[4..] {
+            bare.update(Update::Absent(*kind));
+        }
+        assert!(bare.ready());
+    }
+}

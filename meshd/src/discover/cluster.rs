@@ -273,6 +273,48 @@ fn probe_ports(spec: &k8s_openapi::api::core::v1::PodSpec) -> Vec<u16> {
     ports
 }
 
+/// One change a watch reports (kube-rs's `watcher::Event`, typed as an
+/// `Object`): an object applied or deleted, or a relist — `Init`, then
+/// the listed objects, then `InitDone`, after which what was not listed
+/// is gone.
+#[derive(Debug, Clone)]
+pub enum Change {
+    Apply(Object),
+    Delete(Kind, Key),
+    Init(Kind),
+    InitApply(Object),
+    InitDone(Kind),
+}
+
+impl Object {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Self::Service(_) => Kind::Service,
+            Self::EndpointSlice(_) => Kind::EndpointSlice,
+            Self::Pod(_) => Kind::Pod,
+            Self::Node(_) => Kind::Node,
+            Self::HttpRoute(_) => Kind::HttpRoute,
+            Self::DestinationRule(_) => Kind::DestinationRule,
+            Self::PeerAuthentication(_) => Kind::PeerAuthentication,
+            Self::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
+        }
+    }
+
+    /// Its `namespace`, `name`.
+    pub fn key(&self) -> Key {
+        key_of(match self {
+            Self::Service(o) => &o.metadata,
+            Self::EndpointSlice(o) => &o.metadata,
+            Self::Pod(o) => &o.metadata,
+            Self::Node(o) => &o.metadata,
+            Self::HttpRoute(o) => &o.metadata,
+            Self::DestinationRule(o) => &o.metadata,
+            Self::PeerAuthentication(o) => &o.metadata,
+            Self::AuthorizationPolicy(o) => &o.metadata,
+        })
+    }
+}
+
 /// Everything discovery knows, by kind and key.
 #[derive(Debug, Clone, Default)]
 pub struct Cluster {
@@ -284,6 +326,8 @@ pub struct Cluster {
     pub destination_rules: BTreeMap<Key, Resource<DestinationRuleSpec>>,
     pub peer_authentications: BTreeMap<Key, Resource<PeerAuthenticationSpec>>,
     pub authorization_policies: BTreeMap<Key, Resource<AuthorizationPolicySpec>>,
+    /// Kinds being relisted: what the relist has brought so far.
+    relisting: BTreeMap<Kind, Box<Cluster>>,
 }
 
 fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Key {
@@ -322,6 +366,44 @@ impl Cluster {
             }
             Object::AuthorizationPolicy(r) => {
                 self.authorization_policies.insert(key_of(&r.metadata), *r);
+            }
+        }
+    }
+
+    /// Applies one watch change. Objects of a kind being relisted are
+    /// collected apart and replace the kind's whole set at `InitDone`, so a
+    /// restarted watch drops what was deleted while it was away.
+    pub fn change(&mut self, change: Change) {
+        match change {
+            Change::Apply(object) => self.apply(object),
+            Change::Delete(kind, key) => self.delete(kind, &key),
+            Change::Init(kind) => drop(self.relisting.insert(kind, Box::default())),
+            Change::InitApply(object) => match self.relisting.get_mut(&object.kind()) {
+                Some(pending) => pending.apply(object),
+                None => self.apply(object),
+            },
+            Change::InitDone(kind) => {
+                let mut listed = self.relisting.remove(&kind).unwrap_or_default();
+                self.take_kind(&mut listed, kind);
+            }
+        }
+    }
+
+    /// Replaces this cluster's objects of `kind` by `other`'s.
+    fn take_kind(&mut self, other: &mut Cluster, kind: Kind) {
+        use std::mem::take;
+        match kind {
+            Kind::Service => self.services = take(&mut other.services),
+            Kind::EndpointSlice => self.endpoint_slices = take(&mut other.endpoint_slices),
+            Kind::Pod => self.pods = take(&mut other.pods),
+            Kind::Node => self.nodes = take(&mut other.nodes),
+            Kind::HttpRoute => self.http_routes = take(&mut other.http_routes),
+            Kind::DestinationRule => self.destination_rules = take(&mut other.destination_rules),
+            Kind::PeerAuthentication => {
+                self.peer_authentications = take(&mut other.peer_authentications)
+            }
+            Kind::AuthorizationPolicy => {
+                self.authorization_policies = take(&mut other.authorization_policies)
             }
         }
     }
