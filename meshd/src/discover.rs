@@ -19,7 +19,7 @@ use std::path::Path;
 
 use tracing::warn;
 
-pub use self::translate::{Settings, Translation, Unsupported, MESH_FILE, WORKLOADS_FILE};
+pub use self::translate::{Settings, Translation, Unsupported, CONFIG_FILE, DISCOVERED_SECTIONS};
 
 /// Logs what could not be translated, each with its object.
 pub fn log_unsupported(unsupported: &[Unsupported]) {
@@ -34,33 +34,52 @@ pub fn log_unsupported(unsupported: &[Unsupported]) {
     }
 }
 
-/// Writes a translation's files into `out`; whether any changed.
+/// Writes a translation's config into `out` (one file, so meshd never
+/// sees a new half beside an old one); whether it changed.
 pub fn write_files(out: &Path, translation: &Translation) -> std::io::Result<bool> {
     std::fs::create_dir_all(out)?;
-    let mesh = write::write_if_changed(out, MESH_FILE, &translation.mesh)?;
-    let workloads = write::write_if_changed(out, WORKLOADS_FILE, &translation.workloads)?;
-    Ok(mesh || workloads)
+    write::write_if_changed(out, CONFIG_FILE, &translation.config)
 }
 
-/// The files as meshd loads them, beside a node file of the operator's
-/// (only its name matters here): what discovery writes must never be a
-/// config meshd refuses.
+/// Reads the operator's node settings for `--node-config`: a YAML mapping
+/// without the sections discovery writes.
+pub fn read_node_config(path: &Path) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    let value: serde_json::Value =
+        serde_yaml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let serde_json::Value::Object(map) = value else {
+        anyhow::bail!("{}: not a mapping of config sections", path.display());
+    };
+    if let Some(section) = DISCOVERED_SECTIONS.iter().find(|s| map.contains_key(**s)) {
+        anyhow::bail!(
+            "{}: {section} is written by discovery from the cluster's objects; leave it out",
+            path.display()
+        );
+    }
+    Ok(map)
+}
+
+/// The config as meshd loads it: what discovery writes must never be a
+/// config meshd refuses. Without the operator's node settings
+/// (`with_node_config` false), a stand-in node file is added.
 pub fn load(
     translation: &Translation,
     node: &str,
+    with_node_config: bool,
 ) -> Result<crate::config::Config, crate::config::ConfigErrors> {
-    let node_file = format!(
-        "node: {{ name: {node:?}, captureAddress: 127.0.0.1, podCgroup: /kubepods.slice, cgroupDriver: systemd, identity: {{ issuer: /nonexistent }} }}\n"
-    );
-    let sources = [
-        ("(node)", node_file.as_str()),
-        (MESH_FILE, translation.mesh.as_str()),
-        (WORKLOADS_FILE, translation.workloads.as_str()),
-    ]
-    .map(|(name, text)| crate::config::Source {
-        path: name.into(),
-        text: text.to_owned(),
-    });
+    let mut sources = vec![crate::config::Source {
+        path: CONFIG_FILE.into(),
+        text: translation.config.clone(),
+    }];
+    if !with_node_config {
+        sources.push(crate::config::Source {
+            path: "(node)".into(),
+            text: format!(
+                "node: {{ name: {node:?}, captureAddress: 127.0.0.1, podCgroup: /kubepods.slice, cgroupDriver: systemd, identity: {{ issuer: /nonexistent }} }}\n"
+            ),
+        });
+    }
     crate::config::load_sources(&sources)
 }
 
@@ -71,7 +90,7 @@ pub fn from_manifests(dir: &Path, out: &Path, settings: &Settings) -> anyhow::Re
     let cluster = manifests::read_dir(dir)?;
     let translation = translate::translate(&cluster, settings);
     log_unsupported(&translation.unsupported);
-    load(&translation, &settings.node).map_err(|errors| {
+    load(&translation, &settings.node, settings.node_config.is_some()).map_err(|errors| {
         anyhow::anyhow!("the translation is no config meshd accepts (a discovery bug), nothing written:\n{errors}")
     })?;
     write_files(out, &translation)

@@ -75,9 +75,14 @@ enum Command {
         /// The node whose pods become workloads.
         #[arg(long, env = "NODE_NAME")]
         node: String,
-        /// Where the files are written (atomically, only when they change).
+        /// Where the config is written (`meshd.yaml`, atomically, only when
+        /// its bytes change).
         #[arg(long)]
         out: PathBuf,
+        /// The node settings (`node`, `proxy`, …) to complete with the
+        /// node's name and capture address into one whole config.
+        #[arg(long)]
+        node_config: Option<PathBuf>,
         /// The mesh's SPIFFE trust domain.
         #[arg(long, default_value = "cluster.local")]
         trust_domain: String,
@@ -208,13 +213,26 @@ fn main() -> ExitCode {
             trust_domain,
             cluster_name,
             root_namespace,
+            node_config,
         } => {
             init_logging(LogFormat::Text);
+            let node_config = match node_config
+                .as_deref()
+                .map(meshd::discover::read_node_config)
+            {
+                None => None,
+                Some(Ok(config)) => Some(config),
+                Some(Err(err)) => {
+                    eprintln!("meshd discover: {}", render_chain(&err));
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
             let settings = meshd::discover::Settings {
                 node,
                 trust_domain,
                 cluster_name,
                 root_namespace,
+                node_config,
             };
             let Some(from_manifests) = from_manifests else {
                 let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -238,10 +256,8 @@ fn main() -> ExitCode {
             match meshd::discover::from_manifests(&from_manifests, &out, &settings) {
                 Ok(translation) => {
                     println!(
-                        "ok: wrote {} and {} into {} ({} fields could not be translated)",
-                        meshd::discover::MESH_FILE,
-                        meshd::discover::WORKLOADS_FILE,
-                        out.display(),
+                        "ok: wrote {} ({} fields could not be translated)",
+                        out.join(meshd::discover::CONFIG_FILE).display(),
                         translation.unsupported.len()
                     );
                     ExitCode::SUCCESS

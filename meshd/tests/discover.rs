@@ -6,10 +6,11 @@
 
 use std::path::{Path, PathBuf};
 
-use meshd::discover::{
-    cluster::Cluster, manifests, translate::translate, Settings, Translation, MESH_FILE,
-    WORKLOADS_FILE,
-};
+use meshd::discover::{cluster::Cluster, manifests, translate::translate, Settings, Translation};
+
+/// The golden files of a translation's parts.
+const MESH_FILE: &str = "mesh.yaml";
+const WORKLOADS_FILE: &str = "workloads.yaml";
 
 fn data() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/bookinfo")
@@ -21,6 +22,7 @@ fn settings(node: &str) -> Settings {
         trust_domain: "cluster.local".to_owned(),
         cluster_name: "Kubernetes".to_owned(),
         root_namespace: "istio-system".to_owned(),
+        node_config: None,
     }
 }
 
@@ -108,7 +110,8 @@ fn the_mesh_file_is_the_same_on_every_node_and_workloads_are_the_nodes_own() {
 
 /// The files as meshd itself loads them.
 fn load(node: &str, translation: &Translation) -> meshd::config::Config {
-    meshd::discover::load(translation, node).unwrap_or_else(|e| panic!("meshd refuses it:\n{e}"))
+    meshd::discover::load(translation, node, false)
+        .unwrap_or_else(|e| panic!("meshd refuses it:\n{e}"))
 }
 
 #[test]
@@ -379,4 +382,44 @@ mod watch_path {
         }
         assert!(bare.ready());
     }
+}
+
+#[test]
+fn with_the_operators_node_settings_the_file_is_a_whole_config() {
+    let template =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/node-template.yaml");
+    let node_config = meshd::discover::read_node_config(&template).expect("the template reads");
+    let cluster = bookinfo();
+    for (node, address) in [("node-a", "10.0.0.1"), ("node-b", "10.0.0.2")] {
+        let completed = Settings {
+            node_config: Some(node_config.clone()),
+            ..settings(node)
+        };
+        let translation = translate(&cluster, &completed);
+        let config = meshd::discover::load(&translation, node, true)
+            .unwrap_or_else(|e| panic!("meshd refuses it:\n{e}"));
+        assert_eq!(&*config.node.name, node);
+        assert_eq!(
+            config.node.capture_address.to_string(),
+            address,
+            "the Node's InternalIP"
+        );
+        assert_eq!(
+            config.services.len(),
+            load(node, &translate(&cluster, &settings(node)))
+                .services
+                .len()
+        );
+    }
+    // A node config may not bring what discovery writes.
+    let dir = std::env::temp_dir().join(format!("meshd-node-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("node.yaml");
+    std::fs::write(&bad, "node: { podCgroup: /kubepods }\nservices: []\n").unwrap();
+    let err = meshd::discover::read_node_config(&bad).expect_err("services are discovery's");
+    assert!(
+        err.to_string().contains("services is written by discovery"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -89,28 +89,131 @@ fn the_kubernetes_manifests_validate_strictly() {
 }
 
 #[test]
-fn the_configmap_holds_the_example_configs_and_every_node_file_the_daemonset_asks_for() {
+fn the_configmap_holds_the_node_template_and_discovery_completes_it_into_a_config_meshd_accepts() {
     let text =
         std::fs::read_to_string(deploy().join("kubernetes/configmap.yaml")).expect("configmap");
     let configmap: serde_yaml::Value = serde_yaml::from_str(&text).expect("YAML");
-    let data = configmap["data"].as_mapping().expect("data");
-    let mut names = vec!["mesh".to_owned()];
-    names.extend(nodes());
-    for name in &names {
-        let key = format!("{name}.yaml");
-        let file =
-            std::fs::read_to_string(deploy().join("config").join(&key)).expect("config file");
-        assert_eq!(
-            data.get(key.as_str()).and_then(|v| v.as_str()),
-            Some(file.as_str()),
-            "configmap.yaml's {key} differs from deploy/config/{key}"
-        );
-    }
+    let template = deploy().join("config/node-template.yaml");
+    assert_eq!(
+        configmap["data"]["node.yaml"].as_str(),
+        Some(
+            std::fs::read_to_string(&template)
+                .expect("template")
+                .as_str()
+        ),
+        "configmap.yaml's node.yaml differs from deploy/config/node-template.yaml"
+    );
     let daemonset =
         std::fs::read_to_string(deploy().join("kubernetes/daemonset.yaml")).expect("daemonset");
-    assert!(daemonset.contains("--config=/etc/meshd/mesh.yaml"));
-    assert!(daemonset.contains("--config=/etc/meshd/$(NODE_NAME).yaml"));
-    assert!(daemonset.contains("fieldPath: spec.nodeName"));
+    for arg in [
+        "--node-config=/etc/meshd/node.yaml",
+        "--out=/var/run/meshd/discovered",
+        "--config=/var/run/meshd/discovered/meshd.yaml",
+        "--node=$(NODE_NAME)",
+        "fieldPath: spec.nodeName",
+    ] {
+        assert!(daemonset.contains(arg), "the DaemonSet lacks {arg}");
+    }
+    // The template, completed from Bookinfo's manifests for a node, is
+    // what the DaemonSet's meshd runs with: `meshd check` accepts it.
+    let manifests =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../meshd/tests/data/bookinfo/manifests");
+    let out = std::env::temp_dir().join(format!("meshd-deploy-discover-{}", std::process::id()));
+    let discover = Command::new(workspace_binary("meshd"))
+        .arg("discover")
+        .arg("--from-manifests")
+        .arg(&manifests)
+        .args(["--node", "node-a", "--node-config"])
+        .arg(&template)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("meshd discover");
+    assert!(
+        discover.status.success(),
+        "{}",
+        String::from_utf8_lossy(&discover.stderr)
+    );
+    let check = Command::new(workspace_binary("meshd"))
+        .args(["check", "--config"])
+        .arg(out.join("meshd.yaml"))
+        .output()
+        .expect("meshd check");
+    let _ = std::fs::remove_dir_all(&out);
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(String::from_utf8_lossy(&check.stdout)
+        .contains("node node-a with 8 services and 3 workloads"));
+}
+
+#[test]
+fn the_discover_role_can_only_read_the_kinds_it_translates() {
+    let text = std::fs::read_to_string(deploy().join("kubernetes/rbac.yaml")).expect("rbac");
+    let role: serde_yaml::Value = text
+        .split("\n---\n")
+        .map(|d| serde_yaml::from_str::<serde_yaml::Value>(d).expect("YAML"))
+        .find(|d| d["kind"] == "ClusterRole")
+        .expect("a ClusterRole");
+    let mut granted = Vec::new();
+    for rule in role["rules"].as_sequence().expect("rules") {
+        let verbs: Vec<&str> = rule["verbs"]
+            .as_sequence()
+            .expect("verbs")
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(verbs, ["get", "list", "watch"], "{rule:?}");
+        for group in rule["apiGroups"].as_sequence().expect("groups") {
+            for resource in rule["resources"].as_sequence().expect("resources") {
+                granted.push(format!(
+                    "{}/{}",
+                    group.as_str().unwrap(),
+                    resource.as_str().unwrap()
+                ));
+            }
+        }
+    }
+    granted.sort();
+    assert_eq!(
+        granted,
+        [
+            "/nodes",
+            "/pods",
+            "/services",
+            "discovery.k8s.io/endpointslices",
+            "gateway.networking.k8s.io/httproutes",
+            "networking.istio.io/destinationrules",
+            "security.istio.io/authorizationpolicies",
+            "security.istio.io/peerauthentications",
+        ]
+    );
+    // The token is mounted into the discover container alone.
+    let daemonset: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(deploy().join("kubernetes/daemonset.yaml")).expect("daemonset"),
+    )
+    .expect("YAML");
+    let spec = &daemonset["spec"]["template"]["spec"];
+    assert_eq!(spec["automountServiceAccountToken"], false);
+    let token_mounts = |containers: &serde_yaml::Value| -> Vec<String> {
+        containers
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .filter(|c| {
+                c["volumeMounts"]
+                    .as_sequence()
+                    .into_iter()
+                    .flatten()
+                    .any(|m| m["name"] == "api-token")
+            })
+            .map(|c| c["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(token_mounts(&spec["initContainers"]), ["discover"]);
+    assert!(token_mounts(&spec["containers"]).is_empty());
 }
 
 #[test]

@@ -30,7 +30,15 @@ pub struct Settings {
     /// Istio's root namespace: a PeerAuthentication there without a
     /// selector is mesh-wide. Default `istio-system`.
     pub root_namespace: String,
+    /// The operator's node settings (`node`, `proxy`, `tracing`,
+    /// `accessLog`), completed with `node.name` and, when absent,
+    /// `node.captureAddress` (the Node's InternalIP) into one whole config.
+    pub node_config: Option<Map<String, Value>>,
 }
+
+/// Sections of a config discovery writes itself: a node config holding
+/// any of them is refused.
+pub const DISCOVERED_SECTIONS: &[&str] = &["mesh", "nodes", "policies", "services", "workloads"];
 
 /// The label that ties an EndpointSlice to its Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -63,6 +71,9 @@ pub struct Unsupported {
 /// The files for one node, and what could not be translated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Translation {
+    /// The config discovery writes (`CONFIG_FILE`): the mesh and this
+    /// node's workloads, with the node settings when they were given.
+    pub config: String,
     /// The mesh-wide file (`mesh`, `nodes`, `services`): the same for
     /// every node.
     pub mesh: String,
@@ -71,9 +82,8 @@ pub struct Translation {
     pub unsupported: Vec<Unsupported>,
 }
 
-/// The file names `Translation`'s parts are written as.
-pub const MESH_FILE: &str = "mesh.yaml";
-pub const WORKLOADS_FILE: &str = "workloads.yaml";
+/// The file discovery writes.
+pub const CONFIG_FILE: &str = "meshd.yaml";
 
 /// What a translation could not express, collected as it goes.
 #[derive(Debug, Default)]
@@ -120,17 +130,61 @@ pub fn translate(cluster: &Cluster, settings: &Settings) -> Translation {
     let mut unsupported = t.reports.0;
     unsupported.sort();
     unsupported.dedup();
+    let mesh = json!({ "mesh": mesh, "nodes": nodes, "policies": policies, "services": services });
+    let workloads = json!({ "workloads": workloads });
+    let mut config = settings
+        .node_config
+        .clone()
+        .map(|node| complete_node(node, cluster, &settings.node))
+        .unwrap_or_default();
+    for part in [&mesh, &workloads] {
+        config.extend(
+            part.as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+    }
     Translation {
-        mesh: document(
-            "the mesh: nodes and services",
-            json!({ "mesh": mesh, "nodes": nodes, "policies": policies, "services": services }),
+        config: document(
+            &format!("node {}'s config", settings.node),
+            Value::Object(config),
         ),
-        workloads: document(
-            &format!("the pods on node {}", settings.node),
-            json!({ "workloads": workloads }),
-        ),
+        mesh: document("the mesh: nodes and services", mesh),
+        workloads: document(&format!("the pods on node {}", settings.node), workloads),
         unsupported,
     }
+}
+
+/// The operator's node settings with this node's name and, unless given,
+/// its capture address: the Node's InternalIP (left out while the Node is
+/// unknown, so the config does not validate and is not written).
+fn complete_node(
+    mut config: Map<String, Value>,
+    cluster: &Cluster,
+    node: &str,
+) -> Map<String, Value> {
+    let section = config
+        .entry("node")
+        .or_insert_with(|| Value::Object(Map::new()));
+    if let Value::Object(section) = section {
+        section.insert("name".into(), json!(node));
+        if !section.contains_key("captureAddress") {
+            let address = cluster.nodes.get(node).and_then(|n| {
+                n.status
+                    .as_ref()?
+                    .addresses
+                    .as_ref()?
+                    .iter()
+                    .filter(|a| a.type_ == "InternalIP")
+                    .find_map(|a| a.address.parse::<Ipv4Addr>().ok())
+            });
+            if let Some(address) = address {
+                section.insert("captureAddress".into(), json!(address.to_string()));
+            }
+        }
+    }
+    config
 }
 
 /// A file's text: a header saying where it came from, then the YAML.

@@ -315,7 +315,9 @@ pub async fn run(settings: Settings, out: PathBuf) -> anyhow::Result<()> {
             .cloned()
             .collect();
         super::log_unsupported(&new);
-        if let Err(errors) = super::load(&translation, &settings.node) {
+        if let Err(errors) =
+            super::load(&translation, &settings.node, settings.node_config.is_some())
+        {
             error!(%errors, "the translation is no config meshd accepts (a discovery bug); the last files keep serving");
             continue;
         }
