@@ -8,7 +8,7 @@
 //! | `net`, `spiffe`, `policy`, `config` | sockets and relays; the SPIFFE ID type; pure decisions; the schema and its validation |
 //! | `state` | the config snapshot (lookups) and the runtime state that outlives it |
 //! | `identity`, `capture`, `hbone`, `telemetry` | certificates and TLS; the eBPF loader; the tunnel pool; metrics and results |
-//! | `discover` | the cluster's objects translated into config files (beside `capture`, `hbone`) |
+//! | `discovery` | the cluster's objects translated into config files (beside `capture`, `hbone`) |
 //! | `proxy` | outbound, inbound, TCP and HTTP stages |
 //! | `admin`, `app` | status listeners and admin API; start-up, reload, hand-over |
 // Unsafe only where descriptors arrive from another process (handover) and
@@ -19,7 +19,7 @@ pub mod admin;
 pub mod app;
 pub mod capture;
 pub mod config;
-pub mod discover;
+pub mod discovery;
 pub mod hbone;
 pub mod identity;
 pub mod net;

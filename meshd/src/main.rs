@@ -218,7 +218,7 @@ fn main() -> ExitCode {
             init_logging(LogFormat::Text);
             let node_config = match node_config
                 .as_deref()
-                .map(meshd::discover::read_node_config)
+                .map(meshd::discovery::read_node_config)
             {
                 None => None,
                 Some(Ok(config)) => Some(config),
@@ -227,7 +227,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            let settings = meshd::discover::Settings {
+            let settings = meshd::discovery::Settings {
                 node,
                 trust_domain,
                 cluster_name,
@@ -245,7 +245,7 @@ fn main() -> ExitCode {
                         return ExitCode::FAILURE;
                     }
                 };
-                return match runtime.block_on(meshd::discover::watch::run(settings, out)) {
+                return match runtime.block_on(meshd::discovery::watch::run(settings, out)) {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(err) => {
                         eprintln!("meshd discover: {}", render_chain(&err));
@@ -253,11 +253,11 @@ fn main() -> ExitCode {
                     }
                 };
             };
-            match meshd::discover::from_manifests(&from_manifests, &out, &settings) {
+            match meshd::discovery::from_manifests(&from_manifests, &out, &settings) {
                 Ok(translation) => {
                     println!(
                         "ok: wrote {} ({} fields could not be translated)",
-                        out.join(meshd::discover::CONFIG_FILE).display(),
+                        out.join(meshd::discovery::CONFIG_FILE).display(),
                         translation.unsupported.len()
                     );
                     ExitCode::SUCCESS

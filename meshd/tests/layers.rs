@@ -16,7 +16,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("telemetry", 4),
     ("capture", 5),
     ("hbone", 5),
-    ("discover", 5),
+    ("discovery", 5),
     ("proxy", 6),
     ("admin", 7),
     ("app", 8),

@@ -2,11 +2,11 @@
 //! Bookinfo application as Kubernetes manifests (`tests/data/bookinfo/
 //! manifests`) becomes, for each node, the files in `golden/<node>/`.
 //! Regenerate them after a deliberate change with
-//! `MESHD_BLESS=1 cargo test -p meshd --test discover` and review the diff.
+//! `MESHD_BLESS=1 cargo test -p meshd --test discovery` and review the diff.
 
 use std::path::{Path, PathBuf};
 
-use meshd::discover::{cluster::Cluster, manifests, translate::translate, Settings, Translation};
+use meshd::discovery::{cluster::Cluster, manifests, translate::translate, Settings, Translation};
 
 /// The golden files of a translation's parts.
 const MESH_FILE: &str = "mesh.yaml";
@@ -110,7 +110,7 @@ fn the_mesh_file_is_the_same_on_every_node_and_workloads_are_the_nodes_own() {
 
 /// The files as meshd itself loads them.
 fn load(node: &str, translation: &Translation) -> meshd::config::Config {
-    meshd::discover::load(translation, node, false)
+    meshd::discovery::load(translation, node, false)
         .unwrap_or_else(|e| panic!("meshd refuses it:\n{e}"))
 }
 
@@ -168,7 +168,7 @@ mod watch_path {
     //! and a restarted watch's relist.
 
     use kube::runtime::watcher::Event;
-    use meshd::discover::{
+    use meshd::discovery::{
         cluster::{Kind, Object},
         watch::{change_of, Update, Watched},
     };
@@ -388,7 +388,7 @@ mod watch_path {
 fn with_the_operators_node_settings_the_file_is_a_whole_config() {
     let template =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/node-template.yaml");
-    let node_config = meshd::discover::read_node_config(&template).expect("the template reads");
+    let node_config = meshd::discovery::read_node_config(&template).expect("the template reads");
     let cluster = bookinfo();
     for (node, address) in [("node-a", "10.0.0.1"), ("node-b", "10.0.0.2")] {
         let completed = Settings {
@@ -396,7 +396,7 @@ fn with_the_operators_node_settings_the_file_is_a_whole_config() {
             ..settings(node)
         };
         let translation = translate(&cluster, &completed);
-        let config = meshd::discover::load(&translation, node, true)
+        let config = meshd::discovery::load(&translation, node, true)
             .unwrap_or_else(|e| panic!("meshd refuses it:\n{e}"));
         assert_eq!(&*config.node.name, node);
         assert_eq!(
@@ -416,7 +416,7 @@ fn with_the_operators_node_settings_the_file_is_a_whole_config() {
     std::fs::create_dir_all(&dir).unwrap();
     let bad = dir.join("node.yaml");
     std::fs::write(&bad, "node: { podCgroup: /kubepods }\nservices: []\n").unwrap();
-    let err = meshd::discover::read_node_config(&bad).expect_err("services are discovery's");
+    let err = meshd::discovery::read_node_config(&bad).expect_err("services are discovery's");
     assert!(
         err.to_string().contains("services is written by discovery"),
         "{err}"
