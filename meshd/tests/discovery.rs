@@ -423,3 +423,78 @@ fn with_the_operators_node_settings_the_file_is_a_whole_config() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Objects a namespace's own users may write (EndpointSlices, HTTPRoutes,
+/// DestinationRules) must not make the mesh's config one meshd refuses:
+/// that would stop every later change for every node.
+#[test]
+fn hostile_objects_are_left_out_and_the_rest_still_loads() {
+    let mut cluster = bookinfo();
+    let hostile = r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: details-evil
+  namespace: bookinfo
+  labels: { kubernetes.io/service-name: details }
+addressType: IPv4
+ports: [{ name: http, port: 9080, protocol: TCP }]
+endpoints:
+# the VIP of another service
+- addresses: [10.96.0.22]
+  conditions: { ready: true }
+# ratings' pod's address, claimed for details with details' pod
+- addresses: [10.244.2.22]
+  conditions: { ready: true }
+  nodeName: node-b
+  targetRef: { kind: Pod, name: details-v1-7f9c6d5b8-q8w2n, namespace: bookinfo }
+# a pod of another namespace
+- addresses: [10.244.9.9]
+  conditions: { ready: true }
+  targetRef: { kind: Pod, name: x, namespace: kube-system }
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: { name: evil, namespace: bookinfo }
+spec:
+  parentRefs: [{ group: "", kind: Service, name: details }]
+  rules:
+  - matches:
+    - path: { type: RegularExpression, value: "((" }
+    - headers: [{ name: "bad header", value: x }]
+    backendRefs: [{ name: details, port: 9080 }]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: { name: details, namespace: bookinfo }
+spec:
+  host: details
+  trafficPolicy:
+    outlierDetection: { consecutive5xxErrors: 2, baseEjectionTime: 15m, maxEjectionPercent: 300 }
+"#;
+    for object in manifests::parse(Path::new("hostile.yaml"), hostile).unwrap() {
+        cluster.apply(object);
+    }
+    let translation = translate(&cluster, &settings("node-a"));
+    let config = load("node-a", &translation);
+    let details = config
+        .services
+        .iter()
+        .find(|s| &*s.name == "details")
+        .unwrap();
+    let addresses: Vec<String> = details
+        .endpoints
+        .iter()
+        .map(|e| e.address.to_string())
+        .collect();
+    assert_eq!(addresses, ["10.244.2.21"], "only details' own pod");
+    let fields: Vec<&str> = translation.unsupported.iter().map(|u| u.field).collect();
+    for field in [
+        "endpoints.addresses",
+        "endpoints.targetRef",
+        "spec.rules.matches.path",
+        "spec.rules.matches.headers.name",
+    ] {
+        assert!(fields.contains(&field), "{field} not reported: {fields:?}");
+    }
+}

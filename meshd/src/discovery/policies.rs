@@ -342,6 +342,7 @@ fn operation(
             .ports
             .iter()
             .filter_map(|p| p.parse().ok())
+            .filter(|p| *p != 0)
             .collect();
         if ports.len() != operation.ports.len() {
             report(

@@ -199,11 +199,32 @@ fn route_value(
         let path = match path.type_.as_deref().unwrap_or("PathPrefix") {
             "Exact" => json!({ "exact": value }),
             "PathPrefix" => json!({ "prefix": value }),
-            _ => json!({ "regex": format!("^(?:{value})$") }),
+            _ => {
+                let regex = format!("^(?:{value})$");
+                if regex::Regex::new(&regex).is_err() {
+                    reports.add(
+                        Kind::HttpRoute,
+                        key,
+                        "spec.rules.matches.path",
+                        format!("{value:?} is no regular expression meshd reads: this match never matches"),
+                    );
+                    return None;
+                }
+                json!({ "regex": regex })
+            }
         };
         condition.insert("path".into(), path);
     }
     if let Some(method) = &matched.method {
+        if hyper::Method::from_bytes(method.as_bytes()).is_err() {
+            reports.add(
+                Kind::HttpRoute,
+                key,
+                "spec.rules.matches.method",
+                format!("{method:?} is no method: this match never matches"),
+            );
+            return None;
+        }
         condition.insert("method".into(), json!(method));
     }
     let mut headers = BTreeMap::new();
@@ -220,7 +241,20 @@ fn route_value(
             );
             return None;
         }
-        headers.insert(header.name.to_ascii_lowercase(), header.value.clone());
+        let name = header.name.to_ascii_lowercase();
+        if hyper::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            reports.add(
+                Kind::HttpRoute,
+                key,
+                "spec.rules.matches.headers.name",
+                format!(
+                    "{:?} is no header name: this match never matches",
+                    header.name
+                ),
+            );
+            return None;
+        }
+        headers.insert(name, header.value.clone());
     }
     if !headers.is_empty() {
         condition.insert("headers".into(), json!(headers));
@@ -548,13 +582,22 @@ fn policy_fields(
                 .as_deref()
                 .and_then(|t| humantime::parse_duration(t).ok())
             {
-                let base = humantime::format_duration(base)
-                    .to_string()
-                    .replace(' ', "");
-                detection.insert("baseEjectionTime".into(), json!(base));
+                if base.is_zero() {
+                    report(
+                        "spec.trafficPolicy.outlierDetection.baseEjectionTime",
+                        "0: meshd's default is used".into(),
+                    );
+                } else {
+                    // meshd's longest ejection (300s by default) is never
+                    // shorter than the first.
+                    let longest = base.max(std::time::Duration::from_secs(300));
+                    let format = |d| humantime::format_duration(d).to_string().replace(' ', "");
+                    detection.insert("baseEjectionTime".into(), json!(format(base)));
+                    detection.insert("maxEjectionTime".into(), json!(format(longest)));
+                }
             }
             // Istio's (Envoy's) default share, not meshd's.
-            let percent = outlier.max_ejection_percent.unwrap_or(10);
+            let percent = outlier.max_ejection_percent.unwrap_or(10).min(100);
             detection.insert("maxEjectionPercent".into(), json!(percent));
             fields.insert("outlierDetection".into(), Value::Object(detection));
         }

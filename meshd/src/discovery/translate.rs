@@ -108,12 +108,22 @@ impl Reports {
 struct Translator<'a> {
     cluster: &'a Cluster,
     reports: Reports,
+    /// Every service's IPv4 cluster IP: no endpoint or workload address.
+    vips: BTreeSet<Ipv4Addr>,
 }
 
 pub fn translate(cluster: &Cluster, settings: &Settings) -> Translation {
+    let vips = cluster
+        .services
+        .values()
+        .filter_map(|s| s.spec.as_ref())
+        .flat_map(|s| s.cluster_ips.iter().flatten().chain(s.cluster_ip.as_ref()))
+        .filter_map(|ip| ip.parse().ok())
+        .collect();
     let mut t = Translator {
         cluster,
         reports: Reports::default(),
+        vips,
     };
     let mode = peer::mesh_mode(cluster, &settings.root_namespace, &mut t.reports);
     let mesh = json!({
@@ -411,6 +421,18 @@ impl<'a> Translator<'a> {
                         let namespace = r.namespace.clone().unwrap_or_else(|| service.0.clone());
                         (namespace, r.name.clone().unwrap_or_default())
                     });
+                if pod
+                    .as_ref()
+                    .is_some_and(|(namespace, _)| *namespace != service.0)
+                {
+                    self.report(
+                        Kind::EndpointSlice,
+                        key,
+                        "endpoints.targetRef",
+                        "a pod of another namespace: not an endpoint".into(),
+                    );
+                    continue;
+                }
                 let info = pod.as_ref().and_then(|p| cluster.pods.get(p));
                 if pod.is_some() && info.is_none() {
                     // Its pod is not known yet: without it the identity a
@@ -422,6 +444,18 @@ impl<'a> Translator<'a> {
                     let Ok(address) = address.parse::<Ipv4Addr>() else {
                         continue;
                     };
+                    // An address its pod does not have, or a service's
+                    // VIP, is no endpoint (meshd would refuse the VIP).
+                    let foreign = info.is_some_and(|p| !p.addresses.contains(&address));
+                    if foreign || self.vips.contains(&address) {
+                        self.report(
+                            Kind::EndpointSlice,
+                            key,
+                            "endpoints.addresses",
+                            format!("{address} is not its pod's address, or is a service VIP: not an endpoint"),
+                        );
+                        continue;
+                    }
                     endpoints
                         .entry(address)
                         .or_insert_with(|| endpoint_value(address, endpoint, info, subset_keys));
@@ -435,6 +469,7 @@ impl<'a> Translator<'a> {
     fn workloads(&mut self, node: &str, selector_keys: &BTreeSet<String>) -> Vec<Value> {
         let cluster = self.cluster;
         let mut workloads = Vec::new();
+        let mut taken = BTreeSet::new();
         for (key, pod) in &cluster.pods {
             if pod.node.as_deref() != Some(node) || pod.finished || pod.host_network {
                 continue;
@@ -459,6 +494,19 @@ impl<'a> Translator<'a> {
                     key,
                     "metadata.uid",
                     format!("{:?} cannot name a cgroup: not a workload", pod.uid),
+                );
+                continue;
+            }
+            let clash = pod
+                .addresses
+                .iter()
+                .find(|a| self.vips.contains(a) || !taken.insert(**a));
+            if let Some(address) = clash {
+                self.report(
+                    Kind::Pod,
+                    key,
+                    "status.podIPs",
+                    format!("{address} is another pod's on this node, or a service VIP: not a workload until that clears"),
                 );
                 continue;
             }
