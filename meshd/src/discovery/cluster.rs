@@ -330,6 +330,16 @@ pub struct Cluster {
     relisting: BTreeMap<Kind, Box<Cluster>>,
 }
 
+/// Oldest first, then by namespace/name: the order Istio and the Gateway
+/// API settle conflicts between objects in (no timestamp, as in manifests:
+/// first).
+pub fn age_order(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    key: &Key,
+) -> (Option<k8s_openapi::jiff::Timestamp>, Key) {
+    (meta.creation_timestamp.as_ref().map(|t| t.0), key.clone())
+}
+
 fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Key {
     (
         meta.namespace

@@ -6,7 +6,7 @@
 //! mesh stays strict (reported).
 
 use super::{
-    cluster::{Cluster, Kind},
+    cluster::{age_order, Cluster, Kind},
     translate::Reports,
 };
 
@@ -17,15 +17,7 @@ pub fn mesh_mode(cluster: &Cluster, root_namespace: &str, reports: &mut Reports)
         .iter()
         .filter(|(key, pa)| key.0 == root_namespace && pa.spec.selector.is_none())
         .collect();
-    mesh_wide.sort_by_key(|(key, pa)| {
-        (
-            pa.metadata
-                .creation_timestamp
-                .as_ref()
-                .map(|t| format!("{:?}", t.0)),
-            (*key).clone(),
-        )
-    });
+    mesh_wide.sort_by_cached_key(|(key, pa)| age_order(&pa.metadata, key));
     for (key, _) in mesh_wide.iter().skip(1) {
         reports.add(
             Kind::PeerAuthentication,

@@ -8,7 +8,7 @@ use std::{cmp::Reverse, collections::BTreeMap, net::Ipv4Addr};
 use serde_json::{json, Map, Value};
 
 use super::{
-    cluster::{Cluster, Key, Kind},
+    cluster::{age_order, Cluster, Key, Kind},
     crds::{DestinationRuleSpec, HttpRouteMatch, HttpRouteRule, Resource, TrafficPolicy},
     translate::Reports,
 };
@@ -16,7 +16,7 @@ use super::{
 /// One match of one rule of one route, with what orders it.
 struct Candidate<'a> {
     route: &'a Key,
-    created: String,
+    created: Option<k8s_openapi::jiff::Timestamp>,
     rule_index: usize,
     rule: &'a HttpRouteRule,
     matched: HttpRouteMatch,
@@ -44,7 +44,7 @@ impl Candidate<'_> {
             self.matched.method.is_none(),
             Reverse(self.matched.headers.len()),
             Reverse(self.matched.query_params.len()),
-            &self.created,
+            self.created,
             self.route,
             self.rule_index,
         )
@@ -140,12 +140,7 @@ pub fn routes(
             );
             continue;
         }
-        let created = route
-            .metadata
-            .creation_timestamp
-            .as_ref()
-            .map(|t| format!("{:?}", t.0))
-            .unwrap_or_default();
+        let created = age_order(&route.metadata, key).0;
         for (rule_index, rule) in route.spec.rules.iter().enumerate() {
             let matches = if rule.matches.is_empty() {
                 vec![HttpRouteMatch::default()]
@@ -155,7 +150,7 @@ pub fn routes(
             for matched in matches {
                 candidates.push(Candidate {
                     route: key,
-                    created: created.clone(),
+                    created,
                     rule_index,
                     rule,
                     matched,
@@ -435,15 +430,7 @@ pub fn destination_rule<'a>(
         .iter()
         .filter(|(key, rule)| names(&rule.spec.host, &key.0, service))
         .collect();
-    rules.sort_by_key(|(key, rule)| {
-        (
-            rule.metadata
-                .creation_timestamp
-                .as_ref()
-                .map(|t| format!("{:?}", t.0)),
-            (*key).clone(),
-        )
-    });
+    rules.sort_by_cached_key(|(key, rule)| age_order(&rule.metadata, key));
     for (key, _) in rules.iter().skip(1) {
         reports.add(
             Kind::DestinationRule,

@@ -281,7 +281,7 @@ impl<'a> Translator<'a> {
             self.report(Kind::Service, key, "spec.clusterIP", detail);
             return None;
         };
-        let slices = self.slices_of(key);
+        let slices = slices_of(self.cluster, key);
         let mut ports = Vec::new();
         for port in spec.ports.iter().flatten() {
             let protocol = port.protocol.as_deref().unwrap_or("TCP");
@@ -331,24 +331,6 @@ impl<'a> Translator<'a> {
             value.extend(traffic::traffic_policy(rule_key, rule, &mut self.reports));
         }
         Some(Value::Object(value))
-    }
-
-    /// The service's EndpointSlices, in name order.
-    fn slices_of(&self, service: &Key) -> Vec<(&'a Key, &'a EndpointSlice)> {
-        let cluster: &'a Cluster = self.cluster;
-        cluster
-            .endpoint_slices
-            .iter()
-            .filter(|((namespace, _), slice)| {
-                *namespace == service.0
-                    && slice
-                        .metadata
-                        .labels
-                        .as_ref()
-                        .and_then(|l| l.get(SERVICE_NAME_LABEL))
-                        == Some(&service.1)
-            })
-            .collect()
     }
 
     /// A service port's number on the endpoints: a number as given; a name
@@ -408,9 +390,7 @@ impl<'a> Translator<'a> {
                 continue;
             }
             for endpoint in slice.endpoints.iter().flatten() {
-                // `ready` unset means ready (the API's own rule).
-                let ready = endpoint.conditions.as_ref().and_then(|c| c.ready) != Some(false);
-                if !ready {
+                if !is_ready(endpoint) {
                     continue;
                 }
                 let pod = endpoint
@@ -516,14 +496,13 @@ impl<'a> Translator<'a> {
     }
 }
 
-/// A service's ready IPv4 endpoint addresses, from its slices.
-fn ready_addresses(cluster: &Cluster, service: &Key) -> Vec<Ipv4Addr> {
-    let mut addresses: Vec<Ipv4Addr> = cluster
+/// The service's EndpointSlices, in name order.
+fn slices_of<'a>(cluster: &'a Cluster, service: &Key) -> Vec<(&'a Key, &'a EndpointSlice)> {
+    cluster
         .endpoint_slices
         .iter()
         .filter(|((namespace, _), slice)| {
             *namespace == service.0
-                && slice.address_type == "IPv4"
                 && slice
                     .metadata
                     .labels
@@ -531,8 +510,21 @@ fn ready_addresses(cluster: &Cluster, service: &Key) -> Vec<Ipv4Addr> {
                     .and_then(|l| l.get(SERVICE_NAME_LABEL))
                     == Some(&service.1)
         })
+        .collect()
+}
+
+/// `ready` unset means ready (the API's own rule).
+fn is_ready(endpoint: &k8s_openapi::api::discovery::v1::Endpoint) -> bool {
+    endpoint.conditions.as_ref().and_then(|c| c.ready) != Some(false)
+}
+
+/// A service's ready IPv4 endpoint addresses, from its slices.
+fn ready_addresses(cluster: &Cluster, service: &Key) -> Vec<Ipv4Addr> {
+    let mut addresses: Vec<Ipv4Addr> = slices_of(cluster, service)
+        .into_iter()
+        .filter(|(_, slice)| slice.address_type == "IPv4")
         .flat_map(|(_, slice)| slice.endpoints.iter().flatten())
-        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
+        .filter(|e| is_ready(e))
         .flat_map(|e| e.addresses.iter().filter_map(|a| a.parse().ok()))
         .collect();
     addresses.sort_unstable();
@@ -554,12 +546,7 @@ fn endpoint_value(
     if let Some(pod) = pod {
         value.insert("workload".into(), json!(pod.name));
         value.insert("serviceAccount".into(), json!(pod.service_account));
-        let mut labels = reported_labels(&pod.labels);
-        for key in subset_keys {
-            if let Some((k, v)) = pod.labels.get_key_value(key) {
-                labels.insert(k, v);
-            }
-        }
+        let labels = labels_of(&pod.labels, subset_keys);
         if !labels.is_empty() {
             value.insert("labels".into(), json!(labels));
         }
@@ -583,12 +570,7 @@ fn workload_value(pod: &PodInfo, qos: QosClass, selector_keys: &BTreeSet<String>
         value.insert("addresses".into(), json!(addresses));
     }
     // The labels metrics use, and those policies select workloads on.
-    let mut labels = reported_labels(&pod.labels);
-    for key in selector_keys {
-        if let Some((k, v)) = pod.labels.get_key_value(key) {
-            labels.insert(k, v);
-        }
-    }
+    let labels = labels_of(&pod.labels, selector_keys);
     if !labels.is_empty() {
         value.insert("labels".into(), json!(labels));
     }
@@ -598,10 +580,15 @@ fn workload_value(pod: &PodInfo, qos: QosClass, selector_keys: &BTreeSet<String>
     Value::Object(value)
 }
 
-fn reported_labels(labels: &BTreeMap<String, String>) -> BTreeMap<&str, &str> {
+/// The labels metrics use, and those of `keys` (what subsets or policy
+/// selectors select on).
+fn labels_of<'l>(
+    labels: &'l BTreeMap<String, String>,
+    keys: &BTreeSet<String>,
+) -> BTreeMap<&'l str, &'l str> {
     labels
         .iter()
-        .filter(|(k, _)| REPORTED_LABELS.contains(&k.as_str()))
+        .filter(|(k, _)| REPORTED_LABELS.contains(&k.as_str()) || keys.contains(*k))
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect()
 }

@@ -132,20 +132,33 @@ fn typed<K>(api: Api<K>, kind: Kind, object: fn(K) -> Object, updates: mpsc::Sen
 where
     K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
 {
-    tokio::spawn(async move {
-        let mut events = watcher(api, watcher::Config::default())
-            .default_backoff()
-            .boxed();
-        while let Some(event) = events.next().await {
-            let update = match event {
-                Ok(event) => change_of(kind, event, |k| Ok(object(k))),
-                Err(err) => Update::Error(kind, err.to_string()),
-            };
-            if updates.send(update).await.is_err() {
-                return;
-            }
+    tokio::spawn(forward(api, kind, move |k| Ok(object(k)), updates));
+}
+
+/// Sends a watch's events as updates until the loop is gone (`false`) or
+/// the watch ends (`true`).
+async fn forward<K>(
+    api: Api<K>,
+    kind: Kind,
+    object: impl Fn(K) -> Result<Object, (Key, String)>,
+    updates: mpsc::Sender<Update>,
+) -> bool
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+{
+    let mut events = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    while let Some(event) = events.next().await {
+        let update = match event {
+            Ok(event) => change_of(kind, event, &object),
+            Err(err) => Update::Error(kind, err.to_string()),
+        };
+        if updates.send(update).await.is_err() {
+            return false;
         }
-    });
+    }
+    true
 }
 
 fn custom(
@@ -182,17 +195,8 @@ fn custom(
                 }
                 Ok(_) => {}
             }
-            let mut events = watcher(api, watcher::Config::default())
-                .default_backoff()
-                .boxed();
-            while let Some(event) = events.next().await {
-                let update = match event {
-                    Ok(event) => change_of(kind, event, custom_object),
-                    Err(err) => Update::Error(kind, err.to_string()),
-                };
-                if updates.send(update).await.is_err() {
-                    return;
-                }
+            if !forward(api, kind, custom_object, updates.clone()).await {
+                return;
             }
         }
     });
