@@ -10,6 +10,7 @@ pub mod crds;
 pub mod manifests;
 mod peer;
 mod policies;
+pub mod report;
 mod traffic;
 pub mod translate;
 pub mod watch;

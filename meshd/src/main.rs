@@ -40,6 +40,10 @@ enum Command {
         /// The admin API's address (`proxy.adminAddress`).
         #[arg(long, default_value = "127.0.0.1:15000")]
         admin: std::net::SocketAddr,
+        /// Where `meshd discover` serves its `/status` (its
+        /// `--admin-address`); shown when it answers.
+        #[arg(long, default_value = "127.0.0.1:15024")]
+        discovery: std::net::SocketAddr,
     },
     /// The service dependency graph: this node's (from its admin API), or
     /// the whole mesh's (from Prometheus, with Kiali's queries).
@@ -93,6 +97,13 @@ enum Command {
         /// selector is mesh-wide.
         #[arg(long, default_value = "istio-system")]
         root_namespace: String,
+        /// Where discovery's `/metrics` is served (watching the API only).
+        #[arg(long, default_value = "0.0.0.0:15023")]
+        metrics_address: std::net::SocketAddr,
+        /// Where discovery's `/status` is served, for `meshd status`
+        /// (watching the API only; loopback: it names objects).
+        #[arg(long, default_value = "127.0.0.1:15024")]
+        admin_address: std::net::SocketAddr,
     },
     /// A certificate authority for workload identities.
     Ca {
@@ -214,6 +225,8 @@ fn main() -> ExitCode {
             cluster_name,
             root_namespace,
             node_config,
+            metrics_address,
+            admin_address,
         } => {
             init_logging(LogFormat::Text);
             let node_config = match node_config
@@ -245,7 +258,14 @@ fn main() -> ExitCode {
                         return ExitCode::FAILURE;
                     }
                 };
-                return match runtime.block_on(meshd::discovery::watch::run(settings, out)) {
+                return match runtime.block_on(meshd::discovery::watch::run(
+                    settings,
+                    out,
+                    meshd::discovery::report::Addresses {
+                        metrics: metrics_address,
+                        admin: admin_address,
+                    },
+                )) {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(err) => {
                         eprintln!("meshd discover: {}", render_chain(&err));
@@ -268,16 +288,18 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Status { admin } => match meshd::admin::status_command(admin) {
-            Ok(summary) => {
-                print!("{summary}");
-                ExitCode::SUCCESS
+        Command::Status { admin, discovery } => {
+            match meshd::admin::status_command(admin, discovery) {
+                Ok(summary) => {
+                    print!("{summary}");
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("meshd status: {}", render_chain(&err));
+                    ExitCode::FAILURE
+                }
             }
-            Err(err) => {
-                eprintln!("meshd status: {}", render_chain(&err));
-                ExitCode::FAILURE
-            }
-        },
+        }
         Command::Graph {
             admin,
             prometheus,

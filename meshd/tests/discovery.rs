@@ -175,7 +175,7 @@ mod watch_path {
 
     use super::*;
 
-    fn objects() -> Vec<Object> {
+    pub(super) fn objects() -> Vec<Object> {
         let dir = data().join("manifests");
         let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
             .unwrap()
@@ -381,6 +381,265 @@ mod watch_path {
             bare.update(Update::Absent(*kind));
         }
         assert!(bare.ready());
+    }
+}
+
+mod report {
+    //! What discover says while it watches: its metrics and `/status`, as
+    //! the watch loop feeds them, and served on its own listeners.
+
+    use std::time::{Duration, SystemTime};
+
+    use kube::runtime::watcher::Event;
+    use meshd::discovery::{
+        cluster::{Kind, Object},
+        report::{render_status, Addresses, Report, Written},
+        watch::{change_of, Update, Watched},
+    };
+
+    use super::*;
+
+    fn take(report: &Report, watched: &mut Watched, update: Update, now: SystemTime) {
+        report.observed(&update, now);
+        watched.update(update);
+        report.held(watched);
+    }
+
+    /// The sample of `series` (name and labels as rendered) in `text`.
+    fn sample(text: &str, series: &str) -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn the_report_says_what_is_watched_what_was_left_out_and_how_stale_the_files_are() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let report = Report::new("node-a", Path::new("/out/meshd.yaml"));
+        let mut watched = Watched::default();
+        let cluster = bookinfo();
+        let objects: Vec<Object> = super::watch_path::objects();
+        for kind in [
+            Kind::Service,
+            Kind::EndpointSlice,
+            Kind::Pod,
+            Kind::Node,
+            Kind::HttpRoute,
+            Kind::DestinationRule,
+            Kind::PeerAuthentication,
+        ] {
+            take(&report, &mut watched, change_of(kind, Event::Init, Ok), t0);
+            for object in objects.iter().filter(|o| o.kind() == kind) {
+                take(
+                    &report,
+                    &mut watched,
+                    change_of(kind, Event::InitApply(object.clone()), Ok),
+                    t0,
+                );
+            }
+            take(
+                &report,
+                &mut watched,
+                change_of(kind, Event::InitDone, Ok),
+                t0,
+            );
+        }
+        // AuthorizationPolicy not listed yet: nothing written, not in sync.
+        let status = report.status(t0);
+        assert_eq!(status["synced"], false, "{status:#}");
+        take(
+            &report,
+            &mut watched,
+            change_of(Kind::AuthorizationPolicy, Event::Init, Ok),
+            t0,
+        );
+        for object in objects
+            .iter()
+            .filter(|o| o.kind() == Kind::AuthorizationPolicy)
+        {
+            take(
+                &report,
+                &mut watched,
+                change_of(
+                    Kind::AuthorizationPolicy,
+                    Event::InitApply(object.clone()),
+                    Ok,
+                ),
+                t0,
+            );
+        }
+        take(
+            &report,
+            &mut watched,
+            change_of(Kind::AuthorizationPolicy, Event::InitDone, Ok),
+            t0,
+        );
+        assert!(watched.ready());
+        let translation = translate(&watched.cluster, &settings("node-a"));
+        assert!(
+            !translation.unsupported.is_empty(),
+            "the manifests have unsupported fields"
+        );
+        let new = report.translated(&translation.unsupported);
+        assert_eq!(new, translation.unsupported, "all are new at first");
+        assert!(
+            report.translated(&translation.unsupported).is_empty(),
+            "the same findings again are not new"
+        );
+        report.wrote(Written::Written, t0);
+
+        let metrics = report.render_metrics(t0 + Duration::from_secs(5));
+        let first = &translation.unsupported[0];
+        let of_first = translation
+            .unsupported
+            .iter()
+            .filter(|u| u.kind == first.kind && u.field == first.field)
+            .count();
+        let labels = format!(
+            "{{kind=\"{}\",field=\"{}\"}}",
+            first.kind.as_str(),
+            first.field
+        );
+        assert_eq!(
+            sample(
+                &metrics,
+                &format!("meshd_discovery_unsupported_total{labels}")
+            ),
+            of_first as f64,
+            "counted once each, not per translation"
+        );
+        assert_eq!(
+            sample(
+                &metrics,
+                &format!("meshd_discovery_unsupported_fields{labels}")
+            ),
+            of_first as f64
+        );
+        assert_eq!(
+            sample(&metrics, "meshd_discovery_objects{kind=\"Service\"}"),
+            cluster.services.len() as f64
+        );
+        assert_eq!(
+            sample(&metrics, "meshd_discovery_watch_connected{kind=\"Pod\"}"),
+            1.0
+        );
+        assert_eq!(
+            sample(&metrics, "meshd_discovery_writes_total{result=\"written\"}"),
+            1.0
+        );
+        assert_eq!(
+            sample(&metrics, "meshd_discovery_last_write_timestamp_seconds"),
+            1_800_000_000.0
+        );
+        // In sync: the last sync is now, whenever scraped.
+        assert_eq!(
+            sample(&metrics, "meshd_discovery_last_sync_timestamp_seconds"),
+            1_800_000_005.0
+        );
+
+        // The API server goes away: the files keep serving, and say how
+        // long they have been out of date.
+        let t1 = t0 + Duration::from_secs(10);
+        take(
+            &report,
+            &mut watched,
+            Update::Error(Kind::Service, "connection refused".into()),
+            t1,
+        );
+        let metrics = report.render_metrics(t1 + Duration::from_secs(60));
+        assert_eq!(
+            sample(
+                &metrics,
+                "meshd_discovery_watch_connected{kind=\"Service\"}"
+            ),
+            0.0
+        );
+        assert_eq!(
+            sample(
+                &metrics,
+                "meshd_discovery_watch_errors_total{kind=\"Service\"}"
+            ),
+            1.0
+        );
+        assert_eq!(
+            sample(&metrics, "meshd_discovery_last_sync_timestamp_seconds"),
+            1_800_000_005.0,
+            "stale files are not reported in sync"
+        );
+        let status = report.status(t1 + Duration::from_secs(60));
+        assert_eq!(status["synced"], false);
+        let shown = render_status(&status);
+        for expected in ["NOT IN SYNC", "RETRYING", "connection refused", first.field] {
+            assert!(shown.contains(expected), "no {expected:?} in\n{shown}");
+        }
+
+        // A finding that goes away is no longer current, but stays counted.
+        let rest: Vec<_> = translation
+            .unsupported
+            .iter()
+            .filter(|u| !(u.kind == first.kind && u.field == first.field))
+            .cloned()
+            .collect();
+        assert!(report.translated(&rest).is_empty());
+        let metrics = report.render_metrics(t1);
+        assert_eq!(
+            sample(
+                &metrics,
+                &format!("meshd_discovery_unsupported_fields{labels}")
+            ),
+            0.0
+        );
+        assert_eq!(
+            sample(
+                &metrics,
+                &format!("meshd_discovery_unsupported_total{labels}")
+            ),
+            of_first as f64
+        );
+    }
+
+    #[tokio::test]
+    async fn discover_serves_metrics_to_prometheus_and_status_on_loopback_only() {
+        let report = std::sync::Arc::new(Report::new("node-a", Path::new("/out/meshd.yaml")));
+        let any = "127.0.0.1:0".parse().unwrap();
+        let bound = meshd::discovery::report::serve(
+            report,
+            Addresses {
+                metrics: any,
+                admin: any,
+            },
+        )
+        .await
+        .expect("listens");
+        let get = |address, path: &'static str| {
+            tokio::task::spawn_blocking(move || {
+                meshd::admin::api::http_get(address, "localhost", path)
+            })
+        };
+        let metrics = get(bound.metrics, "/metrics")
+            .await
+            .unwrap()
+            .expect("/metrics");
+        assert!(
+            metrics.contains("# TYPE meshd_discovery_unreadable_objects gauge"),
+            "{metrics}"
+        );
+        let status = get(bound.admin, "/status").await.unwrap().expect("/status");
+        let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+        assert_eq!(status["node"], "node-a");
+        // The status names objects: not on the address Prometheus reaches.
+        let err = get(bound.metrics, "/status")
+            .await
+            .unwrap()
+            .expect_err("status on metrics");
+        assert!(err.to_string().contains("404"), "{err}");
+        let err = get(bound.admin, "/metrics")
+            .await
+            .unwrap()
+            .expect_err("metrics on admin");
+        assert!(err.to_string().contains("404"), "{err}");
     }
 }
 

@@ -285,11 +285,34 @@ fn certificates(inputs: &StatusInputs) -> Value {
     )
 }
 
-/// `meshd status`: fetches `/status` from `admin` and renders it.
-pub fn status_command(admin: std::net::SocketAddr) -> anyhow::Result<String> {
+/// `meshd status`: fetches `/status` from `admin` and renders it, and
+/// discovery's from `discovery` when something listens there (meshd runs
+/// from hand-written files too).
+pub fn status_command(
+    admin: std::net::SocketAddr,
+    discovery: std::net::SocketAddr,
+) -> anyhow::Result<String> {
     let body = admin_get(admin, "/status")?;
     let status: Value = serde_json::from_str(&body)?;
-    Ok(render(&status))
+    let mut out = render(&status);
+    match http_get(discovery, &discovery.to_string(), "/status") {
+        Ok(body) => {
+            let status: Value = serde_json::from_str(&body)
+                .map_err(|e| anyhow::anyhow!("discovery's /status at {discovery}: {e}"))?;
+            out.push_str(&crate::discovery::report::render_status(&status));
+        }
+        Err(err) => {
+            let refused = err
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused);
+            if refused {
+                out.push_str(&format!("discovery: none at {discovery}\n"));
+            } else {
+                out.push_str(&format!("discovery: CANNOT READ {discovery}: {err}\n"));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The body of `GET path` from the admin API at `admin`.

@@ -286,6 +286,16 @@ pub enum Change {
     InitDone(Kind),
 }
 
+impl Change {
+    /// The kind the change is of.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Self::Apply(object) | Self::InitApply(object) => object.kind(),
+            Self::Delete(kind, _) | Self::Init(kind) | Self::InitDone(kind) => *kind,
+        }
+    }
+}
+
 impl Object {
     pub fn kind(&self) -> Kind {
         match self {

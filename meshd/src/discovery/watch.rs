@@ -13,8 +13,9 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    path::PathBuf,
-    time::Duration,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, SystemTime},
 };
 
 use anyhow::Context as _;
@@ -33,6 +34,7 @@ use tracing::{error, info, warn};
 
 use super::{
     cluster::{Change, Cluster, Key, Kind, Object},
+    report::{Addresses, Report, Written},
     translate::{translate, Settings, Translation},
 };
 
@@ -65,7 +67,7 @@ const CUSTOM: &[(Kind, &str, &str, &str)] = &[
 ];
 
 /// Every kind watched; the first files wait until each has been listed.
-const KINDS: usize = 4 + CUSTOM.len();
+pub const KINDS: usize = 4 + CUSTOM.len();
 
 /// How long changes may keep arriving before the files are rewritten (a
 /// relist is many events; one rewrite for all of them).
@@ -257,7 +259,9 @@ impl Watched {
 
 /// Watches the API server and keeps the files in `out` current, until the
 /// process is stopped.
-pub async fn run(settings: Settings, out: PathBuf) -> anyhow::Result<()> {
+pub async fn run(settings: Settings, out: PathBuf, addresses: Addresses) -> anyhow::Result<()> {
+    let report = Arc::new(Report::new(&settings.node, &out.join(super::CONFIG_FILE)));
+    super::report::serve(report.clone(), addresses).await?;
     let client = Client::try_default().await.context(
         "no Kubernetes API config (an in-cluster service account token or a kubeconfig)",
     )?;
@@ -299,41 +303,50 @@ pub async fn run(settings: Settings, out: PathBuf) -> anyhow::Result<()> {
     drop(updates);
     let mut watched = Watched::default();
     let mut written: Option<Translation> = None;
-    while let Some(update) = received.recv().await {
+    let take = |watched: &mut Watched, update: Update| {
+        report.observed(&update, SystemTime::now());
         watched.update(update);
+        report.held(watched);
+    };
+    while let Some(update) = received.recv().await {
+        take(&mut watched, update);
         let settle = tokio::time::Instant::now() + SETTLE;
         while let Ok(Some(update)) = tokio::time::timeout_at(settle, received.recv()).await {
-            watched.update(update);
+            take(&mut watched, update);
         }
         if !watched.ready() {
             continue;
         }
         let translation = translate(&watched.cluster, &settings);
         if written.as_ref() == Some(&translation) {
+            report.wrote(Written::Unchanged, SystemTime::now());
             continue;
         }
-        let new: Vec<_> = translation
-            .unsupported
-            .iter()
-            .filter(|u| written.as_ref().is_none_or(|w| !w.unsupported.contains(u)))
-            .cloned()
-            .collect();
-        super::log_unsupported(&new);
-        if let Err(errors) =
-            super::load(&translation, &settings.node, settings.node_config.is_some())
-        {
-            error!(%errors, "the translation is no config meshd accepts (a discovery bug); the last files keep serving");
-            continue;
+        super::log_unsupported(&report.translated(&translation.unsupported));
+        let result = write(&translation, &settings, &out);
+        report.wrote(result, SystemTime::now());
+        if matches!(result, Written::Written | Written::Unchanged) {
+            written = Some(translation);
         }
-        match super::write_files(&out, &translation) {
-            Ok(true) => info!(out = %out.display(), "files written"),
-            Ok(false) => {}
-            Err(err) => {
-                error!(error = %err, out = %out.display(), "cannot write the files; the last ones keep serving");
-                continue;
-            }
-        }
-        written = Some(translation);
     }
     anyhow::bail!("every watch ended")
+}
+
+/// Validates a translation with meshd's own rules and writes it.
+fn write(translation: &Translation, settings: &Settings, out: &Path) -> Written {
+    if let Err(errors) = super::load(translation, &settings.node, settings.node_config.is_some()) {
+        error!(%errors, "the translation is no config meshd accepts (a discovery bug); the last files keep serving");
+        return Written::Refused;
+    }
+    match super::write_files(out, translation) {
+        Ok(true) => {
+            info!(out = %out.display(), "files written");
+            Written::Written
+        }
+        Ok(false) => Written::Unchanged,
+        Err(err) => {
+            error!(error = %err, out = %out.display(), "cannot write the files; the last ones keep serving");
+            Written::Failed
+        }
+    }
 }
