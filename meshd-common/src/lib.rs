@@ -23,12 +23,17 @@ pub const SOCKETS_CAPACITY: u32 = 65_536;
 /// so the `sk_msg` program moves their bytes without the TCP stack.
 pub const FLAG_SK_MSG: u32 = 1;
 /// `Settings::flags` bit: strict mode. Pods in the subtree accept new IPv4
-/// TCP connections only from `TRUSTED` sources (meshd's own addresses).
+/// TCP connections only from `TRUSTED` sources (meshd's own addresses),
+/// unless their `POD_PORTS` entry gives them a mode of their own.
 pub const FLAG_STRICT: u32 = 2;
 /// `Settings::flags` bit: fail closed. While meshd's heartbeat is stale,
 /// captured connects are refused instead of going straight to their
 /// destination.
 pub const FLAG_FAIL_CLOSED: u32 = 4;
+/// `Settings::flags` bit: new IPv6 TCP connections to pods are dropped
+/// (strict mode, or some pod on the node strict: `POD_PORTS` is keyed by
+/// IPv4 address, so a pod's own mode cannot be found for IPv6).
+pub const FLAG_STRICT_IPV6: u32 = 8;
 /// Capacity of the map of trusted source addresses.
 pub const TRUSTED_CAPACITY: u32 = 64;
 /// Capacity of the map of meshd's connects to pods in progress.
@@ -45,6 +50,11 @@ pub const PORT_OPEN: u32 = 2;
 /// The node itself (its own addresses: the kubelet) may connect in
 /// plaintext, in every mode (the workload's `probePorts`).
 pub const PORT_PROBE: u32 = 4;
+/// On a pod's port 0: the pod is strict whatever `FLAG_STRICT` says (its
+/// own `PeerAuthentication`).
+pub const PORT_STRICT: u32 = 8;
+/// On a pod's port 0: the pod is permissive whatever `FLAG_STRICT` says.
+pub const PORT_PERMISSIVE: u32 = 16;
 
 /// A connect meshd makes to a pod, as the pod's ingress filter sees its
 /// SYN: meshd registers it just before connecting and removes it once the

@@ -35,8 +35,9 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use meshd_common::{
     counter, Destination, OrigDst, OwnConnect, Settings, SockKey, DESTINATIONS_CAPACITY,
-    FLAG_FAIL_CLOSED, FLAG_SK_MSG, FLAG_STRICT, ORIG_DST_CAPACITY, OWN_CONNECTS_CAPACITY,
-    POD_PORTS_CAPACITY, PORT_OPEN, PORT_PROBE, PORT_PROTECTED, SOCKETS_CAPACITY, TRUSTED_CAPACITY,
+    FLAG_FAIL_CLOSED, FLAG_SK_MSG, FLAG_STRICT, FLAG_STRICT_IPV6, ORIG_DST_CAPACITY,
+    OWN_CONNECTS_CAPACITY, POD_PORTS_CAPACITY, PORT_OPEN, PORT_PERMISSIVE, PORT_PROBE,
+    PORT_PROTECTED, PORT_STRICT, SOCKETS_CAPACITY, TRUSTED_CAPACITY,
 };
 
 /// `connect()` verdicts for cgroup/connect programs.
@@ -401,7 +402,15 @@ fn ingress4(ctx: &SkBuffContext, settings: &Settings, version_ihl: u8) -> Result
         count(counter::PLAINTEXT_ACCEPTED);
         return Ok(PASS);
     }
-    if settings.flags & FLAG_STRICT != 0 {
+    // The pod's own mode, else the mesh's.
+    let strict = if rules & PORT_STRICT != 0 {
+        true
+    } else if rules & PORT_PERMISSIVE != 0 {
+        false
+    } else {
+        settings.flags & FLAG_STRICT != 0
+    };
+    if strict {
         count(counter::STRICT_DROPPED);
         debug!(
             ctx,
@@ -434,7 +443,7 @@ const MAX_EXTENSIONS: usize = 4;
 /// also behind extension headers (up to `MAX_EXTENSIONS`; a SYN behind
 /// more is dropped too).
 fn ingress6(ctx: &SkBuffContext, settings: &Settings) -> Result<i32, i64> {
-    if settings.flags & FLAG_STRICT == 0 {
+    if settings.flags & FLAG_STRICT_IPV6 == 0 {
         return Ok(PASS);
     }
     let mut next: u8 = ctx.load(6)?;

@@ -394,7 +394,6 @@ fn start_capture(
         proxy_cgroup_id: prepared.proxy_cgroup_id,
         proxy: outbound,
         sk_msg: proxy.sk_msg,
-        strict: config.mesh.mode == crate::config::MeshMode::Strict,
         trusted: [
             Some(config.node.capture_address),
             snapshot.own_tunnel_address(),

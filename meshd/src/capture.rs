@@ -28,7 +28,8 @@ use aya::{
 };
 use meshd_common::{
     counter, Destination, OrigDst, OwnConnect, Settings, SockKey, FLAG_FAIL_CLOSED, FLAG_SK_MSG,
-    FLAG_STRICT, PORT_OPEN, PORT_PROBE, PORT_PROTECTED,
+    FLAG_STRICT, FLAG_STRICT_IPV6, PORT_OPEN, PORT_PERMISSIVE, PORT_PROBE, PORT_PROTECTED,
+    PORT_STRICT,
 };
 
 // Decodes cgroup ids as file handles (`open_by_handle_at`).
@@ -95,8 +96,6 @@ pub struct CaptureSpec<'a> {
     pub proxy_cgroup_id: u64,
     pub proxy: SocketAddrV4,
     pub sk_msg: bool,
-    /// Strict mode: pods accept new connections only from `trusted`.
-    pub strict: bool,
     /// Addresses meshd connects to pods from.
     pub trusted: Vec<std::net::Ipv4Addr>,
     pub log_level: BpfLogLevel,
@@ -214,7 +213,7 @@ impl Capture {
             proxy_port: u32::from(spec.proxy.port()),
             proxy_cgroup_id: spec.proxy_cgroup_id,
             flags: if spec.sk_msg { FLAG_SK_MSG } else { 0 }
-                | if spec.strict { FLAG_STRICT } else { 0 }
+                | mode_flags(mesh)
                 | if spec.fail_closed {
                     FLAG_FAIL_CLOSED
                 } else {
@@ -278,8 +277,15 @@ impl Capture {
     }
 
     /// Makes the `DESTINATIONS` map hold exactly `mesh`'s destinations,
-    /// and `POD_PORTS` its pods' plaintext rules.
+    /// `POD_PORTS` its pods' plaintext rules and `SETTINGS` its mTLS
+    /// modes.
     pub fn sync_destinations(&self, mesh: &Snapshot) -> Result<(), CaptureError> {
+        {
+            let mut settings = lock(&self.settings);
+            let mut value = settings.get(&0, 0).map_err(map_error("SETTINGS"))?;
+            value.flags = value.flags & !(FLAG_STRICT | FLAG_STRICT_IPV6) | mode_flags(mesh);
+            settings.set(0, value, 0).map_err(map_error("SETTINGS"))?;
+        }
         install_destinations(
             &mut lock(&self.destinations),
             &mut lock(&self.installed),
@@ -502,6 +508,21 @@ impl Programs {
     }
 }
 
+/// The `SETTINGS` bits of `mesh`'s mTLS modes: the mesh's, and IPv6
+/// refused when the mesh or any of this node's workloads is strict.
+fn mode_flags(mesh: &Snapshot) -> u32 {
+    use crate::config::MeshMode;
+    let mesh_strict = mesh.config.mesh.mode == MeshMode::Strict;
+    let any_strict = mesh_strict
+        || mesh
+            .config
+            .workloads
+            .iter()
+            .any(|w| w.mtls_mode == Some(MeshMode::Strict));
+    let strict = if mesh_strict { FLAG_STRICT } else { 0 };
+    strict | if any_strict { FLAG_STRICT_IPV6 } else { 0 }
+}
+
 /// Makes `POD_PORTS` hold exactly `mesh`'s pods' plaintext rules.
 fn install_pod_ports(
     map: &mut HashMap<MapData, Destination, u32>,
@@ -514,7 +535,12 @@ fn install_pod_ports(
         .map(|(addr, rule)| {
             let bits = if rule.refused { PORT_PROTECTED } else { 0 }
                 | if rule.admitted { PORT_OPEN } else { 0 }
-                | if rule.probe { PORT_PROBE } else { 0 };
+                | if rule.probe { PORT_PROBE } else { 0 }
+                | match rule.mode {
+                    Some(crate::config::MeshMode::Strict) => PORT_STRICT,
+                    Some(crate::config::MeshMode::Permissive) => PORT_PERMISSIVE,
+                    None => 0,
+                };
             (destination_key(addr), bits)
         })
         .collect();

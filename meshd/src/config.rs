@@ -887,6 +887,10 @@ pub struct WorkloadSpec {
     /// mode a probe from the node is dropped like any other plaintext.
     #[serde(default)]
     pub probe_ports: Vec<u16>,
+    /// This workload's own mTLS mode (Istio's namespace or workload
+    /// `PeerAuthentication`): `strict` or `permissive`. Default
+    /// `mesh.mode`.
+    pub mtls_mode: Option<MeshMode>,
 }
 
 fn default_service_account() -> String {

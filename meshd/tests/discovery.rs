@@ -4,7 +4,12 @@
 //! Regenerate them after a deliberate change with
 //! `MESHD_BLESS=1 cargo test -p meshd --test discovery` and review the diff.
 
-use std::path::{Path, PathBuf};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use meshd::config::MeshMode;
 
 use meshd::discovery::{cluster::Cluster, manifests, translate::translate, Settings, Translation};
 
@@ -756,4 +761,107 @@ spec:
     ] {
         assert!(fields.contains(&field), "{field} not reported: {fields:?}");
     }
+}
+
+/// The mode `load`ed for each of node-a's workloads by its `app` label.
+fn modes_by_app(
+    cluster: &Cluster,
+) -> (
+    String,
+    BTreeMap<String, Option<MeshMode>>,
+    Vec<&'static str>,
+) {
+    let translation = translate(cluster, &settings("node-a"));
+    let config = load("node-a", &translation);
+    let modes = config
+        .workloads
+        .iter()
+        .map(|w| (w.labels["app"].clone(), w.mtls_mode))
+        .collect();
+    let fields = translation.unsupported.iter().map(|u| u.field).collect();
+    (format!("{:?}", config.mesh.mode), modes, fields)
+}
+
+fn apply(cluster: &mut Cluster, yaml: &str) {
+    for object in manifests::parse(Path::new("peer.yaml"), yaml).unwrap() {
+        cluster.apply(object);
+    }
+}
+
+#[test]
+fn peer_authentication_sets_each_workloads_mode_as_istio_resolves_it() {
+    // Bookinfo's mesh is STRICT; its namespace relaxes it, reviews' own
+    // policy makes it strict again (a PERMISSIVE port cannot be: per pod).
+    let mut cluster = bookinfo();
+    apply(
+        &mut cluster,
+        r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: { name: relaxed, namespace: bookinfo }
+spec: { mtls: { mode: PERMISSIVE } }
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: { name: reviews, namespace: bookinfo }
+spec:
+  selector: { matchLabels: { app: reviews } }
+  mtls: { mode: STRICT }
+  portLevelMtls: { "9080": { mode: PERMISSIVE } }
+"#,
+    );
+    let (mesh, modes, fields) = modes_by_app(&cluster);
+    assert_eq!(mesh, "Strict");
+    assert_eq!(
+        modes["productpage"],
+        Some(MeshMode::Permissive),
+        "{modes:?}"
+    );
+    assert_eq!(modes["reviews"], None, "the mesh's mode: {modes:?}");
+    assert!(fields.contains(&"spec.portLevelMtls"), "{fields:?}");
+
+    // A permissive mesh: a workload's STRICT, and a STRICT port, make
+    // those workloads strict; UNSET inherits.
+    apply(
+        &mut cluster,
+        r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: { name: default, namespace: istio-system }
+spec: { mtls: { mode: PERMISSIVE } }
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: { name: relaxed, namespace: bookinfo }
+spec: { mtls: { mode: UNSET } }
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: { name: reviews, namespace: bookinfo }
+spec:
+  selector: { matchLabels: { app: reviews } }
+  portLevelMtls: { "9080": { mode: STRICT } }
+"#,
+    );
+    let (mesh, modes, _) = modes_by_app(&cluster);
+    assert_eq!(mesh, "Permissive");
+    assert_eq!(modes["productpage"], None, "{modes:?}");
+    assert_eq!(modes["reviews"], Some(MeshMode::Strict), "{modes:?}");
+
+    // A selector meshd cannot read: a STRICT one is strict on the whole
+    // namespace rather than leave plaintext in.
+    apply(
+        &mut cluster,
+        r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: { name: unread, namespace: bookinfo }
+spec:
+  selector: { matchExpressions: [{ key: app, operator: In, values: [productpage] }] }
+  mtls: { mode: STRICT }
+"#,
+    );
+    let (_, modes, fields) = modes_by_app(&cluster);
+    assert_eq!(modes["productpage"], Some(MeshMode::Strict), "{modes:?}");
+    assert!(fields.contains(&"spec.selector"), "{fields:?}");
 }

@@ -734,6 +734,81 @@ fn permissive_mode_accepts_a_plaintext_bypass_and_counts_it() {
     );
 }
 
+/// Istio's namespace and workload PeerAuthentication: each pod's own mode
+/// in the kernel filter over the mesh's, both ways, and changed on a
+/// reload (the mesh's mode too) without a restart.
+#[test]
+fn each_workload_may_have_its_own_mode_and_modes_change_on_reload() {
+    let bed = Testbed::new(&["client", "a", "b"]);
+    serve_hello(&bed, "a", &[]);
+    serve_hello(&bed, "b", &[]);
+    let config = |mesh: &str, a: Option<&str>, b: Option<&str>| {
+        let mut text = bed.config(&format!(
+            "mesh: {{ mode: {mesh} }}
+services:
+  - {{ name: a, vip: 10.96.0.20, ports: [{{ port: 80, targetPort: 8080 }}], endpoints: [{{ address: 10.77.0.11 }}] }}
+  - {{ name: b, vip: 10.96.0.21, ports: [{{ port: 80, targetPort: 8080 }}], endpoints: [{{ address: 10.77.0.12 }}] }}
+"
+        ));
+        for (name, mode) in [("a", a), ("b", b)] {
+            if let Some(mode) = mode {
+                let workload = format!("{{ name: {name}, namespace:");
+                assert!(text.contains(&workload), "{text}");
+                text = text.replace(
+                    &workload,
+                    &format!("{{ name: {name}, mtlsMode: {mode}, namespace:"),
+                );
+            }
+        }
+        text
+    };
+    let path = bed.write("meshd.yaml", &config("permissive", Some("strict"), None));
+    let meshd = Meshd::spawn(&bed, std::slice::from_ref(&path), &[]);
+    meshd.wait_ready();
+    let update = |text: &str, reloads: f64| {
+        let next = bed.write("meshd.yaml.next", text);
+        std::fs::rename(next, &path).expect("swap config");
+        assert!(
+            eventually(Duration::from_secs(10), || meshd
+                .metric("meshd_config_reloads_total", &[("result", "ok")])
+                == reloads),
+            "reload {reloads} not applied:\n{}",
+            meshd.log()
+        );
+    };
+    let meshed = |vip: &str| curl(&bed, bed.pod("client"), &format!("http://{vip}/")).0;
+    let bypass = |ip: &str| curl(&bed, &bed.outside, &format!("http://{ip}:8080/")).0;
+    let dropped = || meshd.metric("meshd_bpf_events", &[("event", "strict_dropped")]);
+    let cases = [
+        // A permissive mesh; a is strict of its own.
+        ("permissive", Some("strict"), None, [28, 0]),
+        // A strict mesh; b is permissive of its own, a follows the mesh.
+        ("strict", None, Some("permissive"), [28, 0]),
+        // A strict mesh; b follows it now.
+        ("strict", None, None, [28, 28]),
+    ];
+    for (i, (mesh, a, b, expected)) in cases.into_iter().enumerate() {
+        if i > 0 {
+            update(&config(mesh, a, b), i as f64);
+        }
+        let before = dropped();
+        for vip in ["10.96.0.20", "10.96.0.21"] {
+            assert_eq!(meshed(vip), 0, "meshed traffic to {vip} passes (case {i})");
+        }
+        let got = [bypass("10.77.0.11"), bypass("10.77.0.12")];
+        assert_eq!(
+            got, expected,
+            "plaintext bypass to a and b, mesh {mesh}, a {a:?}, b {b:?} (28: dropped)"
+        );
+        let strict = expected.iter().filter(|c| **c == 28).count();
+        assert!(
+            dropped() - before >= strict as f64,
+            "drops counted: {} of at least {strict}",
+            dropped() - before
+        );
+    }
+}
+
 // === rotation ===
 
 const LOAD_RATE: &str = "50";

@@ -179,10 +179,15 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 /// only a restart applies: listeners, cgroups, capture, identity.
 fn restart_only_change(running: &Config, next: &Config) -> Option<&'static str> {
     let own = |c: &Config| c.nodes.get(&c.node.name).copied();
+    // The mTLS mode is the kernel filter's setting, applied on reload.
+    let mesh = |c: &Config| crate::config::MeshSpec {
+        mode: Default::default(),
+        ..c.mesh.clone()
+    };
     [
         ("node", running.node == next.node),
         ("proxy", running.proxy == next.proxy),
-        ("mesh", running.mesh == next.mesh),
+        ("mesh", mesh(running) == mesh(next)),
         ("tracing", running.tracing == next.tracing),
         ("accessLog", running.access_log == next.access_log),
         ("this node's address in nodes", own(running) == own(next)),

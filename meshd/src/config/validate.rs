@@ -124,6 +124,8 @@ pub struct Workload {
     pub identity: Identity,
     /// Ports the node itself may reach in plaintext (kubelet probes).
     pub probe_ports: Vec<u16>,
+    /// Its own mTLS mode, when it is not `mesh.mode`.
+    pub mtls_mode: Option<MeshMode>,
 }
 
 const UNKNOWN: &str = "unknown";
@@ -440,7 +442,11 @@ pub(super) fn validate(sources: &[Source], files: Vec<ConfigFile>) -> Result<Con
             .iter()
             .flat_map(|(_, _, s)| &s.endpoints)
             .any(|e| e.node.as_ref().is_some_and(|n| *n != node.name));
-        if uses_tunnels && node.identity.is_none() && mesh.mode == MeshMode::Strict {
+        let strict = mesh.mode == MeshMode::Strict
+            || workloads
+                .iter()
+                .any(|(_, _, w)| w.mtls_mode == Some(MeshMode::Strict));
+        if uses_tunnels && node.identity.is_none() && strict {
             let file = sources.len() - 1;
             check.fail(
                 file,
@@ -1010,6 +1016,7 @@ fn check_workload(
         pod: spec.pod,
         addresses,
         probe_ports: spec.probe_ports,
+        mtls_mode: spec.mtls_mode,
     };
     (file, at.clone(), workload)
 }

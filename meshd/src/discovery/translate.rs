@@ -125,18 +125,18 @@ pub fn translate(cluster: &Cluster, settings: &Settings) -> Translation {
         reports: Reports::default(),
         vips,
     };
-    let mode = peer::mesh_mode(cluster, &settings.root_namespace, &mut t.reports);
+    let modes = peer::modes(cluster, &settings.root_namespace, &mut t.reports);
     let mesh = json!({
         "trustDomain": settings.trust_domain,
         "clusterName": settings.cluster_name,
-        "mode": mode,
+        "mode": modes.mesh.as_str(),
     });
     traffic::check_routes(cluster, &mut t.reports);
     let nodes = t.nodes();
     let services = t.services();
     let (policies, selector_keys) =
         policies::policies(cluster, &settings.root_namespace, &mut t.reports);
-    let workloads = t.workloads(&settings.node, &selector_keys);
+    let workloads = t.workloads(&settings.node, &selector_keys, &modes);
     let mut unsupported = t.reports.0;
     unsupported.sort();
     unsupported.dedup();
@@ -446,7 +446,12 @@ impl<'a> Translator<'a> {
     }
 
     /// This node's pods, as workloads named by UID and QoS class.
-    fn workloads(&mut self, node: &str, selector_keys: &BTreeSet<String>) -> Vec<Value> {
+    fn workloads(
+        &mut self,
+        node: &str,
+        selector_keys: &BTreeSet<String>,
+        modes: &peer::Modes,
+    ) -> Vec<Value> {
         let cluster = self.cluster;
         let mut workloads = Vec::new();
         let mut taken = BTreeSet::new();
@@ -490,7 +495,12 @@ impl<'a> Translator<'a> {
                 );
                 continue;
             }
-            workloads.push(workload_value(pod, qos, selector_keys));
+            let mut value = workload_value(pod, qos, selector_keys);
+            let mode = modes.of(&pod.namespace, &pod.labels);
+            if mode != modes.mesh {
+                value["mtlsMode"] = json!(mode.as_str());
+            }
+            workloads.push(value);
         }
         workloads
     }

@@ -101,6 +101,8 @@ pub struct PlaintextRule {
     pub admitted: bool,
     /// Admitted from the node itself (kubelet probes), in every mode.
     pub probe: bool,
+    /// The pod's own mTLS mode, on its port 0 (else `mesh.mode`).
+    pub mode: Option<crate::config::MeshMode>,
 }
 
 /// How one endpoint stands right now, for the admin API.
@@ -482,6 +484,12 @@ impl Snapshot {
         }
         for workload in &self.config.workloads {
             for address in &workload.addresses {
+                if workload.mtls_mode.is_some() {
+                    rules
+                        .entry(SocketAddrV4::new(*address, 0))
+                        .or_default()
+                        .mode = workload.mtls_mode;
+                }
                 for port in &workload.probe_ports {
                     let rule = rules.entry(SocketAddrV4::new(*address, *port)).or_default();
                     rule.probe = true;
