@@ -156,6 +156,10 @@ enum Command {
         rate: u64,
         #[arg(long, default_value_t = 5)]
         seconds: u64,
+        /// Each request an HTTP/1.1 `GET /` to a `hello` server instead,
+        /// which must answer 200; prints `served NAME COUNT` per name.
+        #[arg(long)]
+        http: bool,
     },
     /// A gRPC server (the standard health service) whose `meshd.test`
     /// status flips every 100 ms, so Watch streams updates.
@@ -262,7 +266,8 @@ fn main() -> anyhow::Result<()> {
             connect,
             rate,
             seconds,
-        } => load(connect, rate, seconds),
+            http,
+        } => load(connect, rate, seconds, http),
         Command::GrpcServe { listen } => grpc::serve(listen),
         Command::GrpcCheck {
             connect,
@@ -865,18 +870,52 @@ fn round_trip(connect: SocketAddr, i: u64) -> io::Result<()> {
     Ok(())
 }
 
-fn load(connect: SocketAddr, rate: u64, seconds: u64) -> anyhow::Result<()> {
+/// One `GET /` on a connection of its own: the name the `hello` server
+/// answered with.
+fn http_round_trip(connect: SocketAddr) -> io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&connect, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET / HTTP/1.1\r\nHost: {connect}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut answer = String::new();
+    Retrying(&mut stream).read_to_string(&mut answer)?;
+    if !answer.starts_with("HTTP/1.1 200") {
+        return Err(io::Error::other(format!(
+            "answered {:?}",
+            &answer[..answer.len().min(200)]
+        )));
+    }
+    answer
+        .split("hello from ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .map(str::to_owned)
+        .ok_or_else(|| io::Error::other(format!("no hello in {answer:?}")))
+}
+
+fn load(connect: SocketAddr, rate: u64, seconds: u64, http: bool) -> anyhow::Result<()> {
     let total = rate * seconds;
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
     let start = Instant::now();
     let mut failures = Vec::new();
+    let mut served = std::collections::BTreeMap::<String, u64>::new();
     for i in 0..total {
         if let Some(wait) = (start + interval * i as u32).checked_duration_since(Instant::now()) {
             thread::sleep(wait);
         }
-        if let Err(err) = round_trip(connect, i) {
+        let result = if http {
+            http_round_trip(connect).map(|name| *served.entry(name).or_default() += 1)
+        } else {
+            round_trip(connect, i)
+        };
+        if let Err(err) = result {
             failures.push(format!("request {i} at {:?}: {err}", start.elapsed()));
         }
+    }
+    for (name, count) in &served {
+        println!("served {name} {count}");
     }
     println!("ok {} of {total}", total - failures.len() as u64);
     if !failures.is_empty() {

@@ -317,6 +317,13 @@ impl Attempt for HttpAttempt<'_> {
                 self.reached_locally = false;
                 return Try::Refused(Refusal::OVERFLOW);
             }
+            // The destination's meshd refused the stream by its policy:
+            // its answer, not this endpoint failing, and any other try
+            // would be refused alike.
+            Some(Err(UpstreamError::Tunnel(crate::hbone::pool::TunnelError::Refused {
+                status: hyper::StatusCode::FORBIDDEN,
+                ..
+            }))) => return Try::Refused(Refusal::DENIED_THERE),
             Some(Err(err)) if err.before_sending() => {
                 Try::Failed(Outcome::ConnectFailure, Some(err))
             }

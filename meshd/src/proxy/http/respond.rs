@@ -49,6 +49,9 @@ impl Refusal {
         ResponseFlag::NoHealthyUpstream,
     );
     pub const DENIED: Self = Self::new(StatusCode::FORBIDDEN, ResponseFlag::Rbac);
+    /// The destination's meshd refused the tunnel stream by its policy: its
+    /// decision, so no flag of this meshd's.
+    pub const DENIED_THERE: Self = Self::new(StatusCode::FORBIDDEN, ResponseFlag::None);
     pub const BAD_REQUEST: Self = Self::new(
         StatusCode::BAD_REQUEST,
         ResponseFlag::DownstreamProtocolError,
