@@ -258,3 +258,31 @@ fn meshd_in_a_private_cgroup_namespace_still_joins_its_cgroup_and_captures() {
         "{body}"
     );
 }
+
+/// A `/proc/PID/status` field in KiB.
+fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in:\n{status}"))
+}
+
+#[test]
+fn starting_leaves_no_memory_peak_above_the_steady_state() {
+    // A pod's memory limit must hold meshd's peak, not only its steady
+    // state: loading the eBPF programs once parsed the kernel's whole BTF
+    // (~15 MiB of transient heap) although the programs need none of it.
+    let bed = Testbed::new(&["client"]);
+    let meshd = meshd_tests::testbed::Meshd::spawn(&bed, &[valid_config(&bed)], &[]);
+    meshd.wait_ready();
+    let (peak, steady) = (
+        status_kib(meshd.pid(), "VmHWM"),
+        status_kib(meshd.pid(), "VmRSS"),
+    );
+    assert!(
+        peak * 10 <= steady * 11,
+        "peak {peak} KiB is more than 10 % above the steady {steady} KiB"
+    );
+}
