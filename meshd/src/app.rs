@@ -127,6 +127,15 @@ pub struct Prepared {
     /// How the kubelet places pod cgroups on this node.
     cgroup_driver: crate::config::CgroupDriver,
     proxy_cgroup_id: u64,
+    /// `proxy.workerThreads`, or the CPUs meshd's cgroup may use.
+    worker_threads: usize,
+}
+
+impl Prepared {
+    /// The async runtime's worker threads.
+    pub fn worker_threads(&self) -> usize {
+        self.worker_threads
+    }
 }
 
 pub fn prepare(paths: &[PathBuf], overrides: &Overrides) -> Result<Prepared, StartError> {
@@ -140,6 +149,7 @@ pub fn prepare(paths: &[PathBuf], overrides: &Overrides) -> Result<Prepared, Sta
     if host::enter_host_cgroup_namespace(&config.node.host_cgroup_namespace)? {
         info!("entered the host's cgroup namespace");
     }
+    let started_in = host::own_cgroup(&cgroup_root);
     let proxy_cgroup_id = host::join_cgroup(&proxy_dir)?;
     let cgroup_driver = config.node.cgroup_driver.decided().unwrap_or_else(|| {
         let pods = host::cgroup_dir(&cgroup_root, &config.node.pod_cgroup);
@@ -150,6 +160,10 @@ pub fn prepare(paths: &[PathBuf], overrides: &Overrides) -> Result<Prepared, Sta
         "pod cgroups placed as the kubelet's cgroup driver does"
     );
     config.place_pods(cgroup_driver);
+    let worker_threads = config.proxy.worker_threads.unwrap_or_else(|| {
+        let cgroups: Vec<PathBuf> = started_in.into_iter().chain([proxy_dir]).collect();
+        host::usable_cpus(&cgroup_root, &cgroups)
+    });
     Ok(Prepared {
         paths: paths.to_vec(),
         sources,
@@ -158,6 +172,7 @@ pub fn prepare(paths: &[PathBuf], overrides: &Overrides) -> Result<Prepared, Sta
         cgroup_root,
         cgroup_driver,
         proxy_cgroup_id,
+        worker_threads,
     })
 }
 
@@ -334,6 +349,7 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         pods = %pod_cgroup.display(),
         services = config.services.len(),
         sk_msg = proxy.sk_msg,
+        workers = tokio::runtime::Handle::current().metrics().num_workers(),
         "meshd ready"
     );
 

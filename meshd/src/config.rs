@@ -481,6 +481,11 @@ pub struct ProxySpec {
     pub max_series_per_metric: usize,
     /// Bytes buffered per direction per connection. Default 16384.
     pub buffer_size: usize,
+    /// Threads serving traffic (ztunnel's `ZTUNNEL_WORKER_THREADS`,
+    /// Envoy's `--concurrency`). Default: the CPUs meshd may use — its
+    /// CPU affinity and its cgroup's `cpu.max` quota (a DaemonSet's CPU
+    /// limit), rounded up. Applied at start-up.
+    pub worker_threads: Option<usize>,
     /// Level of the eBPF programs' own log (forwarded into meshd's log):
     /// `off`, `error`, `warn`, `info`, `debug` or `trace`. Default `off`.
     pub bpf_log_level: BpfLogLevel,
@@ -575,6 +580,7 @@ impl Default for ProxySpec {
             connect_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(30),
             buffer_size: 16 * 1024,
+            worker_threads: None,
             bpf_log_level: BpfLogLevel::Off,
             fail_mode: FailMode::Open,
             fail_timeout: Duration::from_secs(1),

@@ -395,6 +395,7 @@ fn run(config: &[PathBuf], overrides: &Overrides) -> anyhow::Result<()> {
     // Join meshd's cgroup before the runtime spawns its threads.
     let prepared = daemon::prepare(config, overrides)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(prepared.worker_threads())
         .enable_all()
         .thread_name("meshd")
         .build()?;

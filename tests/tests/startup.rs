@@ -9,7 +9,7 @@ use std::{
 
 use meshd_tests::{
     sys::{self, wait_with_timeout},
-    testbed::Testbed,
+    testbed::{Meshd, Testbed},
 };
 
 fn run(command: &mut Command) -> Output {
@@ -143,7 +143,7 @@ fn the_ebpf_log_is_quiet_by_default_and_raised_by_a_flag() {
         if let Some(level) = flag {
             extra.extend(["--bpf-log", level]);
         }
-        let meshd = meshd_tests::testbed::Meshd::spawn(&bed, std::slice::from_ref(&config), &extra);
+        let meshd = Meshd::spawn(&bed, std::slice::from_ref(&config), &extra);
         meshd.wait_ready();
         // Captured, then refused upstream: enough to make connect4 log.
         let curl = bed
@@ -275,7 +275,7 @@ fn starting_leaves_no_memory_peak_above_the_steady_state() {
     // state: loading the eBPF programs once parsed the kernel's whole BTF
     // (~15 MiB of transient heap) although the programs need none of it.
     let bed = Testbed::new(&["client"]);
-    let meshd = meshd_tests::testbed::Meshd::spawn(&bed, &[valid_config(&bed)], &[]);
+    let meshd = Meshd::spawn(&bed, &[valid_config(&bed)], &[]);
     meshd.wait_ready();
     let (peak, steady) = (
         status_kib(meshd.pid(), "VmHWM"),
@@ -285,4 +285,86 @@ fn starting_leaves_no_memory_peak_above_the_steady_state() {
         peak * 10 <= steady * 11,
         "peak {peak} KiB is more than 10 % above the steady {steady} KiB"
     );
+}
+
+/// The `workers=N` of meshd's `meshd ready` line.
+fn workers(meshd: &Meshd) -> usize {
+    let log = meshd.log();
+    log.lines()
+        .filter(|l| l.contains("meshd ready"))
+        .find_map(|l| {
+            // The log may be coloured: drop each `ESC[…m` first.
+            let mut pieces = l.split('\x1b');
+            let mut plain = pieces.next().unwrap_or_default().to_owned();
+            for piece in pieces {
+                plain.push_str(piece.split_once('m').map_or(piece, |(_, text)| text));
+            }
+            let rest = plain.split_once("workers=")?.1;
+            rest.split_whitespace().next()?.parse().ok()
+        })
+        .unwrap_or_else(|| panic!("no workers in meshd's ready line:\n{log}"))
+}
+
+/// A cgroup v1 `cpu` hierarchy's directory for this test (where this
+/// machine's CPU controller lives; cgroup v2 quotas are unit-tested), with
+/// a quota of one CPU; removed on drop.
+struct OneCpu(std::path::PathBuf);
+
+impl OneCpu {
+    fn new() -> Self {
+        let mounts = std::fs::read_to_string("/proc/mounts").expect("mounts");
+        let mount = mounts
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.len() > 3 && f[2] == "cgroup" && f[3].split(',').any(|o| o == "cpu"))
+            .map(|f| f[1].to_owned())
+            .expect("this test needs a cgroup v1 cpu hierarchy to set a CPU quota in");
+        let dir = Path::new(&mount).join(format!("meshd-test-cpu-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("create the cpu cgroup");
+        std::fs::write(dir.join("cpu.cfs_period_us"), "100000").expect("period");
+        std::fs::write(dir.join("cpu.cfs_quota_us"), "100000").expect("quota");
+        Self(dir)
+    }
+}
+
+impl Drop for OneCpu {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn worker_threads_default_to_the_cpus_meshd_may_use_and_follow_the_config() {
+    let bed = Testbed::new(&["client"]);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let config = valid_config(&bed);
+    let meshd = Meshd::spawn(&bed, std::slice::from_ref(&config), &[]);
+    meshd.wait_ready();
+    assert_eq!(workers(&meshd), cpus, "no quota: every CPU");
+    drop(meshd);
+
+    // As a DaemonSet's `limits.cpu: 1` puts it: a quota on the container's
+    // CPU cgroup, which meshd stays in.
+    let quota = OneCpu::new();
+    let script = format!(
+        r#"echo $$ > {}/cgroup.procs && exec "$@""#,
+        quota.0.display()
+    );
+    let meshd = Meshd::spawn_wrapped(
+        &bed,
+        0,
+        std::slice::from_ref(&config),
+        &[],
+        &["sh", "-c", &script, "sh"],
+    );
+    meshd.wait_ready();
+    assert_eq!(workers(&meshd), 1, "a one-CPU quota");
+    drop(meshd);
+
+    let three = bed.write("three.yaml", &bed.config("proxy:\n  workerThreads: 3\n"));
+    let meshd = Meshd::spawn_wrapped(&bed, 0, &[three], &[], &["sh", "-c", &script, "sh"]);
+    meshd.wait_ready();
+    assert_eq!(workers(&meshd), 3, "workerThreads over the quota");
+    drop(meshd);
+    drop(quota);
 }

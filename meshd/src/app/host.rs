@@ -227,9 +227,80 @@ pub fn join_cgroup(dir: &Path) -> Result<u64, HostError> {
     cgroup_id(dir)
 }
 
+/// This process's cgroup (v2) under `mount`, if it can be read.
+pub fn own_cgroup(mount: &Path) -> Option<PathBuf> {
+    let cgroups = fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = cgroups.lines().find_map(|l| l.strip_prefix("0::"))?;
+    Some(cgroup_dir(mount, path))
+}
+
+/// The CPUs meshd may use: its CPU affinity (and a cgroup v1 CPU quota,
+/// as the standard library reads them), and the tightest `cpu.max` quota
+/// of each of `cgroups` and the cgroups above it up to the mount `root`
+/// (rounded up) — the container's cgroup, where a DaemonSet's CPU limit
+/// is set, and the one meshd moves into. At least 1.
+pub fn usable_cpus(root: &Path, cgroups: &[PathBuf]) -> usize {
+    let mut cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for own in cgroups {
+        let mut dir = Some(own.as_path());
+        while let Some(at) = dir.filter(|d| d.starts_with(root)) {
+            let quota = fs::read_to_string(at.join("cpu.max")).ok();
+            if let Some(quota) = quota.as_deref().and_then(cpus_of_quota) {
+                cpus = cpus.min(quota);
+            }
+            dir = at.parent();
+        }
+    }
+    cpus.max(1)
+}
+
+/// The CPUs a `cpu.max` line (`$MAX $PERIOD`, `max` for none) allows,
+/// rounded up.
+fn cpus_of_quota(line: &str) -> Option<usize> {
+    let mut fields = line.split_whitespace();
+    let max: u64 = fields.next()?.parse().ok()?;
+    let period: u64 = fields.next()?.parse().ok().filter(|p| *p > 0)?;
+    usize::try_from(max.div_ceil(period)).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cpu_quota_is_rounded_up_to_whole_cpus() {
+        assert_eq!(cpus_of_quota("max 100000\n"), None);
+        assert_eq!(cpus_of_quota("100000 100000\n"), Some(1));
+        assert_eq!(cpus_of_quota("150000 100000\n"), Some(2));
+        assert_eq!(cpus_of_quota("50000 100000"), Some(1));
+        assert_eq!(cpus_of_quota("400000 100000"), Some(4));
+        assert_eq!(cpus_of_quota("100000 0"), None);
+        assert_eq!(cpus_of_quota("garbage"), None);
+    }
+
+    #[test]
+    fn the_tightest_quota_on_either_cgroups_path_bounds_the_cpus() {
+        let root = std::env::temp_dir().join(format!("meshd-cpus-{}", std::process::id()));
+        let container = root.join("kubepods/pod1/container");
+        let proxy = root.join("meshd/proxy");
+        for dir in [&container, &proxy] {
+            fs::create_dir_all(dir).expect("mkdir");
+        }
+        let affinity = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let both = [container.clone(), proxy.clone()];
+        assert_eq!(usable_cpus(&root, &both), affinity, "no quota anywhere");
+        fs::write(root.join("kubepods/pod1/cpu.max"), "100000 100000\n").expect("write");
+        fs::write(container.join("cpu.max"), "max 100000\n").expect("write");
+        assert_eq!(
+            usable_cpus(&root, &both),
+            1,
+            "the pod's quota, above the container"
+        );
+        assert_eq!(usable_cpus(&root, &[proxy.clone()]), affinity);
+        // A cgroup file above the mount is not this hierarchy's.
+        assert_eq!(usable_cpus(&root.join("meshd"), &[container]), affinity);
+        fs::remove_dir_all(&root).expect("clean up");
+    }
 
     #[test]
     fn finds_the_cgroup2_mount_among_v1_mounts() {

@@ -834,6 +834,10 @@ fn policy_target(
     }
 }
 
+/// The most `proxy.workerThreads`: more threads than any node has CPUs
+/// only add context switches.
+const MAX_WORKER_THREADS: usize = 256;
+
 /// The shortest `proxy.failTimeout`: two and a half heartbeats.
 const MIN_FAIL_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
 
@@ -848,6 +852,15 @@ fn check_proxy(check: &mut Checker<'_>, file: usize, spec: &ProxySpec) {
             &at.clone().key("bufferSize"),
             format!("{} is outside 1024..=1048576 bytes", spec.buffer_size),
         );
+    }
+    if let Some(threads) = spec.worker_threads {
+        if !(1..=MAX_WORKER_THREADS).contains(&threads) {
+            check.fail(
+                file,
+                &at.clone().key("workerThreads"),
+                format!("{threads} is outside 1..={MAX_WORKER_THREADS}"),
+            );
+        }
     }
     if spec.fail_timeout < MIN_FAIL_TIMEOUT {
         check.fail(
@@ -1303,6 +1316,7 @@ workloads:
   connectionLimits:
     outbound: {{ max: 10, perSource: 20 }}
     admin: {{ max: 0, perSource: 0 }}
+  workerThreads: 0
 "
         ));
         for expected in [
@@ -1310,6 +1324,7 @@ workloads:
             "mesh.yaml:8: proxy.maxHandshakes: must be at least 1",
             "mesh.yaml:10: proxy.connectionLimits.outbound.perSource: 20 is more than max (10)",
             "mesh.yaml:11: proxy.connectionLimits.admin: max and perSource must be at least 1",
+            "mesh.yaml:12: proxy.workerThreads: 0 is outside 1..=256",
         ] {
             assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
         }
