@@ -296,7 +296,7 @@ mod tests {
             1,
             "the pod's quota, above the container"
         );
-        assert_eq!(usable_cpus(&root, &[proxy.clone()]), affinity);
+        assert_eq!(usable_cpus(&root, std::slice::from_ref(&proxy)), affinity);
         // A cgroup file above the mount is not this hierarchy's.
         assert_eq!(usable_cpus(&root.join("meshd"), &[container]), affinity);
         fs::remove_dir_all(&root).expect("clean up");
