@@ -403,17 +403,20 @@ impl Testbed {
     }
 
     /// Starts `program args` in node `node`'s network namespace (in the
-    /// test's cgroup, so it is cleaned up), kept until the testbed ends.
-    pub fn spawn_on_node(&self, node: usize, program: &Path, args: &[&str]) {
+    /// test's cgroup, so it is cleaned up), kept until the testbed ends;
+    /// its pid.
+    pub fn spawn_on_node(&self, node: usize, program: &Path, args: &[&str]) -> u32 {
         let child = sys::command_in(&self.root, &self.nodes[node].netns, program, args)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn on node");
+        let pid = child.id();
         self.processes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(child);
+        pid
     }
 
     /// A real Prometheus on node 0 (`127.0.0.1:9090` in its namespace),

@@ -223,13 +223,21 @@ impl Bench {
         rows.push(self.measure(&bed, "meshd mTLS tunnel", &meshed, &[&a, &b])?);
         drop((a, b));
 
+        let hop = |name, port, hop, target| Hop {
+            name,
+            port,
+            hop,
+            target,
+            h2c: false,
+        };
         haproxy_pair(
             &bed,
             &self.meshd,
             &ca,
+            HaproxyMode::Tcp,
             &[
-                ("iperf", 6000, 6443, "10.78.0.10:5202"),
-                ("echo", 6001, 6444, "10.78.0.10:7001"),
+                hop("iperf", 6000, 6443, "10.78.0.10:5202"),
+                hop("echo", 6001, 6444, "10.78.0.10:7001"),
             ],
         )?;
         let haproxy = Targets {
@@ -354,15 +362,23 @@ pub fn output(
 
 /// Resident memory of `pid` in KiB.
 pub fn rss_kib(pid: u32) -> Option<f64> {
+    status_kib(pid, "VmRSS:")
+}
+
+/// The most memory `pid` has had resident (VmHWM) in KiB.
+pub fn peak_rss_kib(pid: u32) -> Option<f64> {
+    status_kib(pid, "VmHWM:")
+}
+
+fn status_kib(pid: u32, field: &str) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
-/// Samples processes' summed RSS every 50 ms while load runs. (VmHWM would
-/// also count the transient peak of parsing the kernel's BTF at start-up.)
+/// Samples processes' summed RSS every 50 ms while load runs.
 pub struct RssSampler {
     stop: Arc<AtomicBool>,
     thread: std::thread::JoinHandle<f64>,
@@ -407,12 +423,37 @@ pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
 /// HAProxy on node-b, which demands and verifies it and forwards to the
 /// server pod: the same hop count and crypto as meshd's tunnel.
 /// `hops`: (name, port on node-a, port on node-b, the pod's address).
+/// One proxied path through an HAProxy pair: clients connect to
+/// node-a's `port`, node-a's HAProxy to node-b's `hop` over mutual TLS,
+/// node-b's to `target`.
+pub struct Hop<'a> {
+    pub name: &'a str,
+    pub port: u16,
+    pub hop: u16,
+    pub target: &'a str,
+    /// In HTTP mode: clients and `target` speak HTTP/2 without TLS (h2c).
+    pub h2c: bool,
+}
+
+/// How an HAProxy pair proxies.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum HaproxyMode {
+    /// Bytes (`mode tcp`): parses nothing, as meshd's tcp ports.
+    Tcp,
+    /// Full L7 (`mode http`), as meshd's http ports: each request parsed
+    /// and routed, carried between the nodes over HTTP/2 (ALPN h2), as
+    /// meshd's tunnel does.
+    Http,
+}
+
+/// Starts an HAProxy pair; their pids (node-a's, node-b's).
 pub fn haproxy_pair(
     bed: &Testbed,
     meshd: &Path,
     ca: &Path,
-    hops: &[(&str, u16, u16, &str)],
-) -> anyhow::Result<()> {
+    mode: HaproxyMode,
+    hops: &[Hop<'_>],
+) -> anyhow::Result<Vec<u32>> {
     let pem = |namespace: &str, sa: &str| -> anyhow::Result<PathBuf> {
         let dir = bed.dir.join(format!("haproxy-{sa}"));
         quiet(
@@ -431,48 +472,67 @@ pub fn haproxy_pair(
     let client_pem = pem("default", "client")?;
     let server_pem = pem("default", "server")?;
     let ca_file = ca.join("ca.crt");
-    let global = "global\n  maxconn 4096\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n";
+    let (defaults, alpn) = match mode {
+        HaproxyMode::Tcp => ("mode tcp", ""),
+        HaproxyMode::Http => ("mode http\n  http-reuse always", " alpn h2"),
+    };
+    let global = format!("global\n  maxconn 4096\ndefaults\n  {defaults}\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n");
+    let h2c = |hop: &Hop<'_>| {
+        if mode == HaproxyMode::Http && hop.h2c {
+            " proto h2"
+        } else {
+            ""
+        }
+    };
     // Both hops verify the chain against the mesh CA. HAProxy checks a
     // server's DNS name only when given one; SPIFFE certificates carry
     // a URI instead, so no name check is configured.
-    let origin = |name: &str, port: u16, hop: u16| {
+    let origin = |hop: &Hop<'_>| {
         format!(
-            "frontend {name}\n  bind 10.77.0.1:{port}\n  default_backend {name}\nbackend {name}\n  server b 192.168.77.2:{hop} ssl crt {} ca-file {} verify required ssl-min-ver TLSv1.3\n",
+            "frontend {name}\n  bind 10.77.0.1:{port}{h2c}\n  default_backend {name}\nbackend {name}\n  server b 192.168.77.2:{next} ssl crt {} ca-file {} verify required ssl-min-ver TLSv1.3{alpn}\n",
             client_pem.display(),
-            ca_file.display()
+            ca_file.display(),
+            name = hop.name,
+            port = hop.port,
+            next = hop.hop,
+            h2c = h2c(hop),
         )
     };
-    let terminate = |name: &str, hop: u16, target: &str| {
+    let terminate = |hop: &Hop<'_>| {
         format!(
-            "frontend {name}\n  bind 192.168.77.2:{hop} ssl crt {} ca-file {} verify required ssl-min-ver TLSv1.3\n  default_backend {name}\nbackend {name}\n  server pod {target}\n",
+            "frontend {name}\n  bind 192.168.77.2:{next} ssl crt {} ca-file {} verify required ssl-min-ver TLSv1.3{alpn}\n  default_backend {name}\nbackend {name}\n  server pod {target}{h2c}\n",
             server_pem.display(),
-            ca_file.display()
+            ca_file.display(),
+            name = hop.name,
+            next = hop.hop,
+            target = hop.target,
+            h2c = h2c(hop),
         )
     };
-    let mut source = global.to_owned();
-    let mut destination = global.to_owned();
-    for (name, port, hop, target) in hops {
-        source.push_str(&origin(name, *port, *hop));
-        destination.push_str(&terminate(name, *hop, target));
+    let mut source = global.clone();
+    let mut destination = global;
+    for hop in hops {
+        source.push_str(&origin(hop));
+        destination.push_str(&terminate(hop));
     }
     let source_cfg = bed.write("haproxy-a.cfg", &source);
     let destination_cfg = bed.write("haproxy-b.cfg", &destination);
-    bed.spawn_on_node(
+    let b = bed.spawn_on_node(
         1,
         Path::new("haproxy"),
         &["-db", "-f", &destination_cfg.display().to_string()],
     );
-    bed.spawn_on_node(
+    let a = bed.spawn_on_node(
         0,
         Path::new("haproxy"),
         &["-db", "-f", &source_cfg.display().to_string()],
     );
-    let first = std::net::SocketAddr::from(([10, 77, 0, 1], hops[0].1));
+    let first = std::net::SocketAddr::from(([10, 77, 0, 1], hops[0].port));
     let up = sys::eventually(Duration::from_secs(10), || {
         sys::in_netns(&bed.nodes[0].netns.path(), move || {
             std::net::TcpStream::connect_timeout(&first, Duration::from_millis(200)).is_ok()
         })
     });
     ensure!(up, "HAProxy did not start");
-    Ok(())
+    Ok(vec![a, b])
 }

@@ -1,15 +1,18 @@
 //! HTTP through meshd: HTTP/1.1 (wrk, keep-alive) and HTTP/2 (h2load,
 //! multiplexed) against nginx, on one node and across nodes, each against a
-//! direct connection and, across nodes, an HAProxy mutual-TLS pair (TCP
-//! mode) measured in the same run; with meshd's CPU time per 1000 requests
-//! and its memory under load.
+//! direct connection and, across nodes, HAProxy mutual-TLS pairs in TCP
+//! mode and in HTTP mode (full L7, like for like with meshd's http ports)
+//! measured in the same run; with the proxies' CPU time per 1000 requests
+//! and their memory under load and at peak.
 
 use std::{path::Path, process::Command, time::Duration};
 
 use anyhow::{ensure, Context as _};
 use meshd_tests::testbed::{Meshd, PodSpec, Testbed};
 
-use super::{cpu_seconds, haproxy_pair, output, quiet, Bench, RssSampler};
+use super::{
+    cpu_seconds, haproxy_pair, output, peak_rss_kib, quiet, Bench, HaproxyMode, Hop, RssSampler,
+};
 
 /// HTTP/1.1 connections and HTTP/2 connections × streams.
 const H1_CONNECTIONS: &str = "16";
@@ -31,6 +34,8 @@ struct Row {
     mean_ms: Option<f64>,
     cpu_ms_per_1000: Option<f64>,
     rss_mib: Option<f64>,
+    /// The processes' summed VmHWM after the run (start-up included).
+    peak_mib: Option<f64>,
 }
 
 /// One load run's results.
@@ -62,12 +67,13 @@ pub fn print(tables: &[Table]) {
          meshd's access log off; tracing off but in the rows that say otherwise. \
          Rows \"auto ports\": the same requests on ports declared `auto`, which the \
          destination reports as connections — the second reporter's per-request cost \
-         is the difference to the row above them."
+         is the difference to the row above them. Proxy CPU and memory: meshd's, or \
+         HAProxy's; summed over both nodes across nodes."
     );
     for table in tables {
         println!("\n### {}\n", table.title);
-        println!("| path | protocol | requests/s | × direct | p50 ms | p99 ms | mean ms | meshd CPU ms per 1000 requests | meshd RSS under load MiB |");
-        println!("|---|---|---|---|---|---|---|---|---|");
+        println!("| path | protocol | requests/s | × direct | p50 ms | p99 ms | mean ms | proxy CPU ms per 1000 requests | proxy RSS under load MiB | proxy peak RSS MiB |");
+        println!("|---|---|---|---|---|---|---|---|---|---|");
         let opt = |v: Option<f64>, d: usize| v.map_or("–".to_owned(), |v| format!("{v:.d$}"));
         for row in &table.rows {
             let direct = table
@@ -76,7 +82,7 @@ pub fn print(tables: &[Table]) {
                 .find(|r| r.protocol == row.protocol)
                 .map_or(row.rps, |r| r.rps);
             println!(
-                "| {} | {} | {:.0} | {:.2} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {:.0} | {:.2} | {} | {} | {} | {} | {} | {} |",
                 row.path,
                 row.protocol,
                 row.rps,
@@ -86,6 +92,7 @@ pub fn print(tables: &[Table]) {
                 opt(row.mean_ms, 2),
                 opt(row.cpu_ms_per_1000, 1),
                 opt(row.rss_mib, 1),
+                opt(row.peak_mib, 1),
             );
         }
     }
@@ -194,7 +201,7 @@ fn same_node(bench: &Bench) -> anyhow::Result<Table> {
     )?;
     let mut meshd = bed.start_meshd(&bed.config(&services("10.77.0.11", "")));
     std::thread::sleep(Duration::from_millis(500));
-    rows.extend(measure(bench, &bed, "meshd", &meshed(), &[&meshd])?);
+    rows.extend(measure(bench, &bed, "meshd", &meshed(), &[meshd.pid()])?);
     ensure!(
         meshd.terminate(Duration::from_secs(40)).success(),
         "meshd failed:\n{}",
@@ -240,7 +247,7 @@ fn cross_node(bench: &Bench) -> anyhow::Result<Table> {
     let a = bed.start_meshd_on(0, &bed.config_with(0, &identity, &services));
     let b = bed.start_meshd_on(1, &bed.config_with(1, &identity, &services));
     std::thread::sleep(Duration::from_millis(500));
-    rows.extend(measure(bench, &bed, "meshd mTLS", &meshed(), &[&a, &b])?);
+    rows.extend(measure(bench, &bed, "meshd mTLS", &meshed(), &pids(&[&a, &b]))?);
     let auto = Urls {
         h1: "http://10.96.0.32/",
         h2: "http://10.96.0.33/",
@@ -250,7 +257,21 @@ fn cross_node(bench: &Bench) -> anyhow::Result<Table> {
         &bed,
         "meshd mTLS, auto ports (destination: connections only)",
         &auto,
-        &[&a, &b],
+        &pids(&[&a, &b]),
+    )?);
+    drop((a, b));
+    // One worker thread each (proxy.workerThreads: 1) against the default
+    // of one per CPU.
+    let one = "proxy: { workerThreads: 1 }\n";
+    let a = bed.start_meshd_on(0, &bed.config_with(0, &identity, &format!("{services}{one}")));
+    let b = bed.start_meshd_on(1, &bed.config_with(1, &identity, &format!("{services}{one}")));
+    std::thread::sleep(Duration::from_millis(500));
+    rows.extend(measure(
+        bench,
+        &bed,
+        "meshd mTLS, 1 worker thread each",
+        &meshed(),
+        &pids(&[&a, &b]),
     )?);
     drop((a, b));
     // Tracing on: spans made for every request, a share of them sampled
@@ -276,37 +297,69 @@ fn cross_node(bench: &Bench) -> anyhow::Result<Table> {
             ),
         );
         std::thread::sleep(Duration::from_millis(500));
-        rows.extend(measure(bench, &bed, path, &meshed(), &[&a, &b])?);
+        rows.extend(measure(bench, &bed, path, &meshed(), &pids(&[&a, &b]))?);
     }
-    haproxy_pair(
-        &bed,
-        &bench.meshd,
-        &ca,
-        &[
-            ("h1", 6002, 6445, "10.78.0.10:8080"),
-            ("h2", 6003, 6446, "10.78.0.10:8081"),
-        ],
-    )?;
+    let hops = |h1, h2| {
+        [
+            Hop {
+                name: "h1",
+                port: h1,
+                hop: h1 + 500,
+                target: "10.78.0.10:8080",
+                h2c: false,
+            },
+            Hop {
+                name: "h2",
+                port: h2,
+                hop: h2 + 500,
+                target: "10.78.0.10:8081",
+                h2c: true,
+            },
+        ]
+    };
+    let tcp = haproxy_pair(&bed, &bench.meshd, &ca, HaproxyMode::Tcp, &hops(6002, 6003))?;
     let haproxy = Urls {
         h1: "http://10.77.0.1:6002/",
         h2: "http://10.77.0.1:6003/",
     };
-    rows.extend(measure(bench, &bed, "HAProxy mTLS pair", &haproxy, &[])?);
+    rows.extend(measure(
+        bench,
+        &bed,
+        "HAProxy mTLS pair, TCP mode",
+        &haproxy,
+        &tcp,
+    )?);
+    let http = haproxy_pair(&bed, &bench.meshd, &ca, HaproxyMode::Http, &hops(6004, 6005))?;
+    let haproxy = Urls {
+        h1: "http://10.77.0.1:6004/",
+        h2: "http://10.77.0.1:6005/",
+    };
+    rows.extend(measure(
+        bench,
+        &bed,
+        "HAProxy mTLS pair, HTTP mode (full L7, h2 between the nodes)",
+        &haproxy,
+        &http,
+    )?);
     Ok(Table {
-        title: "HTTP across nodes, pod → pod (meshd rows: CPU and memory summed over both nodes' meshd)",
+        title: "HTTP across nodes, pod → pod (CPU and memory summed over both nodes' proxies)",
         rows,
     })
 }
 
-/// Both protocols over one path.
+fn pids(meshds: &[&Meshd]) -> Vec<u32> {
+    meshds.iter().map(|m| m.pid()).collect()
+}
+
+/// Both protocols over one path; CPU and memory are `pids`' (none for a
+/// direct path).
 fn measure(
     bench: &Bench,
     bed: &Testbed,
     path: &'static str,
     urls: &Urls<'_>,
-    meshds: &[&Meshd],
+    pids: &[u32],
 ) -> anyhow::Result<Vec<Row>> {
-    let pids: Vec<u32> = meshds.iter().map(|m| m.pid()).collect();
     let mut rows = Vec::new();
     for (protocol, url) in [("HTTP/1.1", urls.h1), ("HTTP/2", urls.h2)] {
         eprintln!("bench: {path} {protocol}");
@@ -317,11 +370,12 @@ fn measure(
                 .map(|p| cpu_seconds(*p).unwrap_or(0.0))
                 .sum::<f64>()
         };
-        let sampler = RssSampler::start(pids.clone());
-        let before = cpu(&pids);
+        let sampler = RssSampler::start(pids.to_vec());
+        let before = cpu(pids);
         let run = load(bed, protocol, url, bench.seconds)?;
-        let used = cpu(&pids) - before;
+        let used = cpu(pids) - before;
         let rss = sampler.stop() / 1024.0;
+        let peak: f64 = pids.iter().map(|p| peak_rss_kib(*p).unwrap_or(0.0)).sum();
         let measured = !pids.is_empty();
         rows.push(Row {
             path,
@@ -332,6 +386,7 @@ fn measure(
             mean_ms: run.mean_ms,
             cpu_ms_per_1000: measured.then(|| used * 1000.0 / (run.requests / 1000.0)),
             rss_mib: measured.then_some(rss),
+            peak_mib: measured.then_some(peak / 1024.0),
         });
     }
     Ok(rows)
