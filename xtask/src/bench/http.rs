@@ -247,7 +247,13 @@ fn cross_node(bench: &Bench) -> anyhow::Result<Table> {
     let a = bed.start_meshd_on(0, &bed.config_with(0, &identity, &services));
     let b = bed.start_meshd_on(1, &bed.config_with(1, &identity, &services));
     std::thread::sleep(Duration::from_millis(500));
-    rows.extend(measure(bench, &bed, "meshd mTLS", &meshed(), &pids(&[&a, &b]))?);
+    rows.extend(measure(
+        bench,
+        &bed,
+        "meshd mTLS",
+        &meshed(),
+        &pids(&[&a, &b]),
+    )?);
     let auto = Urls {
         h1: "http://10.96.0.32/",
         h2: "http://10.96.0.33/",
@@ -263,8 +269,14 @@ fn cross_node(bench: &Bench) -> anyhow::Result<Table> {
     // One worker thread each (proxy.workerThreads: 1) against the default
     // of one per CPU.
     let one = "proxy: { workerThreads: 1 }\n";
-    let a = bed.start_meshd_on(0, &bed.config_with(0, &identity, &format!("{services}{one}")));
-    let b = bed.start_meshd_on(1, &bed.config_with(1, &identity, &format!("{services}{one}")));
+    let a = bed.start_meshd_on(
+        0,
+        &bed.config_with(0, &identity, &format!("{services}{one}")),
+    );
+    let b = bed.start_meshd_on(
+        1,
+        &bed.config_with(1, &identity, &format!("{services}{one}")),
+    );
     std::thread::sleep(Duration::from_millis(500));
     rows.extend(measure(
         bench,
@@ -329,7 +341,13 @@ fn cross_node(bench: &Bench) -> anyhow::Result<Table> {
         &haproxy,
         &tcp,
     )?);
-    let http = haproxy_pair(&bed, &bench.meshd, &ca, HaproxyMode::Http, &hops(6004, 6005))?;
+    let http = haproxy_pair(
+        &bed,
+        &bench.meshd,
+        &ca,
+        HaproxyMode::Http,
+        &hops(6004, 6005),
+    )?;
     let haproxy = Urls {
         h1: "http://10.77.0.1:6004/",
         h2: "http://10.77.0.1:6005/",
