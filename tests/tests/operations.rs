@@ -107,6 +107,10 @@ fn reloads_apply_changes_and_refuse_mistakes_while_the_last_good_config_serves()
         meshd.log()
     );
     assert!(hello().starts_with("hello from v2"));
+    // meshd says how long the reload took: more than nothing, and far less
+    // than the time the test waited for it.
+    let took = meshd.metric("meshd_config_last_reload_duration_seconds", &[]);
+    assert!(took > 0.0 && took < 10.0, "reload took {took} s");
     let (_, extra) = curl(&bed, bed.pod("client"), "http://10.96.0.21/");
     assert!(extra.starts_with("hello from v1"), "{extra}");
     let out = client(

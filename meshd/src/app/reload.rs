@@ -85,18 +85,20 @@ impl Reloader {
             };
             // Read once; what was read is what is validated and recorded.
             // A file that cannot be read counts as changed.
+            let started = std::time::Instant::now();
             let read = crate::config::read_sources(&self.paths);
             let now = texts(&read);
             if now == last && !forced {
                 continue;
             }
             last = now;
-            self.reload(read);
+            self.reload(read, started);
         }
     }
 
-    /// Validates and applies files just read; records the outcome.
-    fn reload(&self, read: Result<Vec<Source>, ConfigErrors>) {
+    /// Validates and applies files read since `started`; records the
+    /// outcome and how long it took.
+    fn reload(&self, read: Result<Vec<Source>, ConfigErrors>, started: std::time::Instant) {
         let result = read.map_err(ReloadError::from).and_then(|sources| {
             // A bug that panics while applying must not end reloading for
             // good: it is this reload's error, and the next one runs.
@@ -105,6 +107,9 @@ impl Reloader {
                     .unwrap_or_else(|panic| Err(ReloadError::Panicked(panic_message(&*panic))));
             applied.map(|config| (config, sources))
         });
+        self.metrics
+            .config_last_reload_duration
+            .set(started.elapsed().as_secs_f64());
         let label = if result.is_ok() { "ok" } else { "error" };
         self.metrics
             .config_reloads

@@ -336,6 +336,9 @@ pub struct Metrics {
     pub max_fds: Gauge,
     /// 1 when the last reload was applied, 0 when it was refused.
     pub config_last_reload_ok: Gauge,
+    /// Seconds the last reload took, from reading the files to the new
+    /// config serving (or to its refusal).
+    pub config_last_reload_duration: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// Endpoints failing their health check now; refreshed at each scrape.
     pub unhealthy_endpoints: Family<ServiceLabels, Gauge>,
     pub request_duration: HistogramFamily,
@@ -514,6 +517,7 @@ impl Metrics {
             open_fds: Gauge::default(),
             max_fds: Gauge::default(),
             config_last_reload_ok: Gauge::default(),
+            config_last_reload_duration: Gauge::default(),
             unhealthy_endpoints: Family::default(),
             request_duration: capped(
                 drops,
@@ -745,6 +749,12 @@ impl Metrics {
             "config_last_reload_successful",
             "1 when the last config reload was applied, 0 when it was refused",
             metrics.config_last_reload_ok.clone(),
+        );
+        meshd.register_with_unit(
+            "config_last_reload_duration",
+            "How long the last config reload took, from reading the files to the new config serving (or to its refusal)",
+            prometheus_client::registry::Unit::Seconds,
+            metrics.config_last_reload_duration.clone(),
         );
         meshd.register(
             "rate_limited",
