@@ -47,17 +47,26 @@ struct Targets<'a> {
 }
 
 mod http;
+mod scale;
 
-pub fn run(seconds: u64, only: Option<&str>) -> anyhow::Result<()> {
+pub fn run(
+    seconds: u64,
+    runs: usize,
+    only: Option<&str>,
+    bin_dir: Option<PathBuf>,
+) -> anyhow::Result<()> {
     ensure!(
         std::fs::read_to_string("/proc/self/status")?.contains("Uid:\t0\t"),
         "the bench creates cgroups, network namespaces and eBPF programs: run it as root"
     );
-    // Measure the release build.
-    let release = sys::profile_dir()
-        .parent()
-        .context("target dir")?
-        .join("release");
+    // Measure the release build (or the binaries given).
+    let release = match bin_dir {
+        Some(dir) => dir,
+        None => sys::profile_dir()
+            .parent()
+            .context("target dir")?
+            .join("release"),
+    };
     std::env::set_var("MESHD_BIN", release.join("meshd"));
     // Per-connection debug lines would be measured too.
     std::env::set_var("MESHD_TEST_LOG", "info");
@@ -65,6 +74,7 @@ pub fn run(seconds: u64, only: Option<&str>) -> anyhow::Result<()> {
         testkit: release.join("meshd-testkit"),
         meshd: release.join("meshd"),
         seconds,
+        runs,
     };
     let wanted = |name: &str| only.is_none_or(|o| o == name);
     let same_node = wanted("same-node").then(|| bench.same_node()).transpose()?;
@@ -72,6 +82,7 @@ pub fn run(seconds: u64, only: Option<&str>) -> anyhow::Result<()> {
         .then(|| bench.cross_node())
         .transpose()?;
     let http = wanted("http").then(|| http::run(&bench)).transpose()?;
+    let scale = wanted("scale").then(|| scale::run(&bench)).transpose()?;
     println!(
         "\nThroughput: iperf3, one stream, {seconds} s. Latency: one connection, 64-byte echo, \
          {RR_RATE} req/s for {RR_SECONDS} s, open loop, median of {RR_ROUNDS} runs."
@@ -87,6 +98,9 @@ pub fn run(seconds: u64, only: Option<&str>) -> anyhow::Result<()> {
     if let Some(tables) = http {
         http::print(&tables);
     }
+    if let Some(tables) = scale {
+        scale::print(&tables);
+    }
     Ok(())
 }
 
@@ -94,6 +108,8 @@ struct Bench {
     testkit: PathBuf,
     meshd: PathBuf,
     seconds: u64,
+    /// Runs per HTTP row (median and range shown).
+    runs: usize,
 }
 
 impl Bench {

@@ -40,9 +40,18 @@ enum Task {
         /// Seconds per throughput run.
         #[arg(long, default_value_t = 5)]
         seconds: u64,
-        /// Run one scenario only: `same-node`, `cross-node` or `http`.
+        /// Runs of each HTTP row: the median is shown, with the range.
+        #[arg(long, default_value_t = 1)]
+        runs: usize,
+        /// Run one scenario only: `same-node`, `cross-node`, `http` or
+        /// `scale`.
         #[arg(long)]
         only: Option<String>,
+        /// Measure the `meshd` and `meshd-testkit` in this directory (say,
+        /// a copy of another commit's release build, for before/after
+        /// pairs) instead of building this tree's.
+        #[arg(long)]
+        bin_dir: Option<std::path::PathBuf>,
     },
     /// Install cargo-fuzz, then run every fuzz target (or one) for a while.
     Fuzz {
@@ -71,10 +80,17 @@ fn main() -> anyhow::Result<()> {
             build(false)?;
             demo::run()
         }
-        Task::Bench { seconds, only } => {
+        Task::Bench {
+            seconds,
+            runs,
+            only,
+            bin_dir,
+        } => {
             setup::install(setup::Needs::Bench)?;
-            build(true)?;
-            bench::run(seconds, only.as_deref())
+            if bin_dir.is_none() {
+                build(true)?;
+            }
+            bench::run(seconds, runs.max(1), only.as_deref(), bin_dir)
         }
         Task::Fuzz { seconds, target } => {
             setup::install(setup::Needs::Fuzz)?;

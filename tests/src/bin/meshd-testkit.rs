@@ -212,6 +212,10 @@ enum Command {
         /// Request (and response) size in bytes.
         #[arg(long, default_value_t = 64)]
         size: usize,
+        /// Keep-alive HTTP/1.1 `GET /` requests to an HTTP server instead
+        /// of echoed bytes (`size` unused).
+        #[arg(long)]
+        http: bool,
     },
 }
 
@@ -278,7 +282,8 @@ fn main() -> anyhow::Result<()> {
             rate,
             seconds,
             size,
-        } => rr(connect, rate, seconds, size),
+            http,
+        } => rr(connect, rate, seconds, size, http),
         Command::Hbone {
             node,
             cert,
@@ -824,12 +829,16 @@ fn hold(connect: SocketAddr) -> anyhow::Result<()> {
 /// Open-loop: request i is due at start + i/rate, and its latency counts
 /// from when it was due, so a stall is not hidden by sending later
 /// (no coordinated omission).
-fn rr(connect: SocketAddr, rate: u64, seconds: u64, size: usize) -> anyhow::Result<()> {
+fn rr(connect: SocketAddr, rate: u64, seconds: u64, size: usize, http: bool) -> anyhow::Result<()> {
     let mut stream = TcpStream::connect(connect).with_context(|| format!("connect {connect}"))?;
     stream.set_nodelay(true)?;
     let total = rate * seconds;
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
-    let request = vec![0x42u8; size];
+    let request = if http {
+        format!("GET / HTTP/1.1\r\nHost: {connect}\r\n\r\n").into_bytes()
+    } else {
+        vec![0x42u8; size]
+    };
     let mut response = vec![0u8; size];
     let mut latencies = Vec::with_capacity(total as usize);
     let start = Instant::now();
@@ -839,7 +848,11 @@ fn rr(connect: SocketAddr, rate: u64, seconds: u64, size: usize) -> anyhow::Resu
             thread::sleep(wait);
         }
         stream.write_all(&request)?;
-        Retrying(&mut stream).read_exact(&mut response)?;
+        if http {
+            read_http_response(&mut stream, &mut response)?;
+        } else {
+            Retrying(&mut stream).read_exact(&mut response)?;
+        }
         latencies.push(due.elapsed());
     }
     latencies.sort();
@@ -853,6 +866,35 @@ fn rr(connect: SocketAddr, rate: u64, seconds: u64, size: usize) -> anyhow::Resu
         at(0.99),
         at(1.0)
     );
+    Ok(())
+}
+
+/// Reads one HTTP/1.1 response with a `Content-Length` body (keep-alive:
+/// nothing after it is read); fails on anything but `200`.
+fn read_http_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<()> {
+    buf.clear();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        anyhow::ensure!(buf.len() < 64 * 1024, "response head over 64 KiB");
+        let n = Retrying(&mut *stream).read(&mut chunk)?;
+        anyhow::ensure!(n > 0, "connection closed before a response");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    anyhow::ensure!(head.starts_with("http/1.1 200"), "answered {head:?}");
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no content-length in {head:?}"))?;
+    while buf.len() < head_end + length {
+        let n = Retrying(&mut *stream).read(&mut chunk)?;
+        anyhow::ensure!(n > 0, "connection closed in a response body");
+        buf.extend_from_slice(&chunk[..n]);
+    }
     Ok(())
 }
 

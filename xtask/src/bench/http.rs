@@ -15,9 +15,14 @@ use super::{
 };
 
 /// HTTP/1.1 connections and HTTP/2 connections × streams.
-const H1_CONNECTIONS: &str = "16";
+const H1_CONNECTIONS: usize = 16;
 const H2_CONNECTIONS: &str = "4";
 const H2_STREAMS: &str = "16";
+/// Requests/s of the fixed-rate latency runs (open loop, one keep-alive
+/// connection), their seconds, and how many (the median run by p99 shown).
+const FIXED_RATE: u64 = 2000;
+const FIXED_SECONDS: u64 = 3;
+const FIXED_ROUNDS: usize = 3;
 
 pub struct Table {
     title: &'static str,
@@ -27,24 +32,28 @@ pub struct Table {
 struct Row {
     path: &'static str,
     protocol: &'static str,
+    /// The median run's, with the lowest and highest of all runs.
     rps: f64,
+    rps_range: (f64, f64),
     /// wrk's percentiles (HTTP/1.1) or h2load's mean (HTTP/2), ms.
     p50_ms: Option<f64>,
     p99_ms: Option<f64>,
     mean_ms: Option<f64>,
     cpu_ms_per_1000: Option<f64>,
+    /// HTTP/1.1 at a fixed `FIXED_RATE` on one connection: p50 and p99, ms.
+    fixed: Option<(f64, f64)>,
     rss_mib: Option<f64>,
     /// The processes' summed VmHWM after the run (start-up included).
     peak_mib: Option<f64>,
 }
 
 /// One load run's results.
-struct Load {
-    requests: f64,
-    rps: f64,
-    p50_ms: Option<f64>,
-    p99_ms: Option<f64>,
-    mean_ms: Option<f64>,
+pub struct Load {
+    pub requests: f64,
+    pub rps: f64,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub mean_ms: Option<f64>,
 }
 
 /// Where one path's clients connect: the HTTP/1.1 and the HTTP/2 server.
@@ -68,28 +77,39 @@ pub fn print(tables: &[Table]) {
          Rows \"auto ports\": the same requests on ports declared `auto`, which the \
          destination reports as connections — the second reporter's per-request cost \
          is the difference to the row above them. Proxy CPU and memory: meshd's, or \
-         HAProxy's; summed over both nodes across nodes."
+         HAProxy's; summed over both nodes across nodes. Each row is the median of \
+         `--runs` runs (the other columns that run's), with the range of all runs."
     );
     for table in tables {
         println!("\n### {}\n", table.title);
-        println!("| path | protocol | requests/s | × direct | p50 ms | p99 ms | mean ms | proxy CPU ms per 1000 requests | proxy RSS under load MiB | proxy peak RSS MiB |");
-        println!("|---|---|---|---|---|---|---|---|---|---|");
+        println!("| path | protocol | requests/s | range | × direct | p50 ms | p99 ms | mean ms | p50 / p99 ms at {FIXED_RATE}/s (added) | proxy CPU ms per 1000 requests | proxy RSS under load MiB | proxy peak RSS MiB |");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
         let opt = |v: Option<f64>, d: usize| v.map_or("–".to_owned(), |v| format!("{v:.d$}"));
         for row in &table.rows {
-            let direct = table
-                .rows
-                .iter()
-                .find(|r| r.protocol == row.protocol)
-                .map_or(row.rps, |r| r.rps);
+            let direct = table.rows.iter().find(|r| r.protocol == row.protocol);
+            let fixed = match (row.fixed, direct.and_then(|d| d.fixed)) {
+                (Some((p50, p99)), Some((d50, d99))) => {
+                    format!(
+                        "{p50:.2} / {p99:.2} (+{:.2} / +{:.2})",
+                        p50 - d50,
+                        p99 - d99
+                    )
+                }
+                _ => "–".to_owned(),
+            };
+            let direct = direct.map_or(row.rps, |r| r.rps);
             println!(
-                "| {} | {} | {:.0} | {:.2} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {:.0} | {:.0}–{:.0} | {:.2} | {} | {} | {} | {} | {} | {} | {} |",
                 row.path,
                 row.protocol,
                 row.rps,
+                row.rps_range.0,
+                row.rps_range.1,
                 row.rps / direct,
                 opt(row.p50_ms, 2),
                 opt(row.p99_ms, 2),
                 opt(row.mean_ms, 2),
+                fixed,
                 opt(row.cpu_ms_per_1000, 1),
                 opt(row.rss_mib, 1),
                 opt(row.peak_mib, 1),
@@ -101,7 +121,7 @@ pub fn print(tables: &[Table]) {
 /// nginx in the server pod: HTTP/1.1 on :8080 and :8082, HTTP/2 (h2c) on
 /// :8081 and :8083 (the second of each for the `auto` services: the
 /// destination tells a stream's port by its target port).
-fn nginx(bed: &Testbed) -> anyhow::Result<()> {
+pub fn nginx(bed: &Testbed) -> anyhow::Result<()> {
     let server = bed.pod("server");
     let dir = bed.dir.join("nginx");
     std::fs::create_dir_all(&dir)?;
@@ -139,7 +159,7 @@ http {{
     Ok(())
 }
 
-fn services(server_ip: &str, node: &str) -> String {
+pub fn services(server_ip: &str, node: &str) -> String {
     format!(
         "services:
   - {{ name: h1, vip: 10.96.0.30, ports: [{{ port: 80, targetPort: 8080, protocol: http }}], endpoints: [{{ address: {server_ip}{node}, serviceAccount: server }}] }}
@@ -383,74 +403,104 @@ fn measure(
         eprintln!("bench: {path} {protocol}");
         // Warm up connections and balancer state, unmeasured.
         load(bed, protocol, url, 1)?;
-        let cpu = |pids: &[u32]| {
-            pids.iter()
-                .map(|p| cpu_seconds(*p).unwrap_or(0.0))
-                .sum::<f64>()
-        };
-        let sampler = RssSampler::start(pids.to_vec());
-        let before = cpu(pids);
-        let run = load(bed, protocol, url, bench.seconds)?;
-        let used = cpu(pids) - before;
-        let rss = sampler.stop() / 1024.0;
-        let peak: f64 = pids.iter().map(|p| peak_rss_kib(*p).unwrap_or(0.0)).sum();
-        let measured = !pids.is_empty();
-        rows.push(Row {
-            path,
-            protocol,
-            rps: run.rps,
-            p50_ms: run.p50_ms,
-            p99_ms: run.p99_ms,
-            mean_ms: run.mean_ms,
-            cpu_ms_per_1000: measured.then(|| used * 1000.0 / (run.requests / 1000.0)),
-            rss_mib: measured.then_some(rss),
-            peak_mib: measured.then_some(peak / 1024.0),
-        });
+        let mut runs = (0..bench.runs)
+            .map(|_| measure_once(bench, bed, path, protocol, url, pids))
+            .collect::<anyhow::Result<Vec<Row>>>()?;
+        let low = runs.iter().map(|r| r.rps).fold(f64::INFINITY, f64::min);
+        let high = runs.iter().map(|r| r.rps).fold(0.0, f64::max);
+        runs.sort_by(|a, b| a.rps.total_cmp(&b.rps));
+        let mut median = runs.swap_remove(runs.len() / 2);
+        median.rps_range = (low, high);
+        if protocol == "HTTP/1.1" {
+            median.fixed = Some(fixed_rate(bench, bed, url)?);
+        }
+        rows.push(median);
     }
     Ok(rows)
 }
 
+/// One timed run of one protocol over one path.
+fn measure_once(
+    bench: &Bench,
+    bed: &Testbed,
+    path: &'static str,
+    protocol: &'static str,
+    url: &str,
+    pids: &[u32],
+) -> anyhow::Result<Row> {
+    let cpu = |pids: &[u32]| {
+        pids.iter()
+            .map(|p| cpu_seconds(*p).unwrap_or(0.0))
+            .sum::<f64>()
+    };
+    let sampler = RssSampler::start(pids.to_vec());
+    let before = cpu(pids);
+    let run = load(bed, protocol, url, bench.seconds)?;
+    let used = cpu(pids) - before;
+    let rss = sampler.stop() / 1024.0;
+    let peak: f64 = pids.iter().map(|p| peak_rss_kib(*p).unwrap_or(0.0)).sum();
+    let measured = !pids.is_empty();
+    Ok(Row {
+        path,
+        protocol,
+        rps: run.rps,
+        rps_range: (run.rps, run.rps),
+        p50_ms: run.p50_ms,
+        p99_ms: run.p99_ms,
+        mean_ms: run.mean_ms,
+        cpu_ms_per_1000: measured.then(|| used * 1000.0 / (run.requests / 1000.0)),
+        fixed: None,
+        rss_mib: measured.then_some(rss),
+        peak_mib: measured.then_some(peak / 1024.0),
+    })
+}
+
+/// Latency of HTTP/1.1 requests at `FIXED_RATE` on one keep-alive
+/// connection, open loop (`meshd-testkit rr --http`: counted from when each
+/// request was due); p50 and p99 in ms of the median run by p99.
+fn fixed_rate(bench: &Bench, bed: &Testbed, url: &str) -> anyhow::Result<(f64, f64)> {
+    let authority = url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    let connect = if authority.contains(':') {
+        authority
+    } else {
+        format!("{authority}:80")
+    };
+    let (rate, seconds) = (FIXED_RATE.to_string(), FIXED_SECONDS.to_string());
+    let args = [
+        "rr",
+        "--http",
+        "--connect",
+        &connect,
+        "--rate",
+        &rate,
+        "--seconds",
+        &seconds,
+    ];
+    let mut runs = (0..FIXED_ROUNDS)
+        .map(|_| {
+            let out = output(bed, &bench.testkit, &args, FIXED_SECONDS + 30)?;
+            let field = |name: &str| {
+                out.split_whitespace()
+                    .find_map(|f| f.strip_prefix(name))
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .map(|us| us / 1000.0)
+                    .with_context(|| format!("no {name} in {out}"))
+            };
+            Ok((field("p50_us=")?, field("p99_us=")?))
+        })
+        .collect::<anyhow::Result<Vec<(f64, f64)>>>()?;
+    runs.sort_by(|a, b| a.1.total_cmp(&b.1));
+    Ok(runs[runs.len() / 2])
+}
+
 fn load(bed: &Testbed, protocol: &str, url: &str, seconds: u64) -> anyhow::Result<Load> {
-    let duration = seconds.to_string();
     if protocol == "HTTP/1.1" {
-        let d = format!("{duration}s");
-        let out = output(
-            bed,
-            Path::new("wrk"),
-            &["-t", "2", "-c", H1_CONNECTIONS, "-d", &d, "--latency", url],
-            seconds + 30,
-        )?;
-        ensure!(
-            !out.contains("Non-2xx") && !out.contains("Socket errors"),
-            "wrk saw errors:\n{out}"
-        );
-        let requests = out
-            .lines()
-            .find_map(|l| {
-                l.trim()
-                    .split_once(" requests in ")
-                    .map(|(n, _)| n.to_owned())
-            })
-            .and_then(|n| n.parse::<f64>().ok())
-            .with_context(|| format!("no request count in {out}"))?;
-        let rps = out
-            .lines()
-            .find_map(|l| l.strip_prefix("Requests/sec:"))
-            .and_then(|v| v.trim().parse().ok())
-            .with_context(|| format!("no Requests/sec in {out}"))?;
-        let percentile = |p: &str| {
-            out.lines()
-                .find_map(|l| l.trim().strip_prefix(p))
-                .and_then(|v| millis(v.trim()))
-        };
-        return Ok(Load {
-            requests,
-            rps,
-            p50_ms: percentile("50%"),
-            p99_ms: percentile("99%"),
-            mean_ms: None,
-        });
+        return wrk(bed, url, seconds, H1_CONNECTIONS);
     }
+    let duration = seconds.to_string();
     let out = output(
         bed,
         Path::new("h2load"),
@@ -488,6 +538,50 @@ fn load(bed: &Testbed, protocol: &str, url: &str, seconds: u64) -> anyhow::Resul
         p50_ms: None,
         p99_ms: None,
         mean_ms,
+    })
+}
+
+/// HTTP/1.1 from the client pod: wrk with `connections` keep-alive
+/// connections (on up to two threads), closed loop, for `seconds`.
+pub fn wrk(bed: &Testbed, url: &str, seconds: u64, connections: usize) -> anyhow::Result<Load> {
+    let d = format!("{seconds}s");
+    let c = connections.to_string();
+    let t = connections.min(2).to_string();
+    let out = output(
+        bed,
+        Path::new("wrk"),
+        &["-t", &t, "-c", &c, "-d", &d, "--latency", url],
+        seconds + 30,
+    )?;
+    ensure!(
+        !out.contains("Non-2xx") && !out.contains("Socket errors"),
+        "wrk saw errors:\n{out}"
+    );
+    let requests = out
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .split_once(" requests in ")
+                .map(|(n, _)| n.to_owned())
+        })
+        .and_then(|n| n.parse::<f64>().ok())
+        .with_context(|| format!("no request count in {out}"))?;
+    let rps = out
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no Requests/sec in {out}"))?;
+    let percentile = |p: &str| {
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix(p))
+            .and_then(|v| millis(v.trim()))
+    };
+    Ok(Load {
+        requests,
+        rps,
+        p50_ms: percentile("50%"),
+        p99_ms: percentile("99%"),
+        mean_ms: None,
     })
 }
 
