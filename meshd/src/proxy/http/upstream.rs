@@ -213,6 +213,22 @@ pub struct Reusable {
     limit: Arc<ConnectionLimit>,
 }
 
+impl Reusable {
+    /// Puts the connection, free for a request, back on its pool's idle
+    /// list (unless the pool is gone).
+    fn give_back(self) {
+        if let Some(pool) = self.pool.upgrade() {
+            pool.idle
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(self.key)
+                .or_default()
+                .push((self.sender, Instant::now()));
+            self.limit.idle();
+        }
+    }
+}
+
 /// A checked-out upstream connection.
 pub enum Sender {
     Http1(Reusable),
@@ -232,19 +248,19 @@ impl Sender {
                     .send_request(request)
                     .await
                     .map_err(|e| UpstreamError::Http(conn.key.address, e))?;
-                tokio::spawn(async move {
-                    if conn.sender.ready().await.is_ok() {
-                        if let Some(pool) = conn.pool.upgrade() {
-                            pool.idle
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .entry(conn.key)
-                                .or_default()
-                                .push((conn.sender, Instant::now()));
-                            conn.limit.idle();
+                // A short response is often read whole by the connection's
+                // task before its head reaches us: the connection is free
+                // already and goes back now. Otherwise a task waits for it
+                // (the response's body being read by the client's side).
+                if conn.sender.is_ready() {
+                    conn.give_back();
+                } else {
+                    tokio::spawn(async move {
+                        if conn.sender.ready().await.is_ok() {
+                            conn.give_back();
                         }
-                    }
-                });
+                    });
+                }
                 Ok(response)
             }
         }
