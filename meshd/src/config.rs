@@ -954,6 +954,9 @@ impl Source {
                 message: format!("nested more than {MAX_NESTING} levels deep"),
             });
         }
+        if let Some(file) = parse_streaming(&self.text) {
+            return Ok(file);
+        }
         serde_yaml::from_str(&self.text).map_err(|err| {
             let line = err.location().map(|l| l.line());
             // serde_yaml prefixes the message with the field path when it has one.
@@ -975,6 +978,47 @@ impl Source {
                 message,
             }
         })
+    }
+}
+
+/// A config file read by serde-saphyr, which deserializes as it parses;
+/// `None` when it refuses the text (or it exceeds the budget), which is then
+/// read again by serde_yaml for the message meshd reports (its field path
+/// and line). serde_yaml (libyaml) first loads a whole document's events —
+/// about 40 times the text in memory, 150 MB for 10 000 services — which set
+/// meshd's high-water mark on every reload of a large mesh. The options
+/// keep to what serde_yaml accepts: duplicate keys and merge keys refused,
+/// only `true`/`false` as booleans, no includes; the fuzz target `config`
+/// checks that a text both accept is read alike.
+fn parse_streaming(text: &str) -> Option<ConfigFile> {
+    let mut budget = serde_saphyr::Budget::default();
+    // Sized for the largest file meshd reads (MAX_FILE_BYTES): every byte
+    // an event at most. The alias limits stay as they are.
+    budget.max_events = MAX_FILE_BYTES as usize;
+    budget.max_nodes = MAX_FILE_BYTES as usize;
+    let options = serde_saphyr::options! {
+        budget: Some(budget),
+        duplicate_keys: serde_saphyr::DuplicateKeyPolicy::Error,
+        merge_keys: serde_saphyr::MergeKeyPolicy::Error,
+        strict_booleans: true,
+        with_snippet: false,
+    };
+    serde_saphyr::from_str_with_options(text, options).ok()
+}
+
+/// For the fuzz target: a text both readers accept is read alike. (The
+/// streaming reader follows YAML 1.2 where libyaml has gaps — `...` alone,
+/// an empty document, is one — so it may accept what serde_yaml refuses;
+/// validation then judges the file as for any other.) Returns what differs.
+pub fn streaming_matches_serde_yaml(text: &str) -> Result<(), String> {
+    let Some(streamed) = parse_streaming(text) else {
+        return Ok(());
+    };
+    match serde_yaml::from_str::<ConfigFile>(text) {
+        Ok(file) if format!("{file:?}") != format!("{streamed:?}") => {
+            Err(format!("read differently:\n{streamed:?}\n{file:?}"))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -1027,7 +1071,43 @@ pub fn load_str(name: &str, text: &str) -> Result<Config, ConfigErrors> {
 
 #[cfg(test)]
 mod tests {
-    use super::too_deep;
+    use super::{load_str, parse_streaming, streaming_matches_serde_yaml, too_deep};
+
+    /// The shipped examples: read by the streaming reader, as serde_yaml
+    /// reads them.
+    #[test]
+    fn the_examples_stream_and_read_as_serde_yaml_reads_them() {
+        for text in [
+            include_str!("../../deploy/config/mesh.yaml"),
+            include_str!("../../deploy/config/node-a.yaml"),
+            include_str!("../../deploy/config/node-b.yaml"),
+        ] {
+            assert!(parse_streaming(text).is_some(), "not streamed:\n{text}");
+            streaming_matches_serde_yaml(text).unwrap();
+        }
+    }
+
+    /// What serde_yaml refuses, the streaming reader refuses too, and the
+    /// message is serde_yaml's (field path and line).
+    #[test]
+    fn what_serde_yaml_refuses_is_refused_with_its_message() {
+        for (text, expected) in [
+            ("mesh: { trustDomain: a, trustDomain: b }\n", "duplicate"),
+            (
+                "base: &b { trustDomain: a }\nmesh: { <<: *b }\n",
+                "unknown field",
+            ),
+            ("proxy: { skMsg: yes }\n", "invalid type"),
+            (
+                "services:\n  - { name: a, prots: [] }\n",
+                "services[0]: unknown field `prots`",
+            ),
+        ] {
+            assert!(parse_streaming(text).is_none(), "streamed: {text}");
+            let error = load_str("t.yaml", text).unwrap_err().to_string();
+            assert!(error.contains(expected), "{expected:?} not in {error}");
+        }
+    }
 
     #[test]
     fn nesting_is_measured_outside_quotes_and_comments() {
