@@ -118,8 +118,9 @@ pub fn print(tables: &[Table]) {
     }
 }
 
-/// nginx in the server pod: HTTP/1.1 on :8080 and :8082, HTTP/2 (h2c) on
-/// :8081 and :8083 (the second of each for the `auto` services: the
+/// nginx in the server pod: HTTP/1.1 on :8080, :8082 and :8084, HTTP/2
+/// (h2c) on :8081, :8083 and :8085 (the others for the `auto` and `tcp`
+/// services: the
 /// destination tells a stream's port by its target port).
 pub fn nginx(bed: &Testbed) -> anyhow::Result<()> {
     let server = bed.pod("server");
@@ -142,8 +143,8 @@ http {{
   uwsgi_temp_path {d}/uwsgi;
   scgi_temp_path {d}/scgi;
   keepalive_requests 10000000;
-  server {{ listen {ip}:8080; listen {ip}:8082; location / {{ return 200 \"hello\\n\"; }} }}
-  server {{ listen {ip}:8081 http2; listen {ip}:8083 http2; location / {{ return 200 \"hello\\n\"; }} }}
+  server {{ listen {ip}:8080; listen {ip}:8082; listen {ip}:8084; location / {{ return 200 \"hello\\n\"; }} }}
+  server {{ listen {ip}:8081 http2; listen {ip}:8083 http2; listen {ip}:8085 http2; location / {{ return 200 \"hello\\n\"; }} }}
 }}
 "
     );
@@ -153,7 +154,7 @@ http {{
         Path::new("nginx"),
         &["-c", &path.display().to_string(), "-e", "stderr"],
     );
-    for port in [8080, 8081, 8082, 8083] {
+    for port in [8080, 8081, 8082, 8083, 8084, 8085] {
         bed.wait_listening(server, format!("{ip}:{port}").parse()?);
     }
     Ok(())
@@ -166,6 +167,8 @@ pub fn services(server_ip: &str, node: &str) -> String {
   - {{ name: h2, vip: 10.96.0.31, ports: [{{ port: 80, targetPort: 8081, protocol: http2 }}], endpoints: [{{ address: {server_ip}{node}, serviceAccount: server }}] }}
   - {{ name: h1-auto, vip: 10.96.0.32, ports: [{{ port: 80, targetPort: 8082, protocol: auto }}], endpoints: [{{ address: {server_ip}{node}, serviceAccount: server }}] }}
   - {{ name: h2-auto, vip: 10.96.0.33, ports: [{{ port: 80, targetPort: 8083, protocol: auto }}], endpoints: [{{ address: {server_ip}{node}, serviceAccount: server }}] }}
+  - {{ name: h1-tcp, vip: 10.96.0.34, ports: [{{ port: 80, targetPort: 8084, protocol: tcp }}], endpoints: [{{ address: {server_ip}{node}, serviceAccount: server }}] }}
+  - {{ name: h2-tcp, vip: 10.96.0.35, ports: [{{ port: 80, targetPort: 8085, protocol: tcp }}], endpoints: [{{ address: {server_ip}{node}, serviceAccount: server }}] }}
 "
     )
 }
@@ -283,6 +286,19 @@ fn cross_node(bench: &Bench) -> anyhow::Result<Table> {
         &bed,
         "meshd mTLS, auto ports (destination: connections only)",
         &auto,
+        &pids(&[&a, &b]),
+    )?);
+    // The same requests on `tcp` ports: meshd's L4 path, bytes relayed
+    // through the tunnel and counted as connections (ztunnel's kind of row).
+    let tcp = Urls {
+        h1: "http://10.96.0.34/",
+        h2: "http://10.96.0.35/",
+    };
+    rows.extend(measure(
+        bench,
+        &bed,
+        "meshd mTLS, tcp ports (L4 only)",
+        &tcp,
         &pids(&[&a, &b]),
     )?);
     drop((a, b));
