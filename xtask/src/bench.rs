@@ -104,6 +104,26 @@ pub fn run(
     Ok(())
 }
 
+/// The mesh CA the bench's two meshd take their identities from.
+struct MeshCa {
+    /// Its directory (`meshd ca init`), also HAProxy's CA.
+    dir: PathBuf,
+    /// The node section's `identity` lines that use it.
+    identity: String,
+}
+
+impl MeshCa {
+    /// node-a's and node-b's meshd, each with `rest(node)` after its node
+    /// section, ready and settled.
+    fn start_pair(&self, bed: &Testbed, rest: impl Fn(usize) -> String) -> (Meshd, Meshd) {
+        let start =
+            |node| bed.start_meshd_on(node, &bed.config_with(node, &self.identity, &rest(node)));
+        let pair = (start(0), start(1));
+        std::thread::sleep(Duration::from_millis(500));
+        pair
+    }
+}
+
 struct Bench {
     testkit: PathBuf,
     meshd: PathBuf,
@@ -113,6 +133,18 @@ struct Bench {
 }
 
 impl Bench {
+    /// A fresh mesh CA in the test bed's directory.
+    fn mesh_ca(&self, bed: &Testbed) -> anyhow::Result<MeshCa> {
+        let dir = bed.dir.join("ca");
+        quiet(
+            Command::new(&self.meshd)
+                .args(["ca", "init", "--out"])
+                .arg(&dir),
+        )?;
+        let identity = format!("  identity:\n    issuer: {}\n", dir.display());
+        Ok(MeshCa { dir, identity })
+    }
+
     /// iperf3 servers on 5201 (behind a VIP) and 5202 (direct), echo
     /// servers on 7000 (behind a VIP) and 7001 (direct), in `server`.
     fn servers(&self, bed: &Testbed) -> anyhow::Result<()> {
@@ -221,17 +253,9 @@ impl Bench {
         };
         rows.push(self.measure(&bed, "direct", &direct, &[])?);
 
-        let ca = bed.dir.join("ca");
-        quiet(
-            Command::new(&self.meshd)
-                .args(["ca", "init", "--out"])
-                .arg(&ca),
-        )?;
-        let identity = format!("  identity:\n    issuer: {}\n", ca.display());
+        let mesh = self.mesh_ca(&bed)?;
         let services = Self::services(server, ", node: node-b");
-        let a = bed.start_meshd_on(0, &bed.config_with(0, &identity, &services));
-        let b = bed.start_meshd_on(1, &bed.config_with(1, &identity, &services));
-        std::thread::sleep(Duration::from_millis(500));
+        let (a, b) = mesh.start_pair(&bed, |_| services.clone());
         let meshed = Targets {
             iperf: ("10.96.0.20", "5201"),
             echo: "10.96.0.21:7000",
@@ -249,7 +273,7 @@ impl Bench {
         haproxy_pair(
             &bed,
             &self.meshd,
-            &ca,
+            &mesh.dir,
             HaproxyMode::Tcp,
             &[
                 hop("iperf", 6000, 6443, "10.78.0.10:5202"),

@@ -10,9 +10,7 @@ use std::{path::Path, process::Command, time::Duration};
 use anyhow::{ensure, Context as _};
 use meshd_tests::testbed::{Meshd, PodSpec, Testbed};
 
-use super::{
-    cpu_seconds, haproxy_pair, output, peak_rss_kib, quiet, Bench, HaproxyMode, Hop, RssSampler,
-};
+use super::{cpu_seconds, haproxy_pair, output, peak_rss_kib, Bench, HaproxyMode, Hop, RssSampler};
 
 /// HTTP/1.1 connections and HTTP/2 connections × streams.
 const H1_CONNECTIONS: usize = 16;
@@ -259,17 +257,9 @@ fn cross_node(bench: &Bench) -> anyhow::Result<Table> {
         },
         &[],
     )?;
-    let ca = bed.dir.join("ca");
-    quiet(
-        Command::new(&bench.meshd)
-            .args(["ca", "init", "--out"])
-            .arg(&ca),
-    )?;
-    let identity = format!("  identity:\n    issuer: {}\n", ca.display());
+    let mesh = bench.mesh_ca(&bed)?;
     let services = services("10.78.0.10", ", node: node-b");
-    let a = bed.start_meshd_on(0, &bed.config_with(0, &identity, &services));
-    let b = bed.start_meshd_on(1, &bed.config_with(1, &identity, &services));
-    std::thread::sleep(Duration::from_millis(500));
+    let (a, b) = mesh.start_pair(&bed, |_| services.clone());
     rows.extend(measure(
         bench,
         &bed,
@@ -305,16 +295,13 @@ fn cross_node(bench: &Bench) -> anyhow::Result<Table> {
     // One worker thread each (proxy.workerThreads: 1) against the default
     // of one per CPU — when the meshd measured has the setting (a build
     // from before it, given with --bin-dir, does not).
-    let one = "proxy: { workerThreads: 1 }\n";
-    let config = |node| bed.config_with(node, &identity, &format!("{services}{one}"));
+    let one = format!("{services}proxy: {{ workerThreads: 1 }}\n");
     let checked = Command::new(&bench.meshd)
         .args(["check", "--config"])
-        .arg(bed.write("one-thread.yaml", &config(0)))
+        .arg(bed.write("one-thread.yaml", &bed.config_with(0, &mesh.identity, &one)))
         .output()?;
     if checked.status.success() {
-        let a = bed.start_meshd_on(0, &config(0));
-        let b = bed.start_meshd_on(1, &config(1));
-        std::thread::sleep(Duration::from_millis(500));
+        let (a, b) = mesh.start_pair(&bed, |_| one.clone());
         rows.extend(measure(
             bench,
             &bed,
@@ -333,22 +320,14 @@ fn cross_node(bench: &Bench) -> anyhow::Result<Table> {
         ("meshd mTLS, tracing on, 1 % sampled", "0.01"),
         ("meshd mTLS, tracing on, 100 % sampled", "1"),
     ] {
-        let tracing = |node: &str| {
-            format!("tracing: {{ endpoint: 'http://{node}:4318', protocol: http, sampling: {sampling} }}\n")
-        };
-        let a = bed.start_meshd_on(
-            0,
-            &bed.config_with(0, &identity, &format!("{services}{}", tracing("10.77.0.1"))),
-        );
-        let b = bed.start_meshd_on(
-            1,
-            &bed.config_with(
-                1,
-                &identity,
-                &format!("{services}{}", tracing("192.168.77.1")),
-            ),
-        );
-        std::thread::sleep(Duration::from_millis(500));
+        // Each node's meshd exports to the sink on node-a.
+        let sink = ["10.77.0.1", "192.168.77.1"];
+        let (a, b) = mesh.start_pair(&bed, |node| {
+            format!(
+                "{services}tracing: {{ endpoint: 'http://{}:4318', protocol: http, sampling: {sampling} }}\n",
+                sink[node]
+            )
+        });
         rows.extend(measure(bench, &bed, path, &meshed(), &pids(&[&a, &b]))?);
     }
     let hops = |h1, h2| {
@@ -369,7 +348,13 @@ fn cross_node(bench: &Bench) -> anyhow::Result<Table> {
             },
         ]
     };
-    let tcp = haproxy_pair(&bed, &bench.meshd, &ca, HaproxyMode::Tcp, &hops(6002, 6003))?;
+    let tcp = haproxy_pair(
+        &bed,
+        &bench.meshd,
+        &mesh.dir,
+        HaproxyMode::Tcp,
+        &hops(6002, 6003),
+    )?;
     let haproxy = Urls {
         h1: "http://10.77.0.1:6002/",
         h2: "http://10.77.0.1:6003/",
@@ -384,7 +369,7 @@ fn cross_node(bench: &Bench) -> anyhow::Result<Table> {
     let http = haproxy_pair(
         &bed,
         &bench.meshd,
-        &ca,
+        &mesh.dir,
         HaproxyMode::Http,
         &hops(6004, 6005),
     )?;
@@ -426,11 +411,10 @@ fn measure(
         let mut runs = (0..bench.runs)
             .map(|_| measure_once(bench, bed, path, protocol, url, pids))
             .collect::<anyhow::Result<Vec<Row>>>()?;
-        let low = runs.iter().map(|r| r.rps).fold(f64::INFINITY, f64::min);
-        let high = runs.iter().map(|r| r.rps).fold(0.0, f64::max);
         runs.sort_by(|a, b| a.rps.total_cmp(&b.rps));
+        let range = (runs[0].rps, runs[runs.len() - 1].rps);
         let mut median = runs.swap_remove(runs.len() / 2);
-        median.rps_range = (low, high);
+        median.rps_range = range;
         if protocol == "HTTP/1.1" {
             median.fixed = Some(fixed_rate(bench, bed, url)?);
         }

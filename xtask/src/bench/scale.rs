@@ -23,7 +23,7 @@ use meshd_tests::{
     testbed::{Meshd, PodSpec, Testbed},
 };
 
-use super::{http, peak_rss_kib, quiet, rss_kib, Bench, RssSampler};
+use super::{http, peak_rss_kib, rss_kib, Bench, RssSampler};
 
 /// Services (5 endpoints each) per row: doubling from 100, then 10 000.
 const SERVICES: &[usize] = &[100, 200, 400, 800, 1600, 3200, 6400, 10_000];
@@ -318,17 +318,8 @@ fn concurrency(bench: &Bench) -> anyhow::Result<Table> {
         .iter()
         .map(|&c| http::wrk(&bed, "http://10.78.0.10:8080/", bench.seconds, c))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let ca = bed.dir.join("ca");
-    quiet(
-        std::process::Command::new(&bench.meshd)
-            .args(["ca", "init", "--out"])
-            .arg(&ca),
-    )?;
-    let identity = format!("  identity:\n    issuer: {}\n", ca.display());
     let services = http::services("10.78.0.10", ", node: node-b");
-    let a = bed.start_meshd_on(0, &bed.config_with(0, &identity, &services));
-    let b = bed.start_meshd_on(1, &bed.config_with(1, &identity, &services));
-    std::thread::sleep(Duration::from_millis(500));
+    let (a, b) = bench.mesh_ca(&bed)?.start_pair(&bed, |_| services.clone());
     let pids = [a.pid(), b.pid()];
     let mut rows = Vec::new();
     for (&connections, direct) in CONCURRENCY.iter().zip(direct) {
