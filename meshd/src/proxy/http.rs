@@ -9,6 +9,7 @@
 mod admit;
 mod attempt;
 pub mod drain;
+pub mod h1;
 mod message;
 pub mod replay;
 pub mod respond;

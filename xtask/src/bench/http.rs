@@ -40,6 +40,10 @@ struct Row {
     cpu_ms_per_1000: Option<f64>,
     /// HTTP/1.1 at a fixed `FIXED_RATE` on one connection: p50 and p99, ms.
     fixed: Option<(f64, f64)>,
+    /// The proxies' CPU ms per 1000 requests over those fixed-rate runs:
+    /// the cost of a request that nothing is batched with, less subject
+    /// than saturated load to how the two cores happen to be shared.
+    fixed_cpu_ms_per_1000: Option<f64>,
     rss_mib: Option<f64>,
     /// The processes' summed VmHWM after the run (start-up included).
     peak_mib: Option<f64>,
@@ -80,8 +84,8 @@ pub fn print(tables: &[Table]) {
     );
     for table in tables {
         println!("\n### {}\n", table.title);
-        println!("| path | protocol | requests/s | range | × direct | p50 ms | p99 ms | mean ms | p50 / p99 ms at {FIXED_RATE}/s (added) | proxy CPU ms per 1000 requests | proxy RSS under load MiB | proxy peak RSS MiB |");
-        println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+        println!("| path | protocol | requests/s | range | × direct | p50 ms | p99 ms | mean ms | p50 / p99 ms at {FIXED_RATE}/s (added) | proxy CPU ms per 1000 requests | … at {FIXED_RATE}/s | proxy RSS under load MiB | proxy peak RSS MiB |");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
         let opt = |v: Option<f64>, d: usize| v.map_or("–".to_owned(), |v| format!("{v:.d$}"));
         for row in &table.rows {
             let direct = table.rows.iter().find(|r| r.protocol == row.protocol);
@@ -97,7 +101,7 @@ pub fn print(tables: &[Table]) {
             };
             let direct = direct.map_or(row.rps, |r| r.rps);
             println!(
-                "| {} | {} | {:.0} | {:.0}–{:.0} | {:.2} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {:.0} | {:.0}–{:.0} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 row.path,
                 row.protocol,
                 row.rps,
@@ -109,6 +113,7 @@ pub fn print(tables: &[Table]) {
                 opt(row.mean_ms, 2),
                 fixed,
                 opt(row.cpu_ms_per_1000, 1),
+                opt(row.fixed_cpu_ms_per_1000, 1),
                 opt(row.rss_mib, 1),
                 opt(row.peak_mib, 1),
             );
@@ -394,6 +399,11 @@ fn pids(meshds: &[&Meshd]) -> Vec<u32> {
     meshds.iter().map(|m| m.pid()).collect()
 }
 
+/// The CPU seconds `pids` have used.
+fn cpu(pids: &[u32]) -> f64 {
+    pids.iter().map(|p| cpu_seconds(*p).unwrap_or(0.0)).sum()
+}
+
 /// Both protocols over one path; CPU and memory are `pids`' (none for a
 /// direct path).
 fn measure(
@@ -416,7 +426,11 @@ fn measure(
         let mut median = runs.swap_remove(runs.len() / 2);
         median.rps_range = range;
         if protocol == "HTTP/1.1" {
+            let before = cpu(pids);
             median.fixed = Some(fixed_rate(bench, bed, url)?);
+            let requests = (FIXED_RATE * FIXED_SECONDS) as f64 * FIXED_ROUNDS as f64;
+            median.fixed_cpu_ms_per_1000 = (!pids.is_empty())
+                .then(|| (cpu(pids) - before) * 1000.0 / (requests / 1000.0));
         }
         rows.push(median);
     }
@@ -432,11 +446,6 @@ fn measure_once(
     url: &str,
     pids: &[u32],
 ) -> anyhow::Result<Row> {
-    let cpu = |pids: &[u32]| {
-        pids.iter()
-            .map(|p| cpu_seconds(*p).unwrap_or(0.0))
-            .sum::<f64>()
-    };
     let sampler = RssSampler::start(pids.to_vec());
     let before = cpu(pids);
     let run = load(bed, protocol, url, bench.seconds)?;
@@ -454,6 +463,7 @@ fn measure_once(
         mean_ms: run.mean_ms,
         cpu_ms_per_1000: measured.then(|| used * 1000.0 / (run.requests / 1000.0)),
         fixed: None,
+        fixed_cpu_ms_per_1000: None,
         rss_mib: measured.then_some(rss),
         peak_mib: measured.then_some(peak / 1024.0),
     })

@@ -7,7 +7,7 @@
 
 use std::net::SocketAddrV4;
 
-use hyper::{body::Incoming, Response};
+use hyper::Response;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
@@ -16,7 +16,7 @@ use super::{
     replay::Payload,
     respond::Refusal,
     retry::{Attempt, Try},
-    upstream::{UpstreamError, UpstreamKey, Via},
+    upstream::{Answer, UpstreamError, UpstreamKey, Via},
     Connection,
 };
 use crate::{
@@ -169,10 +169,7 @@ impl<'a> HttpAttempt<'a> {
 
     /// Sends the request to `key` under the try's time limits. `None`: it
     /// timed out.
-    async fn send(
-        &mut self,
-        key: &UpstreamKey,
-    ) -> Option<Result<Response<Incoming>, UpstreamError>> {
+    async fn send(&mut self, key: &UpstreamKey) -> Option<Result<Response<Answer>, UpstreamError>> {
         let inputs = self.inputs;
         let limit = self.snapshot.connection_limit(self.admitted.target.service);
         let baggage = self.baggage.as_deref().unwrap_or("");
@@ -224,7 +221,7 @@ impl<'a> HttpAttempt<'a> {
     fn learn(
         &self,
         chosen: Chosen,
-        tried: &Try<Response<Incoming>, UpstreamError, Refusal>,
+        tried: &Try<Response<Answer>, UpstreamError, Refusal>,
         took: std::time::Duration,
     ) {
         let service = self.admitted.target.service;
@@ -256,11 +253,11 @@ impl<'a> HttpAttempt<'a> {
 }
 
 impl Attempt for HttpAttempt<'_> {
-    type Response = Response<Incoming>;
+    type Response = Response<Answer>;
     type Error = UpstreamError;
     type Refusal = Refusal;
 
-    async fn attempt(&mut self) -> Try<Response<Incoming>, UpstreamError, Refusal> {
+    async fn attempt(&mut self) -> Try<Response<Answer>, UpstreamError, Refusal> {
         let endpoint = match self.pick() {
             Ok(endpoint) => endpoint,
             Err(refusal) => return Try::Refused(refusal),

@@ -6,7 +6,6 @@
 use std::time::Duration;
 
 use hyper::{
-    body::Incoming,
     header::{self, HeaderName, HeaderValue},
     HeaderMap, Request, Response, Uri, Version,
 };
@@ -65,7 +64,10 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
 
 /// Joins a client's connection to an upstream's once both have switched
 /// protocols (a 101 answer), and relays between them.
-pub fn splice_upgrade(downstream: hyper::upgrade::OnUpgrade, upstream: Response<Incoming>) {
+pub fn splice_upgrade<B: Send + 'static>(
+    downstream: hyper::upgrade::OnUpgrade,
+    upstream: Response<B>,
+) {
     tokio::spawn(async move {
         match tokio::try_join!(downstream, hyper::upgrade::on(upstream)) {
             Ok((down, up)) => {

@@ -5,13 +5,13 @@
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
-use hyper::{body::Incoming, header::HeaderValue, Response, StatusCode};
+use hyper::{header::HeaderValue, Response, StatusCode};
 use tracing::warn;
 
 use super::{
     message::{splice_upgrade, strip_hop_by_hop},
     retry::Try,
-    upstream::{Body, UpstreamError},
+    upstream::{Answer, Body, UpstreamError},
 };
 use crate::telemetry::{RequestResult, ResponseFlag};
 
@@ -97,7 +97,7 @@ pub fn refuse(refusal: Refusal, result: RequestResult) -> Response<Body> {
 
 /// What the client gets for the try that stood.
 pub fn ended(
-    tried: Try<Response<Incoming>, UpstreamError, Refusal>,
+    tried: Try<Response<Answer>, UpstreamError, Refusal>,
     upgrade: Option<hyper::upgrade::OnUpgrade>,
     result: RequestResult,
 ) -> Response<Body> {
@@ -138,7 +138,7 @@ where
 }
 
 /// Completes a 101 answer: the upgraded streams are relayed both ways.
-fn upgraded(downstream: hyper::upgrade::OnUpgrade, response: Response<Incoming>) -> Response<Body> {
+fn upgraded(downstream: hyper::upgrade::OnUpgrade, response: Response<Answer>) -> Response<Body> {
     let (mut parts, body) = response.into_parts();
     splice_upgrade(downstream, Response::from_parts(parts.clone(), body));
     strip_hop_by_hop(&mut parts.headers, true);

@@ -21,9 +21,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
+use super::h1::{Client, Driven, Home};
 use crate::{
     hbone::pool::{Key as TunnelKey, Pool, TunnelError},
-    policy::breaker::{ConnectionLimit, Overflow},
+    policy::breaker::{ConnectionLimit, Overflow, Slot},
     state::ids::{OrigDstSource, ServiceId},
 };
 
@@ -64,8 +65,9 @@ pub enum UpstreamError {
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
-/// A free HTTP/1.1 connection and when it became free.
-type Idle = (http1::SendRequest<Body>, Instant);
+/// A free HTTP/1.1 connection, its place in the pool, and when it became
+/// free.
+type Idle = (Client<Body>, Pooled, Instant);
 
 #[derive(Default)]
 pub struct Upstreams {
@@ -90,14 +92,14 @@ impl Upstreams {
         connect_timeout: Duration,
         limit: &Arc<ConnectionLimit>,
     ) -> Result<Sender, UpstreamError> {
-        if let Some(sender) = self.reuse(key, limit) {
+        if let Some(sender) = self.reuse(key) {
             return Ok(sender);
         }
         let slot = match limit.try_open() {
             Some(slot) => slot,
             None => {
                 let wait = limit.wait_for(connect_timeout, || {
-                    if let Some(sender) = self.reuse(key, limit) {
+                    if let Some(sender) = self.reuse(key) {
                         return Some(Err(sender));
                     }
                     self.close_idle_of(&key.service);
@@ -129,26 +131,22 @@ impl Upstreams {
                 .insert(key.clone(), sender.clone());
             return Ok(Sender::Http2(sender, address));
         }
-        let (sender, connection) = http1::Builder::new()
-            .handshake(TokioIo::new(io))
+        let client = Client::handshake(&http1::Builder::new(), TokioIo::new(io))
             .await
             .map_err(|e| UpstreamError::Http(address, e))?;
-        tokio::spawn(async move {
-            let _slot = slot;
-            if let Err(err) = connection.with_upgrades().await {
-                debug!(%address, error = %err, "upstream HTTP/1.1 connection ended");
-            }
-        });
-        Ok(Sender::Http1(Reusable {
-            sender,
-            pool: Arc::downgrade(self),
-            key: key.clone(),
-            limit: limit.clone(),
-        }))
+        Ok(Sender::Http1(
+            client,
+            Pooled {
+                pool: Arc::downgrade(self),
+                key: key.clone(),
+                limit: limit.clone(),
+                _slot: slot,
+            },
+        ))
     }
 
     /// A pooled connection to `key` that can take a request now.
-    fn reuse(self: &Arc<Self>, key: &UpstreamKey, limit: &Arc<ConnectionLimit>) -> Option<Sender> {
+    fn reuse(&self, key: &UpstreamKey) -> Option<Sender> {
         if key.http2 {
             let shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
             return shared
@@ -158,14 +156,9 @@ impl Upstreams {
         }
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(key)?;
-        while let Some((sender, _)) = list.pop() {
-            if sender.is_ready() {
-                return Some(Sender::Http1(Reusable {
-                    sender,
-                    pool: Arc::downgrade(self),
-                    key: key.clone(),
-                    limit: limit.clone(),
-                }));
+        while let Some((mut client, pooled, _)) = list.pop() {
+            if client.usable() {
+                return Some(Sender::Http1(client, pooled));
             }
         }
         None
@@ -178,8 +171,8 @@ impl Upstreams {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         for list in idle.values_mut() {
-            list.retain(|(sender, since)| {
-                !sender.is_closed() && now.duration_since(*since) < idle_for
+            list.retain(|(client, _, since)| {
+                !client.is_closed() && now.duration_since(*since) < idle_for
             });
         }
         idle.retain(|_, list| !list.is_empty());
@@ -204,65 +197,95 @@ impl Upstreams {
     }
 }
 
-/// A checked-out HTTP/1.1 connection; goes back to its pool's idle list
-/// once the response has been read.
-pub struct Reusable {
-    sender: http1::SendRequest<Body>,
+/// A checked-out HTTP/1.1 connection's place: the pool it goes back to
+/// once its response has been read, and its place under the service's
+/// connection limit, held until the connection is dropped.
+pub struct Pooled {
     pool: std::sync::Weak<Upstreams>,
     key: UpstreamKey,
     limit: Arc<ConnectionLimit>,
+    _slot: Slot,
 }
 
-impl Reusable {
+impl Home<Body> for Pooled {
     /// Puts the connection, free for a request, back on its pool's idle
     /// list (unless the pool is gone).
-    fn give_back(self) {
-        if let Some(pool) = self.pool.upgrade() {
-            pool.idle
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(self.key)
-                .or_default()
-                .push((self.sender, Instant::now()));
-            self.limit.idle();
-        }
+    fn back(self, client: Client<Body>) {
+        let Some(pool) = self.pool.upgrade() else {
+            return;
+        };
+        let limit = self.limit.clone();
+        pool.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(self.key.clone())
+            .or_default()
+            .push((client, self, Instant::now()));
+        limit.idle();
     }
 }
 
 /// A checked-out upstream connection.
 pub enum Sender {
-    Http1(Reusable),
+    Http1(Client<Body>, Pooled),
     Http2(http2::SendRequest<Body>, SocketAddrV4),
 }
 
 impl Sender {
-    pub async fn send(self, request: Request<Body>) -> Result<Response<Incoming>, UpstreamError> {
+    pub async fn send(self, request: Request<Body>) -> Result<Response<Answer>, UpstreamError> {
         match self {
             Self::Http2(mut sender, address) => sender
                 .send_request(request)
                 .await
+                .map(|r| r.map(Answer::Http2))
                 .map_err(|e| UpstreamError::Http(address, e)),
-            Self::Http1(mut conn) => {
-                let response = conn
-                    .sender
-                    .send_request(request)
+            Self::Http1(client, pooled) => {
+                let address = pooled.key.address;
+                client
+                    .send(request, pooled)
                     .await
-                    .map_err(|e| UpstreamError::Http(conn.key.address, e))?;
-                // A short response is often read whole by the connection's
-                // task before its head reaches us: the connection is free
-                // already and goes back now. Otherwise a task waits for it
-                // (the response's body being read by the client's side).
-                if conn.sender.is_ready() {
-                    conn.give_back();
-                } else {
-                    tokio::spawn(async move {
-                        if conn.sender.ready().await.is_ok() {
-                            conn.give_back();
-                        }
-                    });
-                }
-                Ok(response)
+                    .map(|r| r.map(Answer::Http1))
+                    .map_err(|e| UpstreamError::Http(address, e))
             }
+        }
+    }
+}
+
+/// An upstream's response body.
+// Moved a few times, then boxed as the client's response body: boxing a
+// variant here would only add an allocation per request.
+#[allow(clippy::large_enum_variant)]
+pub enum Answer {
+    /// Its connection is driven while it is read (see `h1`).
+    Http1(Driven<Body, Pooled>),
+    Http2(Incoming),
+}
+
+impl hyper::body::Body for Answer {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            Self::Http1(body) => std::pin::Pin::new(body).poll_frame(cx),
+            Self::Http2(body) => std::pin::Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Http1(body) => body.is_end_stream(),
+            Self::Http2(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            Self::Http1(body) => body.size_hint(),
+            Self::Http2(body) => body.size_hint(),
         }
     }
 }

@@ -27,7 +27,9 @@ use crate::{
     },
     proxy::{
         http::{
-            drain, is_grpc,
+            drain,
+            h1::{Client, Home},
+            is_grpc,
             respond::{reply, Refusal},
             splice_upgrade,
             upstream::Body,
@@ -51,9 +53,28 @@ type Sent = Counted<Incoming>;
 /// speaks (known from its first request).
 enum Pod {
     Unopened(TcpStream),
-    Http1(http1::SendRequest<Sent>),
+    /// Free for the next request.
+    Http1(Client<Sent>),
+    /// Lent to a request's response, until its body is read (see `h1`).
+    Lent,
     Http2(http2::SendRequest<Sent>),
     Gone,
+}
+
+/// Where a stream's HTTP/1.1 connection to its pod goes back to.
+struct PodSlot(Arc<Mutex<Pod>>);
+
+impl Home<Sent> for PodSlot {
+    fn back(self, client: Client<Sent>) {
+        // Requests on one HTTP/1.1 stream come one after another: the
+        // slot is free, and still waits for this connection, unless the
+        // stream moved on without it (then it is dropped).
+        if let Ok(mut slot) = self.0.try_lock() {
+            if matches!(*slot, Pod::Lent) {
+                *slot = Pod::Http1(client);
+            }
+        }
+    }
 }
 
 /// The source of a stream: the identity it proved, and the labels its
@@ -107,7 +128,7 @@ pub async fn serve<S>(
 /// One request: decided, forwarded, and reported as its destination.
 async fn one(
     inputs: &Arc<ProxyInputs>,
-    pod: &Mutex<Pod>,
+    pod: &Arc<Mutex<Pod>>,
     peer: &Peer,
     target: SocketAddrV4,
     mut request: Request<Incoming>,
@@ -167,7 +188,7 @@ struct PodReset;
 /// Decides the request on the path the pod will get, and forwards it so.
 async fn forward(
     inputs: &ProxyInputs,
-    pod: &Mutex<Pod>,
+    pod: &Arc<Mutex<Pod>>,
     source: &Identity,
     target: SocketAddrV4,
     mut request: Request<Sent>,
@@ -223,7 +244,7 @@ async fn forward(
                     .boxed(),
             )
         }
-        _ => response.map(BodyExt::boxed),
+        _ => response,
     })
 }
 
@@ -245,16 +266,16 @@ type SendError = Box<dyn std::error::Error + Send + Sync>;
 /// pod closed or reset the last one.
 async fn send(
     inputs: &ProxyInputs,
-    pod: &Mutex<Pod>,
+    pod: &Arc<Mutex<Pod>>,
     target: SocketAddrV4,
     request: Request<Sent>,
-) -> Result<Response<Incoming>, SendError> {
+) -> Result<Response<Body>, SendError> {
     let mut state = pod.lock().await;
-    let closed = match &*state {
-        Pod::Http1(sender) => sender.is_closed(),
+    let closed = match &mut *state {
+        Pod::Http1(client) => !client.usable(),
         Pod::Http2(sender) => sender.is_closed(),
         Pod::Unopened(_) => false,
-        Pod::Gone => true,
+        Pod::Lent | Pod::Gone => true,
     };
     if closed {
         let connect = crate::proxy::connect(&*inputs.orig_dst, target);
@@ -277,22 +298,25 @@ async fn send(
             tokio::spawn(connection);
             Pod::Http2(sender)
         } else {
-            let (sender, connection) = http1::handshake(io).await?;
-            tokio::spawn(connection.with_upgrades());
-            Pod::Http1(sender)
+            Pod::Http1(Client::handshake(&http1::Builder::new(), io).await?)
         };
     }
-    match &mut *state {
-        Pod::Http2(sender) => {
-            let mut sender = sender.clone();
+    match std::mem::replace(&mut *state, Pod::Lent) {
+        Pod::Http2(mut sender) => {
+            *state = Pod::Http2(sender.clone());
             drop(state);
-            Ok(sender.send_request(request).await?)
+            Ok(sender.send_request(request).await?.map(BodyExt::boxed))
         }
-        // One request at a time on HTTP/1.1, as on the stream itself.
-        Pod::Http1(sender) => {
-            sender.ready().await?;
-            Ok(sender.send_request(request).await?)
+        // One request at a time on HTTP/1.1, as on the stream itself: the
+        // connection is lent to it, and back once its answer is read.
+        Pod::Http1(client) => {
+            drop(state);
+            let slot = PodSlot(pod.clone());
+            Ok(client.send(request, slot).await?.map(BodyExt::boxed))
         }
-        Pod::Unopened(_) | Pod::Gone => Err("the connection to the pod failed earlier".into()),
+        Pod::Unopened(_) | Pod::Lent | Pod::Gone => {
+            *state = Pod::Gone;
+            Err("the connection to the pod failed earlier".into())
+        }
     }
 }
