@@ -11,6 +11,8 @@ pub mod handover;
 pub mod host;
 pub mod listeners;
 pub mod reload;
+#[allow(unsafe_code)]
+pub mod trim;
 
 use listeners::Listeners;
 

@@ -92,7 +92,12 @@ impl Reloader {
                 continue;
             }
             last = now;
-            self.reload(read, started);
+            // A large mesh takes a worker for a good part of a second:
+            // its queued connections move to the others meanwhile.
+            match tokio::runtime::Handle::current().runtime_flavor() {
+                tokio::runtime::RuntimeFlavor::CurrentThread => self.reload(read, started),
+                _ => tokio::task::block_in_place(|| self.reload(read, started)),
+            }
         }
     }
 
@@ -139,6 +144,9 @@ impl Reloader {
                 self.state.update(|s| s.last_error = Some(message));
             }
         }
+        // The old config and snapshot are gone (unless a connection still
+        // holds them), and so is what parsing the files took.
+        crate::app::trim::release_freed();
     }
 
     fn apply(&self, sources: &[Source]) -> Result<Arc<Config>, ReloadError> {

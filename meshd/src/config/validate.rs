@@ -74,7 +74,8 @@ pub struct Service {
     pub load_balancer: crate::policy::balance::Policy,
     pub timeout: Option<std::time::Duration>,
     /// Compiled routes; a service without routes gets the default one.
-    pub routes: Vec<crate::policy::routing::Route>,
+    /// Shared by every service without routes of its own.
+    pub routes: Arc<[crate::policy::routing::Route]>,
     /// (whole service, per source workload) request limits.
     pub rate_limit: (
         Option<crate::policy::ratelimit::Limit>,
@@ -102,9 +103,39 @@ pub struct Endpoint {
     pub workload: Arc<str>,
     /// The identity a tunnel to this endpoint must prove.
     pub identity: Identity,
-    pub labels: BTreeMap<String, String>,
+    pub labels: Labels,
     /// What metrics say of the endpoint's workload.
     pub reported: Reported,
+}
+
+/// An endpoint's labels, sorted by key. A mesh's endpoints have few
+/// distinct label sets (a version, an app), so each set is kept once and
+/// shared by every endpoint that has it: tens of thousands of endpoints
+/// cost a pointer each, not a map each.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Labels(Arc<[(Arc<str>, Arc<str>)]>);
+
+impl FromIterator<(String, String)> for Labels {
+    /// A set of its own (validation shares equal sets instead).
+    fn from_iter<I: IntoIterator<Item = (String, String)>>(pairs: I) -> Self {
+        let mut pairs: Vec<(Arc<str>, Arc<str>)> = pairs
+            .into_iter()
+            .map(|(k, v)| (Arc::from(k), Arc::from(v)))
+            .collect();
+        pairs.sort();
+        pairs.dedup_by(|a, b| a.0 == b.0);
+        Self(pairs.into())
+    }
+}
+
+impl Labels {
+    /// The value of label `key`.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .binary_search_by(|(k, _)| (**k).cmp(key))
+            .ok()
+            .map(|i| &*self.0[i].1)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -145,28 +176,35 @@ pub struct Reported {
 }
 
 impl Reported {
-    pub fn from_labels(labels: &BTreeMap<String, String>, workload: &Arc<str>) -> Self {
-        let first = |keys: &[&str]| {
-            keys.iter()
-                .find_map(|k| labels.get(*k))
-                .map(|v| Arc::from(v.as_str()))
+    /// What `labels` say; each value made by `intern`, which may share it.
+    fn from_labels(
+        labels: &BTreeMap<String, String>,
+        workload: &Arc<str>,
+        mut intern: impl FnMut(&str) -> Arc<str>,
+    ) -> Self {
+        let mut first = |keys: &[&str], otherwise: &str| {
+            let value = keys.iter().find_map(|k| labels.get(*k));
+            intern(value.map_or(otherwise, String::as_str))
         };
-        let unknown = || Arc::from(UNKNOWN);
         Self {
-            app: first(&["app"]).unwrap_or_else(unknown),
-            version: first(&["version"]).unwrap_or_else(unknown),
-            canonical_service: first(&[
-                "service.istio.io/canonical-name",
-                "app.kubernetes.io/name",
-                "app",
-            ])
-            .unwrap_or_else(|| workload.clone()),
-            canonical_revision: first(&[
-                "service.istio.io/canonical-revision",
-                "app.kubernetes.io/version",
-                "version",
-            ])
-            .unwrap_or_else(|| Arc::from("latest")),
+            app: first(&["app"], UNKNOWN),
+            version: first(&["version"], UNKNOWN),
+            canonical_service: first(
+                &[
+                    "service.istio.io/canonical-name",
+                    "app.kubernetes.io/name",
+                    "app",
+                ],
+                workload,
+            ),
+            canonical_revision: first(
+                &[
+                    "service.istio.io/canonical-revision",
+                    "app.kubernetes.io/version",
+                    "version",
+                ],
+                "latest",
+            ),
         }
     }
 
@@ -189,10 +227,29 @@ struct Checker<'a> {
     /// Errors beyond the first `MAX_REPORTED`, only counted: locating each
     /// costs a pass over its file, and nobody reads ten thousand.
     more: usize,
+    /// Values, label sets and identities met so far: what many endpoints
+    /// repeat is kept once (see `Labels`).
+    shared: Shared,
+}
+
+#[derive(Default)]
+struct Shared {
+    strings: HashSet<Arc<str>>,
+    label_sets: HashMap<BTreeMap<String, String>, Labels>,
+    identities: HashMap<String, Identity>,
 }
 
 /// Errors reported in full; the rest are counted.
 const MAX_REPORTED: usize = 50;
+
+fn intern(strings: &mut HashSet<Arc<str>>, value: &str) -> Arc<str> {
+    if let Some(shared) = strings.get(value) {
+        return shared.clone();
+    }
+    let shared: Arc<str> = Arc::from(value);
+    strings.insert(shared.clone());
+    shared
+}
 
 impl Checker<'_> {
     fn fail(&mut self, file: usize, field: &FieldPath, message: impl Into<String>) {
@@ -251,11 +308,43 @@ impl Checker<'_> {
     ) -> Identity {
         self.dns_label(file, field, service_account);
         let uri = format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}");
-        Identity::parse(&uri).unwrap_or_else(|_| {
+        if let Some(identity) = self.shared.identities.get(&uri) {
+            return identity.clone();
+        }
+        let identity = Identity::parse(&uri).unwrap_or_else(|_| {
             // Reported above (or at the namespace or trust domain); this
             // config is refused, so the stand-in never serves.
             Identity::parse("spiffe://invalid/ns/invalid/sa/invalid").expect("a well-formed ID")
-        })
+        });
+        self.shared.identities.insert(uri, identity.clone());
+        identity
+    }
+
+    /// `value`, shared with every equal value interned before.
+    fn intern(&mut self, value: &str) -> Arc<str> {
+        intern(&mut self.shared.strings, value)
+    }
+
+    /// `labels`, shared with every equal set seen before.
+    fn labels(&mut self, labels: BTreeMap<String, String>) -> Labels {
+        if let Some(shared) = self.shared.label_sets.get(&labels) {
+            return shared.clone();
+        }
+        let strings = &mut self.shared.strings;
+        let set = Labels(
+            labels
+                .iter()
+                .map(|(k, v)| (intern(strings, k), intern(strings, v)))
+                .collect(),
+        );
+        self.shared.label_sets.insert(labels, set.clone());
+        set
+    }
+
+    /// What metrics say of a workload with `labels`, its values shared.
+    fn reported(&mut self, labels: &BTreeMap<String, String>, workload: &Arc<str>) -> Reported {
+        let strings = &mut self.shared.strings;
+        Reported::from_labels(labels, workload, |v| intern(strings, v))
     }
 
     fn cgroup_path(&mut self, file: usize, field: &FieldPath, value: &str) {
@@ -334,6 +423,7 @@ pub(super) fn validate(sources: &[Source], files: Vec<ConfigFile>) -> Result<Con
         sources,
         errors: Vec::new(),
         more: 0,
+        shared: Shared::default(),
     };
     let root = FieldPath::default();
 
@@ -1010,7 +1100,7 @@ fn check_workload(
     let name: Arc<str> = spec.name.as_str().into();
     let workload = Workload {
         identity,
-        reported: Reported::from_labels(&spec.labels, &name),
+        reported: check.reported(&spec.labels, &name),
         labels: spec.labels.clone(),
         name,
         namespace: spec.namespace.as_str().into(),
@@ -1195,6 +1285,39 @@ node:
                 "{target}: {text}"
             );
         }
+    }
+
+    #[test]
+    fn endpoints_share_equal_label_sets_values_and_identities() {
+        let config = load_str(
+            "mesh.yaml",
+            &format!(
+                "{NODE}services:\n  - {{ name: a, vip: 10.96.0.9, ports: [{{ port: 80 }}], endpoints: [{{ address: 10.1.0.1, labels: {{ version: v1, app: a }} }}, {{ address: 10.1.0.2, labels: {{ app: a, version: v1 }} }}, {{ address: 10.1.0.3, labels: {{ version: v2 }} }}] }}\n  - {{ name: b, vip: 10.96.0.10, ports: [{{ port: 80 }}], endpoints: [{{ address: 10.1.0.4, labels: {{ app: a, version: v1 }} }}] }}\n"
+            ),
+        )
+        .expect("valid");
+        let endpoints: Vec<_> = config.services.iter().flat_map(|s| &s.endpoints).collect();
+        let labels = |i: usize| &endpoints[i].labels;
+        assert_eq!(labels(0).get("version"), Some("v1"));
+        assert_eq!(labels(0).get("app"), Some("a"));
+        assert_eq!(labels(0).get("zone"), None);
+        assert_eq!(labels(2).get("version"), Some("v2"));
+        assert_eq!(labels(2).get("app"), None);
+        // One set for the three endpoints that have it, in both services.
+        assert!(std::sync::Arc::ptr_eq(&labels(0).0, &labels(1).0));
+        assert!(std::sync::Arc::ptr_eq(&labels(0).0, &labels(3).0));
+        assert!(!std::sync::Arc::ptr_eq(&labels(0).0, &labels(2).0));
+        // What metrics say of them is read off the labels, values shared.
+        let reported = |i: usize| &endpoints[i].reported;
+        assert_eq!(&*reported(0).version, "v1");
+        assert_eq!(&*reported(2).app, "unknown");
+        assert_eq!(&*reported(2).canonical_revision, "v2");
+        assert!(std::sync::Arc::ptr_eq(&reported(0).app, &reported(3).app));
+        assert!(std::sync::Arc::ptr_eq(
+            &reported(0).version,
+            &labels(1).0[1].1
+        ));
+        assert_eq!(endpoints[0].identity, endpoints[3].identity);
     }
 
     #[test]

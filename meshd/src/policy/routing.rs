@@ -62,8 +62,10 @@ pub struct Backend {
 
 impl Backend {
     /// Whether an endpoint with `labels` belongs to this backend.
-    pub fn admits(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.subset.iter().all(|(k, v)| labels.get(k) == Some(v))
+    pub fn admits(&self, labels: &crate::config::Labels) -> bool {
+        self.subset
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v.as_str()))
     }
 }
 
@@ -80,6 +82,14 @@ pub struct Route {
 
 impl Route {
     /// Every endpoint, evenly: what a service without routes does.
+    /// The routes of a service that has none of its own (the default
+    /// route), one list for all such services.
+    pub fn default_routes() -> Arc<[Route]> {
+        static DEFAULT: std::sync::LazyLock<Arc<[Route]>> =
+            std::sync::LazyLock::new(|| Arc::new([Route::default_route()]));
+        DEFAULT.clone()
+    }
+
     pub fn default_route() -> Self {
         Self {
             name: "default".into(),
@@ -236,9 +246,11 @@ mod tests {
             })
             .count();
         assert_eq!(v2, 100);
+        let labels = |pairs| subset(pairs).into_iter().collect();
         assert!(split
             .backend(89)
-            .admits(&subset(&[("version", "v1"), ("app", "x")])));
-        assert!(!split.backend(95).admits(&subset(&[("version", "v1")])));
+            .admits(&labels(&[("version", "v1"), ("app", "x")])));
+        assert!(!split.backend(95).admits(&labels(&[("version", "v1")])));
+        assert!(!split.backend(89).admits(&labels(&[("app", "x")])));
     }
 }

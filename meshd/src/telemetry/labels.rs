@@ -10,7 +10,7 @@
 //! report, but Istio's own workload dashboard selects
 //! `reporter="source",connection_security_policy="mutual_tls"`.)
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use super::{metrics::HttpLabels, metrics::TcpLabels, ResponseFlag};
 use crate::{
@@ -22,8 +22,13 @@ use crate::{
 /// What a label says when meshd does not know.
 pub const UNKNOWN: &str = "unknown";
 
+/// `unknown`, and an empty value, interned once: every request's label
+/// set has several, and a fresh `Arc` each would be an allocation each.
+static UNKNOWN_VALUE: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from(UNKNOWN));
+static EMPTY_VALUE: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from(""));
+
 fn unknown() -> Arc<str> {
-    Arc::from(UNKNOWN)
+    UNKNOWN_VALUE.clone()
 }
 
 /// How the destination was reached, as the destination reports it.
@@ -189,6 +194,6 @@ pub fn http(connection: TcpLabels) -> HttpLabels {
     HttpLabels {
         connection,
         response_code: 0,
-        grpc_response_status: Arc::from(""),
+        grpc_response_status: EMPTY_VALUE.clone(),
     }
 }

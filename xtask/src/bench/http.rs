@@ -429,8 +429,8 @@ fn measure(
             let before = cpu(pids);
             median.fixed = Some(fixed_rate(bench, bed, url)?);
             let requests = (FIXED_RATE * FIXED_SECONDS) as f64 * FIXED_ROUNDS as f64;
-            median.fixed_cpu_ms_per_1000 = (!pids.is_empty())
-                .then(|| (cpu(pids) - before) * 1000.0 / (requests / 1000.0));
+            median.fixed_cpu_ms_per_1000 =
+                (!pids.is_empty()).then(|| (cpu(pids) - before) * 1000.0 / (requests / 1000.0));
         }
         rows.push(median);
     }

@@ -2,9 +2,7 @@
 //! resilience settings (retries, circuit breaking, outlier detection,
 //! health checks, rate limits). Pure, like the rest of validation.
 
-use std::sync::Arc;
-
-use super::{Checker, Endpoint, Reported, Service, ServicePort, UNKNOWN};
+use super::{Checker, Endpoint, Service, ServicePort, UNKNOWN};
 use crate::config::FieldPath;
 
 pub(super) fn check_service(
@@ -67,17 +65,17 @@ pub(super) fn check_service(
             &spec.namespace,
             &endpoint.service_account,
         );
-        let workload: Arc<str> = endpoint.workload.as_deref().unwrap_or(UNKNOWN).into();
+        let workload = check.intern(endpoint.workload.as_deref().unwrap_or(UNKNOWN));
         endpoints.push(Endpoint {
             address,
-            node: endpoint.node.map(Arc::from),
-            reported: Reported::from_labels(&endpoint.labels, &workload),
+            node: endpoint.node.as_deref().map(|n| check.intern(n)),
+            reported: check.reported(&endpoint.labels, &workload),
             workload,
             identity,
-            labels: endpoint.labels,
+            labels: check.labels(endpoint.labels),
         });
     }
-    let mut routes: Vec<crate::policy::routing::Route> = spec
+    let routes: Vec<crate::policy::routing::Route> = spec
         .routes
         .iter()
         .enumerate()
@@ -85,9 +83,11 @@ pub(super) fn check_service(
             check_route(check, file, &at.clone().key("routes").index(i), i, route)
         })
         .collect();
-    if routes.is_empty() {
-        routes.push(crate::policy::routing::Route::default_route());
-    }
+    let routes = if routes.is_empty() {
+        crate::policy::routing::Route::default_routes()
+    } else {
+        routes.into()
+    };
     let rate_limit = match &spec.rate_limit {
         None => (None, None),
         Some(limits) => {
