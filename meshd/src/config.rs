@@ -21,9 +21,10 @@ use std::{
 
 use serde::Deserialize;
 
+pub use crate::policy::routing::Labels;
 pub use kubelet::{CgroupDriver, CgroupDriverSpec, PodRef, QosClass};
 pub use locate::FieldPath;
-pub use validate::{Config, Endpoint, Labels, Reported, Service, ServicePort, Workload};
+pub use validate::{Config, Endpoint, Reported, Service, ServicePort, Workload};
 
 /// Largest config file meshd reads; bigger files are refused unread.
 pub const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;

@@ -11,6 +11,7 @@ use super::{
     ConfigError, ConfigErrors, ConfigFile, FieldPath, IdentitySpec, MeshMode, MeshSpec, NodeSpec,
     PolicySpec, Protocol, ProxySpec, Source,
 };
+use crate::policy::routing::Labels;
 use crate::spiffe::Identity;
 
 mod service;
@@ -106,36 +107,6 @@ pub struct Endpoint {
     pub labels: Labels,
     /// What metrics say of the endpoint's workload.
     pub reported: Reported,
-}
-
-/// An endpoint's labels, sorted by key. A mesh's endpoints have few
-/// distinct label sets (a version, an app), so each set is kept once and
-/// shared by every endpoint that has it: tens of thousands of endpoints
-/// cost a pointer each, not a map each.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Labels(Arc<[(Arc<str>, Arc<str>)]>);
-
-impl FromIterator<(String, String)> for Labels {
-    /// A set of its own (validation shares equal sets instead).
-    fn from_iter<I: IntoIterator<Item = (String, String)>>(pairs: I) -> Self {
-        let mut pairs: Vec<(Arc<str>, Arc<str>)> = pairs
-            .into_iter()
-            .map(|(k, v)| (Arc::from(k), Arc::from(v)))
-            .collect();
-        pairs.sort();
-        pairs.dedup_by(|a, b| a.0 == b.0);
-        Self(pairs.into())
-    }
-}
-
-impl Labels {
-    /// The value of label `key`.
-    pub fn get(&self, key: &str) -> Option<&str> {
-        self.0
-            .binary_search_by(|(k, _)| (**k).cmp(key))
-            .ok()
-            .map(|i| &*self.0[i].1)
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -331,12 +302,10 @@ impl Checker<'_> {
             return shared.clone();
         }
         let strings = &mut self.shared.strings;
-        let set = Labels(
-            labels
-                .iter()
-                .map(|(k, v)| (intern(strings, k), intern(strings, v)))
-                .collect(),
-        );
+        let set: Labels = labels
+            .iter()
+            .map(|(k, v)| (intern(strings, k), intern(strings, v)))
+            .collect();
         self.shared.label_sets.insert(labels, set.clone());
         set
     }
@@ -1304,19 +1273,21 @@ node:
         assert_eq!(labels(2).get("version"), Some("v2"));
         assert_eq!(labels(2).get("app"), None);
         // One set for the three endpoints that have it, in both services.
-        assert!(std::sync::Arc::ptr_eq(&labels(0).0, &labels(1).0));
-        assert!(std::sync::Arc::ptr_eq(&labels(0).0, &labels(3).0));
-        assert!(!std::sync::Arc::ptr_eq(&labels(0).0, &labels(2).0));
+        assert!(labels(0).same_set(labels(1)));
+        assert!(labels(0).same_set(labels(3)));
+        assert!(!labels(0).same_set(labels(2)));
         // What metrics say of them is read off the labels, values shared.
         let reported = |i: usize| &endpoints[i].reported;
         assert_eq!(&*reported(0).version, "v1");
         assert_eq!(&*reported(2).app, "unknown");
         assert_eq!(&*reported(2).canonical_revision, "v2");
         assert!(std::sync::Arc::ptr_eq(&reported(0).app, &reported(3).app));
-        assert!(std::sync::Arc::ptr_eq(
-            &reported(0).version,
-            &labels(1).0[1].1
-        ));
+        let version = labels(1)
+            .iter()
+            .find(|(k, _)| &***k == "version")
+            .unwrap()
+            .1;
+        assert!(std::sync::Arc::ptr_eq(&reported(0).version, version));
         assert_eq!(endpoints[0].identity, endpoints[3].identity);
     }
 
