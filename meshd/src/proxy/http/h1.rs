@@ -106,6 +106,12 @@ impl<B: Payload> Client<B> {
             response.as_mut().poll(cx)
         })
         .await?;
+        // That driving left this task's waker with the body's sender: the
+        // body's first read, asking for bytes, would wake this very task —
+        // a yield, which also wakes an idle worker to steal it. Driven
+        // once more without a waker, the connection waits for that ask
+        // with none; whoever reads the body drives it anyway.
+        self.drive(&mut Context::from_waker(Waker::noop()));
         Ok(head.map(|body| Driven {
             body,
             client: Some((self, home)),
