@@ -353,42 +353,23 @@ fn cross_node(bench: &Bench) -> anyhow::Result<Table> {
             },
         ]
     };
-    let tcp = haproxy_pair(
-        &bed,
-        &bench.meshd,
-        &mesh.dir,
-        HaproxyMode::Tcp,
-        &hops(6002, 6003),
-    )?;
-    let haproxy = Urls {
-        h1: "http://10.77.0.1:6002/",
-        h2: "http://10.77.0.1:6003/",
-    };
-    rows.extend(measure(
-        bench,
-        &bed,
-        "HAProxy mTLS pair, TCP mode",
-        &haproxy,
-        &tcp,
-    )?);
-    let http = haproxy_pair(
-        &bed,
-        &bench.meshd,
-        &mesh.dir,
-        HaproxyMode::Http,
-        &hops(6004, 6005),
-    )?;
-    let haproxy = Urls {
-        h1: "http://10.77.0.1:6004/",
-        h2: "http://10.77.0.1:6005/",
-    };
-    rows.extend(measure(
-        bench,
-        &bed,
-        "HAProxy mTLS pair, HTTP mode (full L7, h2 between the nodes)",
-        &haproxy,
-        &http,
-    )?);
+    for (mode, h1, h2, path) in [
+        (HaproxyMode::Tcp, 6002, 6003, "HAProxy mTLS pair, TCP mode"),
+        (
+            HaproxyMode::Http,
+            6004,
+            6005,
+            "HAProxy mTLS pair, HTTP mode (full L7, h2 between the nodes)",
+        ),
+    ] {
+        let pair = haproxy_pair(&bed, &bench.meshd, &mesh.dir, mode, &hops(h1, h2))?;
+        let (h1, h2) = (
+            format!("http://10.77.0.1:{h1}/"),
+            format!("http://10.77.0.1:{h2}/"),
+        );
+        let urls = Urls { h1: &h1, h2: &h2 };
+        rows.extend(measure(bench, &bed, path, &urls, &pair)?);
+    }
     Ok(Table {
         title: "HTTP across nodes, pod → pod (CPU and memory summed over both nodes' proxies)",
         rows,

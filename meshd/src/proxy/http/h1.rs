@@ -137,6 +137,19 @@ pub struct Driven<B: Payload, H: Home<B>> {
 }
 
 impl<B: Payload, H: Home<B>> Driven<B, H> {
+    /// The body's next frame, if it is in; the connection released after
+    /// the last.
+    fn next_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let frame = std::task::ready!(Pin::new(&mut self.body).poll_frame(cx));
+        if frame.is_none() || self.body.is_end_stream() {
+            self.release();
+        }
+        Poll::Ready(frame)
+    }
+
     /// The body is done with: its connection goes home if it can take
     /// another request, else it is finished.
     fn release(&mut self) {
@@ -158,25 +171,17 @@ impl<B: Payload, H: Home<B>> Body for Driven<B, H> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        // Whatever is in first; else the connection driven once (it reads
+        // the upstream into the body), and look again.
         let this = self.get_mut();
-        let mut drove = false;
-        loop {
-            match Pin::new(&mut this.body).poll_frame(cx) {
-                Poll::Ready(frame) => {
-                    if frame.is_none() || this.body.is_end_stream() {
-                        this.release();
-                    }
-                    return Poll::Ready(frame);
-                }
-                Poll::Pending if drove => return Poll::Pending,
-                Poll::Pending => {}
-            }
-            drove = true;
-            match &mut this.client {
-                Some((client, _)) => client.drive(cx),
-                None => return Poll::Pending,
-            }
+        if let Poll::Ready(frame) = this.next_frame(cx) {
+            return Poll::Ready(frame);
         }
+        match &mut this.client {
+            Some((client, _)) => client.drive(cx),
+            None => return Poll::Pending,
+        }
+        this.next_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -263,6 +268,26 @@ mod tests {
         Client::handshake(&http1::Builder::new(), io).await.unwrap()
     }
 
+    /// One request to a server answering `answer`: the server's closer,
+    /// the home the connection goes to, and the response.
+    async fn exchange(
+        answer: &'static [u8],
+    ) -> (
+        oneshot::Sender<()>,
+        Slot,
+        Response<Driven<Empty<Bytes>, Kept>>,
+    ) {
+        let (close, closing) = oneshot::channel();
+        let address = server(answer, closing).await;
+        let home = Slot::default();
+        let response = connect(address)
+            .await
+            .send(get(), Kept(home.clone()))
+            .await
+            .unwrap();
+        (close, home, response)
+    }
+
     #[tokio::test]
     async fn a_connection_whose_body_was_read_goes_home_and_serves_the_next_request() {
         let (_close, closing) = oneshot::channel();
@@ -284,19 +309,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_dropped_before_its_end_does_not_bring_its_connection_home() {
-        let (_close, closing) = oneshot::channel();
         // Announces more than it sends: the body never ends.
-        let address = server(
-            b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npart",
-            closing,
-        )
-        .await;
-        let home = Slot::default();
-        let response = connect(address)
-            .await
-            .send(get(), Kept(home.clone()))
-            .await
-            .unwrap();
+        let (_close, home, response) =
+            exchange(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npart").await;
         let mut body = response.into_body();
         let first = body.frame().await.unwrap().unwrap();
         assert_eq!(&first.into_data().unwrap()[..], b"part");
@@ -309,18 +324,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_asked_to_close_does_not_go_home() {
-        let (_close, closing) = oneshot::channel();
-        let address = server(
-            b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok",
-            closing,
-        )
-        .await;
-        let home = Slot::default();
-        let response = connect(address)
-            .await
-            .send(get(), Kept(home.clone()))
-            .await
-            .unwrap();
+        let (_close, home, response) =
+            exchange(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok").await;
         response.into_body().collect().await.unwrap();
         assert!(home.lock().unwrap().is_none());
     }
@@ -329,14 +334,8 @@ mod tests {
     /// it is read when it is next looked at.
     #[tokio::test]
     async fn a_connection_closed_by_its_peer_while_at_rest_is_not_usable() {
-        let (close, closing) = oneshot::channel();
-        let address = server(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", closing).await;
-        let home = Slot::default();
-        let response = connect(address)
-            .await
-            .send(get(), Kept(home.clone()))
-            .await
-            .unwrap();
+        let (close, home, response) =
+            exchange(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
         response.into_body().collect().await.unwrap();
         let mut client = home
             .lock()
