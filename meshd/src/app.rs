@@ -62,6 +62,8 @@ pub enum StartError {
     Issuer(#[from] CaError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("cannot start the worker threads: {0}")]
+    Workers(std::io::Error),
     #[error(transparent)]
     Handover(#[from] crate::app::handover::HandoverError),
     #[error("tracing: {0}")]
@@ -131,13 +133,6 @@ pub struct Prepared {
     proxy_cgroup_id: u64,
     /// `proxy.workerThreads`, or the CPUs meshd's cgroup may use.
     worker_threads: usize,
-}
-
-impl Prepared {
-    /// The async runtime's worker threads.
-    pub fn worker_threads(&self) -> usize {
-        self.worker_threads
-    }
 }
 
 pub fn prepare(paths: &[PathBuf], overrides: &Overrides) -> Result<Prepared, StartError> {
@@ -249,7 +244,6 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     let capture = start_capture(&prepared, &mesh, outbound_addr)?;
     let capture = Arc::new(capture);
     let _ = status.capture.set(capture.clone());
-    tokio::spawn(heartbeat(capture.clone(), stop_rx.clone()));
 
     let mesh = Arc::new(mesh);
     let checkers = Arc::new(crate::proxy::health::HealthCheckers::default());
@@ -300,23 +294,14 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     });
     let _ = status.proxy.set(inputs.clone());
     tokio::spawn(sweep_upstreams(inputs.upstreams.clone(), stop_rx.clone()));
-    let drain = proxy.drain_timeout;
-    let mut outbound_task = tokio::spawn(outbound.run(
-        inputs.clone(),
-        limits(proxy, proxy.connection_limits.outbound),
+    let mut workers = serve_on_workers(
+        &prepared,
+        outbound,
+        inbound,
+        &inputs,
+        &capture,
         stop_rx.clone(),
-        drain,
-    ));
-    let inbound_task = inbound.map(|inbound| {
-        info!(address = %inbound.address(), "accepting tunnels");
-        tokio::spawn(inbound.run(
-            inputs.clone(),
-            limits(proxy, proxy.connection_limits.inbound),
-            crate::proxy::inbound::Handshakes::new(proxy.max_handshakes, proxy.handshake_timeout),
-            stop_rx.clone(),
-            drain,
-        ))
-    });
+    )?;
     if let Some(store) = store.clone() {
         tokio::spawn(refresh_certificates(store, stop_rx.clone()));
     }
@@ -351,16 +336,17 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         pods = %pod_cgroup.display(),
         services = config.services.len(),
         sk_msg = proxy.sk_msg,
-        workers = tokio::runtime::Handle::current().metrics().num_workers(),
+        workers = workers.count(),
         "meshd ready"
     );
 
     let mut handed_over = false;
-    let outbound_ended = tokio::select! {
-        _ = terminate.recv() => { info!("SIGTERM: stopping"); false }
-        _ = interrupt.recv() => { info!("SIGINT: stopping"); false }
-        Ok(()) = &mut handed_rx => { info!("handed over to a new meshd: draining"); handed_over = true; false }
-        _ = &mut outbound_task => { warn!("outbound listener ended unexpectedly"); true }
+    tokio::select! {
+        _ = terminate.recv() => info!("SIGTERM: stopping"),
+        _ = interrupt.recv() => info!("SIGINT: stopping"),
+        Ok(()) = &mut handed_rx => { info!("handed over to a new meshd: draining"); handed_over = true; }
+        // The others stop and drain as on a signal.
+        worker = workers.one_ended() => warn!(worker, "a worker ended unexpectedly: stopping"),
     };
     status.ready.store(false, Ordering::Release);
     metrics.ready.set(0);
@@ -373,12 +359,7 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     }
     drop(inputs);
     let _ = stop_tx.send(true);
-    if !outbound_ended {
-        let _ = outbound_task.await;
-    }
-    if let Some(task) = inbound_task {
-        let _ = task.await;
-    }
+    workers.join().await;
     for task in status_tasks {
         let _ = task.await;
     }
@@ -392,6 +373,91 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     drop(capture);
     info!("stopped");
     Ok(())
+}
+
+/// Serves the outbound and tunnel listeners on `proxy.workerThreads`
+/// workers, each accepting on a duplicate of both sockets and beating the
+/// capture's heartbeat (so the heartbeat goes stale only when no worker
+/// runs); every worker stops and drains when `stop` turns true.
+fn serve_on_workers(
+    prepared: &Prepared,
+    outbound: crate::proxy::Outbound,
+    inbound: Option<crate::proxy::inbound::Inbound>,
+    inputs: &Arc<ProxyInputs>,
+    capture: &Arc<Capture>,
+    stop: watch::Receiver<bool>,
+) -> Result<crate::net::workers::Workers, StartError> {
+    use crate::net::accept::Caps;
+    let proxy = &prepared.config.proxy;
+    let drain = proxy.drain_timeout;
+    let outbound_address = outbound.address();
+    let outbound_caps = Caps::from(limits(proxy, proxy.connection_limits.outbound));
+    let outbound = outbound.into_std().map_err(StartError::Workers)?;
+    let inbound_caps = Caps::from(limits(proxy, proxy.connection_limits.inbound));
+    let handshakes =
+        crate::proxy::inbound::Handshakes::new(proxy.max_handshakes, proxy.handshake_timeout);
+    let inbound = match inbound {
+        Some(inbound) => {
+            info!(address = %inbound.address(), "accepting tunnels");
+            let address = inbound.address();
+            Some((inbound.into_std().map_err(StartError::Workers)?, address))
+        }
+        None => None,
+    };
+    // Each worker's own duplicates, made here so a failure stops start-up.
+    let mut sockets = Vec::new();
+    for _ in 0..prepared.worker_threads.max(1) {
+        let outbound = outbound.try_clone().map_err(StartError::Workers)?;
+        let inbound = match &inbound {
+            Some((listener, address)) => {
+                Some((listener.try_clone().map_err(StartError::Workers)?, *address))
+            }
+            None => None,
+        };
+        sockets.push((outbound, inbound));
+    }
+    let mut sockets = sockets.into_iter();
+    crate::net::workers::Workers::start(prepared.worker_threads, |worker| {
+        let (outbound, inbound) = sockets.next().expect("a pair of sockets per worker");
+        let (inputs, capture, stop) = (inputs.clone(), capture.clone(), stop.clone());
+        let (outbound_caps, inbound_caps, handshakes) = (
+            outbound_caps.clone(),
+            inbound_caps.clone(),
+            handshakes.clone(),
+        );
+        move || async move {
+            tokio::spawn(heartbeat(capture, stop.clone()));
+            let outbound = match crate::proxy::Outbound::adopt(outbound, outbound_address) {
+                Ok(outbound) => outbound,
+                Err(err) => {
+                    return warn!(worker, error = %err, "cannot serve the outbound listener")
+                }
+            };
+            let inbound = match inbound
+                .map(|(listener, address)| crate::proxy::inbound::Inbound::adopt(listener, address))
+                .transpose()
+            {
+                Ok(inbound) => inbound,
+                Err(err) => return warn!(worker, error = %err, "cannot serve the tunnel listener"),
+            };
+            let outbound = outbound.run(inputs.clone(), outbound_caps, stop.clone(), drain);
+            let inbound = async {
+                if let Some(inbound) = inbound {
+                    inbound
+                        .run(
+                            inputs.clone(),
+                            inbound_caps,
+                            handshakes,
+                            stop.clone(),
+                            drain,
+                        )
+                        .await
+                }
+            };
+            tokio::join!(outbound, inbound);
+        }
+    })
+    .map_err(StartError::Workers)
 }
 
 /// Loads and attaches the eBPF programs for `config`, capturing into the
@@ -459,8 +525,9 @@ async fn sweep_upstreams(
 /// How often meshd tells its programs it is alive.
 const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
 
-/// Beats until meshd stops. A runtime too wedged to run this task lets the
-/// heartbeat go stale, and the programs apply `proxy.failMode`.
+/// Beats until meshd stops; each worker runs one. Workers too wedged to
+/// run this task let the heartbeat go stale, and the programs apply
+/// `proxy.failMode`.
 async fn heartbeat(capture: Arc<Capture>, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
     loop {

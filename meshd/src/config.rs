@@ -483,7 +483,10 @@ pub struct ProxySpec {
     /// Bytes buffered per direction per connection. Default 16384.
     pub buffer_size: usize,
     /// Threads serving traffic (ztunnel's `ZTUNNEL_WORKER_THREADS`,
-    /// Envoy's `--concurrency`). Default: the CPUs meshd may use — its
+    /// Envoy's `--concurrency`), each serving the connections it accepts
+    /// from start to end with upstream and tunnel connections of its own;
+    /// one more thread runs the control plane (admin, reloads,
+    /// certificates, span export). Default: the CPUs meshd may use — its
     /// CPU affinity and its cgroup's `cpu.max` quota (a DaemonSet's CPU
     /// limit), rounded up. Applied at start-up.
     pub worker_threads: Option<usize>,

@@ -394,8 +394,11 @@ fn ca(command: CaCommand) -> anyhow::Result<()> {
 fn run(config: &[PathBuf], overrides: &Overrides) -> anyhow::Result<()> {
     // Join meshd's cgroup before the runtime spawns its threads.
     let prepared = daemon::prepare(config, overrides)?;
+    // The control plane's runtime: admin and metrics listeners, reloads,
+    // certificates, span export. Connections are served on the workers
+    // (`proxy.workerThreads`), each a thread with a runtime of its own.
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(prepared.worker_threads())
+        .worker_threads(1)
         .enable_all()
         .thread_name("meshd")
         .build()?;

@@ -6,3 +6,4 @@ pub mod clock;
 pub mod idle;
 pub mod listen;
 pub mod relay;
+pub mod workers;

@@ -142,8 +142,10 @@ fn a_cross_node_request_goes_through_mutual_tls_with_principals_on_both_sides() 
     let mesh = Mesh::new(&[PodSpec::named("client")], &[PodSpec::named("server")]);
     let bed = &mesh.bed;
     serve_hello(bed, "server", &[]);
+    // One worker: tunnel connections are pooled per worker, and this
+    // test counts the pool's connections.
     let services = format!(
-        "services:\n{}",
+        "proxy:\n  workerThreads: 1\nservices:\n{}",
         service("server", "10.96.0.20", "10.78.0.10", "server")
     );
     let (a, b) = mesh.start(&services);
@@ -1407,7 +1409,9 @@ fn callers_waiting_for_a_tunnel_share_one_attempt_bounded_by_the_connect_timeout
     let bed = &mesh.bed;
     serve_hello(bed, "server", &[]);
     // TCP: no retries, so each caller waits for exactly one attempt.
-    let services = "proxy: { connectTimeout: 1s }
+    // One worker: each worker makes its own tunnel connections, and this
+    // test counts the attempts.
+    let services = "proxy: { connectTimeout: 1s, workerThreads: 1 }
 services:
   - name: server
     vip: 10.96.0.20

@@ -36,7 +36,10 @@ use super::{
 };
 use crate::{
     identity::{store::CertStore, tls, Identity},
-    net::relay::Resettable,
+    net::{
+        relay::Resettable,
+        workers::{self, PerWorker},
+    },
     telemetry::metrics::{HandshakeLabels, Metrics},
 };
 
@@ -96,7 +99,9 @@ struct Entry {
 type Attempt = Result<Connection, Arc<TunnelError>>;
 
 pub struct Pool {
-    entries: Arc<Mutex<HashMap<Key, Entry>>>,
+    /// Each worker's connections (a connection's task runs on the worker
+    /// that made it: its streams are opened from there only).
+    entries: Arc<Mutex<PerWorker<HashMap<Key, Entry>>>>,
     store: Arc<CertStore>,
     metrics: Arc<Metrics>,
     port: u16,
@@ -225,7 +230,7 @@ impl Pool {
             let mut attempt = {
                 let generation = self.store.current().generation;
                 let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-                let entry = entries.entry(key.clone()).or_default();
+                let entry = entries.mine().entry(key.clone()).or_default();
                 entry
                     .connections
                     .retain(|c| c.generation == generation && !c.sender.is_closed());
@@ -264,6 +269,7 @@ impl Pool {
             node: SocketAddrV4::new(key.node, self.port),
         };
         let (entries, key, timeout) = (self.entries.clone(), key.clone(), self.connect_timeout);
+        let worker = workers::current();
         tokio::spawn(async move {
             let connected = match tokio::time::timeout(timeout, connector.connect(&key)).await {
                 Ok(connected) => connected,
@@ -281,7 +287,7 @@ impl Pool {
                 .map_err(Arc::new);
             {
                 let mut entries = entries.lock().unwrap_or_else(|p| p.into_inner());
-                let entry = entries.entry(key).or_default();
+                let entry = entries.of(worker).entry(key).or_default();
                 if let Ok(connection) = &outcome {
                     entry.connections.push(connection.clone());
                 }

@@ -36,6 +36,23 @@ pub struct Limits {
     pub idle: Duration,
 }
 
+/// A listener's caps as every loop accepting on it shares them (one loop
+/// per worker): one count of places, however many loops take from it.
+#[derive(Clone)]
+pub struct Caps {
+    slots: Slots,
+    idle: Duration,
+}
+
+impl From<Limits> for Caps {
+    fn from(limits: Limits) -> Self {
+        Self {
+            slots: Slots::new(limits.max, limits.per_source),
+            idle: limits.idle,
+        }
+    }
+}
+
 /// Counted places, in all and per source address; a taken `Slot` gives
 /// its place back when dropped (also when its task panics or is aborted).
 #[derive(Clone)]
@@ -111,13 +128,13 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 pub type Accepted = Idle<tokio::net::TcpStream>;
 
 /// Accepts on `listener` until `stop` turns true, running `serve` for each
-/// connection in a span of its own, within `limits` (a connection over a
+/// connection in a span of its own, within `caps` (a connection over a
 /// cap is reset at once and counted); then closes the listener and waits
 /// up to `drain` for the connections in flight before cutting the rest.
 pub async fn accept_loop<F, Fut>(
     listener: tokio::net::TcpListener,
     what: &'static str,
-    limits: Limits,
+    caps: impl Into<Caps>,
     counters: &AcceptCounters,
     mut stop: tokio::sync::watch::Receiver<bool>,
     drain: Duration,
@@ -130,7 +147,7 @@ pub async fn accept_loop<F, Fut>(
     let mut next_id = 0u64;
     let mut connections = tokio::task::JoinSet::new();
     let mut shedder = Shedder::new(what);
-    let slots = Slots::new(limits.max, limits.per_source);
+    let Caps { slots, idle } = caps.into();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -150,7 +167,7 @@ pub async fn accept_loop<F, Fut>(
                     };
                     next_id += 1;
                     let span = tracing::info_span!("conn", listener = what, id = next_id, peer = %peer);
-                    let stream = Idle::new(stream, limits.idle, counters.idle_closed.clone());
+                    let stream = Idle::new(stream, idle, counters.idle_closed.clone());
                     let served = serve(stream, peer);
                     connections.spawn(async move {
                         served.await;
@@ -270,4 +287,39 @@ impl Shedder {
 /// Resolves once `stop` turns true (or its sender is gone).
 pub async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = stop.wait_for(|stop| *stop).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_loops_of_one_listener_share_its_caps() {
+        let caps = Caps::from(Limits {
+            max: 2,
+            per_source: 1,
+            idle: Duration::from_secs(1),
+        });
+        // One clone per worker's loop.
+        let (one, two) = (caps.clone(), caps);
+        let a: IpAddr = [10, 0, 0, 1].into();
+        let b: IpAddr = [10, 0, 0, 2].into();
+        let first = one.slots.take(a).expect("a's first place");
+        assert_eq!(
+            two.slots.take(a).err(),
+            Some(Full::Source),
+            "per source, across loops"
+        );
+        let _second = two.slots.take(b).expect("b's first place");
+        assert_eq!(
+            one.slots.take([10, 0, 0, 3].into()).err(),
+            Some(Full::All),
+            "in all, across loops"
+        );
+        drop(first);
+        assert!(
+            two.slots.take(a).is_ok(),
+            "a place freed on one loop frees it on all"
+        );
+    }
 }

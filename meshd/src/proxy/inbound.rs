@@ -25,7 +25,7 @@ use crate::{
     config::Protocol,
     hbone::{Baggage, BAGGAGE, CONNECTION_WINDOW, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW},
     identity::{tls, Identity},
-    net::accept::{Accepted, Limits, Slot, Slots},
+    net::accept::{Accepted, Caps, Slot, Slots},
     net::relay::relay,
     policy::authz::{self, Decision},
     proxy::ProxyInputs,
@@ -80,6 +80,12 @@ impl Inbound {
         Ok(Self { listener, address })
     }
 
+    /// The listening socket, out of this runtime, for the workers to
+    /// accept on (each a duplicate of its own).
+    pub fn into_std(self) -> std::io::Result<std::net::TcpListener> {
+        self.listener.into_std()
+    }
+
     /// A duplicate of the listening socket, for the next meshd.
     pub fn duplicate(&self) -> std::io::Result<std::os::fd::OwnedFd> {
         std::os::fd::AsFd::as_fd(&self.listener).try_clone_to_owned()
@@ -94,7 +100,7 @@ impl Inbound {
     pub async fn run(
         self,
         inputs: Arc<ProxyInputs>,
-        limits: Limits,
+        caps: impl Into<Caps>,
         handshakes: Handshakes,
         stop: watch::Receiver<bool>,
         drain: Duration,
@@ -106,7 +112,7 @@ impl Inbound {
         crate::net::accept::accept_loop(
             self.listener,
             "inbound",
-            limits,
+            caps,
             &metrics.accept_counters("inbound"),
             stop,
             drain,
@@ -135,7 +141,9 @@ impl Inbound {
 
 /// Handshakes in progress on the tunnel port: before a peer is
 /// authenticated it holds one of few places (a quarter of them at most
-/// from one source address) for at most `timeout`.
+/// from one source address) for at most `timeout`. Clones share the
+/// places (one per worker accepting on the port).
+#[derive(Clone)]
 pub struct Handshakes {
     pub slots: Slots,
     pub timeout: Duration,

@@ -13,7 +13,7 @@ use tokio::{
     sync::watch,
 };
 
-use crate::net::accept::{Accepted, Limits};
+use crate::net::accept::{Accepted, Caps};
 use tracing::warn;
 
 use super::{http, ProxyInputs};
@@ -54,6 +54,12 @@ impl Outbound {
         Ok(Self { listener, address })
     }
 
+    /// The listening socket, out of this runtime, for the workers to
+    /// accept on (each a duplicate of its own).
+    pub fn into_std(self) -> std::io::Result<std::net::TcpListener> {
+        self.listener.into_std()
+    }
+
     /// A duplicate of the listening socket, for the next meshd.
     pub fn duplicate(&self) -> std::io::Result<std::os::fd::OwnedFd> {
         std::os::fd::AsFd::as_fd(&self.listener).try_clone_to_owned()
@@ -72,7 +78,7 @@ impl Outbound {
     pub async fn run(
         self,
         inputs: Arc<ProxyInputs>,
-        limits: Limits,
+        caps: impl Into<Caps>,
         stop: watch::Receiver<bool>,
         drain: Duration,
     ) {
@@ -80,7 +86,7 @@ impl Outbound {
         crate::net::accept::accept_loop(
             self.listener,
             "outbound",
-            limits,
+            caps,
             &metrics.accept_counters("outbound"),
             stop,
             drain,

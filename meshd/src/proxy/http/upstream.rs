@@ -24,6 +24,7 @@ use tracing::debug;
 use super::h1::{Client, Driven, Home};
 use crate::{
     hbone::pool::{Key as TunnelKey, Pool, TunnelError},
+    net::workers::{self, PerWorker},
     policy::breaker::{ConnectionLimit, Overflow, Slot},
     state::ids::{OrigDstSource, ServiceId},
 };
@@ -71,9 +72,11 @@ type Idle = (Client<Body>, Pooled, Instant);
 
 #[derive(Default)]
 pub struct Upstreams {
-    /// Free HTTP/1.1 connections, with when each became free.
-    idle: Mutex<HashMap<UpstreamKey, Vec<Idle>>>,
-    shared: Mutex<HashMap<UpstreamKey, http2::SendRequest<Body>>>,
+    /// Free HTTP/1.1 connections, with when each became free — each
+    /// worker's apart, as a connection is driven by the worker that made it.
+    idle: Mutex<PerWorker<HashMap<UpstreamKey, Vec<Idle>>>>,
+    /// Each worker's HTTP/2 connections (their tasks run on that worker).
+    shared: Mutex<PerWorker<HashMap<UpstreamKey, http2::SendRequest<Body>>>>,
 }
 
 impl Upstreams {
@@ -128,6 +131,7 @@ impl Upstreams {
             self.shared
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
+                .mine()
                 .insert(key.clone(), sender.clone());
             return Ok(Sender::Http2(sender, address));
         }
@@ -138,6 +142,7 @@ impl Upstreams {
             client,
             Pooled {
                 pool: Arc::downgrade(self),
+                worker: workers::current(),
                 key: key.clone(),
                 limit: limit.clone(),
                 _slot: slot,
@@ -148,14 +153,15 @@ impl Upstreams {
     /// A pooled connection to `key` that can take a request now.
     fn reuse(&self, key: &UpstreamKey) -> Option<Sender> {
         if key.http2 {
-            let shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+            let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
             return shared
+                .mine()
                 .get(key)
                 .filter(|s| !s.is_closed())
                 .map(|s| Sender::Http2(s.clone(), key.address));
         }
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.get_mut(key)?;
+        let list = idle.mine().get_mut(key)?;
         while let Some((mut client, pooled, _)) = list.pop() {
             if client.usable() {
                 return Some(Sender::Http1(client, pooled));
@@ -170,30 +176,31 @@ impl Upstreams {
     pub fn sweep(&self, idle_for: Duration) {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        for list in idle.values_mut() {
-            list.retain(|(client, _, since)| {
-                !client.is_closed() && now.duration_since(*since) < idle_for
-            });
+        for lists in idle.all() {
+            for list in lists.values_mut() {
+                list.retain(|(client, _, since)| {
+                    !client.is_closed() && now.duration_since(*since) < idle_for
+                });
+            }
+            lists.retain(|_, list| !list.is_empty());
         }
-        idle.retain(|_, list| !list.is_empty());
         drop(idle);
-        self.shared
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|_, sender| !sender.is_closed());
+        let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        for senders in shared.all() {
+            senders.retain(|_, sender| !sender.is_closed());
+        }
     }
 
     /// Closes one idle HTTP/1.1 connection of `service` (to any of its
     /// endpoints), freeing its place under the connection limit.
     fn close_idle_of(&self, service: &ServiceId) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(list) = idle
-            .iter_mut()
+        let closed = idle
+            .all()
+            .flat_map(|lists| lists.iter_mut())
             .find(|(k, list)| k.service == *service && !list.is_empty())
-            .map(|(_, list)| list)
-        {
-            list.pop();
-        }
+            .and_then(|(_, list)| list.pop());
+        drop(closed);
     }
 }
 
@@ -202,6 +209,8 @@ impl Upstreams {
 /// connection limit, held until the connection is dropped.
 pub struct Pooled {
     pool: std::sync::Weak<Upstreams>,
+    /// The worker driving the connection.
+    worker: usize,
     key: UpstreamKey,
     limit: Arc<ConnectionLimit>,
     _slot: Slot,
@@ -218,6 +227,7 @@ impl Home<Body> for Pooled {
         pool.idle
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .of(self.worker)
             .entry(self.key.clone())
             .or_default()
             .push((client, self, Instant::now()));
