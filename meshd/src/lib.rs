@@ -10,7 +10,7 @@
 //! | `identity`, `capture`, `hbone`, `telemetry` | certificates and TLS; the eBPF loader; the tunnel pool; metrics and results |
 //! | `discovery` | the cluster's objects translated into config files (beside `capture`, `hbone`) |
 //! | `proxy` | outbound, inbound, TCP and HTTP stages |
-//! | `admin`, `app` | status listeners and admin API; start-up, reload, hand-over |
+//! | `admin`, `app`, `cli` | status listeners and admin API; start-up, reload, hand-over; what the command-line binaries share |
 // Unsafe only where descriptors arrive from another process (handover) and
 // where a cgroup id is opened as a file handle (capture).
 #![deny(unsafe_code)]
@@ -18,6 +18,7 @@
 pub mod admin;
 pub mod app;
 pub mod capture;
+pub mod cli;
 pub mod config;
 pub mod discovery;
 pub mod hbone;

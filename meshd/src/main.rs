@@ -5,13 +5,11 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use clap::{Parser, Subcommand, ValueEnum};
 use meshd::{
     app::{self as daemon, Overrides, StartError},
+    cli::{render_chain, EXIT_CONFIG},
     config::{self, BpfLogLevel},
     identity::{ca::Authority, Identity},
 };
 use tracing_subscriber::{fmt, EnvFilter};
-
-/// Exit status for a configuration that does not validate.
-const EXIT_CONFIG: u8 = 2;
 
 #[derive(Parser)]
 #[command(name = "meshd", version, about = "Sidecarless service-mesh data plane")]
@@ -66,44 +64,14 @@ enum Command {
         #[arg(long = "config", short = 'c', required = true)]
         config: Vec<PathBuf>,
     },
-    /// Write meshd's node-local files (`mesh.yaml`, `workloads.yaml`) for
-    /// one node from the cluster's objects (Services, EndpointSlices, Pods,
-    /// Nodes, HTTPRoutes, Istio's DestinationRules, PeerAuthentications and
-    /// AuthorizationPolicies): watched on the API server, or once from
-    /// manifests.
+    /// Write meshd's node-local files from the cluster's objects (watched
+    /// on the API server, or once from manifests): runs `meshd-discover`,
+    /// installed beside meshd, with these arguments (`meshd discover
+    /// --help` for its own).
+    #[command(disable_help_flag = true)]
     Discover {
-        /// Read the objects from the manifests below this directory
-        /// (multi-document files and `List`s), write the files once and exit.
-        #[arg(long)]
-        from_manifests: Option<PathBuf>,
-        /// The node whose pods become workloads.
-        #[arg(long, env = "NODE_NAME")]
-        node: String,
-        /// Where the config is written (`meshd.yaml`, atomically, only when
-        /// its bytes change).
-        #[arg(long)]
-        out: PathBuf,
-        /// The node settings (`node`, `proxy`, …) to complete with the
-        /// node's name and capture address into one whole config.
-        #[arg(long)]
-        node_config: Option<PathBuf>,
-        /// The mesh's SPIFFE trust domain.
-        #[arg(long, default_value = "cluster.local")]
-        trust_domain: String,
-        /// The cluster's name in metrics.
-        #[arg(long, default_value = "Kubernetes")]
-        cluster_name: String,
-        /// Istio's root namespace: its PeerAuthentication without a
-        /// selector is mesh-wide.
-        #[arg(long, default_value = "istio-system")]
-        root_namespace: String,
-        /// Where discovery's `/metrics` is served (watching the API only).
-        #[arg(long, default_value = "0.0.0.0:15023")]
-        metrics_address: std::net::SocketAddr,
-        /// Where discovery's `/status` is served, for `meshd status`
-        /// (watching the API only; loopback: it names objects).
-        #[arg(long, default_value = "127.0.0.1:15024")]
-        admin_address: std::net::SocketAddr,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
     },
     /// A certificate authority for workload identities.
     Ca {
@@ -217,76 +185,12 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
-        Command::Discover {
-            from_manifests,
-            node,
-            out,
-            trust_domain,
-            cluster_name,
-            root_namespace,
-            node_config,
-            metrics_address,
-            admin_address,
-        } => {
-            init_logging(LogFormat::Text);
-            let node_config = match node_config
-                .as_deref()
-                .map(meshd::discovery::read_node_config)
-            {
-                None => None,
-                Some(Ok(config)) => Some(config),
-                Some(Err(err)) => {
-                    eprintln!("meshd discover: {}", render_chain(&err));
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            let settings = meshd::discovery::Settings {
-                node,
-                trust_domain,
-                cluster_name,
-                root_namespace,
-                node_config,
-            };
-            let Some(from_manifests) = from_manifests else {
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(runtime) => runtime,
-                    Err(err) => {
-                        eprintln!("meshd discover: {err}");
-                        return ExitCode::FAILURE;
-                    }
-                };
-                return match runtime.block_on(meshd::discovery::watch::run(
-                    settings,
-                    out,
-                    meshd::discovery::report::Addresses {
-                        metrics: metrics_address,
-                        admin: admin_address,
-                    },
-                )) {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(err) => {
-                        eprintln!("meshd discover: {}", render_chain(&err));
-                        ExitCode::FAILURE
-                    }
-                };
-            };
-            match meshd::discovery::from_manifests(&from_manifests, &out, &settings) {
-                Ok(translation) => {
-                    println!(
-                        "ok: wrote {} ({} fields could not be translated)",
-                        out.join(meshd::discovery::CONFIG_FILE).display(),
-                        translation.unsupported.len()
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(err) => {
-                    eprintln!("meshd discover: {}", render_chain(&err));
-                    ExitCode::FAILURE
-                }
-            }
+        Command::Discover { args } => {
+            // Its own binary: the Kubernetes client and the API's types stay
+            // out of the node proxy's (its memory is mostly its code).
+            let err = meshd::cli::run_beside("meshd-discover", &args);
+            eprintln!("meshd discover: {}", render_chain(&err));
+            ExitCode::FAILURE
         }
         Command::Status { admin, discovery } => {
             match meshd::admin::status_command(admin, discovery) {
@@ -404,20 +308,4 @@ fn run(config: &[PathBuf], overrides: &Overrides) -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(daemon::run(prepared))?;
     Ok(())
-}
-
-/// The error and its causes on one line, skipping a cause whose text the
-/// line already holds (many errors here already print their source).
-fn render_chain(err: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in err.chain() {
-        let text = cause.to_string();
-        if !line.contains(&text) {
-            if !line.is_empty() {
-                line.push_str(": ");
-            }
-            line.push_str(&text);
-        }
-    }
-    line
 }
