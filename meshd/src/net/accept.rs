@@ -9,6 +9,7 @@ use std::{
     time::Duration,
 };
 
+use futures::FutureExt as _;
 use prometheus_client::metrics::counter::Counter;
 
 use super::idle::Idle;
@@ -168,11 +169,11 @@ pub async fn accept_loop<F, Fut>(
                     next_id += 1;
                     let span = tracing::info_span!("conn", listener = what, id = next_id, peer = %peer);
                     let stream = Idle::new(stream, idle, counters.idle_closed.clone());
-                    let served = serve(stream, peer);
-                    connections.spawn(async move {
-                        served.await;
-                        drop(slot);
-                    }.instrument(span));
+                    // The slot is given back once served (`map`, not an
+                    // async block: that would hold the connection's future
+                    // twice, as its capture and as what it awaits).
+                    let served = serve(stream, peer).map(move |()| drop(slot));
+                    connections.spawn(served.instrument(span));
                 }
                 Err(err) => {
                     counters.errors.inc();

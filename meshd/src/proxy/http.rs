@@ -76,7 +76,7 @@ pub async fn serve(inputs: Arc<ProxyInputs>, client: Accepted, connection: Conne
         let activity = tracked.clone();
         async move {
             let version = request.version();
-            let answer = handle(&inputs, &connection, request);
+            let answer = Box::pin(handle(&inputs, &connection, request));
             Ok::<_, Infallible>(activity.answer(version, answer).await)
         }
     });

@@ -166,6 +166,14 @@ impl Finished {
     }
 }
 
+/// How long the exporter gathers spans after the first of a batch.
+const GATHER: Duration = Duration::from_millis(200);
+
+/// How often it looks at the queue meanwhile. Looking, not being woken:
+/// the spans come from the worker threads, and a wake-up per span would
+/// wake this thread (a futex call and an interrupt) once per request.
+const GATHER_TICK: Duration = Duration::from_millis(5);
+
 /// Takes spans off the queue and exports them, a batch at a time: what
 /// has gathered while the last export ran, up to `batch`, at least every
 /// second. One export at a time, each bounded by the exporter's timeout.
@@ -181,15 +189,17 @@ async fn export(
         if spans.recv_many(&mut buffer, batch).await == 0 {
             return;
         }
-        if buffer.len() < batch {
-            let wait = tokio::time::sleep(Duration::from_millis(200));
-            tokio::pin!(wait);
-            while buffer.len() < batch {
-                let room = batch - buffer.len();
-                tokio::select! {
-                    n = spans.recv_many(&mut buffer, room) => if n == 0 { break },
-                    _ = &mut wait => break,
+        let until = tokio::time::Instant::now() + GATHER;
+        while buffer.len() < batch {
+            match spans.try_recv() {
+                Ok(span) => buffer.push(span),
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    if tokio::time::Instant::now() >= until {
+                        break;
+                    }
+                    tokio::time::sleep(GATHER_TICK).await;
                 }
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
             }
         }
         let count = buffer.len() as u64;

@@ -10,6 +10,8 @@
 //! well before it reuses the connection.
 
 use std::{
+    future::Future,
+    pin::Pin,
     sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     time::Duration,
 };
@@ -46,11 +48,15 @@ impl Activity {
 
     /// Answers a request of `version` with `answer`, tracked for the
     /// drain: in flight until the answer is ready, then (while draining)
-    /// marked as the connection's last.
+    /// marked as the connection's last. `answer` comes boxed: a request's
+    /// future is kilobytes, and it is moved several times before it first
+    /// runs (into an HTTP/2 stream's task, through hyper and tokio) — a
+    /// pointer moves for free, and is not held twice (as the argument and
+    /// as the future awaited) the way a future by value is.
     pub async fn answer<B>(
         &self,
         version: Version,
-        answer: impl std::future::Future<Output = Response<B>>,
+        answer: Pin<Box<impl Future<Output = Response<B>>>>,
     ) -> Response<B> {
         self.begin(version);
         let mut response = answer.await;

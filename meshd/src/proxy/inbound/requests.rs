@@ -108,7 +108,7 @@ pub async fn serve<S>(
         let activity = tracked.clone();
         async move {
             let version = request.version();
-            let answer = one(&inputs, &pod, &peer, target, request);
+            let answer = Box::pin(one(&inputs, &pod, &peer, target, request));
             let answer = activity.answer(version, answer).await;
             // What the pod did to its connection, the stream does to the
             // source: its request ends without an answer.
