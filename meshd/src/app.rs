@@ -64,6 +64,8 @@ pub enum StartError {
     Signals(std::io::Error),
     #[error("cannot start the worker threads: {0}")]
     Workers(std::io::Error),
+    #[error("worker {0} ended unexpectedly")]
+    WorkerEnded(usize),
     #[error(transparent)]
     Handover(#[from] crate::app::handover::HandoverError),
     #[error("tracing: {0}")]
@@ -341,12 +343,16 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     );
 
     let mut handed_over = false;
+    let mut ended = None;
     tokio::select! {
         _ = terminate.recv() => info!("SIGTERM: stopping"),
         _ = interrupt.recv() => info!("SIGINT: stopping"),
         Ok(()) = &mut handed_rx => { info!("handed over to a new meshd: draining"); handed_over = true; }
-        // The others stop and drain as on a signal.
-        worker = workers.one_ended() => warn!(worker, "a worker ended unexpectedly: stopping"),
+        // The others stop and drain as on a signal; meshd exits failed.
+        worker = workers.one_ended() => {
+            warn!(worker, "a worker ended unexpectedly: stopping");
+            ended = Some(worker);
+        }
     };
     status.ready.store(false, Ordering::Release);
     metrics.ready.set(0);
@@ -372,7 +378,10 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     }
     drop(capture);
     info!("stopped");
-    Ok(())
+    match ended {
+        Some(worker) => Err(StartError::WorkerEnded(worker)),
+        None => Ok(()),
+    }
 }
 
 /// Serves the outbound and tunnel listeners on `proxy.workerThreads`
@@ -430,7 +439,8 @@ fn serve_on_workers(
             let outbound = match crate::proxy::Outbound::adopt(outbound, outbound_address) {
                 Ok(outbound) => outbound,
                 Err(err) => {
-                    return warn!(worker, error = %err, "cannot serve the outbound listener")
+                    warn!(worker, error = %err, "cannot serve the outbound listener");
+                    return;
                 }
             };
             let inbound = match inbound
@@ -438,7 +448,10 @@ fn serve_on_workers(
                 .transpose()
             {
                 Ok(inbound) => inbound,
-                Err(err) => return warn!(worker, error = %err, "cannot serve the tunnel listener"),
+                Err(err) => {
+                    warn!(worker, error = %err, "cannot serve the tunnel listener");
+                    return;
+                }
             };
             let outbound = outbound.run(inputs.clone(), outbound_caps, stop.clone(), drain);
             let inbound = async {

@@ -484,9 +484,12 @@ pub struct ProxySpec {
     pub buffer_size: usize,
     /// Threads serving traffic (ztunnel's `ZTUNNEL_WORKER_THREADS`,
     /// Envoy's `--concurrency`), each serving the connections it accepts
-    /// from start to end with upstream and tunnel connections of its own;
-    /// one more thread runs the control plane (admin, reloads,
-    /// certificates, span export). Default: the CPUs meshd may use — its
+    /// from start to end with upstream and tunnel connections of its own
+    /// (a peer node sees as many tunnel connections, and handshakes after
+    /// a certificate rotation, per identity pair as this node has
+    /// workers: keep its `connectionLimits.inbound.perSource` and
+    /// `maxHandshakes` above that); one more thread runs the control
+    /// plane (admin, reloads, certificates, span export). Default: the CPUs meshd may use — its
     /// CPU affinity and its cgroup's `cpu.max` quota (a DaemonSet's CPU
     /// limit), rounded up. Applied at start-up.
     pub worker_threads: Option<usize>,

@@ -92,8 +92,9 @@ impl Reloader {
                 continue;
             }
             last = now;
-            // A large mesh takes a worker for a good part of a second:
-            // its queued connections move to the others meanwhile.
+            // A large mesh takes a good part of a second: the control
+            // runtime's other tasks (admin, metrics) move to another
+            // thread meanwhile. Connections are on the workers.
             match tokio::runtime::Handle::current().runtime_flavor() {
                 tokio::runtime::RuntimeFlavor::CurrentThread => self.reload(read, started),
                 _ => tokio::task::block_in_place(|| self.reload(read, started)),

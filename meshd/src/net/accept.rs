@@ -5,7 +5,10 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 
@@ -43,6 +46,8 @@ pub struct Limits {
 pub struct Caps {
     slots: Slots,
     idle: Duration,
+    /// The last connection id given, so ids are unique per listener.
+    ids: Arc<AtomicU64>,
 }
 
 impl From<Limits> for Caps {
@@ -50,6 +55,7 @@ impl From<Limits> for Caps {
         Self {
             slots: Slots::new(limits.max, limits.per_source),
             idle: limits.idle,
+            ids: Default::default(),
         }
     }
 }
@@ -145,10 +151,9 @@ pub async fn accept_loop<F, Fut>(
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     use tracing::Instrument as _;
-    let mut next_id = 0u64;
     let mut connections = tokio::task::JoinSet::new();
     let mut shedder = Shedder::new(what);
-    let Caps { slots, idle } = caps.into();
+    let Caps { slots, idle, ids } = caps.into();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -166,8 +171,8 @@ pub async fn accept_loop<F, Fut>(
                             continue;
                         }
                     };
-                    next_id += 1;
-                    let span = tracing::info_span!("conn", listener = what, id = next_id, peer = %peer);
+                    let id = ids.fetch_add(1, Ordering::Relaxed) + 1;
+                    let span = tracing::info_span!("conn", listener = what, id, peer = %peer);
                     let stream = Idle::new(stream, idle, counters.idle_closed.clone());
                     // The slot is given back once served (`map`, not an
                     // async block: that would hold the connection's future

@@ -54,20 +54,36 @@ impl Workers {
         let (tell, ended) = mpsc::unbounded_channel();
         let mut threads = Vec::new();
         for index in 0..count.max(1) {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
             let job = make(index);
             let ended = Ended(index, tell.clone());
+            // The runtime is built (and dropped) on the worker's own
+            // thread; whether it could be built comes back here.
+            let (built_tx, built) = std::sync::mpsc::sync_channel(1);
             let thread = std::thread::Builder::new()
                 .name(format!("meshd-worker-{index}"))
                 .spawn(move || {
                     let _ended = ended;
+                    let runtime = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(runtime) => runtime,
+                        Err(err) => {
+                            let _ = built_tx.send(Err(err));
+                            return;
+                        }
+                    };
+                    let _ = built_tx.send(Ok(()));
                     INDEX.with(|i| i.set(index));
                     runtime.block_on(async move { job().await });
                     // Dropping the runtime here ends what the job left
                     // running (pooled connections' tasks) on this thread.
                 })?;
+            match built.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => return Err(err),
+                Err(_) => return Err(io::Error::other("a worker thread ended at its start")),
+            }
             threads.push(thread);
         }
         Ok(Self {
@@ -77,6 +93,7 @@ impl Workers {
         })
     }
 
+    /// How many workers were started.
     pub fn count(&self) -> usize {
         self.threads.len()
     }
@@ -100,10 +117,14 @@ impl Workers {
         while self.running > 0 {
             self.one_ended().await;
         }
-        for thread in self.threads {
-            // Its job has ended: the thread is exiting, not blocking.
-            let _ = thread.join();
-        }
+        // Their jobs have ended; each thread is dropping its runtime.
+        let threads = self.threads;
+        let _ = tokio::task::spawn_blocking(move || {
+            for thread in threads {
+                let _ = thread.join();
+            }
+        })
+        .await;
     }
 }
 

@@ -105,6 +105,12 @@ impl Upstreams {
                     if let Some(sender) = self.reuse(key) {
                         return Some(Err(sender));
                     }
+                    // At the limit, another worker's HTTP/2 connection
+                    // (its task runs there) rather than none: one may be
+                    // all the limit allows, held as long as it is open.
+                    if let Some(sender) = self.reuse_elsewhere(key) {
+                        return Some(Err(sender));
+                    }
                     self.close_idle_of(&key.service);
                     limit.try_open().map(Ok)
                 });
@@ -168,6 +174,22 @@ impl Upstreams {
             }
         }
         None
+    }
+
+    /// Any worker's open HTTP/2 connection to `key` (none for HTTP/1.1,
+    /// whose free connections are closed to make room instead).
+    fn reuse_elsewhere(&self, key: &UpstreamKey) -> Option<Sender> {
+        if !key.http2 {
+            return None;
+        }
+        let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        let found = shared.all().find_map(|senders| {
+            senders
+                .get(key)
+                .filter(|s| !s.is_closed())
+                .map(|s| Sender::Http2(s.clone(), key.address))
+        });
+        found
     }
 
     /// Closes connections idle for longer than `idle_for`, closed ones, and
@@ -330,5 +352,122 @@ async fn connect(
             let stream = pool.open(tunnel, address, baggage).await?;
             Ok(Box::new(stream))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use http_body_util::{BodyExt, Empty};
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::{
+        net::workers::Workers,
+        state::ids::{Captured, ClientAddr},
+    };
+
+    struct NoCapture;
+
+    impl OrigDstSource for NoCapture {
+        fn take(&self, _: ClientAddr) -> Option<Captured> {
+            None
+        }
+    }
+
+    /// An HTTP/2 server on loopback answering every request with 200.
+    async fn http2_server() -> SocketAddrV4 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let std::net::SocketAddr::V4(address) = listener.local_addr().expect("address") else {
+            panic!("an IPv4 address");
+        };
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let service = hyper::service::service_fn(|_| async {
+                    Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+        address
+    }
+
+    /// One request to `key` from the calling worker: its status, or why
+    /// there was none.
+    async fn ask(
+        upstreams: &Arc<Upstreams>,
+        key: &UpstreamKey,
+        limit: &Arc<ConnectionLimit>,
+    ) -> Result<u16, String> {
+        let sender = upstreams
+            .checkout(key, None, &NoCapture, "", Duration::from_secs(1), limit)
+            .await
+            .map_err(|e| e.to_string())?;
+        let request = Request::builder()
+            .uri(format!("http://{}/", key.address))
+            .body(Empty::new().map_err(|never| match never {}).boxed())
+            .expect("request");
+        let response = sender.send(request).await.map_err(|e| e.to_string())?;
+        Ok(response.status().as_u16())
+    }
+
+    #[tokio::test]
+    async fn an_http2_upstream_at_its_connection_limit_serves_every_worker() {
+        let address = http2_server().await;
+        let upstreams = Arc::new(Upstreams::default());
+        // One connection in all: worker 0's, held while it is open.
+        let limit = ConnectionLimit::new(Some(1), None);
+        let key = UpstreamKey {
+            service: ServiceId {
+                namespace: "default".into(),
+                name: "echo".into(),
+            },
+            address,
+            via: Via::Direct,
+            http2: true,
+        };
+        let (answers, mut answered) = mpsc::unbounded_channel();
+        let (first_done, first) = tokio::sync::watch::channel(false);
+        let (second_done, second) = tokio::sync::watch::channel(false);
+        let workers = Workers::start(2, |index| {
+            let (upstreams, key, limit, answers) = (
+                upstreams.clone(),
+                key.clone(),
+                limit.clone(),
+                answers.clone(),
+            );
+            let (first_done, mut first, mut second) =
+                (first_done.clone(), first.clone(), second.clone());
+            move || async move {
+                if index == 1 {
+                    // Only once worker 0 holds the one connection.
+                    let _ = first.wait_for(|done| *done).await;
+                }
+                let _ = answers.send((index, ask(&upstreams, &key, &limit).await));
+                if index == 0 {
+                    let _ = first_done.send(true);
+                    // Keep the connection (its task runs here) until the
+                    // other worker has asked.
+                    let _ = second.wait_for(|done| *done).await;
+                }
+            }
+        })
+        .expect("workers");
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            got.push(answered.recv().await.expect("an answer from each worker"));
+            if got.len() == 2 {
+                let _ = second_done.send(true);
+            }
+        }
+        workers.join().await;
+        got.sort_by_key(|(index, _)| *index);
+        assert_eq!(got, [(0, Ok(200)), (1, Ok(200))]);
     }
 }
