@@ -401,30 +401,27 @@ fn serve_on_workers(
     let drain = proxy.drain_timeout;
     let outbound_address = outbound.address();
     let outbound_caps = Caps::from(limits(proxy, proxy.connection_limits.outbound));
-    let outbound = outbound.into_std().map_err(StartError::Workers)?;
     let inbound_caps = Caps::from(limits(proxy, proxy.connection_limits.inbound));
     let handshakes =
         crate::proxy::inbound::Handshakes::new(proxy.max_handshakes, proxy.handshake_timeout);
-    let inbound = match inbound {
-        Some(inbound) => {
-            info!(address = %inbound.address(), "accepting tunnels");
-            let address = inbound.address();
-            Some((inbound.into_std().map_err(StartError::Workers)?, address))
-        }
-        None => None,
-    };
-    // Each worker's own duplicates, made here so a failure stops start-up.
+    if let Some(inbound) = &inbound {
+        info!(address = %inbound.address(), "accepting tunnels");
+    }
+    // Each worker's own duplicates (as the hand-over makes them), made
+    // here so a failure stops start-up; the originals close after.
     let mut sockets = Vec::new();
     for _ in 0..prepared.worker_threads.max(1) {
-        let outbound = outbound.try_clone().map_err(StartError::Workers)?;
+        let outbound = outbound.duplicate().map_err(StartError::Workers)?;
         let inbound = match &inbound {
-            Some((listener, address)) => {
-                Some((listener.try_clone().map_err(StartError::Workers)?, *address))
-            }
+            Some(inbound) => Some((
+                inbound.duplicate().map_err(StartError::Workers)?,
+                inbound.address(),
+            )),
             None => None,
         };
-        sockets.push((outbound, inbound));
+        sockets.push((std::net::TcpListener::from(outbound), inbound));
     }
+    drop((outbound, inbound));
     let mut sockets = sockets.into_iter();
     crate::net::workers::Workers::start(prepared.worker_threads, |worker| {
         let (outbound, inbound) = sockets.next().expect("a pair of sockets per worker");
@@ -444,7 +441,7 @@ fn serve_on_workers(
                 }
             };
             let inbound = match inbound
-                .map(|(listener, address)| crate::proxy::inbound::Inbound::adopt(listener, address))
+                .map(|(fd, address)| crate::proxy::inbound::Inbound::adopt(fd.into(), address))
                 .transpose()
             {
                 Ok(inbound) => inbound,

@@ -75,7 +75,7 @@ impl Workers {
                     };
                     let _ = built_tx.send(Ok(()));
                     INDEX.with(|i| i.set(index));
-                    runtime.block_on(async move { job().await });
+                    runtime.block_on(job());
                     // Dropping the runtime here ends what the job left
                     // running (pooled connections' tasks) on this thread.
                 })?;

@@ -54,12 +54,6 @@ impl Outbound {
         Ok(Self { listener, address })
     }
 
-    /// The listening socket, out of this runtime, for the workers to
-    /// accept on (each a duplicate of its own).
-    pub fn into_std(self) -> std::io::Result<std::net::TcpListener> {
-        self.listener.into_std()
-    }
-
     /// A duplicate of the listening socket, for the next meshd.
     pub fn duplicate(&self) -> std::io::Result<std::os::fd::OwnedFd> {
         std::os::fd::AsFd::as_fd(&self.listener).try_clone_to_owned()

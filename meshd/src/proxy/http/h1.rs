@@ -108,9 +108,9 @@ impl<B: Payload> Client<B> {
         .await?;
         // That driving left this task's waker with the body's sender: the
         // body's first read, asking for bytes, would wake this very task —
-        // a yield back through the scheduler's queue. Driven
-        // once more without a waker, the connection waits for that ask
-        // with none; whoever reads the body drives it anyway.
+        // a yield back through the scheduler's queue. Driven once more
+        // without a waker, the connection waits for that ask with none;
+        // whoever reads the body drives it anyway.
         self.drive(&mut Context::from_waker(Waker::noop()));
         Ok(head.map(|body| Driven {
             body,

@@ -160,11 +160,7 @@ impl Upstreams {
     fn reuse(&self, key: &UpstreamKey) -> Option<Sender> {
         if key.http2 {
             let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
-            return shared
-                .mine()
-                .get(key)
-                .filter(|s| !s.is_closed())
-                .map(|s| Sender::Http2(s.clone(), key.address));
+            return open_http2(shared.mine(), key);
         }
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.mine().get_mut(key)?;
@@ -183,12 +179,7 @@ impl Upstreams {
             return None;
         }
         let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
-        let found = shared.all().find_map(|senders| {
-            senders
-                .get(key)
-                .filter(|s| !s.is_closed())
-                .map(|s| Sender::Http2(s.clone(), key.address))
-        });
+        let found = shared.all().find_map(|senders| open_http2(senders, key));
         found
     }
 
@@ -224,6 +215,17 @@ impl Upstreams {
             .and_then(|(_, list)| list.pop());
         drop(closed);
     }
+}
+
+/// `key`'s HTTP/2 connection among `senders`, if it is still open.
+fn open_http2(
+    senders: &HashMap<UpstreamKey, http2::SendRequest<Body>>,
+    key: &UpstreamKey,
+) -> Option<Sender> {
+    senders
+        .get(key)
+        .filter(|s| !s.is_closed())
+        .map(|s| Sender::Http2(s.clone(), key.address))
 }
 
 /// A checked-out HTTP/1.1 connection's place: the pool it goes back to
