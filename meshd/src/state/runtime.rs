@@ -131,6 +131,10 @@ impl EndpointRuntime {
     }
 }
 
+/// Endpoints of a service up to which one not in its old place is looked
+/// for one by one.
+const LOOKED_FOR: usize = 16;
+
 /// The runtime for `services`, taking over from `previous` (the snapshot
 /// being replaced) whatever is still configured: a service by its id, an
 /// endpoint by its service's id and its address. A kept service's limits
@@ -153,18 +157,27 @@ pub fn carry_over(previous: &[ServiceState], services: &[Service]) -> Vec<Servic
                         .collect(),
                 };
             };
-            let endpoints: HashMap<EndpointId, &Arc<EndpointRuntime>> =
-                kept.endpoints.iter().map(|e| (e.id, e)).collect();
+            // An endpoint is mostly where it was; a few are looked for
+            // among the rest, many through a table.
+            let by_id: Option<HashMap<EndpointId, &Arc<EndpointRuntime>>> = (kept.endpoints.len()
+                > LOOKED_FOR)
+                .then(|| kept.endpoints.iter().map(|e| (e.id, e)).collect());
+            let find = |i: usize, id: EndpointId| {
+                let same_place = kept.endpoints.get(i).filter(|e| e.id == id);
+                same_place.or_else(|| match &by_id {
+                    Some(by_id) => by_id.get(&id).copied(),
+                    None => kept.endpoints.iter().find(|e| e.id == id),
+                })
+            };
             ServiceState {
                 runtime: kept.runtime.clone(),
                 endpoints: service
                     .endpoints
                     .iter()
-                    .map(|e| {
+                    .enumerate()
+                    .map(|(i, e)| {
                         let id = EndpointId(e.address);
-                        endpoints
-                            .get(&id)
-                            .map_or_else(|| Arc::new(EndpointRuntime::new(id)), |e| (*e).clone())
+                        find(i, id).map_or_else(|| Arc::new(EndpointRuntime::new(id)), Arc::clone)
                     })
                     .collect(),
             }
@@ -292,6 +305,38 @@ services:
         let next = carry_over(&first, &services(TWO));
         assert!(!next[0].endpoints[0].healthy());
         assert!(next[0].endpoints[1].healthy());
+    }
+
+    /// An endpoint keeps its state wherever it moves in its service's
+    /// list: among a few (looked for one by one) and among many (through a
+    /// table).
+    #[test]
+    fn an_endpoint_keeps_its_state_when_its_list_is_reordered() {
+        for count in [3, LOOKED_FOR + 4] {
+            let list = |order: &mut dyn Iterator<Item = usize>| {
+                let endpoints: Vec<String> = order
+                    .map(|i| format!("{{ address: 10.77.1.{i} }}"))
+                    .collect();
+                services(&format!(
+                    "services:\n  - {{ name: a, vip: 10.96.0.1, ports: [{{ port: 80 }}], endpoints: [{}] }}\n",
+                    endpoints.join(", ")
+                ))
+            };
+            let first = carry_over(&[], &list(&mut (0..count)));
+            first[0].endpoints[1].set_healthy(false);
+            let reversed = list(&mut (0..count).rev());
+            let next = carry_over(&first, &reversed);
+            for (endpoint, state) in reversed[0].endpoints.iter().zip(&next[0].endpoints) {
+                assert_eq!(state.id, EndpointId(endpoint.address));
+                let was_marked = endpoint.address == std::net::Ipv4Addr::new(10, 77, 1, 1);
+                assert_eq!(
+                    state.healthy(),
+                    !was_marked,
+                    "{count}: {}",
+                    endpoint.address
+                );
+            }
+        }
     }
 
     #[test]

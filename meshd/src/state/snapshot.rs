@@ -122,8 +122,9 @@ pub struct Snapshot {
     by_address: HashMap<Ipv4Addr, usize>,
     /// Workloads without a cgroup by address (the source side's fallback).
     by_address_only: HashMap<Ipv4Addr, usize>,
-    /// Services each endpoint address belongs to, for policy.
-    services_by_address: HashMap<Ipv4Addr, Vec<usize>>,
+    /// Services each endpoint address belongs to, for policy (most to one:
+    /// kept inline, not in an allocation per address).
+    services_by_address: HashMap<Ipv4Addr, smallvec::SmallVec<[usize; 1]>>,
     /// Runtime state per service, in config order.
     runtime: Vec<ServiceState>,
     /// Every workload the config names (endpoints of any node, this node's
@@ -134,7 +135,9 @@ pub struct Snapshot {
 impl Snapshot {
     /// Builds the snapshot, taking runtime state over from `previous`.
     pub fn new(config: Arc<Config>, previous: Option<&Snapshot>) -> Self {
-        let mut entries = HashMap::new();
+        let endpoints: usize = config.services.iter().map(|s| s.endpoints.len()).sum();
+        let ports: usize = config.services.iter().map(|s| s.ports.len()).sum();
+        let mut entries = HashMap::with_capacity(endpoints + ports);
         for (s, service) in config.services.iter().enumerate() {
             for (p, port) in service.ports.iter().enumerate() {
                 for (e, endpoint) in service.endpoints.iter().enumerate() {
@@ -174,7 +177,8 @@ impl Snapshot {
                 }
             }
         }
-        let mut services_by_address: HashMap<Ipv4Addr, Vec<usize>> = HashMap::new();
+        let mut services_by_address: HashMap<Ipv4Addr, smallvec::SmallVec<[usize; 1]>> =
+            HashMap::with_capacity(endpoints);
         for (s, service) in config.services.iter().enumerate() {
             for endpoint in &service.endpoints {
                 services_by_address
@@ -183,7 +187,7 @@ impl Snapshot {
                     .push(s);
             }
         }
-        let mut known = HashMap::new();
+        let mut known = HashMap::with_capacity(config.workloads.len() + 1);
         for endpoint in config.services.iter().flat_map(|s| &s.endpoints) {
             known
                 .entry((endpoint.identity.clone(), endpoint.workload.clone()))
@@ -503,7 +507,7 @@ impl Snapshot {
     pub fn services_of(&self, address: Ipv4Addr) -> &[usize] {
         self.services_by_address
             .get(&address)
-            .map_or(&[], Vec::as_slice)
+            .map_or(&[], |services| services.as_slice())
     }
 
     /// The workload of this node that owns `address`.

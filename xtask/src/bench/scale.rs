@@ -48,6 +48,7 @@ pub struct Table {
 pub fn run(bench: &Bench) -> anyhow::Result<Vec<Table>> {
     Ok(vec![
         services(bench)?,
+        services_json(bench)?,
         workloads(bench)?,
         idle_connections(bench)?,
         concurrency(bench)?,
@@ -109,6 +110,26 @@ fn config(bed: &Testbed, services: usize, workloads: usize, moved: bool) -> Stri
         rest.push_str(&service_yaml(i, moved));
     }
     bed.config(&rest)
+}
+
+/// `yaml` written as JSON the way meshd-discover writes it: each section
+/// on its own line, each item of a list on a line of its own.
+fn as_json(yaml: &str) -> anyhow::Result<String> {
+    let value: serde_json::Value = serde_yaml::from_str(yaml)?;
+    let serde_json::Value::Object(sections) = value else {
+        anyhow::bail!("the config is no mapping");
+    };
+    let sections: Vec<String> = sections
+        .iter()
+        .map(|(name, section)| match section {
+            serde_json::Value::Array(items) => {
+                let items: Vec<String> = items.iter().map(|i| format!("    {i}")).collect();
+                format!("  {name:?}: [\n{}\n  ]", items.join(",\n"))
+            }
+            other => format!("  {name:?}: {other}"),
+        })
+        .collect();
+    Ok(format!("{{\n{}\n}}\n", sections.join(",\n")))
 }
 
 /// What one reload cost: meshd's own measure, and its memory after.
@@ -203,6 +224,20 @@ fn services(_bench: &Bench) -> anyhow::Result<Table> {
                meshd's own (`meshd_config_last_reload_duration_seconds`: parse, validate, \
                snapshot, capture map, limits, health checks, swap); the files are checked for \
                changes every second.",
+        header: GROW_HEADER,
+        rows,
+    })
+}
+
+fn services_json(_bench: &Bench) -> anyhow::Result<Table> {
+    let bed = Testbed::new(&["client", "server"]);
+    let rows = grow(&bed, SERVICES, |n, moved| {
+        as_json(&config(&bed, n, 0, moved)).expect("the bench's own YAML")
+    })?;
+    Ok(Table {
+        title: "Scale: services (5 endpoints each), one node, the config as JSON",
+        note: "As above, the same config written as JSON (YAML's JSON subset, as meshd-discover \
+               writes it: one line per service), which meshd reads with serde_json.",
         header: GROW_HEADER,
         rows,
     })

@@ -66,13 +66,14 @@ pub(super) fn check_service(
             &endpoint.service_account,
         );
         let workload = check.intern(endpoint.workload.as_deref().unwrap_or(UNKNOWN));
+        let labels = check.labels(&endpoint.labels);
         endpoints.push(Endpoint {
             address,
             node: endpoint.node.as_deref().map(|n| check.intern(n)),
-            reported: check.reported(&endpoint.labels, &workload),
+            reported: check.endpoint_reported(&endpoint.labels, &labels, &workload),
             workload,
             identity,
-            labels: check.labels(endpoint.labels),
+            labels,
         });
     }
     let routes: Vec<crate::policy::routing::Route> = spec
