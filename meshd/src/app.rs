@@ -129,6 +129,8 @@ pub struct Prepared {
     sources: Vec<crate::config::Source>,
     overrides: Overrides,
     config: Arc<Config>,
+    /// The JSON texts `config`'s services were read from.
+    texts: crate::config::ServiceTexts,
     cgroup_root: PathBuf,
     /// How the kubelet places pod cgroups on this node.
     cgroup_driver: crate::config::CgroupDriver,
@@ -139,7 +141,7 @@ pub struct Prepared {
 
 pub fn prepare(paths: &[PathBuf], overrides: &Overrides) -> Result<Prepared, StartError> {
     let sources = crate::config::read_sources(paths)?;
-    let mut config = crate::config::load_sources(&sources)?;
+    let (mut config, texts) = crate::config::reload_sources(&sources, None)?;
     if let Some(level) = overrides.bpf_log_level {
         config.proxy.bpf_log_level = level;
     }
@@ -168,6 +170,7 @@ pub fn prepare(paths: &[PathBuf], overrides: &Overrides) -> Result<Prepared, Sta
         sources,
         overrides: overrides.clone(),
         config: Arc::new(config),
+        texts,
         cgroup_root,
         cgroup_driver,
         proxy_cgroup_id,
@@ -317,6 +320,7 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         metrics: metrics.clone(),
         state: status.reload.clone(),
         checkers,
+        texts: prepared.texts.clone(),
     };
     tokio::spawn(reloader.run(stop_rx.clone()));
 

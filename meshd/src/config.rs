@@ -123,10 +123,11 @@ impl std::error::Error for ConfigErrors {}
 // === schema ===
 
 /// One config file as written. Every section is optional in a single file;
-/// the merged set must hold exactly one `node`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ConfigFile {
+/// the merged set must hold exactly one `node`. Its services are specs as
+/// written (`S`), or their JSON texts, or `ServiceItem`s.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, bound(deserialize = "S: Deserialize<'de>"))]
+pub struct ConfigFile<S = ServiceSpec> {
     /// Snapshot-wide settings: trust domain and mTLS mode.
     pub mesh: Option<MeshSpec>,
     /// Every node of the mesh and where its meshd accepts tunnels.
@@ -141,7 +142,7 @@ pub struct ConfigFile {
     pub proxy: Option<ProxySpec>,
     /// Services of the mesh (the same on every node).
     #[serde(default)]
-    pub services: Vec<ServiceSpec>,
+    pub services: Vec<S>,
     /// Workloads (pods) running on this node.
     #[serde(default)]
     pub workloads: Vec<WorkloadSpec>,
@@ -150,6 +151,70 @@ pub struct ConfigFile {
     /// Access logs: a line per request and per TCP connection. Default off.
     #[serde(rename = "accessLog")]
     pub access_log: Option<AccessLogSpec>,
+}
+
+impl<S> Default for ConfigFile<S> {
+    fn default() -> Self {
+        Self {
+            mesh: None,
+            nodes: Vec::new(),
+            policies: Vec::new(),
+            node: None,
+            proxy: None,
+            services: Vec::new(),
+            workloads: Vec::new(),
+            tracing: None,
+            access_log: None,
+        }
+    }
+}
+
+impl<S> ConfigFile<S> {
+    /// The same file with each service made by `f`; `None` when `f` makes
+    /// none of one.
+    fn try_map_services<T>(self, f: impl FnMut(S) -> Option<T>) -> Option<ConfigFile<T>> {
+        Some(ConfigFile {
+            services: self.services.into_iter().map(f).collect::<Option<_>>()?,
+            mesh: self.mesh,
+            nodes: self.nodes,
+            policies: self.policies,
+            node: self.node,
+            proxy: self.proxy,
+            workloads: self.workloads,
+            tracing: self.tracing,
+            access_log: self.access_log,
+        })
+    }
+}
+
+/// A service of a file as read: its spec, or the running config's service
+/// read from the very same JSON text, validated already.
+#[derive(Debug)]
+// Specs live in one file's list until validation consumes them: boxing
+// each would be an allocation per service on every full read.
+#[allow(clippy::large_enum_variant)]
+pub enum ServiceItem {
+    Spec(ServiceSpec),
+    Kept(std::sync::Arc<validate::Service>),
+}
+
+/// Which JSON text each service of a config was read from, by a hash
+/// keyed for this process: a reload reads and validates again only the
+/// services whose text changed (`meshd discover` rewrites its one file for
+/// a single endpoint). The hash is 64 bits of SipHash under random keys:
+/// two texts of one mesh share one by chance about once in 10^11 reloads
+/// of 10 000 services, and nobody outside the process can aim for it.
+#[derive(Clone, Default)]
+pub struct ServiceTexts {
+    hasher: std::hash::RandomState,
+    by_text: std::collections::HashMap<u64, usize>,
+}
+
+/// The config serving now and the texts its services were read from.
+#[derive(Clone, Copy)]
+pub struct Running<'a> {
+    pub config: &'a Config,
+    pub texts: &'a ServiceTexts,
 }
 
 /// Where and how meshd writes its access log.
@@ -951,9 +1016,16 @@ impl Source {
         }
     }
 
-    fn parse(&self) -> Result<ConfigFile, ConfigError> {
+    /// The file's config; with each service, the hash of its JSON text
+    /// (none when read as YAML). A service whose text `running` read too is
+    /// taken over from it.
+    fn parse(
+        &self,
+        hasher: &std::hash::RandomState,
+        running: Option<Running<'_>>,
+    ) -> Result<(ConfigFile<ServiceItem>, Vec<Option<u64>>), ConfigError> {
         if self.text.trim().is_empty() {
-            return Ok(ConfigFile::default());
+            return Ok((ConfigFile::default(), Vec::new()));
         }
         if let Some(line) = too_deep(&self.text, MAX_NESTING) {
             return Err(ConfigError::Invalid {
@@ -963,7 +1035,18 @@ impl Source {
                 message: format!("nested more than {MAX_NESTING} levels deep"),
             });
         }
-        if let Some(file) = parse_json(&self.text).or_else(|| parse_streaming(&self.text)) {
+        if let Some(read) = parse_json(&self.text, hasher, running) {
+            return Ok(read);
+        }
+        let file = self.parse_yaml()?;
+        let texts = vec![None; file.services.len()];
+        let file = file.try_map_services(|spec| Some(ServiceItem::Spec(spec)));
+        Ok((file.expect("every spec maps"), texts))
+    }
+
+    /// The file read as YAML (after the checks in `parse`).
+    fn parse_yaml(&self) -> Result<ConfigFile, ConfigError> {
+        if let Some(file) = parse_streaming(&self.text) {
             return Ok(file);
         }
         serde_yaml::from_str(&self.text).map_err(|err| {
@@ -991,14 +1074,20 @@ impl Source {
 }
 
 /// A config file written as JSON — YAML's JSON subset, as `meshd-discover`
-/// writes it, after any `#` comment lines — read by serde_json, some
-/// twenty times faster than a YAML reader reads the same config (10 000
-/// services: ~20 ms against ~450); `None` when the text is no JSON object
-/// or serde_json refuses it, and the YAML readers then read it (a refusal
-/// is reported as theirs, with its field path and line). A key repeated in
-/// a mapping is refused by both (`unique_keys`), so a text both accept is
-/// read alike (the fuzz target `config` checks it).
-fn parse_json(text: &str) -> Option<ConfigFile> {
+/// writes it, after any `#` comment lines — read by serde_json, several
+/// times faster than a YAML reader reads the same config; `None` when the
+/// text is no JSON object or serde_json refuses it, and the YAML readers
+/// then read it (a refusal is reported as theirs, with its field path and
+/// line). A key repeated in a mapping is refused by both (`LabelList`), so
+/// a text both accept is read alike (the fuzz target `config` checks it).
+/// Each service's text is hashed by `hasher`; one `running` read from the
+/// same text is taken over, not read again.
+fn parse_json(
+    text: &str,
+    hasher: &std::hash::RandomState,
+    running: Option<Running<'_>>,
+) -> Option<(ConfigFile<ServiceItem>, Vec<Option<u64>>)> {
+    use std::hash::BuildHasher as _;
     let mut body = text.trim_start();
     while body.starts_with('#') {
         body = body
@@ -1009,7 +1098,21 @@ fn parse_json(text: &str) -> Option<ConfigFile> {
     if !body.starts_with('{') {
         return None;
     }
-    serde_json::from_str(body).ok()
+    let file: ConfigFile<&serde_json::value::RawValue> = serde_json::from_str(body).ok()?;
+    let mut texts = Vec::with_capacity(file.services.len());
+    let file = file.try_map_services(|service| {
+        let hash = hasher.hash_one(service.get());
+        texts.push(Some(hash));
+        let kept = running.and_then(|running| {
+            let index = *running.texts.by_text.get(&hash)?;
+            running.config.services.get(index).cloned()
+        });
+        Some(match kept {
+            Some(service) => ServiceItem::Kept(service),
+            None => ServiceItem::Spec(serde_json::from_str(service.get()).ok()?),
+        })
+    })?;
+    Some((file, texts))
 }
 
 /// Labels as written: in key order, each key once. Endpoints carry them
@@ -1107,7 +1210,8 @@ pub fn streaming_matches_serde_yaml(text: &str) -> Result<(), String> {
     let Some(streamed) = parse_streaming(text) else {
         return Ok(());
     };
-    if let Some(json) = parse_json(text) {
+    if let Some((json, _)) = parse_json(text, &Default::default(), None) {
+        let streamed = streamed_items(text).expect("streamed above");
         if format!("{json:?}") != format!("{streamed:?}") {
             return Err(format!("read differently as JSON:\n{json:?}\n{streamed:?}"));
         }
@@ -1118,6 +1222,11 @@ pub fn streaming_matches_serde_yaml(text: &str) -> Result<(), String> {
         }
         _ => Ok(()),
     }
+}
+
+/// What the streaming reader reads, its services as `ServiceItem`s.
+fn streamed_items(text: &str) -> Option<ConfigFile<ServiceItem>> {
+    parse_streaming(text)?.try_map_services(|spec| Some(ServiceItem::Spec(spec)))
 }
 
 /// Reads, parses and validates `paths` together. All problems are returned,
@@ -1147,14 +1256,41 @@ pub fn read_sources(paths: &[PathBuf]) -> Result<Vec<Source>, ConfigErrors> {
 
 /// Parses and validates files already read, together.
 pub fn load_sources(sources: &[Source]) -> Result<Config, ConfigErrors> {
-    let (files, errors): (Vec<_>, Vec<_>) =
-        sources.iter().map(Source::parse).partition(Result::is_ok);
+    reload_sources(sources, None).map(|(config, _)| config)
+}
+
+/// As `load_sources`, taking over from `running` every service read from
+/// the same JSON text as one of its own; with the texts of the new
+/// config's services.
+pub fn reload_sources(
+    sources: &[Source],
+    running: Option<Running<'_>>,
+) -> Result<(Config, ServiceTexts), ConfigErrors> {
+    let fresh = std::hash::RandomState::new();
+    let hasher = running.map_or(&fresh, |running| &running.texts.hasher);
+    let (files, errors): (Vec<_>, Vec<_>) = sources
+        .iter()
+        .map(|source| source.parse(hasher, running))
+        .partition(Result::is_ok);
     if !errors.is_empty() {
         return Err(ConfigErrors(
             errors.into_iter().filter_map(Result::err).collect(),
         ));
     }
-    validate::validate(sources, files.into_iter().flatten().collect())
+    let (files, texts): (Vec<_>, Vec<_>) = files.into_iter().flatten().unzip();
+    let config = validate::validate(sources, files)?;
+    // Validation keeps the services in file order, as they were read.
+    let by_text = texts
+        .into_iter()
+        .flatten()
+        .enumerate()
+        .filter_map(|(index, text)| Some((text?, index)))
+        .collect();
+    let texts = ServiceTexts {
+        hasher: hasher.clone(),
+        by_text,
+    };
+    Ok((config, texts))
 }
 
 /// Parses YAML text as one file named `name`; for tests and `meshd check`.
@@ -1163,13 +1299,20 @@ pub fn load_str(name: &str, text: &str) -> Result<Config, ConfigErrors> {
         path: PathBuf::from(name),
         text: text.to_owned(),
     };
-    let file = source.parse().map_err(|e| ConfigErrors(vec![e]))?;
+    let (file, _) = source
+        .parse(&Default::default(), None)
+        .map_err(|e| ConfigErrors(vec![e]))?;
     validate::validate(&[source], vec![file])
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{load_str, parse_json, parse_streaming, streaming_matches_serde_yaml, too_deep};
+    use super::{load_str, parse_streaming, streaming_matches_serde_yaml, too_deep};
+
+    /// The file `text` as read as JSON, on its own.
+    fn json(text: &str) -> Option<(super::ConfigFile<super::ServiceItem>, Vec<Option<u64>>)> {
+        super::parse_json(text, &Default::default(), None)
+    }
 
     /// The shipped examples: read by the streaming reader, as serde_yaml
     /// reads them.
@@ -1217,20 +1360,20 @@ mod tests {
             include_str!("../../deploy/config/node-a.yaml"),
         ] {
             let value: serde_json::Value = serde_yaml::from_str(text).unwrap();
-            let json = format!(
+            let written = format!(
                 "# a comment\n{}",
                 serde_json::to_string_pretty(&value).unwrap()
             );
-            let read = parse_json(&json).expect("read as JSON");
+            let (read, _) = json(&written).expect("read as JSON");
             assert_eq!(
                 format!("{read:?}"),
-                format!("{:?}", parse_streaming(text).unwrap())
+                format!("{:?}", super::streamed_items(text).unwrap())
             );
-            streaming_matches_serde_yaml(&json).unwrap();
+            streaming_matches_serde_yaml(&written).unwrap();
         }
         // YAML that is no JSON object is left to the YAML readers.
-        assert!(parse_json("mesh: { trustDomain: a }\n").is_none());
-        assert!(parse_json("# {\n[]\n").is_none());
+        assert!(json("mesh: { trustDomain: a }\n").is_none());
+        assert!(json("# {\n[]\n").is_none());
     }
 
     /// JSON keeps the last of a repeated key; meshd refuses it in a
@@ -1239,15 +1382,78 @@ mod tests {
     #[test]
     fn a_key_repeated_in_json_is_refused_where_it_is() {
         let text = "{\n  \"services\": [\n    { \"name\": \"a\", \"vip\": \"10.96.0.1\", \"ports\": [{ \"port\": 80 }],\n      \"endpoints\": [{ \"address\": \"10.1.0.1\", \"labels\": { \"version\": \"v1\", \"version\": \"v2\" } }] }\n  ]\n}\n";
-        assert!(parse_json(text).is_none(), "a repeated key read as JSON");
+        assert!(json(text).is_none(), "a repeated key read as JSON");
         let error = load_str("mesh.json", text).unwrap_err().to_string();
         assert!(error.contains("mesh.json:4"), "{error}");
         assert!(error.contains("duplicate"), "{error}");
         // A repeated field is refused by serde_json itself; a JSON syntax
         // error (a trailing comma) is YAML, and read as YAML.
-        assert!(parse_json("{ \"mesh\": {}, \"mesh\": {} }").is_none());
-        assert!(parse_json("{ \"nodes\": [], }").is_none());
+        assert!(json("{ \"mesh\": {}, \"mesh\": {} }").is_none());
+        assert!(json("{ \"nodes\": [], }").is_none());
         assert!(parse_streaming("{ \"nodes\": [], }").is_some());
+    }
+
+    /// A reload takes over every service whose JSON text is unchanged (the
+    /// same allocation as the running one's), reads the changed one
+    /// again, and still checks the services against each other.
+    #[test]
+    fn a_reload_reads_again_only_the_services_whose_json_changed() {
+        use super::{reload_sources, Running, Source};
+        use std::sync::Arc;
+        let node = r#""node": {"name":"a","captureAddress":"10.77.0.1","podCgroup":"/pods"}"#;
+        let service = |name: &str, vip: &str, address: &str| {
+            format!(
+                r#"    {{"name":"{name}","vip":"{vip}","ports":[{{"port":80}}],"endpoints":[{{"address":"{address}"}}]}}"#
+            )
+        };
+        let file = |services: &[String]| Source {
+            path: "meshd.yaml".into(),
+            text: format!(
+                "{{\n  {node},\n  \"services\": [\n{}\n  ]\n}}\n",
+                services.join(",\n")
+            ),
+        };
+        let first = [
+            service("a", "10.96.0.1", "10.77.0.10"),
+            service("b", "10.96.0.2", "10.77.0.20"),
+        ];
+        let (running, texts) = reload_sources(&[file(&first)], None).unwrap();
+        let moved = [first[0].clone(), service("b", "10.96.0.2", "10.77.0.21")];
+        let next = [file(&moved)];
+        let reload = |sources: &[Source]| {
+            let running = Some(Running {
+                config: &running,
+                texts: &texts,
+            });
+            reload_sources(sources, running)
+        };
+        let (config, _) = reload(&next).unwrap();
+        let same =
+            |i: usize| Arc::ptr_eq(&config.services[i].hostname, &running.services[i].hostname);
+        assert!(same(0), "an unchanged service was read again");
+        assert!(!same(1), "the changed service was taken over");
+        assert_eq!(
+            config.services[1].endpoints[0].address.to_string(),
+            "10.77.0.21"
+        );
+        // What a reload takes over is what a fresh read reads.
+        let fresh = super::load_sources(&next).unwrap();
+        assert_eq!(
+            format!("{:?}", config.services),
+            format!("{:?}", fresh.services)
+        );
+        // An unchanged service is still checked against the others: a new
+        // one on its VIP is refused.
+        let clash = [
+            first[0].clone(),
+            first[1].clone(),
+            service("c", "10.96.0.1", "10.77.0.30"),
+        ];
+        let error = reload(&[file(&clash)]).err().expect("refused").to_string();
+        assert!(
+            error.contains("10.96.0.1 is already the VIP of service a"),
+            "{error}"
+        );
     }
 
     #[test]

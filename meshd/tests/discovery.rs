@@ -343,7 +343,7 @@ mod watch_path {
         assert!(!names.contains(&"mongodb".to_owned()), "{names:?}");
         assert_eq!(
             names.len(),
-            before.mesh.matches("\n  vip: ").count() - 1,
+            before.mesh.matches("\"vip\":").count() - 1,
             "{names:?}"
         );
     }

@@ -57,11 +57,15 @@ pub struct Reloader {
     pub metrics: Arc<Metrics>,
     pub state: Arc<crate::admin::ReloadState>,
     pub checkers: Arc<crate::proxy::health::HealthCheckers>,
+    /// The JSON texts the running config's services were read from: a
+    /// reload takes over every service whose text is unchanged instead of
+    /// reading and validating it again.
+    pub texts: crate::config::ServiceTexts,
 }
 
 impl Reloader {
     /// Watches the files until `stop`; SIGHUP forces a reload.
-    pub async fn run(self, mut stop: tokio::sync::watch::Receiver<bool>) {
+    pub async fn run(mut self, mut stop: tokio::sync::watch::Receiver<bool>) {
         let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         {
             Ok(signal) => Some(signal),
@@ -104,7 +108,7 @@ impl Reloader {
 
     /// Validates and applies files read since `started`; records the
     /// outcome and how long it took.
-    fn reload(&self, read: Result<Vec<Source>, ConfigErrors>, started: std::time::Instant) {
+    fn reload(&mut self, read: Result<Vec<Source>, ConfigErrors>, started: std::time::Instant) {
         let result = read.map_err(ReloadError::from).and_then(|sources| {
             // A bug that panics while applying must not end reloading for
             // good: it is this reload's error, and the next one runs.
@@ -155,12 +159,18 @@ impl Reloader {
     }
 
     /// Applies `sources`: the new config, and the snapshot it replaced.
-    fn apply(&self, sources: &[Source]) -> Result<(Arc<Config>, Arc<Snapshot>), ReloadError> {
-        let mut config = crate::config::load_sources(sources)?;
+    fn apply(&mut self, sources: &[Source]) -> Result<(Arc<Config>, Arc<Snapshot>), ReloadError> {
+        let running = self.inputs.snapshot.load_full();
+        let (mut config, texts) = crate::config::reload_sources(
+            sources,
+            Some(crate::config::Running {
+                config: &running.config,
+                texts: &self.texts,
+            }),
+        )?;
         if let Some(level) = self.bpf_log_level {
             config.proxy.bpf_log_level = level;
         }
-        let running = self.inputs.snapshot.load_full();
         restart_only_change(&running.config, &config)
             .map_or(Ok(()), |what| Err(ReloadError::NeedsRestart(what)))?;
         config.place_pods(self.cgroup_driver);
@@ -181,6 +191,7 @@ impl Reloader {
         let marks: Arc<dyn crate::state::ids::OrigDstSource> = self.capture.clone();
         self.checkers.sync(&mesh, &self.metrics, &marks);
         self.inputs.snapshot.store(mesh);
+        self.texts = texts;
         Ok((config, running))
     }
 }

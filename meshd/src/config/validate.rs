@@ -9,7 +9,7 @@ use std::{
 
 use super::{
     ConfigError, ConfigErrors, ConfigFile, FieldPath, IdentitySpec, MeshMode, MeshSpec, NodeSpec,
-    PolicySpec, Protocol, ProxySpec, Source,
+    PolicySpec, Protocol, ProxySpec, ServiceItem, Source,
 };
 use crate::policy::routing::Labels;
 use crate::spiffe::Identity;
@@ -23,7 +23,8 @@ pub struct Config {
     pub mesh: MeshSpec,
     pub node: Node,
     pub proxy: ProxySpec,
-    pub services: Vec<Service>,
+    /// Shared with the config a reload took them over from.
+    pub services: Vec<Arc<Service>>,
     pub workloads: Vec<Workload>,
     /// Tunnel address of every node, by name.
     pub nodes: HashMap<Arc<str>, Ipv4Addr>,
@@ -417,7 +418,10 @@ fn once<T>(
     }
 }
 
-pub(super) fn validate(sources: &[Source], files: Vec<ConfigFile>) -> Result<Config, ConfigErrors> {
+pub(super) fn validate(
+    sources: &[Source],
+    files: Vec<ConfigFile<ServiceItem>>,
+) -> Result<Config, ConfigErrors> {
     let mut check = Checker {
         sources,
         errors: Vec::new(),
@@ -510,11 +514,20 @@ pub(super) fn validate(sources: &[Source], files: Vec<ConfigFile>) -> Result<Con
             check_workload(&mut check, file, &at, spec, node.as_ref(), td)
         })
         .collect();
-    let services: Vec<(usize, FieldPath, Service)> = services
+    let services: Vec<(usize, FieldPath, Arc<Service>)> = services
         .into_iter()
-        .map(|(file, index, spec)| {
+        .map(|(file, index, item)| {
             let at = root.clone().key("services").index(index);
-            check_service(&mut check, file, &at, spec, td)
+            match item {
+                ServiceItem::Spec(spec) => {
+                    let (file, at, service) = check_service(&mut check, file, &at, spec, td);
+                    (file, at, Arc::new(service))
+                }
+                // Read from the text the running config's was: the same
+                // spec, validated as it was then (the trust domain, all
+                // else it depends on, changes only with a restart).
+                ServiceItem::Kept(service) => (file, at, service),
+            }
         })
         .collect();
     check_uniqueness(&mut check, &services, &workloads);
@@ -652,7 +665,7 @@ fn check_node(check: &mut Checker<'_>, file: usize, spec: NodeSpec) -> Node {
 /// Refuses more captured destinations (VIP ports and endpoint target
 /// ports) than the kernel's map holds: the rest would silently go
 /// uncaptured.
-fn check_capture_size(check: &mut Checker<'_>, services: &[(usize, FieldPath, Service)]) {
+fn check_capture_size(check: &mut Checker<'_>, services: &[(usize, FieldPath, Arc<Service>)]) {
     let mut destinations = HashSet::new();
     for (_, _, service) in services {
         for port in &service.ports {
@@ -782,7 +795,7 @@ fn check_policy(
     file: usize,
     at: &FieldPath,
     spec: PolicySpec,
-    services: &[(usize, FieldPath, Service)],
+    services: &[(usize, FieldPath, Arc<Service>)],
 ) -> Option<Policy> {
     let target = policy_target(check, file, at, &spec.target, services)?;
     for (i, source) in spec.from.iter().enumerate() {
@@ -863,7 +876,7 @@ fn policy_target(
     file: usize,
     at: &FieldPath,
     spec: &crate::config::PolicyTarget,
-    services: &[(usize, FieldPath, Service)],
+    services: &[(usize, FieldPath, Arc<Service>)],
 ) -> Option<crate::policy::authz::Target> {
     use crate::policy::authz::Target;
     let at = at.clone().key("target");
@@ -1130,7 +1143,7 @@ fn check_workload(
 /// Names and addresses that must be unique across all files.
 fn check_uniqueness(
     check: &mut Checker<'_>,
-    services: &[(usize, FieldPath, Service)],
+    services: &[(usize, FieldPath, Arc<Service>)],
     workloads: &[(usize, FieldPath, Workload)],
 ) {
     let mut names = HashSet::new();

@@ -558,7 +558,7 @@ fn addressed<'a>(
     services: &[usize],
     baggage: &Baggage,
 ) -> Option<&'a crate::config::Service> {
-    let of = |s: &usize| &snapshot.config.services[*s];
+    let of = |s: &usize| &*snapshot.config.services[*s];
     baggage
         .service
         .as_ref()

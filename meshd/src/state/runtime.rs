@@ -140,7 +140,7 @@ const LOOKED_FOR: usize = 16;
 /// endpoint by its service's id and its address. A kept service's limits
 /// stay as they are until `ServiceRuntime::apply` (the reload calls it once
 /// the new snapshot is sure to go live).
-pub fn carry_over(previous: &[ServiceState], services: &[Service]) -> Vec<ServiceState> {
+pub fn carry_over(previous: &[ServiceState], services: &[Arc<Service>]) -> Vec<ServiceState> {
     let old: HashMap<&ServiceId, &ServiceState> =
         previous.iter().map(|s| (&s.runtime.id, s)).collect();
     services
@@ -190,7 +190,7 @@ mod tests {
     use super::*;
     use crate::config::load_str;
 
-    fn services(yaml: &str) -> Vec<Service> {
+    fn services(yaml: &str) -> Vec<Arc<Service>> {
         let text =
             format!("node: {{ name: a, captureAddress: 10.77.0.1, podCgroup: /pods }}\n{yaml}");
         load_str("t.yaml", &text).expect("valid").services

@@ -775,6 +775,15 @@ impl Metrics {
     /// breakers, ejected and unhealthy endpoints.
     pub fn export_state(&self, snapshot: &Snapshot, now: u64) {
         for (s, service) in snapshot.config.services.iter().enumerate() {
+            let limits = &service.circuit_breaker;
+            let limited = limits.max_requests.is_some()
+                || limits.max_connections.is_some()
+                || limits.max_pending_requests.is_some();
+            // Most services of a large mesh have none of these: each scrape
+            // passes over them without a label or a lookup.
+            if !limited && service.outlier.is_none() && service.health_check.is_none() {
+                continue;
+            }
             let labels = ServiceLabels {
                 destination_service: service.hostname.clone(),
             };
@@ -783,7 +792,6 @@ impl Metrics {
                 limit,
             };
             let runtime = snapshot.service_runtime(s);
-            let limits = &service.circuit_breaker;
             if let Some(limit) = limits.max_requests {
                 let open = runtime.requests_in_flight() >= limit;
                 self.circuit_breaker_open

@@ -20,7 +20,7 @@ use std::{
 use anyhow::{ensure, Context as _};
 use meshd_tests::{
     sys::{self, wait_with_timeout},
-    testbed::{Meshd, PodSpec, Testbed},
+    testbed::{metric_sum, Meshd, PodSpec, Testbed},
 };
 
 use super::{http, peak_rss_kib, rss_kib, Bench, RssSampler};
@@ -141,21 +141,32 @@ struct Reload {
 /// Writes `text` over meshd's config file and waits for the reload it
 /// causes (the `ok` reload count going up); refused reloads fail the bench.
 fn reload(bed: &Testbed, meshd: &Meshd, text: &str) -> anyhow::Result<Reload> {
-    let ok = |m: &Meshd| m.metric("meshd_config_reloads_total", &[("result", "ok")]);
-    let errors = |m: &Meshd| m.metric("meshd_config_reloads_total", &[("result", "error")]);
-    let before = ok(meshd);
+    // One scrape per look: each scrape walks every service, and would
+    // compete with the reload it waits for.
+    let reloads = |m: &Meshd| {
+        let metrics = m.metrics();
+        let count = |result| {
+            metric_sum(
+                &metrics,
+                "meshd_config_reloads_total",
+                &[("result", result)],
+            )
+        };
+        (count("ok"), count("error"))
+    };
+    let (before, _) = reloads(meshd);
     // Replaced whole (written beside, then renamed), so the reloader never
     // reads half a file.
     let name = format!("meshd-{}.yaml", bed.nodes[0].name);
     let next = bed.write(&format!("{name}.next"), text);
     std::fs::rename(&next, bed.dir.join(&name))?;
     let deadline = Instant::now() + Duration::from_secs(120);
-    while ok(meshd) == before {
-        ensure!(
-            errors(meshd) == 0.0,
-            "a reload was refused:\n{}",
-            meshd.log()
-        );
+    loop {
+        let (ok, errors) = reloads(meshd);
+        if ok != before {
+            break;
+        }
+        ensure!(errors == 0.0, "a reload was refused:\n{}", meshd.log());
         ensure!(
             Instant::now() < deadline,
             "no reload in 120 s:\n{}",
