@@ -169,6 +169,14 @@ impl<S> Default for ConfigFile<S> {
     }
 }
 
+impl ConfigFile {
+    /// The same file, each service spec a `ServiceItem` to validate.
+    fn into_items(self) -> ConfigFile<ServiceItem> {
+        let file = self.try_map_services(|spec| Some(ServiceItem::Spec(spec)));
+        file.expect("every spec maps")
+    }
+}
+
 impl<S> ConfigFile<S> {
     /// The same file with each service made by `f`; `None` when `f` makes
     /// none of one.
@@ -1040,8 +1048,7 @@ impl Source {
         }
         let file = self.parse_yaml()?;
         let texts = vec![None; file.services.len()];
-        let file = file.try_map_services(|spec| Some(ServiceItem::Spec(spec)));
-        Ok((file.expect("every spec maps"), texts))
+        Ok((file.into_items(), texts))
     }
 
     /// The file read as YAML (after the checks in `parse`).
@@ -1226,7 +1233,7 @@ pub fn streaming_matches_serde_yaml(text: &str) -> Result<(), String> {
 
 /// What the streaming reader reads, its services as `ServiceItem`s.
 fn streamed_items(text: &str) -> Option<ConfigFile<ServiceItem>> {
-    parse_streaming(text)?.try_map_services(|spec| Some(ServiceItem::Spec(spec)))
+    Some(parse_streaming(text)?.into_items())
 }
 
 /// Reads, parses and validates `paths` together. All problems are returned,
