@@ -16,6 +16,7 @@ use std::{
     fmt,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -987,11 +988,12 @@ fn default_service_account() -> String {
 
 // === loading ===
 
-/// A file's text, kept so errors found later can be located in it.
+/// A file's text, kept so errors found later can be located in it; shared
+/// (not copied) with what the reloader and the admin API keep of it.
 #[derive(Debug)]
 pub struct Source {
     pub path: PathBuf,
-    pub text: String,
+    pub text: Arc<str>,
 }
 
 impl Source {
@@ -1007,7 +1009,7 @@ impl Source {
                 size,
             });
         }
-        let text = std::fs::read_to_string(path).map_err(read)?;
+        let text = std::fs::read_to_string(path).map_err(read)?.into();
         Ok(Self {
             path: path.to_owned(),
             text,
@@ -1304,7 +1306,7 @@ pub fn reload_sources(
 pub fn load_str(name: &str, text: &str) -> Result<Config, ConfigErrors> {
     let source = Source {
         path: PathBuf::from(name),
-        text: text.to_owned(),
+        text: text.into(),
     };
     let (file, _) = source
         .parse(&Default::default(), None)
@@ -1418,7 +1420,8 @@ mod tests {
             text: format!(
                 "{{\n  {node},\n  \"services\": [\n{}\n  ]\n}}\n",
                 services.join(",\n")
-            ),
+            )
+            .into(),
         };
         let first = [
             service("a", "10.96.0.1", "10.77.0.10"),

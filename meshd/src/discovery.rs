@@ -71,14 +71,15 @@ pub fn load(
 ) -> Result<crate::config::Config, crate::config::ConfigErrors> {
     let mut sources = vec![crate::config::Source {
         path: CONFIG_FILE.into(),
-        text: translation.config.clone(),
+        text: translation.config.as_str().into(),
     }];
     if !with_node_config {
         sources.push(crate::config::Source {
             path: "(node)".into(),
             text: format!(
                 "node: {{ name: {node:?}, captureAddress: 127.0.0.1, podCgroup: /kubepods.slice, cgroupDriver: systemd, identity: {{ issuer: /nonexistent }} }}\n"
-            ),
+            )
+            .into(),
         });
     }
     crate::config::load_sources(&sources)

@@ -190,7 +190,7 @@ fn config(inputs: &StatusInputs, with_files: bool) -> Value {
         .iter()
         .map(|(path, text)| {
             if with_files {
-                json!({ "path": path.display().to_string(), "contents": text })
+                json!({ "path": path.display().to_string(), "contents": &**text })
             } else {
                 json!(path.display().to_string())
             }

@@ -2,7 +2,11 @@
 //! reload generation, and the last refused reload's error. The reloader
 //! writes it; the admin API reads it.
 
-use std::{path::PathBuf, sync::Mutex, time::SystemTime};
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::SystemTime,
+};
 
 use crate::config::Source;
 
@@ -20,7 +24,7 @@ pub struct StateInner {
     /// The last refused reload's error, until a reload succeeds.
     pub last_error: Option<String>,
     /// The files of the config in force, as read.
-    pub files: Vec<(PathBuf, String)>,
+    pub files: Vec<(PathBuf, Arc<str>)>,
 }
 
 impl ReloadState {

@@ -74,7 +74,9 @@ impl Reloader {
                 None
             }
         };
-        let texts = |read: &Result<Vec<Source>, ConfigErrors>| -> Option<Vec<String>> {
+        // What was read last, to tell a change: shared with the sources
+        // (a large mesh's files are megabytes).
+        let texts = |read: &Result<Vec<Source>, ConfigErrors>| -> Option<Vec<Arc<str>>> {
             read.as_ref()
                 .ok()
                 .map(|sources| sources.iter().map(|s| s.text.clone()).collect())
