@@ -1219,23 +1219,19 @@ pub fn streaming_matches_serde_yaml(text: &str) -> Result<(), String> {
     let Some(streamed) = parse_streaming(text) else {
         return Ok(());
     };
+    match serde_yaml::from_str::<ConfigFile>(text) {
+        Ok(file) if format!("{file:?}") != format!("{streamed:?}") => {
+            return Err(format!("read differently:\n{streamed:?}\n{file:?}"));
+        }
+        _ => {}
+    }
     if let Some((json, _)) = parse_json(text, &Default::default(), None) {
-        let streamed = streamed_items(text).expect("streamed above");
+        let streamed = streamed.into_items();
         if format!("{json:?}") != format!("{streamed:?}") {
             return Err(format!("read differently as JSON:\n{json:?}\n{streamed:?}"));
         }
     }
-    match serde_yaml::from_str::<ConfigFile>(text) {
-        Ok(file) if format!("{file:?}") != format!("{streamed:?}") => {
-            Err(format!("read differently:\n{streamed:?}\n{file:?}"))
-        }
-        _ => Ok(()),
-    }
-}
-
-/// What the streaming reader reads, its services as `ServiceItem`s.
-fn streamed_items(text: &str) -> Option<ConfigFile<ServiceItem>> {
-    Some(parse_streaming(text)?.into_items())
+    Ok(())
 }
 
 /// Reads, parses and validates `paths` together. All problems are returned,
@@ -1376,7 +1372,7 @@ mod tests {
             let (read, _) = json(&written).expect("read as JSON");
             assert_eq!(
                 format!("{read:?}"),
-                format!("{:?}", super::streamed_items(text).unwrap())
+                format!("{:?}", parse_streaming(text).unwrap().into_items())
             );
             streaming_matches_serde_yaml(&written).unwrap();
         }
